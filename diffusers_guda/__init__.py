@@ -1,0 +1,55 @@
+"""diffusers-guda: which group of training data made this generated image?
+
+Group attribution for diffusers models by unlearning (GUDA, arXiv 2601.22651): one LoRA adapter per
+group approximates the model retrained without that group, and a group's score for an image is the
+ELBO difference between the full model and that counterfactual.
+"""
+
+# diffusers resolves a saved pipeline's custom component class by checking it against the base
+# classes exported at the top level of the package that defines it (here GUDAUNet2DModel).
+from diffusers import ModelMixin, SchedulerMixin  # noqa: F401
+
+from .bundle import AdapterBundle, GroupRecord
+from .data import GroupedDataset, load_digits
+from .elbo import ELBOConfig, ELBOEstimator
+from .errors import BaseModelMismatchError, BundleError, ConfigError, DataError, GUDAError, UnlearningDivergedError
+from .lora import LoRASettings
+from .models import GUDAUNet2DModel
+from .objectives import available_objectives, get_objective, register_objective
+from .pipelines import GUDADDPMPipeline, GUDAPipelineMixin, attribute, load_guda_bundle, unlearn_groups
+from .scoring import AttributionResult, AttributionScorer
+from .training import TrainConfig, train_base_model
+from .unlearning import GroupUnlearner, UnlearningConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterBundle",
+    "AttributionResult",
+    "AttributionScorer",
+    "BaseModelMismatchError",
+    "BundleError",
+    "ConfigError",
+    "DataError",
+    "ELBOConfig",
+    "ELBOEstimator",
+    "GUDADDPMPipeline",
+    "GUDAError",
+    "GUDAPipelineMixin",
+    "GUDAUNet2DModel",
+    "GroupRecord",
+    "GroupUnlearner",
+    "GroupedDataset",
+    "LoRASettings",
+    "TrainConfig",
+    "UnlearningConfig",
+    "UnlearningDivergedError",
+    "attribute",
+    "available_objectives",
+    "get_objective",
+    "load_digits",
+    "load_guda_bundle",
+    "register_objective",
+    "train_base_model",
+    "unlearn_groups",
+]

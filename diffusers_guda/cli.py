@@ -1,0 +1,219 @@
+"""The ``guda`` command line: a thin layer over the public API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from .errors import GUDAError
+
+EPILOG = "Documentation: README.md of diffusers-guda. Every command runs offline."
+
+
+def _threads(args) -> None:
+    import torch
+
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def _dataset(spec: str, mode: str | None = None):
+    from .data import GroupedDataset, load_digits
+
+    if spec == "digits":
+        return load_digits()
+    return GroupedDataset.from_image_folder(spec, mode=mode)
+
+
+def _options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise GUDAError(f"--option expects KEY=VALUE, got {pair!r}.")
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def cmd_train(args) -> None:
+    from dataclasses import replace
+
+    from .recipes import Recipe
+    from .training import train_base_model
+
+    recipe = Recipe.load(args.recipe)
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("learning_rate", args.lr), ("seed", args.seed)) if v is not None}
+    config = replace(recipe.train, **overrides)
+    dataset = _dataset(args.data, args.mode)
+    train_base_model(dataset, config, output_dir=args.out, progress=not args.quiet)
+    print(f"saved the base pipeline to {args.out} (load it with diffusers.DDPMPipeline.from_pretrained)")
+
+
+def cmd_unlearn(args) -> None:
+    from dataclasses import replace
+
+    from .lora import LoRASettings
+    from .pipelines import GUDADDPMPipeline
+    from .recipes import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    config = recipe.unlearning
+    options = dict(config.objective_options) if args.objective in (None, config.objective) else {}
+    options.update(_options(args.option))
+    lora = LoRASettings(rank=args.rank or config.lora.rank, alpha=args.alpha or (args.rank or config.lora.alpha), target_modules=config.lora.target_modules)
+    overrides = {k: v for k, v in (("steps", args.steps), ("learning_rate", args.lr), ("seed", args.seed)) if v is not None}
+    if args.batch_size:
+        overrides.update(forget_batch_size=args.batch_size, retain_batch_size=args.batch_size)
+    config = replace(config, objective=args.objective or config.objective, objective_options=options, lora=lora, **overrides)
+    dataset = _dataset(args.data, args.mode)
+    out = Path(args.out)
+    partial = out.parent / f".{out.name}-partial"
+    pipe = GUDADDPMPipeline.from_pretrained(args.base)
+    bundle = pipe.unlearn_groups(dataset, config=config, groups=args.groups, checkpoint_dir=partial, progress=not args.quiet)
+    bundle.elbo = recipe.elbo.to_dict()
+    bundle.base_model["id"] = args.base_id or args.base
+    bundle.save_pretrained(out)
+    shutil.rmtree(partial, ignore_errors=True)
+    for g in bundle.groups:
+        s = g.stats
+        print(f"{g.name}: forget loss {s['forget_loss_before']:.4f} -> {s['forget_loss_after']:.4f} ({100 * s['forget_loss_change']:+.1f}%), "
+              f"retain loss {s['retain_loss_before']:.4f} -> {s['retain_loss_after']:.4f} ({100 * s['retain_loss_change']:+.1f}%)")
+    print(f"saved the adapter bundle to {out}")
+
+
+def _query_files(spec: list[str]) -> list[Path]:
+    from .data import IMAGE_EXTENSIONS
+
+    files = []
+    for item in spec:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise GUDAError(f"Query image {path} does not exist.")
+    if not files:
+        raise GUDAError(f"No images found in {spec}.")
+    return files
+
+
+def cmd_attribute(args) -> None:
+    from PIL import Image
+
+    from .elbo import ELBOConfig
+    from .pipelines import GUDADDPMPipeline, to_model_images
+
+    files = _query_files(args.images)
+    pipe = GUDADDPMPipeline.from_pretrained(args.base)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_guda_bundle(args.bundle, revision=args.revision)
+    images = to_model_images([Image.open(f) for f in files])
+    elbo = None
+    if args.stride or args.draws or args.elbo_seed is not None:
+        base = dict(pipe.guda_bundle.elbo or {})
+        base.update({k: v for k, v in (("stride", args.stride), ("num_draws", args.draws), ("seed", args.elbo_seed)) if v is not None})
+        elbo = ELBOConfig(**base)
+    result = pipe.attribute(images, batch_size=args.batch_size, elbo_config=elbo, progress=not args.quiet)
+    result.metadata["files"] = [str(f) for f in files]
+    if args.out:
+        result.to_json(args.out)
+    if args.plot:
+        result.plot(args.plot, images=images, max_queries=min(len(files), 12))
+    width = max(len(f.name) for f in files)
+    for f, row, err in zip(files, result.top(args.top_k), result.stderr):
+        ranked = ", ".join(f"{name} {score:+.4f}" for name, score in row)
+        print(f"{f.name:<{width}}  {ranked}")
+    if args.out:
+        print(f"wrote {args.out}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, recipe=args.recipe, num_queries=args.queries, progress=not args.quiet)
+    print(f"\nartifacts in {args.out}: base/ bundle/ queries/ report.json queries.png attribution_bars.png label_heatmap.png unlearning.png")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="guda", description="Group attribution for diffusers models by unlearning (GUDA).", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(p):
+        p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        return p
+
+    p = common(sub.add_parser("train", help="train the base diffusion model on a grouped dataset"))
+    p.add_argument("--data", default="digits", help="'digits' (embedded) or an image folder with one subfolder per group")
+    p.add_argument("--mode", choices=["L", "RGB"], help="convert images to grayscale (L) or RGB")
+    p.add_argument("--out", required=True, help="output pipeline directory")
+    p.add_argument("--recipe", default="digits-ddpm", help="recipe name in adapters/ or a JSON path")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_train)
+
+    p = common(sub.add_parser("unlearn", help="train one unlearning LoRA adapter per group into a bundle"))
+    p.add_argument("--base", required=True, help="base pipeline directory or Hub id")
+    p.add_argument("--base-id", help="name recorded for the base model in the bundle (default: --base)")
+    p.add_argument("--data", default="digits", help="the training set of the base model ('digits' or an image folder)")
+    p.add_argument("--mode", choices=["L", "RGB"])
+    p.add_argument("--out", required=True, help="bundle directory to write (a killed run resumes from <out>-partial)")
+    p.add_argument("--recipe", default="digits-ddpm")
+    p.add_argument("--objective", help="objective name (retrack, gradient_ascent)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="objective option, repeatable (e.g. num_neighbors=5)")
+    p.add_argument("--groups", nargs="+", help="unlearn only these groups (names)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=cmd_unlearn)
+
+    p = common(sub.add_parser("attribute", help="score query images against every group of a bundle"))
+    p.add_argument("--base", required=True, help="base pipeline directory or Hub id")
+    p.add_argument("--bundle", required=True, help="bundle directory or Hub repo id")
+    p.add_argument("--revision", help="Hub revision of the bundle")
+    p.add_argument("--images", required=True, nargs="+", help="image files or folders")
+    p.add_argument("--out", help="write the result as JSON here")
+    p.add_argument("--plot", help="write a PNG bar chart here")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--stride", type=int, help="ELBO timestep stride (default: the bundle's)")
+    p.add_argument("--draws", type=int, help="noise draws per timestep")
+    p.add_argument("--elbo-seed", type=int)
+    p.set_defaults(func=cmd_attribute)
+
+    p = common(sub.add_parser("demo", help="train, unlearn, generate and attribute on the embedded digits"))
+    p.add_argument("--out", default="guda-demo", help="output directory (default guda-demo)")
+    p.add_argument("--recipe", default="digits-ddpm")
+    p.add_argument("--queries", type=int, help="number of generated query images (default from the recipe: 100)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _threads(args)
+    try:
+        args.func(args)
+    except GUDAError as exc:
+        print(f"guda {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"guda {args.command}: interrupted; finished work is kept (rerun to resume).", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Grouped training data: images in [-1, 1], one group id per image, group names.
+
+Three sources: an image folder with one subfolder per group, in-memory arrays, and scikit-learn's
+handwritten digits (shipped inside scikit-learn, so no download) as the embedded default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+_MODES = {"L": 1, "RGB": 3}
+
+
+@dataclass
+class GroupedDataset:
+    """Images split into named groups.
+
+    Args:
+        images: Float tensor ``[N, C, H, W]`` with values in ``[-1, 1]``.
+        group_ids: Long tensor ``[N]`` with values in ``0 .. K-1``.
+        group_names: ``K`` distinct names; ``group_names[k]`` names group ``k``.
+        prompts: Optional caption per image (text-to-image models).
+    """
+
+    images: torch.Tensor
+    group_ids: torch.Tensor
+    group_names: list[str]
+    prompts: list[str] | None = None
+
+    def __post_init__(self):
+        self.group_names = [str(n) for n in self.group_names]
+        self.group_ids = torch.as_tensor(self.group_ids, dtype=torch.long)
+        _validate(self.images, self.group_ids, self.group_names, self.prompts)
+
+    # -- constructors -------------------------------------------------------------------------
+
+    @classmethod
+    def from_arrays(cls, images, group_ids, group_names: Sequence[str], prompts: Sequence[str] | None = None) -> "GroupedDataset":
+        """Build a dataset from arrays.
+
+        Args:
+            images: ``[N, C, H, W]`` or ``[N, H, W]`` (grayscale); ``uint8`` in ``[0, 255]`` or float in
+                ``[-1, 1]``.
+            group_ids: ``[N]`` integers in ``0 .. K-1``.
+            group_names: ``K`` distinct names.
+            prompts: Optional caption per image.
+        """
+        array = torch.as_tensor(np.asarray(images))
+        if array.dim() == 3:
+            array = array.unsqueeze(1)
+        if array.dim() != 4:
+            raise DataError(f"images must have shape [N, C, H, W] or [N, H, W]; got {tuple(array.shape)}.")
+        if array.dtype == torch.uint8:
+            array = array.float() / 127.5 - 1.0
+        else:
+            array = array.float()
+            lo, hi = float(array.min()), float(array.max())
+            if lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
+                raise DataError(
+                    f"float images must lie in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}]. "
+                    "Pass uint8 images in [0, 255] or rescale with x * 2 - 1 for [0, 1] data."
+                )
+        return cls(array.contiguous(), torch.as_tensor(np.asarray(group_ids)), list(group_names), list(prompts) if prompts is not None else None)
+
+    @classmethod
+    def from_image_folder(cls, root: str | os.PathLike, mode: str | None = None) -> "GroupedDataset":
+        """Load ``root/<group name>/<image files>``; the subfolder name is the group name.
+
+        Args:
+            root: Folder with one subfolder per group.
+            mode: ``"L"`` (grayscale) or ``"RGB"`` to convert every image; by default all images must
+                already share one of these modes.
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"Image folder {root} does not exist or is not a directory.")
+        if mode is not None and mode not in _MODES:
+            raise DataError(f"mode must be one of {sorted(_MODES)}, got {mode!r}.")
+        group_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        stray = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+        if stray:
+            raise DataError(
+                f"{root} holds files outside group subfolders ({', '.join(stray[:3])}). "
+                "Put every image in a subfolder named after its group."
+            )
+        if len(group_dirs) < 2:
+            raise DataError(
+                f"{root} has {len(group_dirs)} group subfolder(s); attribution needs at least 2. "
+                "Make one subfolder per group (its name is the group name)."
+            )
+        arrays, ids, names, modes = [], [], [], set()
+        for gid, folder in enumerate(group_dirs):
+            files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+            if not files:
+                raise DataError(f"Group '{folder.name}' ({folder}) has no images. Add images or remove the folder.")
+            for path in files:
+                if path.suffix.lower() not in IMAGE_EXTENSIONS:
+                    raise DataError(
+                        f"{path} is not an image (extension {path.suffix or 'none'}). "
+                        f"Remove it; accepted: {', '.join(sorted(IMAGE_EXTENSIONS))}."
+                    )
+                try:
+                    with Image.open(path) as img:
+                        img.load()
+                        src_mode = img.mode
+                        if mode is not None:
+                            img = img.convert(mode)
+                        elif src_mode not in _MODES:
+                            img = img.convert("RGB" if src_mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
+                        modes.add(img.mode)
+                        arrays.append((np.asarray(img), path))
+                except (UnidentifiedImageError, OSError) as exc:
+                    raise DataError(f"Cannot read image {path}: {exc}. Remove or replace the file.") from exc
+                ids.append(gid)
+            names.append(folder.name)
+        if len(modes) > 1:
+            raise DataError(
+                f"{root} mixes grayscale and colour images. Pass mode='L' or mode='RGB' "
+                "(CLI: --mode L|RGB) to convert them all."
+            )
+        sizes = Counter(a.shape[:2] for a, _ in arrays)
+        if len(sizes) > 1:
+            (common, _), *_ = sizes.most_common()
+            odd = next(p for a, p in arrays if a.shape[:2] != common)
+            raise DataError(
+                f"Images in {root} have different sizes ({', '.join(f'{w}x{h}' for h, w in sizes)}); e.g. {odd} "
+                f"is not {common[1]}x{common[0]}. Resize them all to one size first."
+            )
+        stack = np.stack([a if a.ndim == 3 else a[..., None] for a, _ in arrays]).transpose(0, 3, 1, 2)
+        return cls.from_arrays(stack.astype(np.uint8), ids, names)
+
+    # -- views ----------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def group_sizes(self) -> list[int]:
+        return torch.bincount(self.group_ids, minlength=self.num_groups).tolist()
+
+    def forget_indices(self, group: int) -> torch.Tensor:
+        """Indices of the images in ``group``."""
+        return torch.nonzero(self.group_ids == group).flatten()
+
+    def retain_indices(self, group: int) -> torch.Tensor:
+        """Indices of the images in every group but ``group``."""
+        return torch.nonzero(self.group_ids != group).flatten()
+
+    def group_index(self, name_or_id: int | str) -> int:
+        if isinstance(name_or_id, int):
+            if not 0 <= name_or_id < self.num_groups:
+                raise DataError(f"Group id {name_or_id} out of range 0..{self.num_groups - 1}.")
+            return name_or_id
+        if name_or_id not in self.group_names:
+            raise DataError(f"Unknown group {name_or_id!r}; groups are {self.group_names}.")
+        return self.group_names.index(name_or_id)
+
+    def without_group(self, group: int) -> "GroupedDataset":
+        """The dataset with one group removed (for leave-one-group-out retraining)."""
+        keep = self.retain_indices(group)
+        names = [n for k, n in enumerate(self.group_names) if k != group]
+        remap = torch.tensor([k - (k > group) for k in range(self.num_groups)])
+        prompts = [self.prompts[i] for i in keep.tolist()] if self.prompts is not None else None
+        return GroupedDataset(self.images[keep], remap[self.group_ids[keep]], names, prompts)
+
+
+def load_digits() -> GroupedDataset:
+    """scikit-learn's handwritten digits: 1,797 real 8x8 grayscale images, grouped by digit 0-9."""
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    digits = sk_load_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0).unsqueeze(1)
+    return GroupedDataset(images, torch.from_numpy(digits.target), [str(d) for d in range(10)])
+
+
+def _validate(images, group_ids, group_names, prompts) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise DataError("images must be a float tensor of shape [N, C, H, W].")
+    if images.shape[1] not in (1, 3, 4):
+        raise DataError(f"images must have 1, 3 or 4 channels; got {images.shape[1]} (shape {tuple(images.shape)}). Is it [N, H, W, C]? Permute to [N, C, H, W].")
+    if not torch.is_floating_point(images):
+        raise DataError("images must be floating point in [-1, 1]; use GroupedDataset.from_arrays for uint8 data.")
+    if not torch.isfinite(images).all():
+        raise DataError("images contain NaN or infinite values.")
+    if group_ids.shape != (images.shape[0],):
+        raise DataError(f"group_ids must have shape [{images.shape[0]}], got {tuple(group_ids.shape)}.")
+    if len(set(group_names)) != len(group_names):
+        dup = [n for n, c in Counter(group_names).items() if c > 1]
+        raise DataError(f"Group names must be distinct; repeated: {dup}.")
+    if len(group_names) < 2:
+        raise DataError(f"Attribution needs at least 2 groups; got {len(group_names)}.")
+    if len(group_ids) and (int(group_ids.min()) < 0 or int(group_ids.max()) >= len(group_names)):
+        raise DataError(f"group_ids must lie in 0..{len(group_names) - 1} (one per group name).")
+    counts = torch.bincount(group_ids, minlength=len(group_names)).tolist()
+    empty = [n for n, c in zip(group_names, counts) if c == 0]
+    if empty:
+        raise DataError(f"Group(s) {empty} have no images. Remove them from group_names or add images.")
+    if prompts is not None and len(prompts) != images.shape[0]:
+        raise DataError(f"prompts must have one entry per image ({images.shape[0]}), got {len(prompts)}.")

@@ -1,0 +1,192 @@
+"""The ELBO estimator shared by every score (DESIGN §1.1).
+
+For a DDPM-family model, ``-ELBO(x0) = L_T + sum_t L_{t-1} + L_0``. We estimate the middle sum on a
+deterministic timestep grid with the Gaussian KL between the true posterior ``q(x_{t-1} | x_t, x0)``
+and the model's posterior, both with the fixed variance ``beta_tilde_t``:
+
+    KL_t = c_t^2 * ||x0 - x0_hat||^2 / (2 * beta_tilde_t),   c_t = sqrt(abar_{t-1}) * beta_t / (1 - abar_t)
+
+summed over dimensions, in nats. ``x0_hat`` is recovered from the model output for any
+``prediction_type`` and is not clamped. ``-ELBO ~ T * mean_{t, draw} KL_t``.
+
+Left out, on purpose: the prior term ``L_T`` (it has no parameters, so it is identical for every
+model compared and cancels in every score) and the decoder term ``L_0`` (as in the authors'
+reference implementation; the grid starts at ``t_min > 0``).
+
+Common random numbers: the noise for (image, t, draw) is a pure function of (seed, content hash of
+the image, t, draw). It never depends on the batch size, the batch order, the other images in the
+batch or the process rank, and every model compared sees the same ``(t, noise)``. Each image's rows
+are evaluated in forwards of a fixed size (``rows_per_forward``) that hold that image alone, so a
+score is bit-identical whatever the batch it was computed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .errors import ConfigError
+from .hashing import derive_seed, image_content_hash
+
+WEIGHTINGS = ("kl", "simple")
+
+
+@dataclass
+class ELBOConfig:
+    """Settings of the ELBO estimator.
+
+    Args:
+        stride: Grid spacing; default ``T // 100``.
+        t_min: First grid timestep; default ``stride``.
+        t_max: Grid end (exclusive); default ``T``.
+        num_draws: Noise draws per (image, t).
+        seed: Seed of the common random numbers.
+        weighting: ``"kl"`` (the variational bound, default) or ``"simple"`` (plain ε-MSE per t).
+        rows_per_forward: Rows of one image per UNet forward. A fixed chunking is what makes scores
+            independent of the batch they are computed in; lower it to save memory on big models.
+        autocast_dtype: ``"bfloat16"`` or ``"float16"`` to run the UNet under autocast (CUDA).
+    """
+
+    stride: int | None = field(default=None, metadata={"help": "Grid spacing (default T // 100)."})
+    t_min: int | None = field(default=None, metadata={"help": "First timestep (default stride)."})
+    t_max: int | None = field(default=None, metadata={"help": "Grid end, exclusive (default T)."})
+    num_draws: int = field(default=1, metadata={"help": "Noise draws per (image, t)."})
+    seed: int = field(default=0, metadata={"help": "Seed of the common random numbers."})
+    weighting: str = field(default="kl", metadata={"help": "'kl' (variational bound) or 'simple' (ε-MSE)."})
+    rows_per_forward: int = field(default=128, metadata={"help": "Rows per UNet forward (memory)."})
+    autocast_dtype: str | None = field(default=None, metadata={"help": "bfloat16/float16 autocast, or None."})
+
+    def __post_init__(self):
+        if self.weighting not in WEIGHTINGS:
+            raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
+        if self.num_draws < 1 or self.rows_per_forward < 1:
+            raise ConfigError("num_draws and rows_per_forward must be >= 1.")
+        if self.autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ConfigError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class ELBOEstimator:
+    """Per-(t, draw) KL terms of the ELBO, with common random numbers.
+
+    Args:
+        scheduler: A DDPM-family scheduler with ``alphas_cumprod`` and ``betas`` (its
+            ``prediction_type`` decides how the model output is read).
+        config: Estimator settings.
+    """
+
+    def __init__(self, scheduler, config: ELBOConfig | None = None):
+        self.config = config or ELBOConfig()
+        self.prediction_type = scheduler.config.prediction_type
+        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise ConfigError(f"Unsupported prediction_type {self.prediction_type!r}.")
+        alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+        betas = scheduler.betas.to(torch.float64)
+        self.num_train_timesteps = T = len(alphas_cumprod)
+        stride = self.config.stride or max(1, T // 100)
+        t_min = stride if self.config.t_min is None else self.config.t_min
+        t_max = T if self.config.t_max is None else self.config.t_max
+        if not 0 <= t_min < t_max <= T:
+            raise ConfigError(f"Need 0 <= t_min < t_max <= T={T}; got t_min={t_min}, t_max={t_max}.")
+        self.timesteps = torch.arange(t_min, t_max, stride, dtype=torch.long)
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+        beta_tilde = betas * (1 - prev) / (1 - alphas_cumprod)
+        beta_tilde[0] = beta_tilde[1]
+        coef = prev.sqrt() * betas / (1 - alphas_cumprod)
+        self._kl_weight = (coef**2 / (2 * beta_tilde)).to(torch.float32)
+        self._sqrt_abar = alphas_cumprod.sqrt().to(torch.float32)
+        self._sqrt_one_minus_abar = (1 - alphas_cumprod).sqrt().to(torch.float32)
+        # rows of one image: all (t, draw) pairs, t-major
+        self.row_timesteps = self.timesteps.repeat_interleave(self.config.num_draws)
+        self.row_draws = torch.arange(self.config.num_draws).repeat(len(self.timesteps))
+
+    @property
+    def num_rows(self) -> int:
+        """(t, draw) pairs per image."""
+        return len(self.row_timesteps)
+
+    @property
+    def scale(self) -> float:
+        """Factor turning a mean over rows into an estimate of the full sum over T timesteps."""
+        return float(self.num_train_timesteps)
+
+    def image_hashes(self, images: torch.Tensor) -> list[int]:
+        return [image_content_hash(image) for image in images]
+
+    def noise(self, image: torch.Tensor, image_hash: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The noise of one image's rows ``[R, *image.shape]``, a pure function of (seed, hash, t, draw)."""
+        image_hash = image_content_hash(image) if image_hash is None else image_hash
+        rows = torch.arange(self.num_rows) if rows is None else rows
+        out = torch.empty((len(rows), *image.shape), dtype=torch.float32)
+        generator = torch.Generator()
+        for i, r in enumerate(rows.tolist()):
+            t, d = int(self.row_timesteps[r]), int(self.row_draws[r])
+            generator.manual_seed(derive_seed("guda-elbo", self.config.seed, image_hash, t, d))
+            out[i] = torch.randn(image.shape, generator=generator)
+        return out
+
+    def _autocast(self, device: torch.device):
+        if self.config.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=getattr(torch, self.config.autocast_dtype))
+
+    @torch.no_grad()
+    def terms(
+        self,
+        unet: torch.nn.Module,
+        image: torch.Tensor,
+        noise: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        unet_kwargs: dict | None = None,
+    ) -> torch.Tensor:
+        """Per-row terms (KL_t in nats, or ε-MSE) of one image under ``unet``.
+
+        Args:
+            unet: Denoiser called as ``unet(x_t, t, **unet_kwargs).sample``.
+            image: One clean sample ``x0`` ``[C, H, W]`` (pixels or latents).
+            noise: Its noise from :meth:`noise`, ``[R, C, H, W]``.
+            rows: Which rows (default all) the noise belongs to.
+            unet_kwargs: Extra UNet inputs for one image (e.g. ``encoder_hidden_states`` of shape
+                ``[1, L, D]``), broadcast to every row.
+
+        Returns:
+            Float32 tensor ``[R]``.
+        """
+        rows = torch.arange(self.num_rows) if rows is None else rows
+        device = next(unet.parameters()).device
+        dtype = next(unet.parameters()).dtype
+        t_all = self.row_timesteps[rows]
+        out = torch.empty(len(rows), dtype=torch.float32)
+        chunk = self.config.rows_per_forward
+        x0_cpu = image.to(torch.float32)
+        for start in range(0, len(rows), chunk):
+            t = t_all[start : start + chunk]
+            eps = noise[start : start + chunk].to(torch.float32)
+            a = self._sqrt_abar[t].view(-1, *[1] * image.dim())
+            s = self._sqrt_one_minus_abar[t].view(-1, *[1] * image.dim())
+            x0 = x0_cpu.unsqueeze(0).expand_as(eps)
+            x_t = a * x0 + s * eps
+            kwargs = {k: v.expand(len(t), *v.shape[1:]).to(device) for k, v in (unet_kwargs or {}).items()}
+            with self._autocast(device):
+                output = unet(x_t.to(device, dtype), t.to(device), **kwargs).sample
+            output = output.to("cpu", torch.float32)
+            x0_hat = self.predict_x0(output, x_t, a, s)
+            if self.config.weighting == "kl":
+                err = (x0 - x0_hat).flatten(1).pow(2).sum(1)
+                out[start : start + len(t)] = self._kl_weight[t] * err
+            else:
+                eps_hat = (x_t - a * x0_hat) / s
+                out[start : start + len(t)] = (eps - eps_hat).flatten(1).pow(2).mean(1)
+        return out
+
+    def predict_x0(self, output: torch.Tensor, x_t: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
+        """``x0_hat`` from the model output, for the scheduler's ``prediction_type`` (not clamped)."""
+        if self.prediction_type == "epsilon":
+            return (x_t - sqrt_one_minus_abar * output) / sqrt_abar
+        if self.prediction_type == "v_prediction":
+            return sqrt_abar * x_t - sqrt_one_minus_abar * output
+        return output

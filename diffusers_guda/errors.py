@@ -1,0 +1,29 @@
+"""Exceptions raised by diffusers-guda.
+
+Every error names the problem and the fix. The command line prints the message of a
+:class:`GUDAError` as one line, without a traceback.
+"""
+
+
+class GUDAError(Exception):
+    """Base class of all errors that diffusers-guda raises on purpose."""
+
+
+class DataError(GUDAError, ValueError):
+    """A dataset cannot be used (wrong layout, sizes, channels, empty or single group)."""
+
+
+class ConfigError(GUDAError, ValueError):
+    """A configuration value or name is invalid (e.g. an unknown objective)."""
+
+
+class BundleError(GUDAError, ValueError):
+    """An adapter bundle is malformed, unsafe to load, or incomplete."""
+
+
+class BaseModelMismatchError(BundleError):
+    """An adapter bundle was made for another base model than the one it is loaded into."""
+
+
+class UnlearningDivergedError(GUDAError, RuntimeError):
+    """Unlearning produced a non-finite loss (usually a learning rate that is too large)."""

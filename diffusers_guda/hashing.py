@@ -1,0 +1,62 @@
+"""Content hashes: image hashes for common random numbers, base-model fingerprints."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import torch
+
+_LORA_MARKERS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    tensor = tensor.detach().to("cpu").contiguous()
+    if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: hash the raw 16-bit patterns
+        tensor = tensor.view(torch.int16)
+    return tensor.numpy().tobytes()
+
+
+def image_content_hash(image: torch.Tensor) -> int:
+    """A 63-bit hash of one image's float32 values and shape.
+
+    Two images with the same pixels get the same hash wherever they sit in a batch, so the noise
+    drawn for them (see :mod:`diffusers_guda.elbo`) does not depend on the batch.
+    """
+    image = image.detach().to("cpu", torch.float32).contiguous()
+    digest = hashlib.sha256()
+    digest.update(struct.pack(f"<{image.dim()}q", *image.shape))
+    digest.update(image.numpy().tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
+
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (unlike Python's salted ``hash``)."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
+
+
+def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's own weights, with peft's LoRA tensors removed and wrapper names undone."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if any(marker in key for marker in _LORA_MARKERS):
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    return state
+
+
+def unet_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over the base weights (names, dtypes, shapes, values), ignoring LoRA adapters.
+
+    The fingerprint identifies the exact weights an adapter bundle was trained against. It depends
+    on the dtype the weights are held in: a model loaded in float16 has another fingerprint than the
+    same model in float32.
+    """
+    digest = hashlib.sha256()
+    for key, value in sorted(base_state_dict(model).items()):
+        digest.update(key.encode())
+        digest.update(str(value.dtype).encode())
+        digest.update(str(tuple(value.shape)).encode())
+        digest.update(_tensor_bytes(value))
+    return digest.hexdigest()

@@ -1,0 +1,144 @@
+"""LoRA settings and the diffusers LoRA file format used for every group's adapter.
+
+An adapter file is exactly what ``StableDiffusionPipeline.save_lora_weights`` writes: tensor keys
+prefixed with ``unet.``, and the peft ``LoraConfig`` stored as JSON in the safetensors metadata under
+``lora_adapter_metadata`` (its keys prefixed with ``unet.`` too). Stock diffusers therefore reads it
+with ``pipe.load_lora_weights(...)`` or ``unet.load_lora_adapter(..., prefix="unet")``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .errors import BundleError, ConfigError
+
+LORA_METADATA_KEY = "lora_adapter_metadata"
+UNET_PREFIX = "unet"
+ADAPTER_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+DEFAULT_TARGET_MODULES = ("conv1", "conv2", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0")
+
+
+@dataclass
+class LoRASettings:
+    """Shape of each group's LoRA adapter.
+
+    Args:
+        rank: LoRA rank ``r``.
+        alpha: LoRA ``alpha``; the update is scaled by ``alpha / rank``.
+        target_modules: Module-name suffixes to wrap. The default covers ResNet convolutions, the
+            time-embedding projection and attention projections of diffusers UNets; names absent
+            from a model (e.g. attention in an attention-free UNet) are skipped.
+    """
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank r."})
+    alpha: float = field(default=8.0, metadata={"help": "LoRA alpha (scale = alpha / rank)."})
+    target_modules: tuple[str, ...] = field(
+        default=DEFAULT_TARGET_MODULES, metadata={"help": "Module-name suffixes to adapt."}
+    )
+
+    def __post_init__(self):
+        self.target_modules = tuple(self.target_modules)
+        if self.rank < 1:
+            raise ConfigError(f"LoRA rank must be >= 1, got {self.rank}.")
+        if self.alpha <= 0:
+            raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha}.")
+
+    def to_peft(self, model: torch.nn.Module | None = None) -> LoraConfig:
+        """The peft ``LoraConfig``; with ``model``, restricted to the target names it contains."""
+        targets = list(self.target_modules)
+        if model is not None:
+            names = {name for name, _ in model.named_modules()}
+            targets = [t for t in targets if any(n == t or n.endswith("." + t) for n in names)]
+            if not targets:
+                raise ConfigError(
+                    f"None of the LoRA target modules {list(self.target_modules)} exist in "
+                    f"{type(model).__name__}; pass target_modules that name its layers."
+                )
+        return LoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha,
+            target_modules=targets,
+            init_lora_weights=True,
+        )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LoRASettings":
+        return cls(**data)
+
+
+def adapter_state_dict(unet: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """One adapter's tensors in diffusers' key format, prefixed with ``unet.``, copied to CPU."""
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    return {f"{UNET_PREFIX}.{k}": v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def peft_config_metadata(unet: torch.nn.Module, adapter_name: str) -> dict:
+    """The adapter's ``LoraConfig`` as a JSON-able dict with ``unet.``-prefixed keys (diffusers' layout)."""
+    config = unet.peft_config[adapter_name].to_dict()
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, set):
+            value = sorted(value)
+        out[f"{UNET_PREFIX}.{key}"] = value
+    return out
+
+
+def save_adapter_file(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config_metadata: dict) -> None:
+    """Write one adapter as a diffusers LoRA safetensors file."""
+    metadata = {"format": "pt", LORA_METADATA_KEY: json.dumps(config_metadata, indent=2, sort_keys=True, default=list)}
+    save_file(state_dict, str(path), metadata=metadata)
+
+
+def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read an adapter file written by :func:`save_adapter_file`; refuse anything but safetensors.
+
+    Returns:
+        ``(state_dict, config_metadata)``.
+
+    Raises:
+        BundleError: if the file is not a readable safetensors file or lacks the LoRA metadata.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise BundleError(f"Refusing to read {path}: adapters are only loaded from .safetensors files.")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise BundleError(
+            f"Adapter file {path} is corrupted or not a safetensors file ({exc}). "
+            "Re-download the bundle or re-run `guda unlearn` for this group."
+        ) from exc
+    if LORA_METADATA_KEY not in metadata:
+        raise BundleError(f"Adapter file {path} has no '{LORA_METADATA_KEY}' metadata; it was not written by diffusers-guda or diffusers.")
+    try:
+        config = json.loads(metadata[LORA_METADATA_KEY])
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"Adapter file {path} has unreadable LoRA metadata: {exc}.") from exc
+    bad = [k for k in state if not k.startswith(UNET_PREFIX + ".") or "lora_" not in k]
+    if bad:
+        raise BundleError(f"Adapter file {path} holds tensors that are not UNet LoRA weights (e.g. {bad[0]!r}).")
+    return state, config
+
+
+def load_adapter_into(unet: torch.nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], config_metadata: dict) -> None:
+    """Add ``state_dict`` to ``unet`` as adapter ``adapter_name`` through diffusers' own loader."""
+    unet.load_lora_adapter(
+        dict(state_dict), adapter_name=adapter_name, prefix=UNET_PREFIX, metadata=dict(config_metadata)
+    )

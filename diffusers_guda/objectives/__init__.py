@@ -1,0 +1,29 @@
+"""Unlearning objectives (DESIGN §1.2): a registry of forget/preserve losses."""
+
+from .base import (
+    NoiseSchedule,
+    ObjectiveConfig,
+    UnlearningBatch,
+    UnlearningObjective,
+    available_objectives,
+    get_objective,
+    register_objective,
+)
+from .gradient_ascent import GradientAscent, GradientAscentConfig
+from .retrack import ReTrack, ReTrackConfig, capped_offsets, neighbour_weights
+
+__all__ = [
+    "GradientAscent",
+    "GradientAscentConfig",
+    "NoiseSchedule",
+    "ObjectiveConfig",
+    "ReTrack",
+    "ReTrackConfig",
+    "UnlearningBatch",
+    "UnlearningObjective",
+    "available_objectives",
+    "capped_offsets",
+    "get_objective",
+    "neighbour_weights",
+    "register_objective",
+]

@@ -1,0 +1,168 @@
+"""Shared machinery of unlearning objectives: config base class, batch, noise schedule, registry."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, ClassVar
+
+import torch
+
+from ..errors import ConfigError
+
+PRESERVE_MODES = ("mse", "distill")
+
+
+class NoiseSchedule:
+    """``sqrt(abar_t)`` and ``sqrt(1 - abar_t)`` of a scheduler, and conversions between parametrisations."""
+
+    def __init__(self, scheduler):
+        abar = scheduler.alphas_cumprod.to(torch.float32)
+        self.num_train_timesteps = len(abar)
+        self.sqrt_abar = abar.sqrt()
+        self.sqrt_one_minus_abar = (1 - abar).sqrt()
+        self.prediction_type = scheduler.config.prediction_type
+
+    def coefficients(self, t: torch.Tensor, ndim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (-1,) + (1,) * (ndim - 1)
+        t = t.cpu()
+        return self.sqrt_abar[t].view(shape).to(device), self.sqrt_one_minus_abar[t].view(shape).to(device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        a, s = self.coefficients(t, x0.dim(), x0.device)
+        return a * x0 + s * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The regression target of the model's ``prediction_type``."""
+        if self.prediction_type == "epsilon":
+            return noise
+        a, s = self.coefficients(t, x0.dim(), x0.device)
+        if self.prediction_type == "v_prediction":
+            return a * noise - s * x0
+        return x0
+
+    def to_epsilon(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Read a model output as a noise prediction ε̂, whatever the ``prediction_type``."""
+        if self.prediction_type == "epsilon":
+            return output
+        a, s = self.coefficients(t, x_t.dim(), x_t.device)
+        if self.prediction_type == "v_prediction":
+            return s * x_t + a * output
+        return (x_t - a * output) / s
+
+
+@dataclass
+class UnlearningBatch:
+    """One unlearning step's inputs.
+
+    ``model`` runs the UNet with the group's adapter active (with gradients); ``teacher`` runs the
+    same UNet with adapters disabled and without gradients. Both take ``(x_t, t)`` and return the raw
+    model output.
+    """
+
+    forget_x0: torch.Tensor
+    forget_index: torch.Tensor
+    forget_t: torch.Tensor
+    forget_noise: torch.Tensor
+    retain_x0: torch.Tensor
+    retain_index: torch.Tensor
+    retain_t: torch.Tensor
+    retain_noise: torch.Tensor
+    model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    schedule: NoiseSchedule
+    generator: torch.Generator
+
+
+@dataclass
+class ObjectiveConfig:
+    """Fields every objective has: the weights of L = preserve_weight * L_preserve + forget_weight * L_forget."""
+
+    forget_weight: float = field(default=1.0, metadata={"help": "λ, weight of the forget term."})
+    preserve: str = field(default="mse", metadata={"help": "'mse' (ε-MSE on retain images) or 'distill' (match the teacher)."})
+    preserve_weight: float = field(default=1.0, metadata={"help": "Weight of the preserve term."})
+
+    def __post_init__(self):
+        if self.preserve not in PRESERVE_MODES:
+            raise ConfigError(f"preserve must be one of {PRESERVE_MODES}, got {self.preserve!r}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class UnlearningObjective:
+    """Base class: a forget term (subclasses) and a preserve term (shared).
+
+    Subclasses set ``name`` and ``config_class`` and implement :meth:`forget_loss`; they may
+    override :meth:`setup` to precompute per-group data (e.g. nearest neighbours).
+    """
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
+
+    def __init__(self, config: ObjectiveConfig | None = None, **kwargs):
+        if config is None:
+            known = {f.name for f in fields(self.config_class)}
+            unknown = sorted(set(kwargs) - known)
+            if unknown:
+                raise ConfigError(f"Objective '{self.name}' has no option(s) {unknown}; options: {sorted(known)}.")
+            config = self.config_class(**kwargs)
+        elif kwargs:
+            raise ConfigError("Pass either a config object or keyword options, not both.")
+        self.config = config
+
+    def setup(self, dataset, group: int, schedule: NoiseSchedule) -> None:
+        """Prepare for unlearning ``group`` of ``dataset`` (called once per group)."""
+
+    def forget_loss(self, batch: UnlearningBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def preserve_loss(self, batch: UnlearningBatch) -> torch.Tensor:
+        x_t = batch.schedule.add_noise(batch.retain_x0, batch.retain_noise, batch.retain_t)
+        output = batch.model(x_t, batch.retain_t)
+        if self.config.preserve == "distill":
+            target = batch.teacher(x_t, batch.retain_t)
+        else:
+            target = batch.schedule.target(batch.retain_x0, batch.retain_noise, batch.retain_t)
+        return torch.nn.functional.mse_loss(output.float(), target.float())
+
+    def loss(self, batch: UnlearningBatch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total loss and its parts (for logging)."""
+        forget = self.forget_loss(batch)
+        preserve = self.preserve_loss(batch)
+        total = self.config.preserve_weight * preserve + self.config.forget_weight * forget
+        return total, {"forget": forget.item(), "preserve": preserve.item()}
+
+    def describe(self) -> dict:
+        return {"name": self.name, "config": self.config.to_dict()}
+
+
+_REGISTRY: dict[str, type[UnlearningObjective]] = {}
+
+
+def register_objective(cls: type[UnlearningObjective]) -> type[UnlearningObjective]:
+    """Class decorator adding an objective to the registry under ``cls.name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ConfigError(f"An objective named {cls.name!r} is already registered.")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_objectives() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_objective(name: str, config: ObjectiveConfig | dict | None = None) -> UnlearningObjective:
+    """Instantiate the objective registered as ``name``.
+
+    Raises:
+        ConfigError: for an unknown name or unknown options.
+    """
+    if name not in _REGISTRY:
+        raise ConfigError(
+            f"Unknown objective {name!r}. Available: {', '.join(available_objectives())}. "
+            "Register a new one with @register_objective."
+        )
+    cls = _REGISTRY[name]
+    if isinstance(config, dict):
+        return cls(**config)
+    return cls(config)

@@ -1,0 +1,115 @@
+"""ReTrack: redirect the denoiser on forget images toward their nearest retain images (GUDA-U)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import ConfigError
+from .base import NoiseSchedule, ObjectiveConfig, UnlearningBatch, UnlearningObjective, register_objective
+
+TARGETS = ("neighbour", "teacher_neighbour")
+
+
+@dataclass
+class ReTrackConfig(ObjectiveConfig):
+    num_neighbors: int = field(default=10, metadata={"help": "k nearest retain images per forget image."})
+    kl_cap: float = field(default=1.0, metadata={"help": "Each δ_j is scaled to norm <= sqrt(2 * kl_cap)."})
+    target: str = field(default="neighbour", metadata={"help": "'neighbour' or 'teacher_neighbour'."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.target not in TARGETS:
+            raise ConfigError(f"retrack target must be one of {TARGETS}, got {self.target!r}.")
+        if self.num_neighbors < 1 or self.kl_cap <= 0:
+            raise ConfigError("num_neighbors must be >= 1 and kl_cap > 0.")
+
+
+def neighbour_weights(x_t: torch.Tensor, neighbours: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
+    """Posterior weights ``w_j ∝ exp(-||x_t - sqrt(abar) a_j||^2 / (2 (1 - abar)))`` over k neighbours.
+
+    Normalised in log space: in thousands of dimensions the unnormalised weights underflow to 0
+    (the defect of the authors' released code, which makes the target collapse to 0).
+
+    Args:
+        x_t: ``[B, *D]`` noisy forget images.
+        neighbours: ``[B, k, *D]`` clean retain neighbours.
+        sqrt_abar, sqrt_one_minus_abar: ``[B]``.
+
+    Returns:
+        ``[B, k]`` weights summing to 1 per row.
+    """
+    a = sqrt_abar.view(-1, 1)
+    diff = x_t.flatten(1).unsqueeze(1) - a.unsqueeze(-1) * neighbours.flatten(2)
+    logits = -diff.pow(2).sum(-1) / (2 * sqrt_one_minus_abar.view(-1, 1) ** 2)
+    return torch.softmax(logits, dim=1)
+
+
+def capped_offsets(forget_x0: torch.Tensor, neighbours: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor, kl_cap: float) -> torch.Tensor:
+    """``δ_j = (sqrt(abar) / sqrt(1 - abar)) (a_f - a_j)``, each scaled down to norm <= sqrt(2 kl_cap).
+
+    Returns:
+        ``[B, k, *D]``.
+    """
+    shape = (-1, 1) + (1,) * (forget_x0.dim() - 1)
+    ratio = (sqrt_abar / sqrt_one_minus_abar).view(shape)
+    delta = ratio * (forget_x0.unsqueeze(1) - neighbours)
+    norms = delta.flatten(2).norm(dim=-1).view(delta.shape[:2] + (1,) * (delta.dim() - 2))
+    return delta * torch.clamp(math.sqrt(2 * kl_cap) / norms.clamp_min(1e-12), max=1.0)
+
+
+@register_objective
+class ReTrack(UnlearningObjective):
+    """Forget by redirecting: on a noisy forget image, the target is the noise that would send x_t to
+    its k nearest retain images, mixed with posterior weights; preserve with ε-MSE or distillation."""
+
+    name = "retrack"
+    config_class = ReTrackConfig
+
+    def __init__(self, config: ReTrackConfig | None = None, **kwargs):
+        super().__init__(config, **kwargs)
+        self._cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._neighbours: torch.Tensor | None = None
+        self._images: torch.Tensor | None = None
+
+    def setup(self, dataset, group: int, schedule: NoiseSchedule) -> None:
+        from sklearn.neighbors import NearestNeighbors
+
+        key = (id(dataset), group)
+        if key not in self._cache:
+            forget = dataset.forget_indices(group)
+            retain = dataset.retain_indices(group)
+            k = min(self.config.num_neighbors, len(retain))
+            features = dataset.images.flatten(1).numpy()
+            index = NearestNeighbors(n_neighbors=k).fit(features[retain.numpy()])
+            _, nearest = index.kneighbors(features[forget.numpy()])
+            table = torch.full((len(dataset), k), -1, dtype=torch.long)
+            table[forget] = retain[torch.from_numpy(nearest)]
+            self._cache = {key: table}  # one group at a time: keep memory flat
+        self._neighbours = self._cache[key]
+        self._images = dataset.images
+
+    def forget_loss(self, batch: UnlearningBatch) -> torch.Tensor:
+        schedule, t = batch.schedule, batch.forget_t
+        device = batch.forget_x0.device
+        neighbours = self._images[self._neighbours[batch.forget_index.cpu()]].to(device)
+        a, s = schedule.sqrt_abar[t.cpu()].to(device), schedule.sqrt_one_minus_abar[t.cpu()].to(device)
+        shape = (-1,) + (1,) * (batch.forget_x0.dim() - 1)
+        x_t = a.view(shape) * batch.forget_x0 + s.view(shape) * batch.forget_noise
+        weights = neighbour_weights(x_t, neighbours, a, s)
+        eps_hat = schedule.to_epsilon(batch.model(x_t, t), x_t, t).float()
+        if self.config.target == "neighbour":
+            delta = capped_offsets(batch.forget_x0, neighbours, a, s, self.config.kl_cap)
+            target = batch.forget_noise + (weights.view(weights.shape + (1,) * (delta.dim() - 2)) * delta).sum(1)
+            return torch.nn.functional.mse_loss(eps_hat, target)
+        # teacher_neighbour: one neighbour per image drawn from the posterior weights
+        choice = torch.multinomial(weights.cpu(), 1, generator=batch.generator).squeeze(1).to(device)
+        chosen = neighbours[torch.arange(len(choice), device=device), choice]
+        x_t_n = a.view(shape) * chosen + s.view(shape) * batch.forget_noise
+        teacher_eps = schedule.to_epsilon(batch.teacher(x_t_n, t), x_t_n, t).float()
+        target = teacher_eps + (x_t - x_t_n) / s.view(shape)
+        per_t = torch.clamp((s / a) ** 2, max=1.0)
+        per_sample = (eps_hat - target).flatten(1).pow(2).mean(1)
+        return (per_t * per_sample).mean()

@@ -1,0 +1,72 @@
+"""Recipes: named JSON files in the repository's ``adapters/`` folder, one per supported setting.
+
+A recipe holds the base-model training config, the unlearning config, the ELBO config and the
+query settings of one setting (e.g. ``digits-ddpm``). Source checkouts read ``adapters/`` beside the
+package; wheels install the same files under ``<prefix>/share/diffusers-guda/adapters``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .elbo import ELBOConfig
+from .errors import ConfigError
+from .training import TrainConfig
+from .unlearning import UnlearningConfig
+
+DEFAULT_RECIPE = "digits-ddpm"
+
+
+def recipe_dirs() -> list[Path]:
+    return [
+        Path(__file__).resolve().parent.parent / "adapters",
+        Path(sys.prefix) / "share" / "diffusers-guda" / "adapters",
+    ]
+
+
+@dataclass
+class Recipe:
+    """A named setting: how to train the base model, unlearn groups, score and make queries."""
+
+    name: str
+    description: str = ""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
+    elbo: ELBOConfig = field(default_factory=ELBOConfig)
+    queries: dict = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, name_or_path: str = DEFAULT_RECIPE) -> "Recipe":
+        """Load a recipe by name (``adapters/<name>.json``) or from a JSON file path."""
+        path = Path(name_or_path)
+        if not path.is_file():
+            candidates = [d / f"{name_or_path}.json" for d in recipe_dirs()]
+            path = next((c for c in candidates if c.is_file()), None)
+            if path is None:
+                known = sorted({p.stem for d in recipe_dirs() if d.is_dir() for p in d.glob("*.json")})
+                raise ConfigError(f"Unknown recipe {name_or_path!r}; known recipes: {known}. Or pass a path to a recipe JSON file.")
+        try:
+            data = json.loads(path.read_text())
+            return cls(
+                name=data.get("name", path.stem),
+                description=data.get("description", ""),
+                train=TrainConfig(**data.get("train", {})),
+                unlearning=UnlearningConfig(**data.get("unlearning", {})),
+                elbo=ELBOConfig(**data.get("elbo", {})),
+                queries=dict(data.get("queries", {})),
+            )
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise ConfigError(f"Recipe {path} is invalid: {exc}.") from exc
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "train": self.train.to_dict(),
+            "unlearning": self.unlearning.to_dict(),
+            "elbo": self.elbo.to_dict(),
+            "queries": self.queries,
+        }

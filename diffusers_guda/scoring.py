@@ -1,0 +1,175 @@
+"""Attribution scores: ELBO differences between the full model and each group's counterfactual.
+
+``score[n, k] = ELBO(x_n; full) - ELBO(x_n; full + LoRA_k)`` (higher: removing group k makes x_n
+less likely, so k mattered more). The full model is the UNet with adapters disabled; the adapters are
+switched on the one UNet, and every model sees the same (t, noise) draws per image.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .elbo import ELBOEstimator
+from .errors import ConfigError
+
+
+@dataclass
+class AttributionResult:
+    """Scores of N query images against K groups.
+
+    Attributes:
+        scores: ``[N, K]`` ELBO differences in nats (higher = the group mattered more).
+        stderr: ``[N, K]`` standard errors of the scores (spread of the paired per-(t, draw)
+            differences over the grid).
+        groups: The K group names.
+        neg_elbo: ``[N]`` the full model's -ELBO estimate (without L_T and L_0), in nats.
+        image_hashes: Content hash of each query (the key of its common random numbers).
+        metadata: ELBO settings, seeds, bundle source and revision.
+    """
+
+    scores: torch.Tensor
+    stderr: torch.Tensor
+    groups: list[str]
+    neg_elbo: torch.Tensor
+    image_hashes: list[int] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.scores.shape[0]
+
+    def top(self, k: int = 1) -> list[list[tuple[str, float]]]:
+        """Per query, the ``k`` highest-scoring groups as ``(name, score)``, best first."""
+        k = min(k, len(self.groups))
+        values, idx = torch.topk(self.scores, k, dim=1)
+        return [[(self.groups[j], float(v)) for v, j in zip(vs.tolist(), js.tolist())] for vs, js in zip(values, idx)]
+
+    def top_groups(self) -> list[str]:
+        return [row[0][0] for row in self.top(1)]
+
+    def to_dict(self) -> dict:
+        return {
+            "groups": self.groups,
+            "scores": self.scores.tolist(),
+            "stderr": self.stderr.tolist(),
+            "neg_elbo": self.neg_elbo.tolist(),
+            "top_group": self.top_groups(),
+            "image_hashes": [str(h) for h in self.image_hashes],
+            "metadata": self.metadata,
+        }
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The result as JSON; also written to ``path`` if given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def plot(self, path: str | Path, images: torch.Tensor | None = None, max_queries: int = 8, top_k: int | None = None):
+        """Bar chart of each query's group scores with ±2 standard errors (and the query image).
+
+        Args:
+            path: PNG file to write.
+            images: Optional query images ``[N, C, H, W]`` in [-1, 1] to show beside the bars.
+            max_queries: How many queries (the first ones) to draw.
+            top_k: Show only the k best groups per query (default all).
+
+        Returns:
+            The matplotlib figure.
+        """
+        from .plotting import plot_attribution_bars
+
+        return plot_attribution_bars(self, path, images=images, max_queries=max_queries, top_k=top_k)
+
+
+def _switch(unet, adapter: str | None) -> None:
+    if adapter is None:
+        unet.disable_adapters()
+    else:
+        unet.enable_adapters()
+        unet.set_adapter(adapter)
+
+
+class AttributionScorer:
+    """Computes :class:`AttributionResult` for a UNet holding one adapter per group.
+
+    Args:
+        unet: UNet with the group adapters loaded (names in ``adapter_names``).
+        estimator: The ELBO estimator (grid, common random numbers).
+        adapter_names: peft adapter name of each group, in group order.
+        groups: Group names, in the same order.
+    """
+
+    def __init__(self, unet, estimator: ELBOEstimator, adapter_names: Sequence[str], groups: Sequence[str]):
+        loaded = set(getattr(unet, "peft_config", {}) or {})
+        missing = [a for a in adapter_names if a not in loaded]
+        if missing:
+            raise ConfigError(f"Adapters {missing} are not loaded in the UNet; load the bundle first (pipe.load_guda_bundle).")
+        if len(adapter_names) != len(groups):
+            raise ConfigError("adapter_names and groups must have the same length.")
+        self.unet = unet
+        self.estimator = estimator
+        self.adapter_names = list(adapter_names)
+        self.groups = list(groups)
+
+    @torch.no_grad()
+    def score(
+        self,
+        images: torch.Tensor,
+        batch_size: int = 16,
+        unet_kwargs: Sequence[dict] | None = None,
+        progress: bool = True,
+        metadata: dict | None = None,
+    ) -> AttributionResult:
+        """Score ``images`` against every group.
+
+        Args:
+            images: ``[N, C, H, W]`` clean samples in the model's input space (pixels in [-1, 1],
+                or latents).
+            batch_size: Images evaluated per adapter switch. It changes speed only: each image's
+                rows are always evaluated alone, so scores do not depend on it.
+            unet_kwargs: Optional per-image UNet inputs (e.g. text embeddings ``[1, L, D]``).
+            progress: Show a progress bar.
+            metadata: Extra fields recorded in the result.
+        """
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        est, unet = self.estimator, self.unet
+        n, k, r = images.shape[0], len(self.groups), est.num_rows
+        hashes = est.image_hashes(images)
+        scores, stderr = torch.zeros(n, k), torch.zeros(n, k)
+        neg_elbo = torch.zeros(n)
+        was_training = unet.training
+        unet.eval()
+        bar = tqdm(total=n * (k + 1), desc="attribute", disable=not progress, dynamic_ncols=True, unit="img·model")
+        try:
+            for start in range(0, n, batch_size):
+                idx = range(start, min(n, start + batch_size))
+                noise = {i: est.noise(images[i], hashes[i]) for i in idx}
+                kwargs = {i: (unet_kwargs[i] if unet_kwargs is not None else None) for i in idx}
+                _switch(unet, None)
+                base = {i: est.terms(unet, images[i], noise[i], unet_kwargs=kwargs[i]) for i in idx}
+                bar.update(len(idx))
+                for i in idx:
+                    neg_elbo[i] = est.scale * base[i].mean()
+                for j, name in enumerate(self.adapter_names):
+                    _switch(unet, name)
+                    for i in idx:
+                        diff = est.terms(unet, images[i], noise[i], unet_kwargs=kwargs[i]) - base[i]
+                        scores[i, j] = est.scale * diff.mean()
+                        stderr[i, j] = est.scale * diff.std() / math.sqrt(r) if r > 1 else float("nan")
+                    bar.update(len(idx))
+        finally:
+            bar.close()
+            if getattr(unet, "peft_config", None):
+                unet.enable_adapters()
+            unet.train(was_training)
+        meta = {"elbo": est.config.to_dict(), "num_rows": r, "timesteps": [int(est.timesteps[0]), int(est.timesteps[-1]), len(est.timesteps)]}
+        meta.update(metadata or {})
+        return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, meta)

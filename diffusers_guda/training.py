@@ -1,0 +1,174 @@
+"""Train the base diffusion model (``guda train``) and, with the same recipe, leave-one-group-out models.
+
+The result is a stock ``DDPMPipeline`` directory: ``DDPMPipeline.from_pretrained(path)`` loads it
+without diffusers-guda installed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from tqdm.auto import tqdm
+
+from .data import GroupedDataset
+from .errors import ConfigError
+from .io_utils import atomic_directory
+
+TRAIN_LOG_NAME = "guda_train.json"
+
+
+@dataclass
+class TrainConfig:
+    """Recipe of the base model: a small ``UNet2DModel`` with a DDPM scheduler, trained on ε-MSE.
+
+    The defaults are the digits recipe of DESIGN §3.
+    """
+
+    block_out_channels: tuple[int, ...] = field(default=(32, 64, 64), metadata={"help": "Channels per UNet level."})
+    layers_per_block: int = field(default=1, metadata={"help": "ResNet layers per UNet level."})
+    attention: bool = field(default=False, metadata={"help": "Use attention blocks at the lowest level."})
+    norm_num_groups: int = field(default=32, metadata={"help": "GroupNorm groups (must divide every channel count)."})
+    num_train_timesteps: int = field(default=1000, metadata={"help": "Diffusion steps T."})
+    beta_schedule: str = field(default="linear", metadata={"help": "diffusers beta schedule."})
+    prediction_type: str = field(default="epsilon", metadata={"help": "epsilon, v_prediction or sample."})
+    steps: int = field(default=1500, metadata={"help": "Optimiser steps."})
+    batch_size: int = field(default=64, metadata={"help": "Images per step."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate."})
+    warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps before cosine decay."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    seed: int = field(default=0, metadata={"help": "Seed of initialisation, batches and noise."})
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.block_out_channels)
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("steps and batch_size must be >= 1.")
+        bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
+        if bad:
+            raise ConfigError(f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels entry; {bad} do not.")
+
+    def build_unet(self, image_shape: tuple[int, int, int]) -> UNet2DModel:
+        channels, height, width = image_shape
+        if height != width:
+            raise ConfigError(f"Images must be square for UNet2DModel; got {height}x{width}.")
+        levels = len(self.block_out_channels)
+        if height % (2 ** (levels - 1)):
+            raise ConfigError(f"Image size {height} is not divisible by 2^{levels - 1} for {levels} UNet levels; use fewer levels or another size.")
+        down = ["DownBlock2D"] * levels
+        up = ["UpBlock2D"] * levels
+        if self.attention:
+            down[-1], up[0] = "AttnDownBlock2D", "AttnUpBlock2D"
+        return UNet2DModel(
+            sample_size=height,
+            in_channels=channels,
+            out_channels=channels,
+            block_out_channels=self.block_out_channels,
+            layers_per_block=self.layers_per_block,
+            down_block_types=tuple(down),
+            up_block_types=tuple(up),
+            norm_num_groups=self.norm_num_groups,
+        )
+
+    def build_scheduler(self) -> DDPMScheduler:
+        return DDPMScheduler(
+            num_train_timesteps=self.num_train_timesteps,
+            beta_schedule=self.beta_schedule,
+            prediction_type=self.prediction_type,
+            clip_sample=True,
+        )
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["block_out_channels"] = list(self.block_out_channels)
+        return data
+
+
+def diffusion_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The regression target of the scheduler's ``prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, t)
+    if kind == "sample":
+        return x0
+    raise ConfigError(f"Unsupported prediction_type {kind!r}.")
+
+
+def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_base_model(
+    dataset: GroupedDataset,
+    config: TrainConfig | None = None,
+    output_dir: str | Path | None = None,
+    progress: bool = True,
+    description: str = "train",
+) -> DDPMPipeline:
+    """Train a ``UNet2DModel`` + ``DDPMScheduler`` on every image of ``dataset``.
+
+    Args:
+        dataset: Training images (groups are ignored: the model sees all of them).
+        config: Recipe; defaults to :class:`TrainConfig`.
+        output_dir: If given, the pipeline is saved there atomically with ``DDPMPipeline.save_pretrained``
+            together with ``guda_train.json`` (recipe, seed, loss log, wall time).
+        progress: Show a progress bar.
+        description: Progress-bar label.
+
+    Returns:
+        The trained ``DDPMPipeline`` (UNet in eval mode).
+    """
+    config = config or TrainConfig()
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    unet = config.build_unet(dataset.image_shape)
+    scheduler = config.build_scheduler()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps)
+    )
+    images = dataset.images
+    losses = []
+    start = time.perf_counter()
+    unet.train()
+    bar = tqdm(range(config.steps), desc=description, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        idx = torch.randint(0, len(images), (config.batch_size,), generator=generator)
+        x0 = images[idx]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, config.num_train_timesteps, (x0.shape[0],), generator=generator)
+        pred = unet(scheduler.add_noise(x0, noise, t), t).sample
+        loss = torch.nn.functional.mse_loss(pred, diffusion_target(scheduler, x0, noise, t))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == config.steps - 1:
+            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    unet.eval()
+    pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
+    if output_dir is not None:
+        log = {
+            "config": config.to_dict(),
+            "seed": config.seed,
+            "num_images": len(dataset),
+            "groups": dataset.group_names,
+            "wall_s": time.perf_counter() - start,
+            "loss_every_50_steps": [sum(losses[i : i + 50]) / len(losses[i : i + 50]) for i in range(0, len(losses), 50)],
+            "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+        }
+        with atomic_directory(output_dir) as tmp:
+            pipeline.save_pretrained(tmp)
+            (tmp / TRAIN_LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
+    return pipeline

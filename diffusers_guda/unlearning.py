@@ -1,0 +1,361 @@
+"""Train one LoRA adapter per group that unlearns it from the frozen base UNet (DESIGN §1.2).
+
+The base UNet is never modified: each group's counterfactual is ``base + LoRA_k``, and the teacher
+(the full model) is the same UNet with its adapters disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .bundle import AdapterBundle, GroupRecord, slugify
+from .data import GroupedDataset
+from .errors import ConfigError, UnlearningDivergedError
+from .hashing import derive_seed, unet_fingerprint
+from .io_utils import atomic_directory, write_json_atomic
+from .lora import ADAPTER_WEIGHT_NAME, LoRASettings, adapter_state_dict, load_adapter_file, peft_config_metadata, save_adapter_file
+from .models import with_adapter_support
+from .objectives import NoiseSchedule, UnlearningBatch, get_objective
+
+STATS_NAME = "stats.json"
+RUN_NAME = "run.json"
+
+
+@dataclass
+class UnlearningConfig:
+    """How each group's adapter is trained.
+
+    Args:
+        objective: Registered objective name (``retrack``, ``gradient_ascent``...).
+        objective_options: Options of that objective's config (e.g. ``{"num_neighbors": 10}``).
+        lora: Adapter shape.
+        steps: Optimiser steps per group.
+        learning_rate: AdamW learning rate (constant).
+        forget_batch_size: Forget images per step.
+        retain_batch_size: Retain images per step.
+        max_grad_norm: Gradient clipping; ``None`` disables it.
+        seed: Base seed; each group's seed is derived from it and the group, so a group's adapter
+            does not depend on which other groups are trained, in which order or process.
+        eval_images: Forget and retain images (each) on which the loss before/after is measured.
+        eval_draws: Fixed (t, noise) draws per evaluation image.
+    """
+
+    objective: str = field(default="retrack", metadata={"help": "Registered objective name."})
+    objective_options: dict = field(default_factory=dict, metadata={"help": "Options of the objective."})
+    lora: LoRASettings = field(default_factory=LoRASettings, metadata={"help": "Adapter shape."})
+    steps: int = field(default=80, metadata={"help": "Optimiser steps per group."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    forget_batch_size: int = field(default=64, metadata={"help": "Forget images per step."})
+    retain_batch_size: int = field(default=64, metadata={"help": "Retain images per step."})
+    max_grad_norm: float | None = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    seed: int = field(default=0, metadata={"help": "Base seed."})
+    eval_images: int = field(default=256, metadata={"help": "Images per evaluation set."})
+    eval_draws: int = field(default=4, metadata={"help": "Fixed draws per evaluation image."})
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):
+            self.lora = LoRASettings.from_dict(self.lora)
+        if self.steps < 1 or self.forget_batch_size < 1 or self.retain_batch_size < 1:
+            raise ConfigError("steps and batch sizes must be >= 1.")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        get_objective(self.objective, self.objective_options)  # validate name and options early
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["lora"] = self.lora.to_dict()
+        return data
+
+
+class GroupUnlearner:
+    """Trains the per-group adapters on one shared UNet and packs them into an :class:`AdapterBundle`.
+
+    Args:
+        unet: The full model's UNet (frozen; a ``UNet2DModel`` gets adapter support added).
+        scheduler: Its training scheduler (``alphas_cumprod``, ``prediction_type``).
+        config: Unlearning settings.
+        base_model_id: Name recorded in the bundle (a Hub id or a path).
+        base_model_revision: Revision recorded in the bundle.
+    """
+
+    def __init__(self, unet, scheduler, config: UnlearningConfig | None = None, base_model_id: str | None = None, base_model_revision: str | None = None):
+        self.unet = with_adapter_support(unet)
+        self.unet.requires_grad_(False)
+        self.scheduler = scheduler
+        self.schedule = NoiseSchedule(scheduler)
+        self.config = config or UnlearningConfig()
+        self.base_model_id = base_model_id
+        self.base_model_revision = base_model_revision
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = unet_fingerprint(self.unet)
+        return self._fingerprint
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    # -- one group ------------------------------------------------------------------------------
+
+    def unlearn_group(self, dataset: GroupedDataset, group: int, adapter_name: str, progress: bool = True) -> tuple[dict, dict, dict]:
+        """Train the adapter of ``group`` and remove it from the UNet again.
+
+        Returns:
+            ``(state_dict, config_metadata, stats)`` of the adapter, in diffusers' LoRA format.
+
+        Raises:
+            UnlearningDivergedError: if a loss becomes NaN or infinite.
+        """
+        cfg = self.config
+        unet, device = self.unet, self.device
+        seed = derive_seed("guda-unlearn", cfg.seed, group, dataset.group_names[group])
+        generator = torch.Generator().manual_seed(seed)
+        objective = get_objective(cfg.objective, cfg.objective_options)
+        objective.setup(dataset, group, self.schedule)
+        forget_idx, retain_idx = dataset.forget_indices(group), dataset.retain_indices(group)
+        evaluation = self._evaluation_sets(dataset, group, forget_idx, retain_idx)
+        before = self._evaluate(evaluation, adapter=None)
+
+        torch.manual_seed(seed)  # peft initialises lora_A from the global generator
+        unet.add_adapter(cfg.lora.to_peft(unet), adapter_name=adapter_name)
+        try:
+            params = [p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+            for p in params:
+                p.requires_grad_(True)
+            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
+            model, teacher = self._callables(adapter_name)
+            start = time.perf_counter()
+            curve = []
+            bar = tqdm(range(cfg.steps), desc=f"unlearn {dataset.group_names[group]}", disable=not progress, leave=False, dynamic_ncols=True)
+            for step in bar:
+                batch = self._batch(dataset, forget_idx, retain_idx, generator, model, teacher)
+                loss, parts = objective.loss(batch)
+                if not math.isfinite(loss.item()):
+                    raise UnlearningDivergedError(
+                        f"Unlearning group '{dataset.group_names[group]}' diverged at step {step} (loss {loss.item()}). "
+                        f"Lower the learning rate (now {cfg.learning_rate:g}, e.g. --lr {cfg.learning_rate / 10:g}); "
+                        "finished groups are kept."
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                curve.append(parts)
+                if step % 10 == 0:
+                    bar.set_postfix(forget=f"{parts['forget']:.4f}", preserve=f"{parts['preserve']:.4f}")
+            wall = time.perf_counter() - start
+            after = self._evaluate(evaluation, adapter=adapter_name)
+            if not all(math.isfinite(v) for v in after.values()):
+                raise UnlearningDivergedError(
+                    f"Unlearning group '{dataset.group_names[group]}' produced non-finite outputs; lower the learning rate."
+                )
+            state = adapter_state_dict(unet, adapter_name)
+            metadata = peft_config_metadata(unet, adapter_name)
+        finally:
+            unet.delete_adapters(adapter_name)
+        passes_per_step = cfg.forget_batch_size + cfg.retain_batch_size
+        if objective.config.preserve == "distill":
+            passes_per_step += cfg.retain_batch_size
+        stats = {
+            "seed": seed,
+            "steps": cfg.steps,
+            "wall_s": round(wall, 3),
+            "sample_passes": cfg.steps * passes_per_step,
+            "forget_loss_before": before["forget"],
+            "forget_loss_after": after["forget"],
+            "retain_loss_before": before["retain"],
+            "retain_loss_after": after["retain"],
+            "forget_loss_change": after["forget"] / before["forget"] - 1.0,
+            "retain_loss_change": after["retain"] / before["retain"] - 1.0,
+            "curve_first": curve[0],
+            "curve_last": {k: sum(c[k] for c in curve[-10:]) / len(curve[-10:]) for k in curve[-1]},
+        }
+        return state, metadata, stats
+
+    def _callables(self, adapter_name: str):
+        unet = self.unet
+
+        def model(x_t, t):
+            return unet(x_t, t).sample
+
+        @torch.no_grad()
+        def teacher(x_t, t):
+            unet.disable_adapters()
+            try:
+                return unet(x_t, t).sample
+            finally:
+                unet.enable_adapters()
+                unet.set_adapter(adapter_name)
+
+        return model, teacher
+
+    def _batch(self, dataset, forget_idx, retain_idx, generator, model, teacher) -> UnlearningBatch:
+        cfg, T, device = self.config, self.schedule.num_train_timesteps, self.device
+        fi = forget_idx[torch.randint(0, len(forget_idx), (cfg.forget_batch_size,), generator=generator)]
+        ri = retain_idx[torch.randint(0, len(retain_idx), (cfg.retain_batch_size,), generator=generator)]
+        shape = dataset.image_shape
+        return UnlearningBatch(
+            forget_x0=dataset.images[fi].to(device),
+            forget_index=fi,
+            forget_t=torch.randint(0, T, (len(fi),), generator=generator).to(device),
+            forget_noise=torch.randn((len(fi), *shape), generator=generator).to(device),
+            retain_x0=dataset.images[ri].to(device),
+            retain_index=ri,
+            retain_t=torch.randint(0, T, (len(ri),), generator=generator).to(device),
+            retain_noise=torch.randn((len(ri), *shape), generator=generator).to(device),
+            model=model,
+            teacher=teacher,
+            schedule=self.schedule,
+            generator=generator,
+        )
+
+    def _evaluation_sets(self, dataset, group, forget_idx, retain_idx) -> dict:
+        """Fixed images and (t, noise) draws, never used for training, for the before/after losses."""
+        cfg = self.config
+        generator = torch.Generator().manual_seed(derive_seed("guda-eval", cfg.seed, group))
+        sets = {}
+        for name, idx in (("forget", forget_idx), ("retain", retain_idx)):
+            chosen = idx[torch.randperm(len(idx), generator=generator)[: cfg.eval_images]]
+            x0 = dataset.images[chosen].repeat_interleave(cfg.eval_draws, dim=0)
+            t = torch.randint(0, self.schedule.num_train_timesteps, (len(x0),), generator=generator)
+            noise = torch.randn(x0.shape, generator=generator)
+            sets[name] = (x0, t, noise)
+        return sets
+
+    @torch.no_grad()
+    def _evaluate(self, sets: dict, adapter: str | None, chunk: int = 256) -> dict[str, float]:
+        unet, device = self.unet, self.device
+        if adapter is None and getattr(unet, "peft_config", None):
+            unet.disable_adapters()
+        try:
+            out = {}
+            for name, (x0, t, noise) in sets.items():
+                total = 0.0
+                for s in range(0, len(x0), chunk):
+                    x, tt, n = x0[s : s + chunk].to(device), t[s : s + chunk].to(device), noise[s : s + chunk].to(device)
+                    pred = unet(self.schedule.add_noise(x, n, tt), tt).sample.float()
+                    total += (pred - self.schedule.target(x, n, tt)).pow(2).mean(dim=tuple(range(1, x.dim()))).sum().item()
+                out[name] = total / len(x0)
+            return out
+        finally:
+            if adapter is None and getattr(unet, "peft_config", None):
+                unet.enable_adapters()
+
+    # -- all groups -----------------------------------------------------------------------------
+
+    def unlearn(
+        self,
+        dataset: GroupedDataset,
+        groups: Sequence[int | str] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        progress: bool = True,
+    ) -> AdapterBundle:
+        """Unlearn each group and return the bundle of adapters.
+
+        Args:
+            dataset: The grouped training set of the base model.
+            groups: Group ids or names (default: all).
+            checkpoint_dir: If given, each finished group is written there atomically and a rerun
+                with the same settings skips it (resume after a crash or a kill).
+            progress: Show progress bars.
+        """
+        group_ids = [dataset.group_index(g) for g in (groups if groups is not None else range(dataset.num_groups))]
+        slugs = _slugs(dataset.group_names)
+        checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        if checkpoint is not None:
+            self._check_checkpoint(checkpoint, dataset)
+        records, adapters, configs = [], {}, {}
+        outer = tqdm(group_ids, desc="groups", disable=not progress, dynamic_ncols=True)
+        for gid in outer:
+            slug = slugs[gid]
+            outer.set_postfix(group=dataset.group_names[gid])
+            done = checkpoint / slug if checkpoint is not None else None
+            if done is not None and (done / STATS_NAME).exists():
+                state, metadata = load_adapter_file(done / ADAPTER_WEIGHT_NAME)
+                stats = json.loads((done / STATS_NAME).read_text())
+            else:
+                state, metadata, stats = self.unlearn_group(dataset, gid, AdapterBundle.adapter_name(slug), progress=progress)
+                if done is not None:
+                    with atomic_directory(done) as tmp:
+                        save_adapter_file(tmp / ADAPTER_WEIGHT_NAME, state, metadata)
+                        write_json_atomic(tmp / STATS_NAME, stats)
+            adapters[slug], configs[slug] = state, metadata
+            records.append(
+                GroupRecord(
+                    id=gid,
+                    name=dataset.group_names[gid],
+                    slug=slug,
+                    num_images=int((dataset.group_ids == gid).sum()),
+                    adapter_file=f"adapters/{slug}/{ADAPTER_WEIGHT_NAME}",
+                    stats=stats,
+                )
+            )
+        return AdapterBundle(
+            groups=records,
+            adapters=adapters,
+            adapter_configs=configs,
+            lora=self.config.lora.to_dict(),
+            base_model=self._base_model_record(),
+            objective={"name": self.config.objective, "config": get_objective(self.config.objective, self.config.objective_options).config.to_dict()},
+            seeds={"unlearning": self.config.seed},
+            training={k: v for k, v in self.config.to_dict().items() if k not in ("objective", "objective_options", "lora")},
+        )
+
+    def _base_model_record(self) -> dict:
+        unet = self.unet
+        return {
+            "id": self.base_model_id,
+            "revision": self.base_model_revision,
+            "fingerprint": self.fingerprint,
+            "class_name": type(unet).__name__,
+            "dtype": str(unet.dtype).replace("torch.", ""),
+            "sample_size": unet.config.sample_size,
+            "in_channels": unet.config.in_channels,
+            "conditional": hasattr(unet.config, "cross_attention_dim") and unet.config.get("cross_attention_dim") is not None,
+        }
+
+    def _check_checkpoint(self, checkpoint: Path, dataset: GroupedDataset) -> None:
+        run = {
+            "fingerprint": self.fingerprint,
+            "config": self.config.to_dict(),
+            "groups": dataset.group_names,
+            "group_sizes": dataset.group_sizes(),
+        }
+        marker = checkpoint / RUN_NAME
+        if marker.exists():
+            previous = json.loads(marker.read_text())
+            if previous != json.loads(json.dumps(run)):
+                raise ConfigError(
+                    f"{checkpoint} holds groups unlearned with other settings, data or base model. "
+                    "Delete it, or rerun with the settings it was started with."
+                )
+        else:
+            write_json_atomic(marker, run)
+
+
+def _slugs(names: Sequence[str]) -> list[str]:
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        slug = slugify(name, taken)
+        taken.add(slug)
+        out.append(slug)
+    return out
+
+
+def remove_checkpoint(checkpoint_dir: str | Path) -> None:
+    """Delete a finished run's checkpoint directory."""
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)
