@@ -204,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _threads(args)
+    from diffusers.utils import logging as diffusers_logging
+
+    bars = diffusers_logging.is_progress_bar_enabled()
+    if args.quiet:  # also diffusers' own bars ("Loading pipeline components...")
+        diffusers_logging.disable_progress_bar()
     try:
         args.func(args)
     except GUDAError as exc:
@@ -212,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"guda {args.command}: interrupted; finished work is kept (rerun to resume).", file=sys.stderr)
         return 130
+    finally:
+        if bars:
+            diffusers_logging.enable_progress_bar()
     return 0
 
 

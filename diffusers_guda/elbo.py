@@ -61,6 +61,8 @@ class ELBOConfig:
     def __post_init__(self):
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
+        if self.stride is not None and self.stride < 1:
+            raise ConfigError(f"stride must be >= 1 (or None for T // 100), got {self.stride}.")
         if self.num_draws < 1 or self.rows_per_forward < 1:
             raise ConfigError("num_draws and rows_per_forward must be >= 1.")
         if self.autocast_dtype not in (None, "bfloat16", "float16"):
@@ -93,10 +95,15 @@ class ELBOEstimator:
         if not 0 <= t_min < t_max <= T:
             raise ConfigError(f"Need 0 <= t_min < t_max <= T={T}; got t_min={t_min}, t_max={t_max}.")
         self.timesteps = torch.arange(t_min, t_max, stride, dtype=torch.long)
-        prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-        beta_tilde = betas * (1 - prev) / (1 - alphas_cumprod)
+        # KL weights from a float64 cumprod of the betas: the scheduler's float32 alphas_cumprod
+        # loses ~5e-4 relative precision in 1 - abar_t at the smallest t.
+        abar64 = torch.cumprod(1 - betas, 0)
+        if not torch.allclose(abar64, alphas_cumprod, rtol=1e-4, atol=1e-6):  # a scheduler that edits abar
+            abar64 = alphas_cumprod
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), abar64[:-1]])
+        beta_tilde = betas * (1 - prev) / (1 - abar64)
         beta_tilde[0] = beta_tilde[1]
-        coef = prev.sqrt() * betas / (1 - alphas_cumprod)
+        coef = prev.sqrt() * betas / (1 - abar64)
         self._kl_weight = (coef**2 / (2 * beta_tilde)).to(torch.float32)
         self._sqrt_abar = alphas_cumprod.sqrt().to(torch.float32)
         self._sqrt_one_minus_abar = (1 - alphas_cumprod).sqrt().to(torch.float32)

@@ -88,6 +88,30 @@ class AttributionResult:
         return plot_attribution_bars(self, path, images=images, max_queries=max_queries, top_k=top_k)
 
 
+def _adapter_state(unet) -> tuple[list[str], bool] | None:
+    """The active adapters and whether adapters are disabled, read from the first LoRA layer."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in unet.modules():
+        if isinstance(module, BaseTunerLayer):
+            active = module.active_adapter
+            return ([active] if isinstance(active, str) else list(active)), bool(module.disable_adapters)
+    return None
+
+
+def _restore(unet, state: tuple[list[str], bool] | None) -> None:
+    if state is None or not getattr(unet, "peft_config", None):
+        return
+    active, disabled = state
+    active = [a for a in active if a in unet.peft_config]
+    if active:
+        unet.set_adapter(active)
+    if disabled:
+        unet.disable_adapters()
+    else:
+        unet.enable_adapters()
+
+
 def _switch(unet, adapter: str | None) -> None:
     if adapter is None:
         unet.disable_adapters()
@@ -146,6 +170,7 @@ class AttributionScorer:
         scores, stderr = torch.zeros(n, k), torch.zeros(n, k)
         neg_elbo = torch.zeros(n)
         was_training = unet.training
+        previous = _adapter_state(unet)
         unet.eval()
         bar = tqdm(total=n * (k + 1), desc="attribute", disable=not progress, dynamic_ncols=True, unit="img·model")
         try:
@@ -167,8 +192,7 @@ class AttributionScorer:
                     bar.update(len(idx))
         finally:
             bar.close()
-            if getattr(unet, "peft_config", None):
-                unet.enable_adapters()
+            _restore(unet, previous)  # leave the adapters as they were (e.g. disabled for generation)
             unet.train(was_training)
         meta = {"elbo": est.config.to_dict(), "num_rows": r, "timesteps": [int(est.timesteps[0]), int(est.timesteps[-1]), len(est.timesteps)]}
         meta.update(metadata or {})

@@ -295,7 +295,7 @@ class GroupUnlearner:
             adapters[slug], configs[slug] = state, metadata
             records.append(
                 GroupRecord(
-                    id=gid,
+                    id=len(records),  # bundle ids are 0..K-1 even when only some groups are unlearned
                     name=dataset.group_names[gid],
                     slug=slug,
                     num_images=int((dataset.group_ids == gid).sum()),

@@ -28,4 +28,7 @@ class GradientAscent(UnlearningObjective):
         output = batch.model(x_t, batch.forget_t).float()
         target = batch.schedule.target(batch.forget_x0, batch.forget_noise, batch.forget_t).float()
         per_sample = (output - target).flatten(1).pow(2).mean(1)
-        return -torch.clamp(per_sample, max=self.config.max_loss).mean()
+        # not torch.clamp: its gradient still flows at exactly max_loss; ascent stops once reached
+        # (written so that a NaN loss stays NaN and divergence is still detected)
+        cap = torch.full_like(per_sample, self.config.max_loss)
+        return -torch.where(per_sample >= cap, cap, per_sample).mean()

@@ -38,7 +38,8 @@ def _training_scheduler(pipe):
 
 
 def _model_id(pipe) -> str | None:
-    return getattr(pipe.config, "_name_or_path", None) or getattr(pipe, "name_or_path", None)
+    name = getattr(pipe.config, "_name_or_path", None) or getattr(pipe, "name_or_path", None)
+    return str(name) if name is not None else None  # from_pretrained(Path) records a Path
 
 
 def load_guda_bundle(
@@ -65,6 +66,7 @@ def load_guda_bundle(
         kind = "a text-conditioned" if bundle.base_model.get("conditional") else "an unconditional"
         raise ConfigError(f"This bundle was made for {kind} UNet; load it into a pipeline of that kind.")
     bundle.load_into(pipe.unet)
+    pipe.unet.disable_adapters()  # the pipeline keeps generating with the full model; scoring switches adapters on
     pipe._guda_bundle = bundle
     return bundle
 

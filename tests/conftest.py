@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny models built from configs in code, tiny grouped data, one torch thread."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+from diffusers_guda import GroupedDataset, GUDAUNet2DModel
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    # On a shared 2-core machine, one torch thread is far faster than two fighting for cores.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def tiny_unet_config(channels: int = 1, sample_size: int = 8) -> dict:
+    return dict(
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+
+
+@pytest.fixture
+def tiny_unet() -> GUDAUNet2DModel:
+    torch.manual_seed(0)
+    return GUDAUNet2DModel(**tiny_unet_config()).eval()
+
+
+@pytest.fixture
+def tiny_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=100, beta_schedule="linear")
+
+
+@pytest.fixture
+def tiny_dataset() -> GroupedDataset:
+    """Three groups of 8x8 grayscale images with distinct structure (bars in different places)."""
+    generator = torch.Generator().manual_seed(0)
+    images, ids = [], []
+    for group in range(3):
+        for _ in range(12):
+            image = torch.full((1, 8, 8), -1.0)
+            image[0, :, 2 * group + 1 : 2 * group + 3] = 1.0
+            image += 0.1 * torch.randn(image.shape, generator=generator)
+            images.append(image.clamp(-1, 1))
+            ids.append(group)
+    return GroupedDataset(torch.stack(images), torch.tensor(ids), ["left", "middle", "right"])
+
+
+@pytest.fixture
+def stock_pipeline_dir(tmp_path):
+    """A stock DDPMPipeline directory (plain UNet2DModel) as `guda train` writes it."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(**tiny_unet_config()).eval()
+    path = tmp_path / "base"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
+    return path
+
+
+TINY_RECIPE = {
+    "name": "tiny",
+    "train": {"block_out_channels": [16, 32], "norm_num_groups": 8, "num_train_timesteps": 100, "steps": 30, "batch_size": 16, "warmup_steps": 5, "seed": 0},
+    "unlearning": {"objective": "retrack", "objective_options": {"num_neighbors": 3, "kl_cap": 10.0}, "lora": {"rank": 2, "alpha": 2.0}, "steps": 3, "forget_batch_size": 8, "retain_batch_size": 8, "eval_images": 8, "eval_draws": 1, "seed": 0},
+    "elbo": {"stride": 10, "t_min": 10, "seed": 0},
+    "queries": {"num_queries": 4, "seed": 0, "num_inference_steps": 5},
+}
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path):
+    path = tmp_path / "tiny-recipe.json"
+    path.write_text(json.dumps(TINY_RECIPE))
+    return path

@@ -1,0 +1,307 @@
+"""ReTrack: log-space neighbour weights in 3072 dims, capped offsets, the redirect target by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffusers_guda.errors import ConfigError
+from diffusers_guda.objectives import (
+    NoiseSchedule,
+    ReTrack,
+    ReTrackConfig,
+    UnlearningBatch,
+    capped_offsets,
+    get_objective,
+    neighbour_weights,
+)
+
+TIMESTEPS = [1, 10, 100, 500, 999]
+
+
+@pytest.fixture(scope="module")
+def schedule_1000():
+    return NoiseSchedule(DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"))
+
+
+def _rand(shape, seed, lo=-1.0, hi=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(shape, generator=generator) * (hi - lo) + lo
+
+
+def _cifar_like(schedule, k=10, seed=0):
+    """A forget image, k random neighbours, noised at every t in TIMESTEPS: 3x32x32 = 3072 dims."""
+    b = len(TIMESTEPS)
+    t = torch.tensor(TIMESTEPS)
+    forget = _rand((1, 3, 32, 32), seed).expand(b, -1, -1, -1)
+    neighbours = _rand((1, k, 3, 32, 32), seed + 1).expand(b, -1, -1, -1, -1)
+    noise = torch.randn((b, 3, 32, 32), generator=torch.Generator().manual_seed(seed + 2))
+    a, s = schedule.sqrt_abar[t], schedule.sqrt_one_minus_abar[t]
+    x_t = a.view(-1, 1, 1, 1) * forget + s.view(-1, 1, 1, 1) * noise
+    return t, forget, neighbours, noise, x_t, a, s
+
+
+# -- neighbour weights ---------------------------------------------------------------------------
+
+
+def test_neighbour_weights_normalised_and_not_degenerate_in_3072_dims(schedule_1000):
+    t, forget, neighbours, noise, x_t, a, s = _cifar_like(schedule_1000)
+    weights = neighbour_weights(x_t, neighbours, a, s)
+    assert weights.shape == (len(TIMESTEPS), 10)
+    assert torch.isfinite(weights).all()
+    assert (weights >= 0).all()
+    torch.testing.assert_close(weights.sum(1), torch.ones(len(TIMESTEPS)), atol=1e-5, rtol=0)
+    assert (weights.max(1).values > 0).all()  # no row collapsed to zero
+    # at large t every neighbour is about as far from x_t: the posterior is spread over several
+    spread = (weights > 1e-6).sum(1)
+    assert spread[TIMESTEPS.index(999)] > 1
+    assert spread.max() > 1
+    # at t = 1 the posterior concentrates on the neighbour nearest to x_t / sqrt(abar)
+    nearest = ((x_t[0] / a[0]) - neighbours[0]).flatten(1).norm(dim=1).argmin()
+    assert int(weights[0].argmax()) == int(nearest)
+
+
+def test_naive_weights_underflow_in_3072_dims(schedule_1000):
+    """The defect of the authors' released code: exp(-d2 / 2 s^2) is 0 for every neighbour."""
+    t, forget, neighbours, noise, x_t, a, s = _cifar_like(schedule_1000)
+    d2 = (x_t.flatten(1).unsqueeze(1) - a.view(-1, 1, 1) * neighbours.flatten(2)).pow(2).sum(-1)
+    unnormalised = torch.exp(-d2 / (2 * s.view(-1, 1) ** 2))
+    naive = unnormalised / (unnormalised.sum(1, keepdim=True) + 1e-8)
+    assert torch.all(naive == 0)  # the target would collapse to 0
+    fixed = neighbour_weights(x_t, neighbours, a, s)
+    assert torch.all(fixed.sum(1) > 0.99)
+
+
+def test_neighbour_weights_match_posterior_in_low_dims():
+    """In 4 dims, where nothing underflows, the weights are the normalised Gaussian likelihoods."""
+    generator = torch.Generator().manual_seed(3)
+    b, k = 3, 5
+    neighbours = torch.randn((b, k, 1, 2, 2), generator=generator)
+    x_t = torch.randn((b, 1, 2, 2), generator=generator)
+    a = torch.tensor([0.9, 0.6, 0.3])
+    s = (1 - a**2).sqrt()
+    d2 = (x_t.double().flatten(1).unsqueeze(1) - a.double().view(-1, 1, 1) * neighbours.double().flatten(2)).pow(2).sum(-1)
+    likelihood = torch.exp(-d2 / (2 * s.double().view(-1, 1) ** 2))
+    expected = likelihood / likelihood.sum(1, keepdim=True)
+    torch.testing.assert_close(neighbour_weights(x_t, neighbours, a, s).double(), expected, rtol=1e-5, atol=1e-7)
+
+
+# -- capped offsets ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kl_cap", [0.01, 1.0, 50.0, 1e4])
+def test_capped_offsets_norm_bound(schedule_1000, kl_cap):
+    t, forget, neighbours, noise, x_t, a, s = _cifar_like(schedule_1000)
+    delta = capped_offsets(forget, neighbours, a, s, kl_cap)
+    assert delta.shape == neighbours.shape
+    raw = (a / s).view(-1, 1, 1, 1, 1) * (forget.unsqueeze(1) - neighbours)
+    raw_norm = raw.flatten(2).norm(dim=-1)
+    norm = delta.flatten(2).norm(dim=-1)
+    cap = math.sqrt(2 * kl_cap)
+    assert (norm <= cap + 1e-5 * max(1.0, cap)).all()
+    below = raw_norm <= cap
+    above = ~below
+    # offsets under the cap are untouched; those over it keep their direction and land on the cap
+    assert torch.equal(delta[below], raw[below])
+    if above.any():
+        torch.testing.assert_close(norm[above], torch.full_like(norm[above], cap), rtol=1e-5, atol=0)
+        cosine = torch.nn.functional.cosine_similarity(delta.flatten(2)[above], raw.flatten(2)[above], dim=-1)
+        assert (cosine > 1 - 1e-5).all()
+    if kl_cap == 0.01:
+        assert above.all()
+    if kl_cap == 1e4:
+        assert above[TIMESTEPS.index(1)].all() and below[TIMESTEPS.index(999)].all()  # the cap binds only at small t
+
+
+def test_capped_offsets_zero_offset_stays_zero():
+    x = torch.zeros(2, 1, 2, 2)
+    out = capped_offsets(x, x.unsqueeze(1).repeat(1, 3, 1, 1, 1), torch.tensor([0.5, 0.9]), torch.tensor([0.8, 0.3]), 1.0)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+# -- the forget loss, by hand --------------------------------------------------------------------
+
+
+def _batch(dataset, group, schedule, model, teacher, t, seed=0):
+    forget_index = dataset.forget_indices(group)[: len(t)]
+    retain_index = dataset.retain_indices(group)[: len(t)]
+    generator = torch.Generator().manual_seed(seed)
+    return UnlearningBatch(
+        forget_x0=dataset.images[forget_index],
+        forget_index=forget_index,
+        forget_t=t,
+        forget_noise=torch.randn((len(t), *dataset.image_shape), generator=generator),
+        retain_x0=dataset.images[retain_index],
+        retain_index=retain_index,
+        retain_t=t,
+        retain_noise=torch.randn((len(t), *dataset.image_shape), generator=generator),
+        model=model,
+        teacher=teacher,
+        schedule=schedule,
+        generator=torch.Generator().manual_seed(seed + 1),
+    )
+
+
+def _brute_force_neighbours(dataset, group, k):
+    forget, retain = dataset.forget_indices(group), dataset.retain_indices(group)
+    d = torch.cdist(dataset.images[forget].flatten(1).double(), dataset.images[retain].flatten(1).double())
+    return forget, retain[d.topk(k, largest=False).indices]
+
+
+@pytest.mark.parametrize("group", [0, 2])
+def test_setup_picks_true_nearest_retain_neighbours(tiny_dataset, tiny_scheduler, group):
+    objective = ReTrack(num_neighbors=4)
+    objective.setup(tiny_dataset, group, NoiseSchedule(tiny_scheduler))
+    forget, expected = _brute_force_neighbours(tiny_dataset, group, 4)
+    table = objective._neighbours
+    for row, idx in enumerate(forget.tolist()):
+        chosen = table[idx]
+        assert set(chosen.tolist()) == set(expected[row].tolist())
+        assert (tiny_dataset.group_ids[chosen] != group).all()  # never from the forget group
+
+
+class _Leaf:
+    """A model whose output is a leaf tensor: the gradient of an MSE recovers its target."""
+
+    def __init__(self, shape, seed=5):
+        self.output = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
+        self.calls = []
+
+    def __call__(self, x_t, t):
+        self.calls.append((x_t.detach().clone(), t.clone()))
+        return self.output
+
+
+@pytest.mark.parametrize("kl_cap", [0.05, 1e6])
+def test_retrack_target_is_noise_plus_weighted_offsets(tiny_dataset, tiny_scheduler, kl_cap):
+    group, k = 1, 3
+    schedule = NoiseSchedule(tiny_scheduler)
+    objective = ReTrack(num_neighbors=k, kl_cap=kl_cap)
+    objective.setup(tiny_dataset, group, schedule)
+    t = torch.tensor([1, 5, 20, 50, 80, 99])
+    model = _Leaf((len(t), 1, 8, 8))
+    batch = _batch(tiny_dataset, group, schedule, model, lambda x, t: pytest.fail("teacher not used"), t)
+    loss = objective.forget_loss(batch)
+    loss.backward()
+    # mse = mean((P - target)^2)  =>  grad = 2 (P - target) / numel
+    target = model.output.detach() - model.output.grad * model.output.numel() / 2
+
+    # independent computation in float64
+    forget, neighbour_idx = _brute_force_neighbours(tiny_dataset, group, k)
+    row = {int(i): r for r, i in enumerate(forget)}
+    neighbours = tiny_dataset.images[neighbour_idx[[row[int(i)] for i in batch.forget_index]]].double()
+    abar = tiny_scheduler.alphas_cumprod.double()[t]
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    x0, eps = batch.forget_x0.double(), batch.forget_noise.double()
+    x_t = a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * eps
+    logits = -(x_t.unsqueeze(1) - a.view(-1, 1, 1, 1, 1) * neighbours).flatten(2).pow(2).sum(-1) / (2 * s.view(-1, 1) ** 2)
+    w = torch.exp(logits - logits.max(1, keepdim=True).values)
+    w = w / w.sum(1, keepdim=True)
+    delta = (a / s).view(-1, 1, 1, 1, 1) * (x0.unsqueeze(1) - neighbours)
+    norm = delta.flatten(2).norm(dim=-1).view(len(t), k, 1, 1, 1)
+    delta = delta * torch.clamp(math.sqrt(2 * kl_cap) / norm, max=1.0)
+    expected = eps + (w.view(len(t), k, 1, 1, 1) * delta).sum(1)
+    torch.testing.assert_close(target.double(), expected, rtol=1e-4, atol=1e-4)
+    # the model saw the forget images noised with the batch's (t, noise)
+    (seen_x, seen_t), = model.calls
+    assert torch.equal(seen_t, t)
+    torch.testing.assert_close(seen_x.double(), x_t, rtol=1e-5, atol=1e-5)
+    # the target is not the plain noise (the redirect is active) and is finite
+    assert torch.isfinite(target).all()
+    assert (target - batch.forget_noise).abs().max() > 1e-2
+
+
+def test_retrack_target_with_v_prediction(tiny_dataset):
+    """With v-prediction the model output is read as epsilon: eps_hat = s x_t + a v."""
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type="v_prediction")
+    schedule = NoiseSchedule(scheduler)
+    objective = ReTrack(num_neighbors=2, kl_cap=1e6)
+    objective.setup(tiny_dataset, 0, schedule)
+    t = torch.tensor([3, 40, 90])
+    zero_v = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731
+    batch = _batch(tiny_dataset, 0, schedule, zero_v, zero_v, t)
+    s = schedule.sqrt_one_minus_abar[t].view(-1, 1, 1, 1)
+    loss_v = objective.forget_loss(batch)
+    # the same loss with an epsilon-model returning s * x_t (what v = 0 means as a noise prediction)
+    eps_schedule = NoiseSchedule(DDPMScheduler(num_train_timesteps=100))
+    batch_eps = _batch(tiny_dataset, 0, eps_schedule, lambda x, tt: s * x, zero_v, t)
+    loss_eps = objective.forget_loss(batch_eps)
+    torch.testing.assert_close(loss_v, loss_eps, rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_neighbour_target_and_per_t_weight(tiny_dataset, tiny_scheduler):
+    group = 2
+    schedule = NoiseSchedule(tiny_scheduler)
+    objective = ReTrack(num_neighbors=1, target="teacher_neighbour")  # k = 1: the draw is fixed
+    objective.setup(tiny_dataset, group, schedule)
+    t = torch.tensor([1, 3, 10, 30, 60, 99])  # (1 - abar)/abar goes from ~1e-4 to > 1 (clamped)
+    teacher_calls = []
+
+    def teacher(x_t, tt):
+        teacher_calls.append(x_t.detach().clone())
+        return 0.1 * x_t  # a known teacher
+
+    model = _Leaf((len(t), 1, 8, 8), seed=7)
+    batch = _batch(tiny_dataset, group, schedule, model, teacher, t)
+    loss = objective.forget_loss(batch).detach()
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+    forget, neighbour_idx = _brute_force_neighbours(tiny_dataset, group, 1)
+    row = {int(i): r for r, i in enumerate(forget)}
+    chosen = tiny_dataset.images[neighbour_idx[[row[int(i)] for i in batch.forget_index], 0]].double()
+    abar = tiny_scheduler.alphas_cumprod.double()[t]
+    a, s = abar.sqrt().view(-1, 1, 1, 1), (1 - abar).sqrt().view(-1, 1, 1, 1)
+    eps = batch.forget_noise.double()
+    x_t = a * batch.forget_x0.double() + s * eps
+    x_t_n = a * chosen + s * eps  # the neighbour noised with the same (t, eps)
+    (seen,) = teacher_calls
+    torch.testing.assert_close(seen.double(), x_t_n, rtol=1e-5, atol=1e-5)
+    target = 0.1 * x_t_n + (x_t - x_t_n) / s
+    per_t = torch.clamp((1 - abar) / abar, max=1.0)
+    assert per_t[0] < 1e-3 and per_t[-1] == 1.0
+    per_sample = (model.output.detach().double() - target).flatten(1).pow(2).mean(1)
+    torch.testing.assert_close(loss.double(), (per_t * per_sample).mean(), rtol=1e-4, atol=1e-6)
+    unweighted = per_sample.mean()
+    assert abs(float(unweighted) - float(loss)) > 1e-3 * float(loss)  # the weight made a difference
+
+
+def test_teacher_neighbour_draw_uses_batch_generator(tiny_dataset, tiny_scheduler):
+    schedule = NoiseSchedule(tiny_scheduler)
+    objective = get_objective("retrack", {"num_neighbors": 3, "target": "teacher_neighbour"})
+    objective.setup(tiny_dataset, 0, schedule)
+    t = torch.full((8,), 99)  # large t: the posterior over neighbours is spread
+    model = lambda x, tt: torch.zeros_like(x)  # noqa: E731
+    teacher = lambda x, tt: 0.5 * x  # noqa: E731
+    losses = [objective.forget_loss(_batch(tiny_dataset, 0, schedule, model, teacher, t, seed=3)) for _ in range(2)]
+    assert torch.isfinite(losses[0]) and losses[0] > 0
+    assert torch.equal(losses[0], losses[1])  # reproducible with the same generator
+
+
+# -- config --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"target": "teacher"}, {"num_neighbors": 0}, {"kl_cap": 0.0}, {"kl_cap": -1.0}, {"nope": 1}, {"preserve": "l1"}],
+)
+def test_retrack_config_errors(options):
+    with pytest.raises(ConfigError):
+        get_objective("retrack", options)
+
+
+def test_retrack_config_direct_and_unknown_option_message():
+    with pytest.raises(ConfigError):
+        ReTrackConfig(target="x")
+    with pytest.raises(ConfigError):
+        ReTrackConfig(num_neighbors=0)
+    with pytest.raises(ConfigError) as info:
+        get_objective("retrack", {"nope": 1})
+    assert "nope" in str(info.value) and "num_neighbors" in str(info.value)
+    with pytest.raises(ConfigError):
+        ReTrack(ReTrackConfig(), kl_cap=2.0)  # config object and options together
+    objective = get_objective("retrack", {"num_neighbors": 3, "kl_cap": 2.0})
+    assert isinstance(objective, ReTrack)
+    assert objective.describe() == {"name": "retrack", "config": {**ReTrackConfig(num_neighbors=3, kl_cap=2.0).to_dict()}}

@@ -1,0 +1,350 @@
+"""Tests of the ``guda`` command line: help, the train -> unlearn -> attribute loop, the demo, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import DDPMPipeline, UNet2DModel
+from PIL import Image
+
+from diffusers_guda.bundle import MANIFEST_NAME, AdapterBundle
+from diffusers_guda.cli import main
+
+from conftest import TINY_RECIPE
+
+REPO = Path(__file__).resolve().parent.parent
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    """Run ``guda`` in-process; return (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:  # argparse: --help, usage errors
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (or the file itself) with its bytes."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_one_line_error(code: int, out: str, err: str, command: str) -> str:
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"guda {command}: error: "), err
+    return lines[0]
+
+
+def write_group_folder(root: Path, groups: list[str], per_group: int = 8, seed: int = 0) -> Path:
+    """``root/<group>/<i>.png``: 8x8 grayscale bars, a different column pair per group."""
+    rng = np.random.default_rng(seed)
+    for g, name in enumerate(groups):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_group):
+            array = np.zeros((8, 8), dtype=np.int64)
+            array[:, 2 * g + 1 : 2 * g + 3] = 235
+            array += rng.integers(0, 20, (8, 8))
+            Image.fromarray(array.astype(np.uint8), mode="L").save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A recipe, a grouped image folder, query images, and the base + bundle made from them by the CLI."""
+    root = tmp_path_factory.mktemp("cli")
+    recipe = root / "tiny-recipe.json"
+    recipe.write_text(json.dumps(TINY_RECIPE))
+    data = write_group_folder(root / "data", ["left", "middle", "right"])
+    queries = root / "queries"
+    queries.mkdir()
+    for i, group in enumerate(["left", "right"]):
+        shutil.copy(data / group / "0.png", queries / f"q{i}_{group}.png")
+    base, bundle = root / "base", root / "bundle"
+    train = run("train", "--data", data, "--out", base, "--recipe", recipe, "--steps", 10, "--quiet")
+    unlearn = run("unlearn", "--base", base, "--data", data, "--out", bundle, "--recipe", recipe, "--steps", 2, "--quiet")
+    return dict(root=root, recipe=recipe, data=data, queries=queries, base=base, bundle=bundle, train=train, unlearn=unlearn)
+
+
+# -- help ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ([], ["train", "unlearn", "attribute", "demo"]),
+        (["train"], ["--data", "--out", "--recipe", "--steps", "--batch-size", "--lr", "--seed", "--mode", "--quiet", "--threads"]),
+        (["unlearn"], ["--base", "--data", "--out", "--recipe", "--objective", "--option", "--groups", "--steps", "--lr", "--rank", "--alpha"]),
+        (["attribute"], ["--base", "--bundle", "--images", "--out", "--plot", "--top-k", "--batch-size", "--stride", "--draws"]),
+        (["demo"], ["--out", "--recipe", "--queries"]),
+    ],
+)
+def test_help(command, options):
+    code, out, err = run(*command, "--help")
+    assert code == 0
+    assert out.startswith("usage: guda")
+    for option in options:
+        assert option in out, option
+
+
+def test_help_and_error_in_a_real_process(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    guda = shutil.which("guda", path=str(Path(sys.executable).parent))
+    command = [guda] if guda else [sys.executable, "-m", "diffusers_guda.cli"]
+    done = subprocess.run([*command, "--help"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: guda" in done.stdout and "unlearn" in done.stdout and "attribute" in done.stdout
+
+    done = subprocess.run(
+        [*command, "unlearn", "--base", "nowhere", "--out", "bundle", "--objective", "nope", "--quiet"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )
+    assert_one_line_error(done.returncode, done.stdout, done.stderr, "unlearn")
+    assert "nope" in done.stderr
+    assert not (tmp_path / "bundle").exists()
+
+
+# -- the loop -----------------------------------------------------------------------------------
+
+
+def test_train_writes_a_stock_pipeline(workspace):
+    code, out, err = workspace["train"]
+    assert code == 0, err
+    assert "saved the base pipeline" in out
+    base = workspace["base"]
+    pipe = DDPMPipeline.from_pretrained(base)
+    assert type(pipe.unet) is UNet2DModel
+    log = json.loads((base / "guda_train.json").read_text())
+    assert log["config"]["steps"] == 10  # --steps overrides the recipe
+    assert log["config"]["block_out_channels"] == [16, 32]
+    assert log["groups"] == ["left", "middle", "right"] and log["num_images"] == 24
+
+
+def test_unlearn_writes_a_bundle(workspace):
+    code, out, err = workspace["unlearn"]
+    assert code == 0, err
+    bundle_dir = workspace["bundle"]
+    assert (bundle_dir / MANIFEST_NAME).is_file() and (bundle_dir / "README.md").is_file()
+    bundle = AdapterBundle.from_pretrained(bundle_dir)
+    assert bundle.group_names == ["left", "middle", "right"]
+    assert all((bundle_dir / g.adapter_file).is_file() for g in bundle.groups)
+    assert bundle.training["steps"] == 2
+    assert bundle.lora["rank"] == 2
+    assert bundle.objective["name"] == "retrack" and bundle.objective["config"]["num_neighbors"] == 3
+    assert bundle.elbo["stride"] == 10  # the recipe's ELBO settings travel with the bundle
+    assert bundle.base_model["id"] == str(workspace["base"])
+    for name in bundle.group_names:
+        assert f"{name}: forget loss" in out
+    assert "saved the adapter bundle" in out
+    assert not [p.name for p in workspace["root"].iterdir() if "partial" in p.name], "checkpoint left behind"
+
+
+def test_attribute_writes_json_and_plot(workspace, tmp_path):
+    result_path, plot_path = tmp_path / "r.json", tmp_path / "p.png"
+    code, out, err = run(
+        "attribute", "--base", workspace["base"], "--bundle", workspace["bundle"], "--images", workspace["queries"],
+        "--out", result_path, "--plot", plot_path, "--quiet",
+    )
+    assert code == 0, err
+    data = json.loads(result_path.read_text())
+    assert data["groups"] == ["left", "middle", "right"]
+    assert np.array(data["scores"]).shape == (2, 3) and np.isfinite(data["scores"]).all()
+    assert np.array(data["stderr"]).shape == (2, 3) and np.isfinite(data["stderr"]).all()
+    assert len(data["top_group"]) == 2 and set(data["top_group"]) <= {"left", "middle", "right"}
+    assert [Path(f).name for f in data["metadata"]["files"]] == ["q0_left.png", "q1_right.png"]
+    assert data["metadata"]["elbo"]["stride"] == 10
+    assert plot_path.read_bytes()[:8] == PNG_MAGIC
+    assert "q0_left.png" in out and "q1_right.png" in out and f"wrote {result_path}" in out
+
+    # a single file and ELBO overrides
+    code, out, err = run(
+        "attribute", "--base", workspace["base"], "--bundle", workspace["bundle"],
+        "--images", workspace["queries"] / "q0_left.png", "--stride", 30, "--out", tmp_path / "one.json", "--quiet",
+    )
+    assert code == 0, err
+    one = json.loads((tmp_path / "one.json").read_text())
+    assert np.array(one["scores"]).shape == (1, 3)
+    assert one["metadata"]["elbo"]["stride"] == 30
+
+
+def test_demo_writes_a_report_and_reuses_finished_stages(tmp_path, tiny_recipe):
+    recipe = tiny_recipe
+    out_dir = tmp_path / "d"
+    code, out, err = run("demo", "--out", out_dir, "--recipe", recipe, "--queries", 4, "--quiet")
+    assert code == 0, err
+    for name in ("base", "bundle", "queries"):
+        assert (out_dir / name).is_dir(), name
+    for name in ("report.json", "queries.png", "attribution_bars.png", "label_heatmap.png", "unlearning.png"):
+        assert (out_dir / name).is_file(), name
+    for name in ("queries.png", "attribution_bars.png", "label_heatmap.png", "unlearning.png"):
+        assert (out_dir / name).read_bytes()[:8] == PNG_MAGIC, name
+    assert len(list((out_dir / "queries").glob("*.png"))) == 4
+    assert not (out_dir / ".bundle-partial").exists()
+    assert type(DDPMPipeline.from_pretrained(out_dir / "base").unet) is UNet2DModel
+
+    report = json.loads((out_dir / "report.json").read_text())
+    assert 0.0 <= report["metrics"]["label_top1"] <= 1.0
+    assert report["metrics"]["num_queries"] == 4
+    assert report["groups"] == [str(d) for d in range(10)]
+    assert len(report["queries"]) == 4
+    for query in report["queries"]:
+        assert len(query["scores"]) == 10 and len(query["stderr"]) == 10
+        assert query["top_group"] in report["groups"]
+        assert query["top_group"] == report["groups"][int(np.argmax(query["scores"]))]
+        assert 0 <= query["digit"] <= 9
+        assert (out_dir / query["file"]).is_file()
+    assert len(report["unlearning"]) == 10
+    for row in report["unlearning"]:
+        for key in ("forget_loss_before", "forget_loss_after", "retain_loss_before", "retain_loss_after"):
+            assert row[key] > 0, key
+        assert row["steps"] == 3
+    for stage in ("train_base", "unlearn", "generate", "attribute", "total"):
+        assert report["wall_s"][stage] >= 0, stage
+    assert report["seeds"] == {"train": 0, "unlearning": 0, "elbo": 0, "queries": 0}
+    assert "label_top1" in out
+
+    base_files, bundle_files = snapshot(out_dir / "base"), snapshot(out_dir / "bundle")
+    code, out2, err = run("demo", "--out", out_dir, "--recipe", recipe, "--queries", 4, "--quiet")
+    assert code == 0, err
+    assert out2.count("reusing") == 2, out2
+    assert "training the base model" not in out2 and "unlearning 10 groups" not in out2
+    assert snapshot(out_dir / "base") == base_files
+    assert snapshot(out_dir / "bundle") == bundle_files
+    again = json.loads((out_dir / "report.json").read_text())
+    assert [q["scores"] for q in again["queries"]] == [q["scores"] for q in report["queries"]]
+    assert again["metrics"]["label_top1"] == report["metrics"]["label_top1"]
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+
+def test_single_group_data_folder(workspace, tmp_path):
+    single = write_group_folder(tmp_path / "single", ["only"])
+    code, out, err = run("train", "--data", single, "--out", tmp_path / "base", "--recipe", workspace["recipe"], "--steps", 2, "--quiet")
+    line = assert_one_line_error(code, out, err, "train")
+    assert "at least 2" in line
+    assert not (tmp_path / "base").exists()
+
+    before = snapshot(workspace["bundle"])
+    code, out, err = run(
+        "unlearn", "--base", workspace["base"], "--data", single, "--out", workspace["bundle"], "--recipe", workspace["recipe"], "--quiet"
+    )
+    assert "at least 2" in assert_one_line_error(code, out, err, "unlearn")
+    assert snapshot(workspace["bundle"]) == before
+
+
+def test_unknown_objective(workspace):
+    before = snapshot(workspace["bundle"])
+    code, out, err = run(
+        "unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", workspace["bundle"],
+        "--recipe", workspace["recipe"], "--objective", "nope", "--quiet",
+    )
+    line = assert_one_line_error(code, out, err, "unlearn")
+    assert "'nope'" in line and "retrack" in line and "gradient_ascent" in line
+    assert snapshot(workspace["bundle"]) == before
+
+
+def test_unknown_objective_option(workspace):
+    before = snapshot(workspace["bundle"])
+    code, out, err = run(
+        "unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", workspace["bundle"],
+        "--recipe", workspace["recipe"], "--option", "num_neighbours_typo=3", "--quiet",
+    )
+    assert "num_neighbours_typo" in assert_one_line_error(code, out, err, "unlearn")
+    assert snapshot(workspace["bundle"]) == before
+
+
+def test_bundle_for_another_base(workspace, tmp_path):
+    other = tmp_path / "other-base"
+    code, _, err = run("train", "--data", workspace["data"], "--out", other, "--recipe", workspace["recipe"], "--steps", 2, "--seed", 1, "--quiet")
+    assert code == 0, err
+    result = tmp_path / "r.json"
+    result.write_text('{"previous": true}\n')
+    code, out, err = run(
+        "attribute", "--base", other, "--bundle", workspace["bundle"], "--images", workspace["queries"], "--out", result, "--quiet"
+    )
+    line = assert_one_line_error(code, out, err, "attribute")
+    assert "fingerprint" in line and "base model" in line
+    assert result.read_text() == '{"previous": true}\n'
+
+
+def test_corrupted_adapter_file(workspace, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(workspace["bundle"], broken)
+    adapter = broken / "adapters" / "middle" / "pytorch_lora_weights.safetensors"
+    data = adapter.read_bytes()
+    adapter.write_bytes(data[: len(data) // 2])
+    before = snapshot(broken)
+    result = tmp_path / "r.json"
+    code, out, err = run(
+        "attribute", "--base", workspace["base"], "--bundle", broken, "--images", workspace["queries"], "--out", result,
+        "--plot", tmp_path / "p.png", "--quiet",
+    )
+    line = assert_one_line_error(code, out, err, "attribute")
+    assert "corrupted" in line and "middle" in line
+    assert not result.exists() and not (tmp_path / "p.png").exists()
+    assert snapshot(broken) == before
+
+
+def test_missing_query_images(workspace, tmp_path):
+    code, out, err = run(
+        "attribute", "--base", workspace["base"], "--bundle", workspace["bundle"], "--images", tmp_path / "nothing", "--quiet"
+    )
+    assert "does not exist" in assert_one_line_error(code, out, err, "attribute")
+
+
+def test_unknown_recipe(tmp_path):
+    code, out, err = run("train", "--out", tmp_path / "base", "--recipe", "no-such-recipe", "--quiet")
+    line = assert_one_line_error(code, out, err, "train")
+    assert "no-such-recipe" in line and "digits-ddpm" in line
+    assert not (tmp_path / "base").exists()
+
+
+def test_unlearn_a_subset_of_groups(workspace, tmp_path):
+    out = tmp_path / "subset"
+    code, _, err = run(
+        "unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", out, "--recipe", workspace["recipe"],
+        "--steps", 1, "--groups", "right", "left", "--quiet",
+    )
+    assert code == 0, err
+    bundle = AdapterBundle.from_pretrained(out)
+    assert sorted(bundle.group_names) == ["left", "right"]
+    code, _, err = run("attribute", "--base", workspace["base"], "--bundle", out, "--images", workspace["queries"],
+                       "--out", tmp_path / "r.json", "--stride", 30, "--quiet")
+    assert code == 0, err
+    assert np.array(json.loads((tmp_path / "r.json").read_text())["scores"]).shape == (2, 2)
+
+
+def test_diverging_unlearning(workspace):
+    before = snapshot(workspace["bundle"])
+    code, out, err = run(
+        "unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", workspace["bundle"],
+        "--recipe", workspace["recipe"], "--lr", "1e6", "--quiet",
+    )
+    partial = workspace["root"] / ".bundle-partial"
+    try:
+        line = assert_one_line_error(code, out, err, "unlearn")
+        assert "'left'" in line and "--lr" in line
+        assert snapshot(workspace["bundle"]) == before
+        assert (partial / "run.json").is_file()  # kept, so that a rerun with the same settings resumes
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

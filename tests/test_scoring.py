@@ -1,0 +1,190 @@
+"""Tests of diffusers_guda.scoring: AttributionScorer checks and scores, AttributionResult helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from peft import LoraConfig
+
+from diffusers_guda import AttributionResult, AttributionScorer, ELBOConfig, ELBOEstimator
+from diffusers_guda.errors import ConfigError
+
+pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_result() -> AttributionResult:
+    scores = torch.tensor([[0.1, 0.5, -0.2], [2.0, -1.0, 1.5], [-0.3, -0.1, -0.2]])
+    return AttributionResult(
+        scores=scores,
+        stderr=torch.full_like(scores, 0.05),
+        groups=["a", "b", "c"],
+        neg_elbo=torch.tensor([10.0, 11.0, 12.0]),
+        image_hashes=[1, 2, 2**62 + 3],
+        metadata={"note": "test"},
+    )
+
+
+def add_adapter(unet, name: str, seed: int | None) -> None:
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["conv1", "conv2", "to_q"]), adapter_name=name)
+    if seed is not None:  # make it non-identity
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in unet.named_parameters():
+                if f"lora_B.{name}." in n:
+                    p.copy_(0.05 * torch.randn(p.shape, generator=generator))
+
+
+# -- AttributionResult --------------------------------------------------------------------------
+
+
+def test_top_orders_groups_by_score():
+    result = make_result()
+    assert len(result) == 3
+    assert result.top(1) == [[("b", 0.5)], [("a", 2.0)], [("b", pytest.approx(-0.1))]]
+    top2 = result.top(2)
+    assert [[name for name, _ in row] for row in top2] == [["b", "a"], ["a", "c"], ["b", "c"]]
+    full = result.top(3)
+    for row in full:
+        values = [v for _, v in row]
+        assert values == sorted(values, reverse=True)
+        assert {n for n, _ in row} == {"a", "b", "c"}
+    assert [len(row) for row in result.top(10)] == [3, 3, 3]  # k is capped at the number of groups
+    assert result.top_groups() == ["b", "a", "b"]
+
+
+def test_to_json_round_trip(tmp_path):
+    result = make_result()
+    path = tmp_path / "r.json"
+    text = result.to_json(path)
+    for data in (json.loads(text), json.loads(path.read_text())):
+        assert data["groups"] == ["a", "b", "c"]
+        assert torch.allclose(torch.tensor(data["scores"]), result.scores)
+        assert torch.allclose(torch.tensor(data["stderr"]), result.stderr)
+        assert data["top_group"] == ["b", "a", "b"]
+        assert data["neg_elbo"] == [10.0, 11.0, 12.0]
+        assert data["image_hashes"] == ["1", "2", str(2**62 + 3)]  # strings: exact beyond 2^53
+        assert data["metadata"] == {"note": "test"}
+    assert result.to_json() == text
+
+
+@pytest.mark.parametrize("with_images", [False, True])
+def test_plot_writes_a_png(tmp_path, with_images):
+    result = make_result()
+    images = torch.rand(3, 1, 8, 8) * 2 - 1 if with_images else None
+    path = tmp_path / "bars.png"
+    result.plot(path, images=images)
+    assert path.is_file() and path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_with_top_k_and_rgb_images(tmp_path):
+    result = make_result()
+    path = tmp_path / "bars.png"
+    result.plot(path, images=torch.rand(3, 3, 8, 8) * 2 - 1, max_queries=2, top_k=2)
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+# -- AttributionScorer --------------------------------------------------------------------------
+
+
+def test_scorer_refuses_adapters_that_are_not_loaded(tiny_unet, tiny_scheduler):
+    estimator = ELBOEstimator(tiny_scheduler, ELBOConfig(stride=10))
+    with pytest.raises(ConfigError, match="not loaded"):
+        AttributionScorer(tiny_unet, estimator, ["guda_a"], ["a"])
+    add_adapter(tiny_unet, "guda_a", seed=None)
+    with pytest.raises(ConfigError, match="guda_b"):
+        AttributionScorer(tiny_unet, estimator, ["guda_a", "guda_b"], ["a", "b"])
+    with pytest.raises(ConfigError, match="same length"):
+        AttributionScorer(tiny_unet, estimator, ["guda_a"], ["a", "b"])
+    AttributionScorer(tiny_unet, estimator, ["guda_a"], ["a"])  # fine
+
+
+def test_scores_of_identity_and_real_adapters(tiny_unet, tiny_scheduler):
+    add_adapter(tiny_unet, "identity", seed=None)
+    add_adapter(tiny_unet, "real", seed=1)
+    estimator = ELBOEstimator(tiny_scheduler, ELBOConfig(stride=10, num_draws=2))
+    scorer = AttributionScorer(tiny_unet, estimator, ["identity", "real"], ["zero", "changed"])
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    result = scorer.score(images, batch_size=2, progress=False, metadata={"extra": 1})
+    assert result.scores.shape == result.stderr.shape == (3, 2)
+    assert result.groups == ["zero", "changed"]
+    # an identity adapter is the full model: every paired difference is exactly 0
+    assert torch.equal(result.scores[:, 0], torch.zeros(3))
+    assert torch.equal(result.stderr[:, 0], torch.zeros(3))
+    assert (result.scores[:, 1] != 0).all()
+    assert torch.isfinite(result.stderr).all() and (result.stderr[:, 1] > 0).all()
+    assert torch.isfinite(result.neg_elbo).all() and (result.neg_elbo > 0).all()
+    assert result.image_hashes == estimator.image_hashes(images)
+    assert result.metadata["extra"] == 1 and result.metadata["num_rows"] == estimator.num_rows
+    assert not tiny_unet.training  # the model keeps its mode
+    # batch size changes speed only
+    again = scorer.score(images, batch_size=1, progress=False)
+    assert torch.equal(again.scores, result.scores) and torch.equal(again.stderr, result.stderr)
+
+
+def test_score_sign_follows_the_elbo_difference(tiny_unet, tiny_scheduler):
+    """score = ELBO(full) - ELBO(adapter) = negELBO(adapter) - negELBO(full)."""
+    add_adapter(tiny_unet, "real", seed=2)
+    estimator = ELBOEstimator(tiny_scheduler, ELBOConfig(stride=10))
+    scorer = AttributionScorer(tiny_unet, estimator, ["real"], ["g"])
+    images = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    result = scorer.score(images, progress=False)
+    with torch.no_grad():
+        neg_elbo = {}
+        for name in (None, "real"):
+            if name is None:
+                tiny_unet.disable_adapters()
+            else:
+                tiny_unet.enable_adapters()
+                tiny_unet.set_adapter(name)
+            neg_elbo[name] = torch.stack([estimator.scale * estimator.terms(tiny_unet, x, estimator.noise(x)).mean() for x in images])
+    tiny_unet.enable_adapters()
+    assert torch.allclose(result.neg_elbo, neg_elbo[None], rtol=1e-5)
+    assert torch.allclose(result.scores[:, 0], neg_elbo["real"] - neg_elbo[None], rtol=0, atol=1e-3)  # float32 cancellation
+
+
+def test_scorer_restores_the_adapter_state(tiny_unet, tiny_scheduler):
+    """Scoring switches adapters on and off; afterwards the UNet computes what it computed before."""
+    add_adapter(tiny_unet, "a", seed=1)
+    add_adapter(tiny_unet, "b", seed=2)
+    estimator = ELBOEstimator(tiny_scheduler, ELBOConfig(stride=25))
+    scorer = AttributionScorer(tiny_unet, estimator, ["a", "b"], ["a", "b"])
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([3, 60])
+    query = torch.zeros(1, 1, 8, 8)
+
+    def output():
+        with torch.no_grad():
+            return tiny_unet(x, t).sample
+
+    tiny_unet.disable_adapters()  # e.g. a pipeline that generates with the full model
+    full = output()
+    scorer.score(query, progress=False)
+    assert torch.equal(output(), full)
+
+    tiny_unet.enable_adapters()
+    tiny_unet.set_adapter("a")  # a user looking at one counterfactual
+    with_a = output()
+    assert not torch.equal(with_a, full)
+    scorer.score(query, progress=False)
+    assert tiny_unet.active_adapters() == ["a"]
+    assert torch.equal(output(), with_a)
+
+
+def test_single_row_estimator_has_nan_stderr(tiny_unet, tiny_scheduler):
+    add_adapter(tiny_unet, "real", seed=3)
+    estimator = ELBOEstimator(tiny_scheduler, ELBOConfig(stride=50, t_min=50, t_max=51))
+    assert estimator.num_rows == 1
+    result = AttributionScorer(tiny_unet, estimator, ["real"], ["g"]).score(torch.zeros(1, 1, 8, 8), progress=False)
+    assert math.isnan(result.stderr[0, 0]) and math.isfinite(result.scores[0, 0])
+
+
+def test_batch_size_must_be_positive(tiny_unet, tiny_scheduler):
+    add_adapter(tiny_unet, "a", seed=None)
+    scorer = AttributionScorer(tiny_unet, ELBOEstimator(tiny_scheduler), ["a"], ["a"])
+    with pytest.raises(ConfigError, match="batch_size"):
+        scorer.score(torch.zeros(1, 1, 8, 8), batch_size=0, progress=False)
