@@ -21,6 +21,7 @@ from .data import GroupedDataset, load_digits
 from .errors import BundleError
 from .hashing import unet_fingerprint
 from .io_utils import atomic_directory, write_json_atomic
+from .objectives import get_objective
 from .pipelines import GUDADDPMPipeline
 from .pipelines.attribution import to_model_images
 from .plotting import plot_attribution_bars, plot_label_heatmap, plot_query_grid, plot_unlearning_losses
@@ -40,8 +41,10 @@ def _reusable_bundle(path: Path, fingerprint: str, recipe: Recipe) -> AdapterBun
         bundle = AdapterBundle.from_pretrained(path, expected_fingerprint=fingerprint)
     except BundleError:
         return None
-    same = bundle.objective.get("name") == recipe.unlearning.objective and bundle.lora == recipe.unlearning.lora.to_dict()
-    same = same and all(bundle.training.get(k) == v for k, v in recipe.unlearning.to_dict().items() if k in bundle.training)
+    wanted = recipe.unlearning
+    objective = get_objective(wanted.objective, wanted.objective_options)
+    same = bundle.objective == {"name": wanted.objective, "config": objective.config.to_dict()} and bundle.lora == wanted.lora.to_dict()
+    same = same and all(bundle.training.get(k) == v for k, v in wanted.to_dict().items() if k in bundle.training)
     return bundle if same else None
 
 

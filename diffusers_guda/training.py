@@ -37,7 +37,7 @@ class TrainConfig:
     num_train_timesteps: int = field(default=1000, metadata={"help": "Diffusion steps T."})
     beta_schedule: str = field(default="linear", metadata={"help": "diffusers beta schedule."})
     prediction_type: str = field(default="epsilon", metadata={"help": "epsilon, v_prediction or sample."})
-    steps: int = field(default=1500, metadata={"help": "Optimiser steps."})
+    steps: int = field(default=4000, metadata={"help": "Optimiser steps."})
     batch_size: int = field(default=64, metadata={"help": "Images per step."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate."})
     warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps before cosine decay."})

@@ -44,8 +44,7 @@ def tiny_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=100, beta_schedule="linear")
 
 
-@pytest.fixture
-def tiny_dataset() -> GroupedDataset:
+def make_tiny_dataset() -> GroupedDataset:
     """Three groups of 8x8 grayscale images with distinct structure (bars in different places)."""
     generator = torch.Generator().manual_seed(0)
     images, ids = [], []
@@ -57,6 +56,11 @@ def tiny_dataset() -> GroupedDataset:
             images.append(image.clamp(-1, 1))
             ids.append(group)
     return GroupedDataset(torch.stack(images), torch.tensor(ids), ["left", "middle", "right"])
+
+
+@pytest.fixture
+def tiny_dataset() -> GroupedDataset:
+    return make_tiny_dataset()
 
 
 @pytest.fixture

@@ -16,7 +16,9 @@ TARGETS = ("neighbour", "teacher_neighbour")
 @dataclass
 class ReTrackConfig(ObjectiveConfig):
     num_neighbors: int = field(default=10, metadata={"help": "k nearest retain images per forget image."})
-    kl_cap: float = field(default=1.0, metadata={"help": "Each δ_j is scaled to norm <= sqrt(2 * kl_cap)."})
+    # The authors' code uses 1.0; on the digits that caps the target shift so hard that nothing is
+    # unlearned in 80 steps (forget loss +0.2%), while 10.0 gives +19..50% at +2..4% retain loss.
+    kl_cap: float = field(default=10.0, metadata={"help": "Each δ_j is scaled to norm <= sqrt(2 * kl_cap)."})
     target: str = field(default="neighbour", metadata={"help": "'neighbour' or 'teacher_neighbour'."})
 
     def __post_init__(self):
@@ -70,25 +72,21 @@ class ReTrack(UnlearningObjective):
 
     def __init__(self, config: ReTrackConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)
-        self._cache: dict[tuple[int, int], torch.Tensor] = {}
         self._neighbours: torch.Tensor | None = None
         self._images: torch.Tensor | None = None
 
     def setup(self, dataset, group: int, schedule: NoiseSchedule) -> None:
         from sklearn.neighbors import NearestNeighbors
 
-        key = (id(dataset), group)
-        if key not in self._cache:
-            forget = dataset.forget_indices(group)
-            retain = dataset.retain_indices(group)
-            k = min(self.config.num_neighbors, len(retain))
-            features = dataset.images.flatten(1).numpy()
-            index = NearestNeighbors(n_neighbors=k).fit(features[retain.numpy()])
-            _, nearest = index.kneighbors(features[forget.numpy()])
-            table = torch.full((len(dataset), k), -1, dtype=torch.long)
-            table[forget] = retain[torch.from_numpy(nearest)]
-            self._cache = {key: table}  # one group at a time: keep memory flat
-        self._neighbours = self._cache[key]
+        forget = dataset.forget_indices(group)
+        retain = dataset.retain_indices(group)
+        k = min(self.config.num_neighbors, len(retain))
+        features = dataset.images.flatten(1).numpy()
+        index = NearestNeighbors(n_neighbors=k).fit(features[retain.numpy()])
+        _, nearest = index.kneighbors(features[forget.numpy()])
+        # computed once per group, then looked up by dataset index at every step
+        self._neighbours = torch.full((len(dataset), k), -1, dtype=torch.long)
+        self._neighbours[forget] = retain[torch.from_numpy(nearest)]
         self._images = dataset.images
 
     def forget_loss(self, batch: UnlearningBatch) -> torch.Tensor:

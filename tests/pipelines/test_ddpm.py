@@ -13,7 +13,7 @@ from diffusers_guda import AdapterBundle, AttributionResult, ELBOConfig, GUDADDP
 from diffusers_guda.errors import BaseModelMismatchError, ConfigError, DataError
 from diffusers_guda.hashing import unet_fingerprint
 
-from conftest import tiny_unet_config
+from conftest import make_tiny_dataset, tiny_unet_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
@@ -39,16 +39,7 @@ def shared_bundle(tmp_path_factory):
     unet = UNet2DModel(**tiny_unet_config()).eval()
     path = tmp_path_factory.mktemp("shared") / "base"
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
-    generator = torch.Generator().manual_seed(0)  # the images of conftest's tiny_dataset
-    images, ids = [], []
-    for group in range(3):
-        for _ in range(12):
-            image = torch.full((1, 8, 8), -1.0)
-            image[0, :, 2 * group + 1 : 2 * group + 3] = 1.0
-            image += 0.1 * torch.randn(image.shape, generator=generator)
-            images.append(image.clamp(-1, 1))
-            ids.append(group)
-    dataset = diffusers_guda.GroupedDataset(torch.stack(images), torch.tensor(ids), ["left", "middle", "right"])
+    dataset = make_tiny_dataset()
     bundle = load(path).unlearn_groups(dataset, **UNLEARN)
     bundle.elbo = ELBOConfig(stride=5).to_dict()  # recorded ELBO settings are what attribute() uses by default
     return bundle
