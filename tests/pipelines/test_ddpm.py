@@ -263,3 +263,23 @@ def test_unlearn_groups_subset_and_objective(stock_pipeline_dir, tiny_dataset):
     assert result.groups == ["right", "left"] and result.scores.shape == (2, 2)
     with pytest.raises(ConfigError, match="retrack"):
         pipe.unlearn_groups(tiny_dataset, objective="nope", progress=False)
+
+
+def test_save_pretrained_writes_a_stock_base_even_with_adapters_loaded(unlearned, tmp_path):
+    pipe, bundle = unlearned
+    pipe.save_pretrained(tmp_path / "saved")
+    index = (tmp_path / "saved" / "model_index.json").read_text()
+    assert '"DDPMPipeline"' in index and '"UNet2DModel"' in index
+    stock = DDPMPipeline.from_pretrained(tmp_path / "saved")
+    assert type(stock.unet) is UNet2DModel
+    assert unet_fingerprint(stock.unet) == bundle.base_model["fingerprint"]
+    reloaded = load(tmp_path / "saved")
+    reloaded.load_guda_bundle(bundle)  # the fingerprint check passes: same base weights
+
+
+def test_from_pipe_shares_the_components(stock_pipeline_dir):
+    stock = DDPMPipeline.from_pretrained(stock_pipeline_dir)
+    pipe = GUDADDPMPipeline.from_pipe(stock)
+    assert type(pipe.unet) is GUDAUNet2DModel and pipe.scheduler is stock.scheduler
+    shared = [a.data_ptr() == b.data_ptr() for a, b in zip(pipe.unet.parameters(), stock.unet.parameters())]
+    assert shared and all(shared)
