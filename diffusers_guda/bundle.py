@@ -74,6 +74,12 @@ def slugify(name: str, taken: set[str] | None = None) -> str:
     return slug
 
 
+def unique_slugs(names: list[str]) -> list[str]:
+    """Slugs of ``names`` in order, made unique the way bundles do it."""
+    taken: set[str] = set()
+    return [slugify(name, taken) for name in names]
+
+
 def adapter_file_for(slug: str) -> str:
     """The bundle-relative path of a group's adapter file."""
     return f"{ADAPTERS_DIR}/{slug}/{ADAPTER_WEIGHT_NAME}"

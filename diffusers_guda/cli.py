@@ -134,6 +134,19 @@ def cmd_attribute(args) -> None:
         print(f"wrote {args.out}")
 
 
+def cmd_logo(args) -> None:
+    from dataclasses import replace
+
+    from .evaluation.logo import train_logo_models
+    from .recipes import Recipe
+
+    recipe = Recipe.load(args.recipe)
+    config = replace(recipe.train, **({"steps": args.steps} if args.steps else {}))
+    dataset = _dataset(args.data, args.mode)
+    paths = train_logo_models(dataset, config, args.out, groups=args.groups, seed=args.seed, progress=not args.quiet)
+    print(f"{len(paths)} leave-one-group-out models under {Path(args.out) / f'seed_{args.seed if args.seed is not None else config.seed}'}")
+
+
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
@@ -192,6 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draws", type=int, help="noise draws per timestep")
     p.add_argument("--elbo-seed", type=int, help="seed of the common random numbers")
     p.set_defaults(func=cmd_attribute)
+
+    p = common(sub.add_parser("logo", help="retrain the base recipe once without each group (ground truth; resumable)"))
+    p.add_argument("--data", default="digits", help="the base model's training set ('digits' or an image folder)")
+    p.add_argument("--mode", choices=["L", "RGB"], help="convert images to grayscale (L) or RGB")
+    p.add_argument("--out", required=True, help="root directory; models go to <out>/seed_<seed>/<group>/")
+    p.add_argument("--recipe", default="digits-ddpm", help="recipe name in adapters/ or a JSON path (the base model's recipe)")
+    p.add_argument("--seed", type=int, help="training seed (default: the recipe's; another seed gives the LOGO noise floor)")
+    p.add_argument("--groups", nargs="+", help="leave out only these groups (names)")
+    p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    p.set_defaults(func=cmd_logo)
 
     p = common(sub.add_parser("demo", help="train, unlearn, generate and attribute on the embedded digits"))
     p.add_argument("--out", default="guda-demo", help="output directory (default guda-demo)")

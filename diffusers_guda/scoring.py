@@ -11,7 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -120,6 +120,64 @@ def _switch(unet, adapter: str | None) -> None:
         unet.set_adapter(adapter)
 
 
+@torch.no_grad()
+def score_models(
+    estimator: ELBOEstimator,
+    reference: Callable[[], torch.nn.Module],
+    counterfactuals: Sequence[Callable[[], torch.nn.Module]],
+    groups: Sequence[str],
+    images: torch.Tensor,
+    batch_size: int = 16,
+    unet_kwargs: Sequence[dict] | None = None,
+    progress: bool = True,
+    metadata: dict | None = None,
+) -> AttributionResult:
+    """``score[n, k] = ELBO(x_n; reference) - ELBO(x_n; counterfactual_k)`` with shared draws.
+
+    Args:
+        estimator: The ELBO estimator (grid, common random numbers).
+        reference: Returns the full model, ready to run (e.g. after disabling adapters).
+        counterfactuals: One per group; each returns that group's counterfactual model (an adapter
+            switched on, or a separately trained leave-one-group-out model).
+        groups: Group names, in the order of ``counterfactuals``.
+        images: ``[N, C, H, W]`` clean samples in the model's input space.
+        batch_size: Images evaluated per model switch. It changes speed only: each image's rows are
+            always evaluated alone, so scores do not depend on it.
+        unet_kwargs: Optional per-image UNet inputs (e.g. text embeddings ``[1, L, D]``).
+        progress: Show a progress bar.
+        metadata: Extra fields recorded in the result.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+    if len(counterfactuals) != len(groups):
+        raise ConfigError("There must be one counterfactual model per group.")
+    est = estimator
+    n, k, r = images.shape[0], len(groups), est.num_rows
+    hashes = est.image_hashes(images)
+    scores, stderr = torch.zeros(n, k), torch.zeros(n, k)
+    neg_elbo = torch.zeros(n)
+    with tqdm(total=n * (k + 1), desc="attribute", disable=not progress, dynamic_ncols=True, unit="img·model") as bar:
+        for start in range(0, n, batch_size):
+            idx = range(start, min(n, start + batch_size))
+            noise = {i: est.noise(images[i], hashes[i]) for i in idx}
+            kwargs = {i: (unet_kwargs[i] if unet_kwargs is not None else None) for i in idx}
+            model = reference()
+            base = {i: est.terms(model, images[i], noise[i], unet_kwargs=kwargs[i]) for i in idx}
+            bar.update(len(idx))
+            for i in idx:
+                neg_elbo[i] = est.scale * base[i].mean()
+            for j, select in enumerate(counterfactuals):
+                model = select()
+                for i in idx:
+                    diff = est.terms(model, images[i], noise[i], unet_kwargs=kwargs[i]) - base[i]
+                    scores[i, j] = est.scale * diff.mean()
+                    stderr[i, j] = est.scale * diff.std() / math.sqrt(r) if r > 1 else float("nan")
+                bar.update(len(idx))
+    meta = {"elbo": est.config.to_dict(), "num_rows": r, "timesteps": [int(est.timesteps[0]), int(est.timesteps[-1]), len(est.timesteps)]}
+    meta.update(metadata or {})
+    return AttributionResult(scores, stderr, list(groups), neg_elbo, hashes, meta)
+
+
 class AttributionScorer:
     """Computes :class:`AttributionResult` for a UNet holding one adapter per group.
 
@@ -142,58 +200,25 @@ class AttributionScorer:
         self.adapter_names = list(adapter_names)
         self.groups = list(groups)
 
-    @torch.no_grad()
-    def score(
-        self,
-        images: torch.Tensor,
-        batch_size: int = 16,
-        unet_kwargs: Sequence[dict] | None = None,
-        progress: bool = True,
-        metadata: dict | None = None,
-    ) -> AttributionResult:
-        """Score ``images`` against every group.
+    def score(self, images: torch.Tensor, batch_size: int = 16, unet_kwargs: Sequence[dict] | None = None, progress: bool = True, metadata: dict | None = None) -> AttributionResult:
+        """Score ``images`` against every group by switching adapters on the one UNet; see :func:`score_models`."""
+        unet = self.unet
 
-        Args:
-            images: ``[N, C, H, W]`` clean samples in the model's input space (pixels in [-1, 1],
-                or latents).
-            batch_size: Images evaluated per adapter switch. It changes speed only: each image's
-                rows are always evaluated alone, so scores do not depend on it.
-            unet_kwargs: Optional per-image UNet inputs (e.g. text embeddings ``[1, L, D]``).
-            progress: Show a progress bar.
-            metadata: Extra fields recorded in the result.
-        """
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
-        est, unet = self.estimator, self.unet
-        n, k, r = images.shape[0], len(self.groups), est.num_rows
-        hashes = est.image_hashes(images)
-        scores, stderr = torch.zeros(n, k), torch.zeros(n, k)
-        neg_elbo = torch.zeros(n)
+        def select(adapter):
+            def run():
+                _switch(unet, adapter)
+                return unet
+
+            return run
+
         was_training = unet.training
         previous = _adapter_state(unet)
         unet.eval()
-        bar = tqdm(total=n * (k + 1), desc="attribute", disable=not progress, dynamic_ncols=True, unit="img·model")
         try:
-            for start in range(0, n, batch_size):
-                idx = range(start, min(n, start + batch_size))
-                noise = {i: est.noise(images[i], hashes[i]) for i in idx}
-                kwargs = {i: (unet_kwargs[i] if unet_kwargs is not None else None) for i in idx}
-                _switch(unet, None)
-                base = {i: est.terms(unet, images[i], noise[i], unet_kwargs=kwargs[i]) for i in idx}
-                bar.update(len(idx))
-                for i in idx:
-                    neg_elbo[i] = est.scale * base[i].mean()
-                for j, name in enumerate(self.adapter_names):
-                    _switch(unet, name)
-                    for i in idx:
-                        diff = est.terms(unet, images[i], noise[i], unet_kwargs=kwargs[i]) - base[i]
-                        scores[i, j] = est.scale * diff.mean()
-                        stderr[i, j] = est.scale * diff.std() / math.sqrt(r) if r > 1 else float("nan")
-                    bar.update(len(idx))
+            return score_models(
+                self.estimator, select(None), [select(a) for a in self.adapter_names], self.groups, images,
+                batch_size=batch_size, unet_kwargs=unet_kwargs, progress=progress, metadata=metadata,
+            )
         finally:
-            bar.close()
             _restore(unet, previous)  # leave the adapters as they were (e.g. disabled for generation)
             unet.train(was_training)
-        meta = {"elbo": est.config.to_dict(), "num_rows": r, "timesteps": [int(est.timesteps[0]), int(est.timesteps[-1]), len(est.timesteps)]}
-        meta.update(metadata or {})
-        return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, meta)

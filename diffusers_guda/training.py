@@ -113,6 +113,7 @@ def train_base_model(
     output_dir: str | Path | None = None,
     progress: bool = True,
     description: str = "train",
+    extra_log: dict | None = None,
 ) -> DDPMPipeline:
     """Train a ``UNet2DModel`` + ``DDPMScheduler`` on every image of ``dataset``.
 
@@ -123,6 +124,7 @@ def train_base_model(
             together with ``guda_train.json`` (recipe, seed, loss log, wall time).
         progress: Show a progress bar.
         description: Progress-bar label.
+        extra_log: Extra fields for ``guda_train.json`` (e.g. the group left out).
 
     Returns:
         The trained ``DDPMPipeline`` (UNet in eval mode).
@@ -167,6 +169,7 @@ def train_base_model(
             "wall_s": time.perf_counter() - start,
             "loss_every_50_steps": [sum(losses[i : i + 50]) / len(losses[i : i + 50]) for i in range(0, len(losses), 50)],
             "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+            **(extra_log or {}),
         }
         with atomic_directory(output_dir) as tmp:
             pipeline.save_pretrained(tmp)

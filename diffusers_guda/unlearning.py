@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .bundle import AdapterBundle, GroupRecord, slugify
+from .bundle import AdapterBundle, GroupRecord, unique_slugs
 from .data import GroupedDataset
 from .errors import ConfigError, UnlearningDivergedError
 from .hashing import derive_seed, unet_fingerprint
@@ -273,7 +272,7 @@ class GroupUnlearner:
             progress: Show progress bars.
         """
         group_ids = [dataset.group_index(g) for g in (groups if groups is not None else range(dataset.num_groups))]
-        slugs = _slugs(dataset.group_names)
+        slugs = unique_slugs(dataset.group_names)
         checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
         if checkpoint is not None:
             self._check_checkpoint(checkpoint, dataset)
@@ -344,18 +343,3 @@ class GroupUnlearner:
                 )
         else:
             write_json_atomic(marker, run)
-
-
-def _slugs(names: Sequence[str]) -> list[str]:
-    taken: set[str] = set()
-    out = []
-    for name in names:
-        slug = slugify(name, taken)
-        taken.add(slug)
-        out.append(slug)
-    return out
-
-
-def remove_checkpoint(checkpoint_dir: str | Path) -> None:
-    """Delete a finished run's checkpoint directory."""
-    shutil.rmtree(checkpoint_dir, ignore_errors=True)

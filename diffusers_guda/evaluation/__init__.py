@@ -1,0 +1,37 @@
+"""Evaluation: LOGO ground truth, baselines and the metrics of DESIGN §1.4."""
+
+from .logo import logo_attribution, logo_model_dir, train_logo_models
+from .metrics import (
+    METRIC_NAMES,
+    group_level_comparison,
+    kendall,
+    label_top1,
+    mrr,
+    ndcg_at_k,
+    per_query_metrics,
+    ranking,
+    rbo,
+    spearman,
+    summarize,
+    top1,
+    top3,
+)
+
+__all__ = [
+    "logo_attribution",
+    "logo_model_dir",
+    "train_logo_models",
+    "METRIC_NAMES",
+    "group_level_comparison",
+    "kendall",
+    "label_top1",
+    "mrr",
+    "ndcg_at_k",
+    "per_query_metrics",
+    "ranking",
+    "rbo",
+    "spearman",
+    "summarize",
+    "top1",
+    "top3",
+]

@@ -1,0 +1,256 @@
+"""Ranking metrics of DESIGN §1.4: agreement of predicted group scores with a reference (e.g. LOGO).
+
+Per query, ``s`` is the predicted score vector over K groups and ``g`` the reference score vector
+(higher = more important in both). The definitions follow the GUDA paper's evaluation code so numbers
+are comparable. Ties are broken deterministically: among equal scores the lower group index ranks
+first, for ``s`` and ``g`` alike (a stable argsort of ``-scores``).
+
+Inputs may be numpy arrays, sequences or torch tensors (any device; detached and copied to CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from typing import Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+from ..errors import ConfigError
+
+METRIC_NAMES = ("top1", "top3", "mrr", "ndcg@3", "rbo", "spearman", "kendall")
+_NDCG = re.compile(r"^ndcg@([1-9][0-9]*)$")
+
+
+def _array(x, what: str) -> np.ndarray:
+    if hasattr(x, "detach"):  # torch tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    try:
+        a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{what} must be numeric, got {type(x).__name__}: {e}") from None
+    if not np.all(np.isfinite(a)):
+        raise ConfigError(f"{what} contains non-finite values (NaN or inf); clean the scores first")
+    return a
+
+
+def _vector(x, what: str = "scores") -> np.ndarray:
+    a = _array(x, what)
+    if a.ndim != 1:
+        raise ConfigError(f"{what} must be a 1-D vector over K groups, got shape {a.shape}")
+    if a.shape[0] < 2:
+        raise ConfigError(f"{what} needs K >= 2 groups to rank, got K = {a.shape[0]}")
+    return a
+
+
+def _pair(s, g) -> tuple[np.ndarray, np.ndarray]:
+    s, g = _vector(s, "predicted scores s"), _vector(g, "reference scores g")
+    if s.shape != g.shape:
+        raise ConfigError(f"s and g must have the same number of groups, got {s.shape[0]} and {g.shape[0]}")
+    return s, g
+
+
+def ranking(scores) -> np.ndarray:
+    """Group indices ordered best first.
+
+    Args:
+        scores: ``[K]`` scores, higher = more important.
+
+    Returns:
+        ``[K]`` int array; ties go to the lower group index first (stable argsort of ``-scores``).
+    """
+    return np.argsort(-_vector(scores), kind="stable")
+
+
+def _overlap(rs: np.ndarray, rg: np.ndarray, d: int) -> int:
+    return len(set(rs[:d].tolist()) & set(rg[:d].tolist()))
+
+
+def top1(s, g) -> float:
+    """``1`` if ``argmax(s) == argmax(g)`` else ``0`` (ties to the lower index)."""
+    s, g = _pair(s, g)
+    return float(ranking(s)[0] == ranking(g)[0])
+
+
+def top3(s, g) -> float:
+    """Top-3 overlap ``|top-3(s) ∩ top-3(g)| / 3``; with K < 3, ``m = min(3, K)`` replaces 3."""
+    s, g = _pair(s, g)
+    m = min(3, s.shape[0])
+    return _overlap(ranking(s), ranking(g), m) / m
+
+
+def mrr(s, g) -> float:
+    """Reciprocal rank ``1 / r`` of the reference's top group ``argmax(g)`` in the order of ``s``
+    (``r = 1`` when it comes first)."""
+    s, g = _pair(s, g)
+    r = int(np.flatnonzero(ranking(s) == ranking(g)[0])[0]) + 1
+    return 1.0 / r
+
+
+def ndcg_at_k(s, g, k: int = 3) -> float:
+    """NDCG@k with rank-based relevance from the reference.
+
+    ``rel(j) = K - 1 - (position of j in the g order, 0-based)`` (best = K−1 … worst = 0);
+    ``DCG@k(order) = Σ_{r=1..k} (2^{rel(order_r)} − 1) / log2(r + 1)``;
+    ``NDCG@k = DCG@k(order of s) / DCG@k(order of g)``. ``k`` is clipped to K.
+
+    Args:
+        s: ``[K]`` predicted scores. g: ``[K]`` reference scores. k: cut-off depth (>= 1).
+
+    Returns:
+        A value in ``[0, 1]``; 1 when the top-k of ``s`` is the top-k of ``g`` in order.
+    """
+    s, g = _pair(s, g)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    K = s.shape[0]
+    kk = min(int(k), K)
+    rg = ranking(g)
+    rel = np.empty(K)
+    rel[rg] = np.arange(K - 1, -1, -1, dtype=np.float64)
+    disc = 1.0 / np.log2(np.arange(2, kk + 2))
+    dcg = float(np.sum((2.0 ** rel[ranking(s)[:kk]] - 1.0) * disc))
+    idcg = float(np.sum((2.0 ** rel[rg[:kk]] - 1.0) * disc))  # > 0 since K >= 2
+    return dcg / idcg
+
+
+def rbo(s, g, p: float = 0.9) -> float:
+    """Rank-biased overlap truncated at depth K, without extrapolation.
+
+    ``RBO = (1 − p) Σ_{d=1..K} p^{d−1} |top-d(s) ∩ top-d(g)| / d``; identical orders give ``1 − p^K``.
+    """
+    s, g = _pair(s, g)
+    if not 0.0 < p < 1.0:
+        raise ConfigError(f"p must lie in (0, 1), got {p!r}")
+    rs, rg = ranking(s), ranking(g)
+    K = s.shape[0]
+    return float((1 - p) * sum(p ** (d - 1) * _overlap(rs, rg, d) / d for d in range(1, K + 1)))
+
+
+def _corr(fn, s: np.ndarray, g: np.ndarray) -> float:
+    with warnings.catch_warnings():  # a constant vector warns and gives NaN; report 0.0 instead
+        warnings.simplefilter("ignore")
+        value = float(fn(s, g).statistic)
+    return 0.0 if math.isnan(value) else value
+
+
+def spearman(s, g) -> float:
+    """Spearman rank correlation (``scipy.stats.spearmanr``); NaN (a constant vector) becomes 0.0."""
+    s, g = _pair(s, g)
+    return _corr(stats.spearmanr, s, g)
+
+
+def kendall(s, g) -> float:
+    """Kendall's tau-b (``scipy.stats.kendalltau``); NaN (a constant vector) becomes 0.0."""
+    s, g = _pair(s, g)
+    return _corr(stats.kendalltau, s, g)
+
+
+def label_top1(s, label: int) -> float:
+    """``1`` if ``argmax(s) == label`` (ties to the lower index) else ``0``; ``label`` is a group index."""
+    s = _vector(s, "predicted scores s")
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 0 <= label < s.shape[0]:
+        raise ConfigError(f"label must be a group index in [0, {s.shape[0]}), got {label!r}")
+    return float(ranking(s)[0] == label)
+
+
+def _metric(name: str):
+    fns = {"top1": top1, "top3": top3, "mrr": mrr, "rbo": rbo, "spearman": spearman, "kendall": kendall}
+    if name in fns:
+        return fns[name]
+    m = _NDCG.match(name)
+    if m:
+        k = int(m.group(1))
+        return lambda s, g: ndcg_at_k(s, g, k)
+    raise ConfigError(f"unknown metric {name!r}; choose from {METRIC_NAMES} (or 'ndcg@<k>')")
+
+
+def _matrices(pred, ref) -> tuple[np.ndarray, np.ndarray]:
+    p, r = _array(pred, "pred"), _array(ref, "ref")
+    if p.ndim != 2 or r.ndim != 2:
+        raise ConfigError(f"pred and ref must be [N, K] matrices, got shapes {p.shape} and {r.shape}")
+    if p.shape != r.shape:
+        raise ConfigError(f"pred and ref shapes differ: {p.shape} vs {r.shape}")
+    if p.shape[0] == 0:
+        raise ConfigError("pred and ref hold no queries (N = 0)")
+    if p.shape[1] < 2:
+        raise ConfigError(f"ranking needs K >= 2 groups, got K = {p.shape[1]}")
+    return p, r
+
+
+def per_query_metrics(pred, ref, names: Sequence[str] = METRIC_NAMES) -> dict[str, np.ndarray]:
+    """Each metric for each query.
+
+    Args:
+        pred: ``[N, K]`` predicted scores. ref: ``[N, K]`` reference scores.
+        names: metric names from ``METRIC_NAMES``; any ``"ndcg@<k>"`` is accepted too.
+
+    Returns:
+        ``{name: [N] float64 array}``.
+    """
+    p, r = _matrices(pred, ref)
+    fns = {name: _metric(name) for name in names}
+    return {name: np.array([fn(p[i], r[i]) for i in range(p.shape[0])]) for name, fn in fns.items()}
+
+
+def _stats(v: np.ndarray) -> dict:
+    n = int(v.shape[0])
+    std = float(np.std(v, ddof=1)) if n > 1 else 0.0
+    return {"mean": float(np.mean(v)), "std": std, "median": float(np.median(v)), "n": n}
+
+
+def summarize(pred, ref, names: Sequence[str] = METRIC_NAMES, labels=None) -> dict[str, dict]:
+    """Mean, sample std (``ddof=1``; 0.0 when N = 1), median and N of each metric over queries.
+
+    Args:
+        pred: ``[N, K]`` predicted scores. ref: ``[N, K]`` reference scores.
+        names: metric names (see :func:`per_query_metrics`).
+        labels: optional ``[N]`` known group indices; adds ``"label_top1"`` (``pred`` vs labels).
+
+    Returns:
+        ``{name: {"mean": float, "std": float, "median": float, "n": int}}``.
+    """
+    per = per_query_metrics(pred, ref, names)
+    out = {name: _stats(v) for name, v in per.items()}
+    if labels is not None:
+        p = _array(pred, "pred")
+        lab = np.asarray(labels.detach().cpu().numpy() if hasattr(labels, "detach") else labels)
+        if lab.shape != (p.shape[0],) or not np.issubdtype(lab.dtype, np.integer):
+            raise ConfigError(f"labels must be {p.shape[0]} integer group indices, got {lab.dtype} {lab.shape}")
+        out["label_top1"] = _stats(np.array([label_top1(p[i], int(lab[i])) for i in range(p.shape[0])]))
+    return out
+
+
+def group_level_comparison(delta_a, delta_b, confidence: float = 0.95) -> Mapping[str, object]:
+    """Paired comparison of two groups' mean Δ over the same N queries.
+
+    With ``d_n = a_n − b_n``: ``mean_diff = mean(d)``, ``stderr = std(d, ddof=1) / sqrt(N)`` and the
+    interval ``mean_diff ± t_{(1+confidence)/2, N−1} · stderr`` (Student t, ``scipy.stats.t.ppf``).
+
+    Args:
+        delta_a: ``[N]`` Δ of group a per query. delta_b: ``[N]`` Δ of group b, same queries.
+        confidence: interval level in (0, 1).
+
+    Returns:
+        ``{"mean_a", "mean_b", "mean_diff", "stderr", "ci_low", "ci_high", "confidence", "n",
+        "winner"}``; ``winner`` is ``"a"`` if the interval lies entirely above 0, ``"b"`` if entirely
+        below 0, else ``"unresolved"``.
+    """
+    a, b = _array(delta_a, "delta_a"), _array(delta_b, "delta_b")
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ConfigError(f"delta_a and delta_b must be 1-D of equal length, got {a.shape} and {b.shape}")
+    n = a.shape[0]
+    if n < 2:
+        raise ConfigError(f"a paired interval needs N >= 2 queries, got N = {n}")
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError(f"confidence must lie in (0, 1), got {confidence!r}")
+    d = a - b
+    mean_diff = float(d.mean())
+    stderr = float(d.std(ddof=1) / math.sqrt(n))
+    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * stderr
+    lo, hi = mean_diff - half, mean_diff + half
+    winner = "a" if lo > 0 else "b" if hi < 0 else "unresolved"
+    return {"mean_a": float(a.mean()), "mean_b": float(b.mean()), "mean_diff": mean_diff, "stderr": stderr,
+            "ci_low": lo, "ci_high": hi, "confidence": float(confidence), "n": int(n), "winner": winner}

@@ -1,0 +1,70 @@
+"""Leave-one-group-out training and LOGO attributions on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMPipeline
+
+from diffusers_guda import ELBOConfig, TrainConfig
+from diffusers_guda.cli import main
+from diffusers_guda.errors import ConfigError
+from diffusers_guda.evaluation import logo
+from diffusers_guda.training import TRAIN_LOG_NAME
+
+TINY = TrainConfig(block_out_channels=(16, 32), norm_num_groups=8, num_train_timesteps=100, steps=4, batch_size=8, warmup_steps=1)
+
+
+def test_one_model_per_group_without_that_group(tiny_dataset, tmp_path):
+    paths = logo.train_logo_models(tiny_dataset, TINY, tmp_path, progress=False, log=lambda *_: None)
+    assert list(paths) == ["left", "middle", "right"]
+    for name, path in paths.items():
+        assert path == tmp_path / "seed_0" / name
+        record = json.loads((path / TRAIN_LOG_NAME).read_text())
+        assert record["excluded_group"] == name
+        assert record["num_images"] == 24 and name not in record["groups"]
+        assert type(DDPMPipeline.from_pretrained(path).unet).__name__ == "UNet2DModel"
+
+
+def test_rerun_skips_finished_groups_and_another_seed_is_separate(tiny_dataset, tmp_path, monkeypatch):
+    logo.train_logo_models(tiny_dataset, TINY, tmp_path, groups=["middle"], progress=False, log=lambda *_: None)
+    calls = []
+    real = logo.train_base_model
+    monkeypatch.setattr(logo, "train_base_model", lambda *a, **k: calls.append(k["description"]) or real(*a, **k))
+    messages = []
+    logo.train_logo_models(tiny_dataset, TINY, tmp_path, progress=False, log=messages.append)
+    assert calls == ["LOGO without left", "LOGO without right"]
+    assert any("reusing" in m and "middle" in m for m in messages)
+    logo.train_logo_models(tiny_dataset, TINY, tmp_path, groups=[0], seed=1, progress=False, log=lambda *_: None)
+    assert (tmp_path / "seed_1" / "left" / TRAIN_LOG_NAME).is_file()
+    assert not (tmp_path / "seed_1" / "middle").exists()
+
+
+def test_a_directory_from_other_settings_is_refused(tiny_dataset, tmp_path):
+    logo.train_logo_models(tiny_dataset, TINY, tmp_path, groups=[0], progress=False, log=lambda *_: None)
+    before = (tmp_path / "seed_0" / "left" / TRAIN_LOG_NAME).read_bytes()
+    other = TrainConfig(**{**TINY.to_dict(), "steps": 5})
+    with pytest.raises(ConfigError, match="other settings"):
+        logo.train_logo_models(tiny_dataset, other, tmp_path, groups=[0], progress=False)
+    assert (tmp_path / "seed_0" / "left" / TRAIN_LOG_NAME).read_bytes() == before
+
+
+def test_logo_attribution_uses_shared_draws(tiny_dataset, tmp_path):
+    paths = logo.train_logo_models(tiny_dataset, TINY, tmp_path, progress=False, log=lambda *_: None)
+    pipes = {name: DDPMPipeline.from_pretrained(path) for name, path in paths.items()}
+    full = pipes["middle"].unet  # a stand-in full model: its own LOGO score must be exactly 0
+    images = tiny_dataset.images[::6]
+    result = logo.logo_attribution(full, {n: p.unet for n, p in pipes.items()}, pipes["left"].scheduler, images, ELBOConfig(stride=10), progress=False)
+    assert result.scores.shape == (len(images), 3) and result.groups == ["left", "middle", "right"]
+    assert torch.equal(result.scores[:, 1], torch.zeros(len(images)))
+    assert torch.isfinite(result.scores).all() and (result.scores[:, 0] != 0).all()
+    again = logo.logo_attribution(full, {n: p.unet for n, p in pipes.items()}, pipes["left"].scheduler, images.flip(0), ELBOConfig(stride=10), batch_size=1, progress=False)
+    assert torch.equal(again.scores.flip(0), result.scores)
+
+
+def test_cli_logo(tmp_path, tiny_recipe):
+    code = main(["logo", "--recipe", str(tiny_recipe), "--out", str(tmp_path / "logo"), "--groups", "3", "7", "--steps", "2", "--quiet"])
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "logo" / "seed_0").iterdir()) == ["3", "7"]
