@@ -166,8 +166,10 @@ class GroupUnlearner:
         finally:
             unet.delete_adapters(adapter_name)
         passes_per_step = cfg.forget_batch_size + cfg.retain_batch_size
-        if objective.config.preserve == "distill":
+        if objective.config.preserve == "distill":  # teacher forwards count as passes too
             passes_per_step += cfg.retain_batch_size
+        if getattr(objective.config, "target", None) == "teacher_neighbour":
+            passes_per_step += cfg.forget_batch_size
         stats = {
             "seed": seed,
             "steps": cfg.steps,

@@ -1,0 +1,245 @@
+"""Baselines of DESIGN §1.3: similarity, nearest neighbour, gradient, instance unlearning."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_guda import GroupedDataset, GUDAUNet2DModel
+from diffusers_guda.errors import ConfigError, DataError
+from diffusers_guda.evaluation.baselines import (
+    GradientConfig,
+    InstanceUnlearningConfig,
+    default_timesteps,
+    gradient_scores,
+    instance_unlearning_scores,
+    nearest_neighbour_scores,
+    projected_gradients,
+    projection_blocks,
+    similarity_scores,
+)
+from diffusers_guda.hashing import derive_seed, image_content_hash
+from diffusers_guda.objectives.base import NoiseSchedule
+
+
+def _small_dataset(tiny_dataset: GroupedDataset, per_group: int = 3) -> GroupedDataset:
+    keep = torch.cat([torch.nonzero(tiny_dataset.group_ids == g).flatten()[:per_group] for g in range(3)])
+    return GroupedDataset(tiny_dataset.images[keep], tiny_dataset.group_ids[keep], tiny_dataset.group_names)
+
+
+def _state(unet):
+    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+def _same_state(unet, state) -> bool:
+    return all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
+
+
+# -- similarity ----------------------------------------------------------------------------------
+
+
+def test_similarity_copy_of_training_image_scores_its_group_highest(tiny_dataset):
+    queries = tiny_dataset.images[[0, 12, 24]]  # one image of each group
+    scores = similarity_scores(queries, tiny_dataset)
+    assert scores.shape == (3, 3) and scores.dtype == torch.float64
+    assert scores.argmax(1).tolist() == [0, 1, 2]
+
+
+def test_similarity_equals_hand_computation():
+    images = torch.tensor(
+        [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, -0.5, 0.0], [0.0, 1.0, 0.0, 0.0], [-1.0, 0.2, 0.3, 0.9], [0.1, 0.1, 0.9, -0.4]]
+    ).view(5, 1, 2, 2)
+    dataset = GroupedDataset(images, torch.tensor([0, 0, 1, 1, 1]), ["a", "b"])
+    queries = torch.tensor([[0.3, -0.2, 0.8, 0.1], [-0.6, 0.9, 0.0, 0.4]]).view(2, 1, 2, 2)
+    q = queries.view(2, -1).numpy().astype(np.float64)
+    x = images.view(5, -1).numpy().astype(np.float64)
+    cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (x / np.linalg.norm(x, axis=1, keepdims=True)).T
+    expected = np.stack([cos[:, :2].mean(1), cos[:, 2:].mean(1)], axis=1)
+    np.testing.assert_allclose(similarity_scores(queries, dataset).numpy(), expected, atol=1e-6)
+    np.testing.assert_allclose(
+        nearest_neighbour_scores(queries, dataset).numpy(), np.stack([cos[:, :2].max(1), cos[:, 2:].max(1)], axis=1), atol=1e-6
+    )
+
+
+def test_similarity_uses_feature_fn(tiny_dataset):
+    queries = tiny_dataset.images[[0, 30]]
+    constant = similarity_scores(queries, tiny_dataset, feature_fn=lambda x: torch.ones(len(x), 4))
+    assert torch.allclose(constant, torch.ones_like(constant))
+    calls = []
+
+    def column_means(x):
+        calls.append(len(x))
+        return x.mean(dim=(1, 2))  # [B, W]: column profile, where the bars are
+
+    scores = similarity_scores(queries, tiny_dataset, feature_fn=column_means, batch_size=10)
+    assert calls and max(calls) <= 10
+    assert scores.argmax(1).tolist() == [0, 2]
+    assert not torch.allclose(scores, similarity_scores(queries, tiny_dataset))
+
+
+def test_similarity_independent_of_batch_size(tiny_dataset):
+    queries = tiny_dataset.images[[1, 13, 25]] * 0.7
+    reference = similarity_scores(queries, tiny_dataset, batch_size=256)
+    for batch_size in (1, 5, 17):
+        assert torch.allclose(similarity_scores(queries, tiny_dataset, batch_size=batch_size), reference, atol=1e-12)
+    assert torch.allclose(
+        nearest_neighbour_scores(queries, tiny_dataset, batch_size=4), nearest_neighbour_scores(queries, tiny_dataset), atol=1e-12
+    )
+
+
+def test_similarity_shape_errors(tiny_dataset):
+    with pytest.raises(DataError, match="shape"):
+        similarity_scores(torch.zeros(2, 3, 8, 8), tiny_dataset)
+    with pytest.raises(DataError, match="shape"):
+        similarity_scores(torch.zeros(1, 8, 8), tiny_dataset)
+    with pytest.raises(ConfigError, match="2-D"):
+        similarity_scores(tiny_dataset.images[:1], tiny_dataset, feature_fn=lambda x: x)
+    with pytest.raises(ConfigError, match="one row per image"):
+        similarity_scores(tiny_dataset.images[:1], tiny_dataset, feature_fn=lambda x: torch.ones(3, 2))
+
+
+def test_nearest_neighbour_exact_copy_is_one(tiny_dataset):
+    scores = nearest_neighbour_scores(tiny_dataset.images[[5, 20]], tiny_dataset)
+    assert scores[0, 0].item() == pytest.approx(1.0, abs=1e-12)
+    assert scores[1, 1].item() == pytest.approx(1.0, abs=1e-12)
+    assert (scores[0, 1:] < 1 - 1e-6).all() and scores.argmax(1).tolist() == [0, 1]
+
+
+# -- gradient ------------------------------------------------------------------------------------
+
+
+FAST_GRAD = dict(projection_dim=32, timesteps=(10, 50, 90))
+
+
+def test_default_timesteps():
+    steps = default_timesteps(100)
+    assert len(steps) == 10 and steps[0] == 5 and steps[-1] == 99 and list(steps) == sorted(set(steps))
+
+
+def test_gradient_shape_determinism_and_model_untouched(tiny_unet, tiny_scheduler, tiny_dataset):
+    data = _small_dataset(tiny_dataset)
+    queries = tiny_dataset.images[[3, 27]]
+    for p in tiny_unet.parameters():
+        p.requires_grad_(False)
+    tiny_unet.conv_in.weight.requires_grad_(True)  # a mixed pattern to restore
+    state = _state(tiny_unet)
+    config = GradientConfig(**FAST_GRAD)
+    first = gradient_scores(tiny_unet, tiny_scheduler, queries, data, config)
+    assert first.shape == (2, 3) and first.dtype == torch.float64 and torch.isfinite(first).all()
+    assert torch.equal(first, gradient_scores(tiny_unet, tiny_scheduler, queries, data, config))
+    assert _same_state(tiny_unet, state)
+    flags = {n: p.requires_grad for n, p in tiny_unet.named_parameters()}
+    assert flags.pop("conv_in.weight") is True and not any(flags.values())
+    assert not tiny_unet.training and all(p.grad is None for p in tiny_unet.parameters())
+    # gradient batching does not change the projected gradients beyond float rounding
+    chunked = projected_gradients(tiny_unet, tiny_scheduler, data.images[:4], GradientConfig(**FAST_GRAD, gradient_batch_size=3))
+    whole = projected_gradients(tiny_unet, tiny_scheduler, data.images[:4], GradientConfig(**FAST_GRAD, gradient_batch_size=4))
+    assert torch.allclose(chunked, whole, rtol=1e-9, atol=1e-12)
+    with pytest.raises(DataError):
+        gradient_scores(tiny_unet, tiny_scheduler, torch.zeros(1, 3, 8, 8), data, config)
+    with pytest.raises(ConfigError, match="param_filter"):
+        gradient_scores(tiny_unet, tiny_scheduler, queries, data, GradientConfig(**FAST_GRAD, param_filter="no-such"))
+
+
+def _full_gradient(unet, scheduler, image, config, names):
+    """Flattened exact gradient of the denoising loss, computed independently of the module."""
+    schedule = NoiseSchedule(scheduler)
+    params = dict(unet.named_parameters())
+    t = torch.tensor(config.timesteps).repeat_interleave(config.num_draws)
+    generator = torch.Generator()
+    noise = []
+    for i, step in enumerate(t.tolist()):
+        generator.manual_seed(derive_seed("guda-gradient", config.seed, image_content_hash(image), step, i % config.num_draws))
+        noise.append(torch.randn(image.shape, generator=generator))
+    noise = torch.stack(noise)
+    x0 = image.unsqueeze(0).expand_as(noise)
+    for p in unet.parameters():
+        p.requires_grad_(True)
+    loss = torch.nn.functional.mse_loss(unet(schedule.add_noise(x0, noise, t), t).sample, noise)
+    grads = torch.autograd.grad(loss, [params[n] for n in names])
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    return torch.cat([g.reshape(-1) for g in grads]).double()
+
+
+def test_gradient_chunked_projection_equals_dense(tiny_unet, tiny_scheduler, tiny_dataset):
+    config = GradientConfig(projection_dim=8, timesteps=(20, 70), param_filter="up_blocks.0.resnets.0", seed=3)
+    names = [n for n, _ in tiny_unet.named_parameters() if "up_blocks.0.resnets.0" in n]
+    numels = {n: p.numel() for n, p in tiny_unet.named_parameters()}
+    assert max(numels[n] for n in names) > 8192  # at least one parameter spans several seeded blocks
+    dense = torch.cat([torch.cat([b for _, b in projection_blocks(n, numels[n], 8, 3)]) for n in names]).double()
+    assert dense.shape == (sum(numels[n] for n in names), 8)
+    images = tiny_dataset.images[[0, 20]]
+    projected = projected_gradients(tiny_unet, tiny_scheduler, images, config)
+    exact = torch.stack([_full_gradient(tiny_unet, tiny_scheduler, x, config, names) for x in images])
+    torch.testing.assert_close(projected, exact @ dense, atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_large_projection_approximates_exact_inner_products(tiny_unet, tiny_scheduler, tiny_dataset):
+    config = GradientConfig(projection_dim=2048, timesteps=(30, 60), param_filter="up_blocks.1.resnets.0.conv2")
+    names = [n for n, _ in tiny_unet.named_parameters() if config.param_filter in n]
+    images = tiny_dataset.images[[0, 1, 13, 14, 25, 26]]
+    projected = projected_gradients(tiny_unet, tiny_scheduler, images, config)
+    exact = torch.stack([_full_gradient(tiny_unet, tiny_scheduler, x, config, names) for x in images])
+    iu = torch.triu_indices(6, 6)
+    approx, truth = (projected @ projected.T)[iu[0], iu[1]], (exact @ exact.T)[iu[0], iu[1]]
+    correlation = np.corrcoef(approx.numpy(), truth.numpy())[0, 1]
+    assert correlation > 0.9
+
+
+def test_gradient_depends_on_seed(tiny_unet, tiny_scheduler, tiny_dataset):
+    data = _small_dataset(tiny_dataset, 2)
+    queries = tiny_dataset.images[:1]
+    a = gradient_scores(tiny_unet, tiny_scheduler, queries, data, GradientConfig(**FAST_GRAD, seed=0))
+    b = gradient_scores(tiny_unet, tiny_scheduler, queries, data, GradientConfig(**FAST_GRAD, seed=1))
+    assert not torch.equal(a, b)
+
+
+# -- instance unlearning -------------------------------------------------------------------------
+
+
+def test_instance_unlearning_shape_determinism_and_model_untouched(tiny_unet, tiny_scheduler, tiny_dataset):
+    data = _small_dataset(tiny_dataset, 2)
+    queries = tiny_dataset.images[[0, 30]]
+    flags = {n: p.requires_grad for n, p in tiny_unet.named_parameters()}
+    state = _state(tiny_unet)
+    config = InstanceUnlearningConfig(steps=2, learning_rate=1e-2, timesteps=(20, 60))
+    first = instance_unlearning_scores(tiny_unet, tiny_scheduler, queries, data, config)
+    assert first.shape == (2, 3) and first.dtype == torch.float64 and torch.isfinite(first).all()
+    assert (first != 0).any()
+    assert torch.equal(first, instance_unlearning_scores(tiny_unet, tiny_scheduler, queries, data, config))
+    assert _same_state(tiny_unet, state)
+    assert flags == {n: p.requires_grad for n, p in tiny_unet.named_parameters()}
+    # ascent on the query raises the query's own loss: a training copy of it increases most in its group
+    self_data = GroupedDataset(torch.cat([queries[:1], data.images[2:]]), torch.cat([torch.tensor([0]), data.group_ids[2:]]), data.group_names)
+    mean = instance_unlearning_scores(tiny_unet, tiny_scheduler, queries[:1], self_data, InstanceUnlearningConfig(steps=2, learning_rate=1e-2, timesteps=(20, 60), aggregate="mean"))
+    assert mean[0, 0] > 0
+    with pytest.raises(DataError):
+        instance_unlearning_scores(tiny_unet, tiny_scheduler, torch.zeros(1, 1, 4, 4), data, config)
+
+
+def test_instance_unlearning_adam_runs(tiny_unet, tiny_scheduler, tiny_dataset):
+    data = _small_dataset(tiny_dataset, 1)
+    scores = instance_unlearning_scores(
+        tiny_unet, tiny_scheduler, tiny_dataset.images[:1], data, InstanceUnlearningConfig(steps=1, optimizer="adam", timesteps=(50,), param_filter="up_blocks")
+    )
+    assert scores.shape == (1, 3) and torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(steps=0), dict(learning_rate=0.0), dict(optimizer="lbfgs"), dict(aggregate="max")],
+)
+def test_instance_unlearning_config_errors(kwargs):
+    with pytest.raises(ConfigError):
+        InstanceUnlearningConfig(**kwargs)
+
+
+def test_gradient_config_errors(tiny_unet, tiny_scheduler, tiny_dataset):
+    with pytest.raises(ConfigError):
+        GradientConfig(projection_dim=0)
+    with pytest.raises(ConfigError):
+        GradientConfig(aggregate="max")
+    with pytest.raises(ConfigError, match="timesteps"):
+        gradient_scores(tiny_unet, tiny_scheduler, tiny_dataset.images[:1], tiny_dataset, GradientConfig(timesteps=(100,)))
