@@ -42,12 +42,15 @@ class TrainConfig:
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate."})
     warmup_steps: int = field(default=100, metadata={"help": "Linear warm-up steps before cosine decay."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    ema_decay: float = field(default=0.0, metadata={"help": "Keep an exponential moving average of the weights with this decay and save it (0 = off)."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, batches and noise."})
 
     def __post_init__(self):
         self.block_out_channels = tuple(self.block_out_channels)
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("steps and batch_size must be >= 1.")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}.")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ConfigError(f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels entry; {bad} do not.")
@@ -139,6 +142,8 @@ def train_base_model(
         optimizer, lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps)
     )
     images = dataset.images
+    params = list(unet.parameters())
+    ema = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
     losses = []
     start = time.perf_counter()
     unet.train()
@@ -155,9 +160,17 @@ def train_base_model(
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        if ema is not None:
+            decay = min(config.ema_decay, (1 + step) / (10 + step))  # short warm-up of the average
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)
         losses.append(loss.item())
         if step % 50 == 0 or step == config.steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+    if ema is not None:
+        with torch.no_grad():
+            for p, e in zip(params, ema):
+                p.copy_(e)
     unet.eval()
     pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
     if output_dir is not None:

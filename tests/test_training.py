@@ -99,3 +99,32 @@ def test_image_size_must_be_divisible_by_the_levels():
     with pytest.raises(ConfigError, match="divisible"):
         train_base_model(dataset, config, progress=False)
     assert config.build_unet((1, 8, 8)).config.sample_size == 8
+
+
+def test_ema_weights_are_the_running_average(tiny_dataset, monkeypatch):
+    """With ema_decay the saved weights are the average of the iterates, not the last iterate."""
+    iterates = []
+    real_step = torch.optim.AdamW.step
+
+    def recording_step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        iterates.append([p.detach().clone() for p in self.param_groups[0]["params"]])
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recording_step)
+    decay = 0.5
+    trained = train_base_model(tiny_dataset, tiny_config(steps=6, ema_decay=decay), progress=False).unet
+    torch.manual_seed(0)  # the average starts from the initial weights: rebuild them
+    initial = tiny_config().build_unet(tiny_dataset.image_shape)
+    average = [p.detach().clone() for p in initial.parameters()]
+    for step, weights in enumerate(iterates):
+        d = min(decay, (1 + step) / (10 + step))
+        average = [a + (1 - d) * (w - a) for a, w in zip(average, weights)]
+    assert all(torch.allclose(a, p, atol=1e-6) for a, p in zip(average, trained.parameters()))
+    assert not all(torch.equal(w, p) for w, p in zip(iterates[-1], trained.parameters()))
+    assert len(iterates) == 6
+
+
+def test_ema_decay_must_be_below_one():
+    with pytest.raises(ConfigError, match="ema_decay"):
+        tiny_config(ema_decay=1.0)

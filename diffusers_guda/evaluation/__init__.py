@@ -1,5 +1,13 @@
 """Evaluation: LOGO ground truth, baselines and the metrics of DESIGN §1.4."""
 
+from .baselines import (
+    GradientConfig,
+    InstanceUnlearningConfig,
+    gradient_scores,
+    instance_unlearning_scores,
+    nearest_neighbour_scores,
+    similarity_scores,
+)
 from .logo import logo_attribution, logo_model_dir, train_logo_models
 from .metrics import (
     METRIC_NAMES,
@@ -18,6 +26,12 @@ from .metrics import (
 )
 
 __all__ = [
+    "GradientConfig",
+    "InstanceUnlearningConfig",
+    "gradient_scores",
+    "instance_unlearning_scores",
+    "nearest_neighbour_scores",
+    "similarity_scores",
     "logo_attribution",
     "logo_model_dir",
     "train_logo_models",

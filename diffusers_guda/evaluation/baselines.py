@@ -180,15 +180,25 @@ def _denoising_noise(image: torch.Tensor, timesteps: torch.Tensor, num_draws: in
     return row_t, noise
 
 
-def _denoising_loss(unet, schedule: NoiseSchedule, image: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Mean squared error of the model's regression target over one image's (t, draw) rows."""
+def _denoising_loss(unet, schedule: NoiseSchedule, image: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], with_input: bool = False):
+    """Mean squared error of the model's regression target over one image's (t, draw) rows.
+
+    With ``with_input`` the noisy input is made to require gradients and ``(loss, x_t)`` is returned.
+    Differentiating w.r.t. ``x_t`` as well is a workaround: on torch 2.13 CPU, ``autograd.grad`` w.r.t.
+    a subset of a UNet's parameters (e.g. ``param_filter="up_blocks"``) was seen to segfault, and
+    asking for the input's gradient too (so every node computes all its input gradients) avoids it.
+    """
     param = next(unet.parameters())
     t, noise = rows
     x0 = image.to(torch.float32).unsqueeze(0).expand_as(noise)
     x_t = schedule.add_noise(x0, noise, t)
     target = schedule.target(x0, noise, t)
-    output = unet(x_t.to(param.device, param.dtype), t.to(param.device)).sample
-    return torch.nn.functional.mse_loss(output.float(), target.to(output.device))
+    x_in = x_t.to(param.device, param.dtype)
+    if with_input:
+        x_in.requires_grad_(True)
+    output = unet(x_in, t.to(param.device)).sample
+    loss = torch.nn.functional.mse_loss(output.float(), target.to(output.device))
+    return (loss, x_in) if with_input else loss
 
 
 def _select_parameters(unet: torch.nn.Module, param_filter: str | None) -> list[tuple[str, torch.nn.Parameter]]:
@@ -248,6 +258,8 @@ class GradientConfig:
         gradient_batch_size: Examples whose full gradients are held at once before they are
             projected together (memory: this × #parameters floats). Does not change the result
             beyond float rounding.
+        normalize: Score with the cosine of the projected gradients instead of their inner product
+            (removes the dominance of images with large gradient norms). Default off (DESIGN §1.3).
     """
 
     projection_dim: int = field(default=512, metadata={"help": "Dimension of the random projection."})
@@ -257,6 +269,7 @@ class GradientConfig:
     param_filter: str | None = field(default=None, metadata={"help": "Substring of parameter names to include."})
     aggregate: str = field(default="sum", metadata={"help": "'sum' or 'mean' over a group's images."})
     gradient_batch_size: int = field(default=32, metadata={"help": "Examples projected together (memory)."})
+    normalize: bool = field(default=False, metadata={"help": "Cosine of projected gradients instead of the inner product."})
 
     def __post_init__(self):
         if self.projection_dim < 1 or self.num_draws < 1 or self.gradient_batch_size < 1:
@@ -321,8 +334,8 @@ def projected_gradients(unet, scheduler, images: torch.Tensor, config: GradientC
         pending: list[list[torch.Tensor]] = []
         for i in _progress(range(len(images)), progress, "gradients"):
             rows = _denoising_noise(images[i], timesteps, config.num_draws, config.seed, "guda-gradient")
-            loss = _denoising_loss(unet, schedule, images[i], rows)
-            pending.append([g.detach() for g in torch.autograd.grad(loss, params)])
+            loss, x_in = _denoising_loss(unet, schedule, images[i], rows, with_input=True)
+            pending.append([g.detach() for g in torch.autograd.grad(loss, params + [x_in])[:-1]])
             if len(pending) == config.gradient_batch_size or i == len(images) - 1:
                 out.append(_project(pending, names, config.projection_dim, config.seed))
                 pending = []
@@ -355,6 +368,9 @@ def gradient_scores(unet, scheduler, queries: torch.Tensor, dataset: GroupedData
     _check_queries(queries, dataset)
     query_grads = projected_gradients(unet, scheduler, queries, config, progress)
     train_grads = projected_gradients(unet, scheduler, dataset.images, config, progress)
+    if config.normalize:
+        query_grads = torch.nn.functional.normalize(query_grads, dim=1, eps=1e-30)
+        train_grads = torch.nn.functional.normalize(train_grads, dim=1, eps=1e-30)
     return _group_reduce(query_grads @ train_grads.T, dataset.group_ids, _num_groups(dataset), config.aggregate)
 
 
@@ -460,8 +476,10 @@ def instance_unlearning_scores(
         rows = _denoising_noise(queries[n], timesteps, config.num_draws, config.seed, salt)
         for _ in range(config.steps):
             optimizer.zero_grad(set_to_none=True)
-            loss = _denoising_loss(model, schedule, queries[n], rows)
-            (-loss).backward()  # ascent
+            loss, x_in = _denoising_loss(model, schedule, queries[n], rows, with_input=True)
+            grads = torch.autograd.grad(-loss, params + [x_in])[:-1]  # ascent
+            for p, g in zip(params, grads):
+                p.grad = g
             optimizer.step()
         after = _losses(model, schedule, dataset.images, train_rows)
         if not torch.isfinite(after).all():

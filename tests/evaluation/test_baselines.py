@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_unet_config
 
 from diffusers_guda import GroupedDataset, GUDAUNet2DModel
 from diffusers_guda.errors import ConfigError, DataError
@@ -123,6 +124,7 @@ def test_gradient_shape_determinism_and_model_untouched(tiny_unet, tiny_schedule
     for p in tiny_unet.parameters():
         p.requires_grad_(False)
     tiny_unet.conv_in.weight.requires_grad_(True)  # a mixed pattern to restore
+    tiny_unet.train()  # the baseline runs in eval mode and restores train mode
     state = _state(tiny_unet)
     config = GradientConfig(**FAST_GRAD)
     first = gradient_scores(tiny_unet, tiny_scheduler, queries, data, config)
@@ -131,7 +133,9 @@ def test_gradient_shape_determinism_and_model_untouched(tiny_unet, tiny_schedule
     assert _same_state(tiny_unet, state)
     flags = {n: p.requires_grad for n, p in tiny_unet.named_parameters()}
     assert flags.pop("conv_in.weight") is True and not any(flags.values())
-    assert not tiny_unet.training and all(p.grad is None for p in tiny_unet.parameters())
+    assert tiny_unet.training and all(p.grad is None for p in tiny_unet.parameters())
+    tiny_unet.eval()
+    assert torch.equal(first, gradient_scores(tiny_unet, tiny_scheduler, queries, data, config))
     # gradient batching does not change the projected gradients beyond float rounding
     chunked = projected_gradients(tiny_unet, tiny_scheduler, data.images[:4], GradientConfig(**FAST_GRAD, gradient_batch_size=3))
     whole = projected_gradients(tiny_unet, tiny_scheduler, data.images[:4], GradientConfig(**FAST_GRAD, gradient_batch_size=4))
@@ -156,8 +160,9 @@ def _full_gradient(unet, scheduler, image, config, names):
     x0 = image.unsqueeze(0).expand_as(noise)
     for p in unet.parameters():
         p.requires_grad_(True)
-    loss = torch.nn.functional.mse_loss(unet(schedule.add_noise(x0, noise, t), t).sample, noise)
-    grads = torch.autograd.grad(loss, [params[n] for n in names])
+    x_t = schedule.add_noise(x0, noise, t).requires_grad_(True)  # see _denoising_loss: avoids a torch segfault
+    loss = torch.nn.functional.mse_loss(unet(x_t, t).sample, noise)
+    grads = torch.autograd.grad(loss, [params[n] for n in names] + [x_t])[:-1]
     for p in unet.parameters():
         p.requires_grad_(False)
     return torch.cat([g.reshape(-1) for g in grads]).double()
@@ -168,7 +173,15 @@ def test_gradient_chunked_projection_equals_dense(tiny_unet, tiny_scheduler, tin
     names = [n for n, _ in tiny_unet.named_parameters() if "up_blocks.0.resnets.0" in n]
     numels = {n: p.numel() for n, p in tiny_unet.named_parameters()}
     assert max(numels[n] for n in names) > 8192  # at least one parameter spans several seeded blocks
-    dense = torch.cat([torch.cat([b for _, b in projection_blocks(n, numels[n], 8, 3)]) for n in names]).double()
+    # the dense projection, built here from its definition: per parameter, seeded blocks of 8192 rows
+    generator, blocks = torch.Generator(), []
+    for n in names:
+        for b, start in enumerate(range(0, numels[n], 8192)):
+            generator.manual_seed(derive_seed("guda-projection", 3, n, b))
+            blocks.append(torch.randn((min(8192, numels[n] - start), 8), generator=generator) / 8**0.5)
+    dense = torch.cat(blocks).double()
+    blockwise = torch.cat([torch.cat([b for _, b in projection_blocks(n, numels[n], 8, 3)]) for n in names]).double()
+    torch.testing.assert_close(dense, blockwise, rtol=1e-6, atol=1e-7)
     assert dense.shape == (sum(numels[n] for n in names), 8)
     images = tiny_dataset.images[[0, 20]]
     projected = projected_gradients(tiny_unet, tiny_scheduler, images, config)
@@ -211,6 +224,10 @@ def test_instance_unlearning_shape_determinism_and_model_untouched(tiny_unet, ti
     assert torch.equal(first, instance_unlearning_scores(tiny_unet, tiny_scheduler, queries, data, config))
     assert _same_state(tiny_unet, state)
     assert flags == {n: p.requires_grad for n, p in tiny_unet.named_parameters()}
+    tiny_unet.train()
+    assert torch.equal(first, instance_unlearning_scores(tiny_unet, tiny_scheduler, queries, data, config))
+    assert tiny_unet.training and _same_state(tiny_unet, state)
+    tiny_unet.eval()
     # ascent on the query raises the query's own loss: a training copy of it increases most in its group
     self_data = GroupedDataset(torch.cat([queries[:1], data.images[2:]]), torch.cat([torch.tensor([0]), data.group_ids[2:]]), data.group_names)
     mean = instance_unlearning_scores(tiny_unet, tiny_scheduler, queries[:1], self_data, InstanceUnlearningConfig(steps=2, learning_rate=1e-2, timesteps=(20, 60), aggregate="mean"))
@@ -243,3 +260,25 @@ def test_gradient_config_errors(tiny_unet, tiny_scheduler, tiny_dataset):
         GradientConfig(aggregate="max")
     with pytest.raises(ConfigError, match="timesteps"):
         gradient_scores(tiny_unet, tiny_scheduler, tiny_dataset.images[:1], tiny_dataset, GradientConfig(timesteps=(100,)))
+
+
+def test_gradient_normalized_attributes_training_copies_to_their_group(tiny_scheduler, tiny_dataset):
+    """After brief training, a query equal to a training image mostly scores its own group highest."""
+    torch.manual_seed(0)
+    unet = GUDAUNet2DModel(**tiny_unet_config())
+    schedule = NoiseSchedule(tiny_scheduler)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=2e-3)
+    generator = torch.Generator().manual_seed(0)
+    x = tiny_dataset.images
+    for _ in range(60):
+        t = torch.randint(0, 100, (len(x),), generator=generator)
+        noise = torch.randn(x.shape, generator=generator)
+        loss = torch.nn.functional.mse_loss(unet(schedule.add_noise(x, noise, t), t).sample, noise)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    unet.eval()
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    queries = x[[0, 5, 12, 17, 24, 29]]
+    scores = gradient_scores(unet, tiny_scheduler, queries, tiny_dataset, GradientConfig(projection_dim=128, normalize=True, aggregate="mean"))
+    assert (scores.argmax(1) == labels).sum() >= 4  # chance: 2 of 6
