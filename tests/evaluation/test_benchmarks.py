@@ -1,0 +1,52 @@
+"""The named benchmarks: deterministic, and built the way their documentation says."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from diffusers_guda.errors import ConfigError
+from diffusers_guda.evaluation import benchmarks
+from diffusers_guda.data import load_digits
+
+
+def test_digits_classes_is_the_digits():
+    data = benchmarks.load_benchmark("digits-classes")
+    assert data.group_names == [str(d) for d in range(10)] and len(data) == 1797
+
+
+def test_contributors_is_deterministic_and_complete():
+    a, b = benchmarks.digits_contributors(), benchmarks.digits_contributors()
+    assert torch.equal(a.images, b.images) and torch.equal(a.group_ids, b.group_ids)
+    assert a.group_names == ["zeros", "ones", "twos", "fours", "threes", "threes-copies", "sevens-large", "sevens-small",
+                             "fives", "sixes", "eights", "nines", "thick-strokes"]
+    digits = load_digits()
+    sizes = dict(zip(a.group_names, a.group_sizes()))
+    counts = torch.bincount(digits.group_ids).tolist()
+    assert sizes["threes"] == counts[3] and sizes["threes-copies"] == counts[3] // 2
+    assert sizes["sevens-small"] == benchmarks.SMALL_SEVENS and sizes["sevens-large"] == counts[7] - benchmarks.SMALL_SEVENS
+    assert sizes["thick-strokes"] == sum(counts[d] // 2 for d in (5, 6, 8, 9))
+    assert sizes["fives"] == counts[5] - counts[5] // 2
+    assert a.images.min() >= -1 and a.images.max() <= 1
+
+
+def test_copies_are_light_noise_on_originals():
+    data = benchmarks.digits_contributors()
+    threes = data.images[data.forget_indices(data.group_index("threes"))].flatten(1)
+    copies = data.images[data.forget_indices(data.group_index("threes-copies"))].flatten(1)
+    nearest = torch.cdist(copies, threes).min(dim=1).values
+    # every copy sits within ~sigma * sqrt(64) of one original (clamping only shrinks the distance)
+    assert (nearest < 3 * benchmarks.COPY_NOISE * 8).all() and (nearest > 0).all()
+
+
+def test_thicken_adds_stroke_pixels_only():
+    image = torch.full((1, 1, 8, 8), -1.0)
+    image[0, 0, 3, 2] = 1.0
+    thick = benchmarks.thicken(image)
+    assert thick[0, 0, 3, 2] == 1.0 and thick[0, 0, 3, 3] == 1.0 and thick[0, 0, 3, 1] == -1.0
+    assert (thick >= image).all()
+
+
+def test_unknown_benchmark_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="digits-contributors"):
+        benchmarks.load_benchmark("nope")
