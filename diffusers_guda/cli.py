@@ -154,6 +154,16 @@ def cmd_demo(args) -> None:
     print(f"\nartifacts in {args.out}: base/ bundle/ queries/ report.json queries.png attribution_bars.png label_heatmap.png unlearning.png")
 
 
+def cmd_evaluate(args) -> None:
+    from .evaluation.benchmarks import load_benchmark
+    from .evaluation.runner import METHODS, run_evaluation
+
+    dataset = load_benchmark(args.benchmark) if args.benchmark else _dataset(args.data, args.mode)
+    run_evaluation(args.out, dataset, args.recipe, num_queries=args.queries, methods=args.methods or METHODS,
+                   seed_b=args.seed_b, progress=not args.quiet)
+    print(f"\nartifacts in {args.out}: report.json report.md metrics.png score_heatmaps.png scores/ base/ logo/ bundle/ queries/")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="guda", description="Group attribution for diffusers models by unlearning (GUDA).", epilog=EPILOG)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -221,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="digits-ddpm", help="recipe name in adapters/ or a JSON path")
     p.add_argument("--queries", type=int, help="number of generated query images (default from the recipe: 100)")
     p.set_defaults(func=cmd_demo)
+
+    p = common(sub.add_parser("evaluate", help="GUDA and baselines against LOGO ground truth, with the LOGO ceiling and costs"))
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--benchmark", help="a named benchmark (e.g. digits-classes)")
+    source.add_argument("--data", help="'digits' (embedded) or an image folder with one subfolder per group")
+    p.add_argument("--mode", choices=["L", "RGB"], help="convert --data images to grayscale (L) or RGB")
+    p.add_argument("--out", required=True, help="output directory (finished stages in it are reused)")
+    p.add_argument("--recipe", default="digits-ddpm", help="recipe name in adapters/ or a JSON path")
+    p.add_argument("--queries", type=int, help="number of generated query images (default from the recipe)")
+    p.add_argument("--methods", nargs="+", help="methods to score (default: guda similarity nearest_neighbour gradient instance_unlearning)")
+    p.add_argument("--seed-b", type=int, help="training seed of the second LOGO set, the ceiling (default: the recipe's seed + 1)")
+    p.set_defaults(func=cmd_evaluate)
     return parser
 
 

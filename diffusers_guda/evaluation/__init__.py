@@ -8,6 +8,7 @@ from .baselines import (
     nearest_neighbour_scores,
     similarity_scores,
 )
+from .runner import run_evaluation
 from .logo import logo_attribution, logo_model_dir, train_logo_models
 from .metrics import (
     METRIC_NAMES,
@@ -26,6 +27,7 @@ from .metrics import (
 )
 
 __all__ = [
+    "run_evaluation",
     "GradientConfig",
     "InstanceUnlearningConfig",
     "gradient_scores",

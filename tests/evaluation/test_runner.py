@@ -1,0 +1,182 @@
+"""Tests of ``guda evaluate`` / :func:`run_evaluation`: report layout, reuse on a rerun, errors."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusers_guda.cli import main
+from diffusers_guda.evaluation.metrics import METRIC_NAMES
+from diffusers_guda.evaluation.runner import METHODS
+
+from conftest import TINY_RECIPE
+
+pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+STAGES = ("base", "logo_seed_a", "logo_seed_b", "guda_unlearning", "logo_seed_a_scoring", "logo_seed_b_scoring", *METHODS)
+
+
+def run(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_one_line_error(code, out, err) -> str:
+    assert code == 2, (code, out, err)
+    assert "Traceback" not in err + out
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("guda evaluate: error: "), err
+    return lines[0]
+
+
+def write_group_folder(root: Path, groups: list[str], per_group: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    for g, name in enumerate(groups):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_group):
+            array = np.zeros((8, 8), dtype=np.int64)
+            array[:, 2 * g + 1 : 2 * g + 3] = 235
+            array += rng.integers(0, 20, (8, 8))
+            Image.fromarray(array.astype(np.uint8), mode="L").save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["train"].update(steps=10, batch_size=8, warmup_steps=2)
+    recipe["unlearning"].update(steps=2, forget_batch_size=4, retain_batch_size=4, eval_images=4)
+    recipe["elbo"] = {"stride": 20, "t_min": 10, "seed": 0}
+    recipe["queries"] = {"num_queries": 4, "seed": 0, "num_inference_steps": 3}
+    path = root / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    data = write_group_folder(root / "data", ["left", "middle", "right"])
+    out = root / "out"
+    code, stdout, stderr = run("evaluate", "--data", data, "--out", out, "--recipe", path, "--quiet")
+    assert code == 0, stderr
+    first_scores = {p.name: p.read_text() for p in sorted((out / "scores").glob("*.json"))}
+    first_report = json.loads((out / "report.json").read_text())
+    return {"root": root, "recipe": path, "data": data, "out": out, "stdout": stdout,
+            "scores": first_scores, "report": first_report}
+
+
+def test_report_layout(workspace):
+    report = json.loads((workspace["out"] / "report.json").read_text())
+    assert report["groups"] == ["left", "middle", "right"]
+    assert report["num_queries"] == 4
+    assert report["seeds"]["logo_seed_a"] == 0 and report["seeds"]["logo_seed_b"] == 1
+    assert report["recipe"]["train"]["steps"] == 10
+    assert set(report["methods"]) == {"logo_seed_b", *METHODS}
+    for method, metrics in report["methods"].items():
+        for name in METRIC_NAMES:
+            assert {"mean", "std"} <= set(metrics[name]), (method, name)
+            assert np.isfinite(metrics[name]["mean"])
+        assert "label_top1" not in metrics  # not the digits classes
+    assert set(report["fraction_of_ceiling"]) == set(report["methods"])
+    ceiling = report["fraction_of_ceiling"]["logo_seed_b"]
+    assert all(v is None or v == pytest.approx(1.0) for v in ceiling.values())
+    for stage in STAGES:
+        c = report["cost"][stage]
+        assert c["wall_s"] >= 0 and c["forwards"] >= 0 and c["backwards"] >= 0, stage
+    # training: steps x batch per model; LOGO: one model per group
+    assert report["cost"]["base"]["forwards"] == 10 * 8
+    assert report["cost"]["logo_seed_a"]["forwards"] == 3 * 10 * 8
+    assert report["cost"]["guda_unlearning"]["backwards"] == 3 * 2 * (4 + 4)
+    # ELBO scoring: N x rows x (K + 1) models; stride 20 from t=10 on T=100 -> 5 rows
+    assert report["cost"]["guda"]["forwards"] == 4 * 5 * 4
+    assert report["cost"]["logo_seed_a_scoring"]["forwards"] == 4 * 5 * 4
+    assert report["cost"]["similarity"]["forwards"] == 0
+    assert report["cost_ratio_logo_over_guda"] > 0
+    assert report["cost_ratio_logo_over_guda_passes"] == pytest.approx((2 * 240) / (48 + report["cost"]["guda_unlearning"]["forwards"]))
+
+
+def test_artifacts(workspace):
+    out = workspace["out"]
+    md = (out / "report.md").read_text()
+    assert "| guda |" in md and "±" in md and "Fraction of the ceiling" in md
+    for name in ("metrics.png", "score_heatmaps.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+    assert len(list((out / "queries").glob("*.png"))) == 4
+    assert {p.stem for p in (out / "scores").glob("*.json")} == {"logo_seed_a", "logo_seed_b", *METHODS}
+    assert "[1/9]" in workspace["stdout"] and "training the base model" in workspace["stdout"]
+
+
+def test_rerun_reuses_everything(workspace):
+    out = workspace["out"]
+    code, stdout, stderr = run("evaluate", "--data", workspace["data"], "--out", out, "--recipe", workspace["recipe"], "--quiet")
+    assert code == 0, stderr
+    assert "base model: reusing" in stdout
+    assert stdout.count("LOGO models") == 2 and stdout.count(": reusing") >= 4
+    assert "adapters: reusing" in stdout and "queries: reusing" in stdout
+    assert stdout.count("cached in") == 2 + len(METHODS)
+    assert "training" not in stdout and "generating" not in stdout and "unlearning 3" not in stdout
+    assert {p.name: p.read_text() for p in sorted((out / "scores").glob("*.json"))} == workspace["scores"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["methods"] == workspace["report"]["methods"]
+    assert all(report["cost"][s]["reused"] for s in report["cost"])
+    assert report["cost_ratio_logo_over_guda"] == workspace["report"]["cost_ratio_logo_over_guda"]
+
+
+def test_methods_subset_reuses_scores(workspace, tmp_path):
+    code, stdout, stderr = run("evaluate", "--data", workspace["data"], "--out", workspace["out"], "--recipe",
+                               workspace["recipe"], "--methods", "similarity", "guda", "--quiet")
+    assert code == 0, stderr
+    report = json.loads((workspace["out"] / "report.json").read_text())
+    assert set(report["methods"]) == {"logo_seed_b", "similarity", "guda"}
+    assert report["methods"]["guda"] == workspace["report"]["methods"]["guda"]
+
+
+def test_unknown_method(workspace, tmp_path):
+    line = assert_one_line_error(*run("evaluate", "--data", workspace["data"], "--out", tmp_path / "o",
+                                      "--recipe", workspace["recipe"], "--methods", "nope", "--quiet"))
+    assert "'nope'" in line and "instance_unlearning" in line
+
+
+def test_unknown_benchmark(workspace, tmp_path):
+    line = assert_one_line_error(*run("evaluate", "--benchmark", "nope", "--out", tmp_path / "o", "--recipe", workspace["recipe"]))
+    assert "digits-classes" in line
+
+
+def test_single_group_folder(workspace, tmp_path):
+    data = write_group_folder(tmp_path / "one", ["only"])
+    line = assert_one_line_error(*run("evaluate", "--data", data, "--out", tmp_path / "o", "--recipe", workspace["recipe"], "--quiet"))
+    assert "at least 2" in line
+
+
+def test_digits_label_top1(tmp_path):
+    """On the digits classes the report adds label_top1 (queries judged by demo.digit_classifier)."""
+    from diffusers_guda.evaluation.benchmarks import load_benchmark
+    from diffusers_guda.evaluation.runner import run_evaluation
+    from diffusers_guda.recipes import Recipe
+
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["train"].update(steps=3, batch_size=4, warmup_steps=1)
+    recipe["unlearning"].update(steps=1, forget_batch_size=2, retain_batch_size=2, eval_images=2)
+    recipe["elbo"] = {"stride": 50, "t_min": 10, "seed": 0}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    lines = []
+    report = run_evaluation(tmp_path / "out", load_benchmark("digits-classes"), Recipe.load(path), num_queries=2,
+                            methods=["similarity", "guda"], seed_b=5, progress=False, log=lines.append)
+    assert report["seeds"]["logo_seed_b"] == 5 and report["groups"] == [str(d) for d in range(10)]
+    assert "label_top1" in report["metric_names"]
+    for method in ("logo_seed_b", "similarity", "guda"):
+        assert 0.0 <= report["methods"][method]["label_top1"]["mean"] <= 1.0
+    assert sum(report["labels"]["counts"]) == 2
+    assert report["cost"]["logo_seed_a"]["models"] == 10
+    assert any("[9/9]" in line for line in lines)
