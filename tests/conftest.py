@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from PIL import Image
 
 from diffusers_guda import GroupedDataset, GUDAUNet2DModel
 
@@ -87,3 +90,17 @@ def tiny_recipe(tmp_path):
     path = tmp_path / "tiny-recipe.json"
     path.write_text(json.dumps(TINY_RECIPE))
     return path
+
+
+def write_group_folder(root: Path, groups: list[str], per_group: int = 8, seed: int = 0) -> Path:
+    """``root/<group>/<i>.png``: 8x8 grayscale bars, a different column pair per group."""
+    rng = np.random.default_rng(seed)
+    for g, name in enumerate(groups):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(per_group):
+            array = np.zeros((8, 8), dtype=np.int64)
+            array[:, 2 * g + 1 : 2 * g + 3] = 235
+            array += rng.integers(0, 20, (8, 8))
+            Image.fromarray(array.astype(np.uint8), mode="L").save(folder / f"{i}.png")
+    return root

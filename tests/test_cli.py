@@ -19,7 +19,7 @@ from PIL import Image
 from diffusers_guda.bundle import MANIFEST_NAME, AdapterBundle
 from diffusers_guda.cli import main
 
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, write_group_folder
 
 REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -52,20 +52,6 @@ def assert_one_line_error(code: int, out: str, err: str, command: str) -> str:
     assert len(lines) == 1, err
     assert lines[0].startswith(f"guda {command}: error: "), err
     return lines[0]
-
-
-def write_group_folder(root: Path, groups: list[str], per_group: int = 8, seed: int = 0) -> Path:
-    """``root/<group>/<i>.png``: 8x8 grayscale bars, a different column pair per group."""
-    rng = np.random.default_rng(seed)
-    for g, name in enumerate(groups):
-        folder = root / name
-        folder.mkdir(parents=True)
-        for i in range(per_group):
-            array = np.zeros((8, 8), dtype=np.int64)
-            array[:, 2 * g + 1 : 2 * g + 3] = 235
-            array += rng.integers(0, 20, (8, 8))
-            Image.fromarray(array.astype(np.uint8), mode="L").save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from diffusers_guda.cli import main
 from diffusers_guda.evaluation.metrics import METRIC_NAMES
 from diffusers_guda.evaluation.runner import METHODS
 
-from conftest import TINY_RECIPE
+from conftest import TINY_RECIPE, write_group_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -40,19 +40,6 @@ def assert_one_line_error(code, out, err) -> str:
     assert len(lines) == 1, err
     assert lines[0].startswith("guda evaluate: error: "), err
     return lines[0]
-
-
-def write_group_folder(root: Path, groups: list[str], per_group: int = 6) -> Path:
-    rng = np.random.default_rng(0)
-    for g, name in enumerate(groups):
-        folder = root / name
-        folder.mkdir(parents=True)
-        for i in range(per_group):
-            array = np.zeros((8, 8), dtype=np.int64)
-            array[:, 2 * g + 1 : 2 * g + 3] = 235
-            array += rng.integers(0, 20, (8, 8))
-            Image.fromarray(array.astype(np.uint8), mode="L").save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")
