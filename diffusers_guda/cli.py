@@ -120,7 +120,7 @@ def cmd_attribute(args) -> None:
         base = dict(pipe.guda_bundle.elbo or {})
         base.update({k: v for k, v in (("stride", args.stride), ("num_draws", args.draws), ("seed", args.elbo_seed)) if v is not None})
         elbo = ELBOConfig(**base)
-    result = pipe.attribute(images, batch_size=args.batch_size, elbo_config=elbo, progress=not args.quiet)
+    result = pipe.attribute(images, batch_size=args.batch_size, elbo_config=elbo, strategy=args.strategy, progress=not args.quiet)
     result.metadata["files"] = [str(f) for f in files]
     if args.out:
         result.to_json(args.out)
@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="ELBO timestep stride (default: the bundle's)")
     p.add_argument("--draws", type=int, help="noise draws per timestep")
     p.add_argument("--elbo-seed", type=int, help="seed of the common random numbers")
+    p.add_argument("--strategy", choices=["swap", "mixed"], default="swap",
+                   help="switch adapters one by one (swap) or run all in one forward, one adapter per row (mixed)")
     p.set_defaults(func=cmd_attribute)
 
     p = common(sub.add_parser("logo", help="retrain the base recipe once without each group (ground truth; resumable)"))

@@ -149,6 +149,8 @@ class ELBOEstimator:
         noise: torch.Tensor,
         rows: torch.Tensor | None = None,
         unet_kwargs: dict | None = None,
+        rows_per_forward: int | None = None,
+        forward_context=None,
     ) -> torch.Tensor:
         """Per-row terms (KL_t in nats, or ε-MSE) of one image under ``unet``.
 
@@ -159,6 +161,9 @@ class ELBOEstimator:
             rows: Which rows (default all) the noise belongs to.
             unet_kwargs: Extra UNet inputs for one image (e.g. ``encoder_hidden_states`` of shape
                 ``[1, L, D]``), broadcast to every row.
+            rows_per_forward: Chunk size overriding the config's (used by batched multi-model scoring).
+            forward_context: ``(start, stop) -> context manager`` entered around the forward of rows
+                ``start:stop`` (used to select an adapter per row).
 
         Returns:
             Float32 tensor ``[R]``.
@@ -168,7 +173,7 @@ class ELBOEstimator:
         dtype = next(unet.parameters()).dtype
         t_all = self.row_timesteps[rows]
         out = torch.empty(len(rows), dtype=torch.float32)
-        chunk = self.config.rows_per_forward
+        chunk = rows_per_forward or self.config.rows_per_forward
         x0_cpu = image.to(torch.float32)
         for start in range(0, len(rows), chunk):
             t = t_all[start : start + chunk]
@@ -178,7 +183,8 @@ class ELBOEstimator:
             x0 = x0_cpu.unsqueeze(0).expand_as(eps)
             x_t = a * x0 + s * eps
             kwargs = {k: v.expand(len(t), *v.shape[1:]).to(device) for k, v in (unet_kwargs or {}).items()}
-            with self._autocast(device):
+            context = forward_context(start, start + len(t)) if forward_context else contextlib.nullcontext()
+            with self._autocast(device), context:
                 output = unet(x_t.to(device, dtype), t.to(device), **kwargs).sample
             output = output.to("cpu", torch.float32)
             x0_hat = self.predict_x0(output, x_t, a, s)

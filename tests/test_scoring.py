@@ -188,3 +188,46 @@ def test_batch_size_must_be_positive(tiny_unet, tiny_scheduler):
     scorer = AttributionScorer(tiny_unet, ELBOEstimator(tiny_scheduler), ["a"], ["a"])
     with pytest.raises(ConfigError, match="batch_size"):
         scorer.score(torch.zeros(1, 1, 8, 8), batch_size=0, progress=False)
+
+
+def _scorer_with_adapters(tiny_unet, tiny_scheduler, names=("g0", "g1", "g2")):
+    from diffusers_guda import ELBOConfig, ELBOEstimator, LoRASettings
+    from diffusers_guda.scoring import AttributionScorer
+
+    for k, name in enumerate(names):
+        torch.manual_seed(k)
+        tiny_unet.add_adapter(LoRASettings(rank=2, alpha=2).to_peft(tiny_unet), adapter_name=name)
+        for param_name, param in tiny_unet.named_parameters():
+            if f"lora_B.{name}." in param_name:
+                torch.nn.init.normal_(param, std=0.1)
+    tiny_unet.disable_adapters()
+    return AttributionScorer(tiny_unet, ELBOEstimator(tiny_scheduler, ELBOConfig(stride=7)), list(names), list(names))
+
+
+def test_mixed_adapter_batches_match_sequential_swapping(tiny_unet, tiny_scheduler):
+    scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler)
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+    swap = scorer.score(images, progress=False)
+    mixed = scorer.score(images, progress=False, strategy="mixed")
+    assert swap.metadata["strategy"] == "swap" and mixed.metadata["strategy"] == "mixed"
+    assert (swap.scores.abs() > 1e-3).all()  # the adapters do something
+    # float32 reordering only: ~1e-7 per KL term, times T (=100) in the score
+    assert torch.allclose(mixed.scores, swap.scores, atol=1e-3, rtol=1e-5)
+    assert torch.allclose(mixed.stderr, swap.stderr, atol=1e-3, rtol=1e-5)
+    assert torch.allclose(mixed.neg_elbo, swap.neg_elbo, atol=1e-3, rtol=1e-5)
+    assert (mixed.scores - swap.scores).abs().max() / swap.scores.abs().max() < 1e-5
+    # within the strategy, a score does not depend on the other images or their order
+    alone = scorer.score(images[2:3], progress=False, strategy="mixed")
+    assert torch.equal(alone.scores[0], mixed.scores[2])
+    reordered = scorer.score(images.flip(0), progress=False, strategy="mixed")
+    assert torch.equal(reordered.scores.flip(0), mixed.scores)
+    # the hooks are gone and the adapters are left as they were (disabled)
+    base_again = tiny_unet(images, torch.full((4,), 50)).sample
+    tiny_unet.disable_adapters()
+    assert torch.equal(base_again, tiny_unet(images, torch.full((4,), 50)).sample)
+
+
+def test_unknown_strategy_is_refused(tiny_unet, tiny_scheduler):
+    scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler, names=("g0", "g1"))
+    with pytest.raises(ConfigError, match="strategy"):
+        scorer.score(torch.zeros(1, 1, 8, 8), progress=False, strategy="fast")

@@ -131,6 +131,7 @@ def attribute(
     bundle: AdapterBundle | str | None = None,
     batch_size: int = 16,
     elbo_config: ELBOConfig | None = None,
+    strategy: str = "swap",
     progress: bool = True,
 ) -> AttributionResult:
     """Score query images against every group of the loaded bundle.
@@ -142,6 +143,8 @@ def attribute(
         bundle: Bundle to load first (object, directory or Hub id).
         batch_size: Images per adapter switch (speed only; scores do not depend on it).
         elbo_config: Estimator settings; default: the bundle's recorded ELBO settings.
+        strategy: ``"swap"`` (switch adapters on the one UNet) or ``"mixed"`` (the base and all
+            adapters in one forward, one adapter per row); see :meth:`AttributionScorer.score`.
         progress: Show a progress bar.
     """
     if bundle is not None:
@@ -156,7 +159,7 @@ def attribute(
     device = pipe.unet.device
     scorer = AttributionScorer(pipe.unet, estimator, [loaded.adapter_name(s) for s in loaded.slugs], loaded.group_names)
     meta = {"bundle": dict(loaded.source or {}), "base_model": loaded.base_model.get("id"), "device": str(device)}
-    return scorer.score(x0, batch_size=batch_size, progress=progress, metadata=meta)
+    return scorer.score(x0, batch_size=batch_size, progress=progress, metadata=meta, strategy=strategy)
 
 
 def to_model_images(images) -> torch.Tensor:
