@@ -120,7 +120,8 @@ def cmd_attribute(args) -> None:
         base = dict(pipe.guda_bundle.elbo or {})
         base.update({k: v for k, v in (("stride", args.stride), ("num_draws", args.draws), ("seed", args.elbo_seed)) if v is not None})
         elbo = ELBOConfig(**base)
-    result = pipe.attribute(images, batch_size=args.batch_size, elbo_config=elbo, strategy=args.strategy, progress=not args.quiet)
+    result = pipe.attribute(images, batch_size=args.batch_size, elbo_config=elbo, strategy=args.strategy,
+                            adaptive_z=args.adaptive_z, progress=not args.quiet)
     result.metadata["files"] = [str(f) for f in files]
     if args.out:
         result.to_json(args.out)
@@ -216,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--elbo-seed", type=int, help="seed of the common random numbers")
     p.add_argument("--strategy", choices=["swap", "mixed"], default="swap",
                    help="switch adapters one by one (swap) or run all in one forward, one adapter per row (mixed)")
+    p.add_argument("--adaptive-z", type=float,
+                   help="stop each image once its top group leads by this many standard errors (default: full grid)")
     p.set_defaults(func=cmd_attribute)
 
     p = common(sub.add_parser("logo", help="retrain the base recipe once without each group (ground truth; resumable)"))

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .elbo import ELBOEstimator
 from .errors import ConfigError
+from .hashing import derive_seed
 
 
 @dataclass
@@ -244,6 +245,8 @@ class AttributionScorer:
         progress: bool = True,
         metadata: dict | None = None,
         strategy: str = "swap",
+        adaptive_z: float | None = None,
+        adaptive_block: int = 10,
     ) -> AttributionResult:
         """Score ``images`` against every group.
 
@@ -258,15 +261,26 @@ class AttributionScorer:
                 row chunk with a different adapter per row (peft's mixed adapter batches). The two
                 agree to float32 reordering (~1e-6 nats); within a strategy scores do not depend on
                 the batch. The strategy used is recorded in ``metadata["strategy"]``.
+            adaptive_z: If set, each query walks its (t, draw) rows in a fixed pseudo-random order
+                (a function of the ELBO seed and the image's content) in blocks, and stops once the
+                top group's lead over the runner-up exceeds ``adaptive_z`` standard errors of their
+                paired difference, or the grid is exhausted. The rows used per query are recorded
+                in ``metadata["rows_used"]``. ``None`` (default) scores the full grid exactly.
+            adaptive_block: Rows per block of the adaptive walk (also the minimum before stopping).
         """
         if strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
+        if adaptive_z is not None and (adaptive_z <= 0 or adaptive_block < 2):
+            raise ConfigError("adaptive_z must be > 0 and adaptive_block >= 2.")
         unet = self.unet
         was_training = unet.training
         previous = _adapter_state(unet)
         unet.eval()
         metadata = {**(metadata or {}), "strategy": strategy}
         try:
+            if adaptive_z is not None:
+                metadata.update(adaptive_z=adaptive_z, adaptive_block=adaptive_block)
+                return self._score_adaptive(images, unet_kwargs, progress, metadata, strategy, adaptive_z, adaptive_block)
             if strategy == "mixed":
                 return self._score_mixed(images, unet_kwargs, progress, metadata)
 
@@ -285,25 +299,64 @@ class AttributionScorer:
             _restore(unet, previous)  # leave the adapters as they were (e.g. disabled for generation)
             unet.train(was_training)
 
+    def _all_terms(self, image, noise, rows, kwargs, strategy) -> torch.Tensor:
+        """``[K + 1, len(rows)]`` terms of the base (row 0) and every adapter on the given rows."""
+        est, unet = self.estimator, self.unet
+        if strategy == "mixed":
+            if BASE_ROWS in self.adapter_names:
+                raise ConfigError(f"An adapter may not be named {BASE_ROWS!r}: peft reserves it for rows without adapter.")
+            names = [BASE_ROWS, *self.adapter_names]
+            row_names = [name for name in names for _ in range(len(rows))]
+            tiled = noise.repeat(len(names), *[1] * image.dim())
+            unet.enable_adapters()
+            return est.terms(
+                unet, image, tiled, rows=rows.repeat(len(names)), unet_kwargs=kwargs,
+                rows_per_forward=est.config.rows_per_forward * len(names),
+                forward_context=lambda start, stop: adapter_per_row(unet, row_names[start:stop]),
+            ).view(len(names), len(rows))
+        out = []
+        for adapter in (None, *self.adapter_names):
+            _switch(unet, adapter)
+            out.append(est.terms(unet, image, noise, rows=rows, unet_kwargs=kwargs))
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def _score_adaptive(self, images, unet_kwargs, progress, metadata, strategy, z, block) -> AttributionResult:
+        est = self.estimator
+        n, k, r = images.shape[0], len(self.groups), est.num_rows
+        hashes = est.image_hashes(images)
+        scores, stderr, neg_elbo = torch.zeros(n, k), torch.zeros(n, k), torch.zeros(n)
+        rows_used = []
+        for i in tqdm(range(n), desc="attribute (adaptive)", disable=not progress, dynamic_ncols=True, unit="img"):
+            order = torch.randperm(r, generator=torch.Generator().manual_seed(derive_seed("guda-order", est.config.seed, hashes[i])))
+            kwargs = unet_kwargs[i] if unet_kwargs is not None else None
+            parts = []
+            for start in range(0, r, block):
+                rows = order[start : start + block]
+                parts.append(self._all_terms(images[i], est.noise(images[i], hashes[i], rows=rows), rows, kwargs, strategy))
+                terms = torch.cat(parts, dim=1)
+                diff = terms[1:] - terms[0]
+                if k > 1 and terms.shape[1] < r:
+                    mean = diff.mean(1)
+                    top, second = torch.topk(mean, 2).indices.tolist()
+                    lead = diff[top] - diff[second]
+                    if lead.mean() > z * lead.std() / math.sqrt(lead.numel()):
+                        break
+            rows_used.append(int(terms.shape[1]))
+            neg_elbo[i] = est.scale * terms[0].mean()
+            scores[i], stderr[i] = _mean_and_stderr(diff, est.scale)
+        metadata["rows_used"] = rows_used
+        return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, _metadata(est, metadata))
+
     @torch.no_grad()
     def _score_mixed(self, images, unet_kwargs, progress, metadata) -> AttributionResult:
-        est, unet = self.estimator, self.unet
-        if BASE_ROWS in self.adapter_names:
-            raise ConfigError(f"An adapter may not be named {BASE_ROWS!r}: peft reserves it for rows without adapter.")
-        names = [BASE_ROWS, *self.adapter_names]
-        n, m, r = images.shape[0], len(names), est.num_rows
-        row_names = [name for name in names for _ in range(r)]
-        rows = torch.arange(r).repeat(m)
+        est = self.estimator
+        n, k, r = images.shape[0], len(self.groups), est.num_rows
         hashes = est.image_hashes(images)
-        scores, stderr, neg_elbo = torch.zeros(n, m - 1), torch.zeros(n, m - 1), torch.zeros(n)
-        unet.enable_adapters()
+        scores, stderr, neg_elbo = torch.zeros(n, k), torch.zeros(n, k), torch.zeros(n)
         for i in tqdm(range(n), desc="attribute (mixed)", disable=not progress, dynamic_ncols=True, unit="img"):
-            noise = est.noise(images[i], hashes[i]).repeat(m, *[1] * images[i].dim())
-            terms = est.terms(
-                unet, images[i], noise, rows=rows, unet_kwargs=unet_kwargs[i] if unet_kwargs is not None else None,
-                rows_per_forward=est.config.rows_per_forward * m,
-                forward_context=lambda start, stop: adapter_per_row(unet, row_names[start:stop]),
-            ).view(m, r)
+            kwargs = unet_kwargs[i] if unet_kwargs is not None else None
+            terms = self._all_terms(images[i], est.noise(images[i], hashes[i]), torch.arange(r), kwargs, "mixed")
             neg_elbo[i] = est.scale * terms[0].mean()
             scores[i], stderr[i] = _mean_and_stderr(terms[1:] - terms[0], est.scale)
         return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, _metadata(est, metadata))

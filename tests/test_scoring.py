@@ -190,7 +190,7 @@ def test_batch_size_must_be_positive(tiny_unet, tiny_scheduler):
         scorer.score(torch.zeros(1, 1, 8, 8), batch_size=0, progress=False)
 
 
-def _scorer_with_adapters(tiny_unet, tiny_scheduler, names=("g0", "g1", "g2")):
+def _scorer_with_adapters(tiny_unet, tiny_scheduler, names=("g0", "g1", "g2"), stride=7):
     from diffusers_guda import ELBOConfig, ELBOEstimator, LoRASettings
     from diffusers_guda.scoring import AttributionScorer
 
@@ -201,7 +201,7 @@ def _scorer_with_adapters(tiny_unet, tiny_scheduler, names=("g0", "g1", "g2")):
             if f"lora_B.{name}." in param_name:
                 torch.nn.init.normal_(param, std=0.1)
     tiny_unet.disable_adapters()
-    return AttributionScorer(tiny_unet, ELBOEstimator(tiny_scheduler, ELBOConfig(stride=7)), list(names), list(names))
+    return AttributionScorer(tiny_unet, ELBOEstimator(tiny_scheduler, ELBOConfig(stride=stride)), list(names), list(names))
 
 
 def test_mixed_adapter_batches_match_sequential_swapping(tiny_unet, tiny_scheduler):
@@ -231,3 +231,49 @@ def test_unknown_strategy_is_refused(tiny_unet, tiny_scheduler):
     scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler, names=("g0", "g1"))
     with pytest.raises(ConfigError, match="strategy"):
         scorer.score(torch.zeros(1, 1, 8, 8), progress=False, strategy="fast")
+
+
+def test_adaptive_draws_stop_once_the_lead_is_resolved(tiny_unet, tiny_scheduler, monkeypatch):
+    scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler, stride=2)
+    rows = scorer.estimator.num_rows
+    lead = {"clear": 1.0, "none": 0.0}
+
+    def designed_terms(image, noise, row_ids, kwargs, strategy):
+        # base 0; g0 = g1 + lead on every row, plus row-dependent noise: the lead is all that separates them
+        wiggle = torch.sin(row_ids.float() * 1.7)
+        which = "clear" if image.mean() > 0 else "none"
+        return torch.stack([torch.zeros(len(row_ids)), lead[which] + wiggle, wiggle, -1 + wiggle])
+
+    monkeypatch.setattr(scorer, "_all_terms", designed_terms)
+    images = torch.stack([torch.full((1, 8, 8), 0.5), torch.full((1, 8, 8), -0.5)])
+    result = scorer.score(images, progress=False, adaptive_z=3.0, adaptive_block=4)
+    assert result.metadata["rows_used"] == [4, rows]  # a constant lead resolves at once; a zero lead never
+    assert result.scores[0].argmax() == 0
+    assert torch.allclose(result.scores[0, 0] - result.scores[0, 1], torch.tensor(scorer.estimator.scale))
+
+
+@pytest.mark.parametrize("strategy", ["swap", "mixed"])
+def test_adaptive_scores_do_not_depend_on_the_batch(tiny_unet, tiny_scheduler, strategy):
+    scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler)
+    images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    together = scorer.score(images, progress=False, strategy=strategy, adaptive_z=0.5, adaptive_block=4)
+    alone = scorer.score(images[1:2], progress=False, strategy=strategy, adaptive_z=0.5, adaptive_block=4)
+    assert torch.equal(alone.scores[0], together.scores[1])
+    assert alone.metadata["rows_used"] == together.metadata["rows_used"][1:2]
+
+
+def test_adaptive_walk_that_never_stops_covers_the_full_grid(tiny_unet, tiny_scheduler):
+    scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler)
+    images = torch.rand(2, 1, 8, 8) * 2 - 1
+    full = scorer.score(images, progress=False)
+    walked = scorer.score(images, progress=False, adaptive_z=1e9, adaptive_block=3)
+    assert walked.metadata["rows_used"] == [scorer.estimator.num_rows] * 2
+    assert torch.allclose(walked.scores, full.scores, atol=1e-4, rtol=1e-5)  # same rows, other summation order
+    assert "rows_used" not in full.metadata
+
+
+def test_adaptive_settings_are_validated(tiny_unet, tiny_scheduler):
+    scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler, names=("g0", "g1"))
+    for z, block in ((0.0, 4), (-1.0, 4), (2.0, 1)):
+        with pytest.raises(ConfigError, match="adaptive"):
+            scorer.score(torch.zeros(1, 1, 8, 8), progress=False, adaptive_z=z, adaptive_block=block)

@@ -132,6 +132,7 @@ def attribute(
     batch_size: int = 16,
     elbo_config: ELBOConfig | None = None,
     strategy: str = "swap",
+    adaptive_z: float | None = None,
     progress: bool = True,
 ) -> AttributionResult:
     """Score query images against every group of the loaded bundle.
@@ -145,6 +146,8 @@ def attribute(
         elbo_config: Estimator settings; default: the bundle's recorded ELBO settings.
         strategy: ``"swap"`` (switch adapters on the one UNet) or ``"mixed"`` (the base and all
             adapters in one forward, one adapter per row); see :meth:`AttributionScorer.score`.
+        adaptive_z: Stop each query's walk over the grid once its top group leads the runner-up by
+            this many standard errors (``None``: the full grid, exactly).
         progress: Show a progress bar.
     """
     if bundle is not None:
@@ -159,7 +162,7 @@ def attribute(
     device = pipe.unet.device
     scorer = AttributionScorer(pipe.unet, estimator, [loaded.adapter_name(s) for s in loaded.slugs], loaded.group_names)
     meta = {"bundle": dict(loaded.source or {}), "base_model": loaded.base_model.get("id"), "device": str(device)}
-    return scorer.score(x0, batch_size=batch_size, progress=progress, metadata=meta, strategy=strategy)
+    return scorer.score(x0, batch_size=batch_size, progress=progress, metadata=meta, strategy=strategy, adaptive_z=adaptive_z)
 
 
 def to_model_images(images) -> torch.Tensor:
