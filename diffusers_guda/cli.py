@@ -174,11 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         return p
 
+    def data_args(p, help="'digits' (embedded) or an image folder with one subfolder per group", default="digits", group=None):
+        (group or p).add_argument("--data", default=default, help=help)
+        p.add_argument("--mode", choices=["L", "RGB"], help="convert --data images to grayscale (L) or RGB")
+
+    def recipe_arg(p, help="recipe name in adapters/ or a JSON path"):
+        p.add_argument("--recipe", default="digits-ddpm", help=help)
+
     p = common(sub.add_parser("train", help="train the base diffusion model on a grouped dataset"))
-    p.add_argument("--data", default="digits", help="'digits' (embedded) or an image folder with one subfolder per group")
-    p.add_argument("--mode", choices=["L", "RGB"], help="convert images to grayscale (L) or RGB")
+    data_args(p)
     p.add_argument("--out", required=True, help="output pipeline directory")
-    p.add_argument("--recipe", default="digits-ddpm", help="recipe name in adapters/ or a JSON path")
+    recipe_arg(p)
     p.add_argument("--steps", type=int, help="optimiser steps (default: the recipe's)")
     p.add_argument("--batch-size", type=int, help="images per step")
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -188,10 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = common(sub.add_parser("unlearn", help="train one unlearning LoRA adapter per group into a bundle"))
     p.add_argument("--base", required=True, help="base pipeline directory or Hub id")
     p.add_argument("--base-id", help="name recorded for the base model in the bundle (default: --base)")
-    p.add_argument("--data", default="digits", help="the training set of the base model ('digits' or an image folder)")
-    p.add_argument("--mode", choices=["L", "RGB"], help="convert images to grayscale (L) or RGB")
+    data_args(p, help="the training set of the base model ('digits' or an image folder)")
     p.add_argument("--out", required=True, help="bundle directory to write (a killed run resumes from <out>-partial)")
-    p.add_argument("--recipe", default="digits-ddpm", help="recipe name in adapters/ or a JSON path")
+    recipe_arg(p)
     p.add_argument("--objective", help="objective name (retrack, gradient_ascent)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="objective option, repeatable (e.g. num_neighbors=5)")
     p.add_argument("--groups", nargs="+", help="unlearn only these groups (names)")
@@ -222,10 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attribute)
 
     p = common(sub.add_parser("logo", help="retrain the base recipe once without each group (ground truth; resumable)"))
-    p.add_argument("--data", default="digits", help="the base model's training set ('digits' or an image folder)")
-    p.add_argument("--mode", choices=["L", "RGB"], help="convert images to grayscale (L) or RGB")
+    data_args(p, help="the base model's training set ('digits' or an image folder)")
     p.add_argument("--out", required=True, help="root directory; models go to <out>/seed_<seed>/<group>/")
-    p.add_argument("--recipe", default="digits-ddpm", help="recipe name in adapters/ or a JSON path (the base model's recipe)")
+    recipe_arg(p, help="recipe name in adapters/ or a JSON path (the base model's recipe)")
     p.add_argument("--seed", type=int, help="training seed (default: the recipe's; another seed gives the LOGO noise floor)")
     p.add_argument("--groups", nargs="+", help="leave out only these groups (names)")
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
@@ -233,17 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = common(sub.add_parser("demo", help="train, unlearn, generate and attribute on the embedded digits"))
     p.add_argument("--out", default="guda-demo", help="output directory (default guda-demo)")
-    p.add_argument("--recipe", default="digits-ddpm", help="recipe name in adapters/ or a JSON path")
+    recipe_arg(p)
     p.add_argument("--queries", type=int, help="number of generated query images (default from the recipe: 100)")
     p.set_defaults(func=cmd_demo)
 
     p = common(sub.add_parser("evaluate", help="GUDA and baselines against LOGO ground truth, with the LOGO ceiling and costs"))
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--benchmark", help="a named benchmark (e.g. digits-classes)")
-    source.add_argument("--data", help="'digits' (embedded) or an image folder with one subfolder per group")
-    p.add_argument("--mode", choices=["L", "RGB"], help="convert --data images to grayscale (L) or RGB")
+    data_args(p, default=None, group=source)
     p.add_argument("--out", required=True, help="output directory (finished stages in it are reused)")
-    p.add_argument("--recipe", default="digits-ddpm", help="recipe name in adapters/ or a JSON path")
+    recipe_arg(p)
     p.add_argument("--queries", type=int, help="number of generated query images (default from the recipe)")
     p.add_argument("--methods", nargs="+", help="methods to score (default: guda similarity nearest_neighbour gradient instance_unlearning)")
     p.add_argument("--seed-b", type=int, help="training seed of the second LOGO set, the ceiling (default: the recipe's seed + 1)")

@@ -29,12 +29,14 @@ from .recipes import Recipe
 from .training import TRAIN_LOG_NAME, train_base_model
 
 
-def _reusable_base(path: Path, recipe: Recipe) -> bool:
+def reusable_base(path: Path, recipe: Recipe) -> bool:
+    """Whether ``path`` holds a base model trained with ``recipe.train``."""
     log = path / TRAIN_LOG_NAME
     return log.is_file() and json.loads(log.read_text()).get("config") == recipe.train.to_dict()
 
 
-def _reusable_bundle(path: Path, fingerprint: str, recipe: Recipe) -> AdapterBundle | None:
+def reusable_bundle(path: Path, fingerprint: str, recipe: Recipe) -> AdapterBundle | None:
+    """The bundle at ``path`` if it was unlearned from this base with ``recipe.unlearning``, else ``None``."""
     if not (path / MANIFEST_NAME).is_file():
         return None
     try:
@@ -95,7 +97,7 @@ def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-d
     dataset = load_digits()
 
     t0 = time.perf_counter()
-    if _reusable_base(out / "base", recipe):
+    if reusable_base(out / "base", recipe):
         log(f"[1/5] base model: reusing {out / 'base'}")
     else:
         log(f"[1/5] training the base model ({recipe.train.steps} steps) -> {out / 'base'}")
@@ -105,7 +107,7 @@ def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-d
     pipe = GUDADDPMPipeline.from_pretrained(out / "base")
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     t0 = time.perf_counter()
-    bundle = _reusable_bundle(out / "bundle", unet_fingerprint(pipe.unet), recipe)
+    bundle = reusable_bundle(out / "bundle", unet_fingerprint(pipe.unet), recipe)
     if bundle is not None:
         log(f"[2/5] adapters: reusing {out / 'bundle'}")
         pipe.load_guda_bundle(bundle)

@@ -147,7 +147,7 @@ def _switch(unet, adapter: str | None) -> None:
         unet.set_adapter(adapter)
 
 
-def _mean_and_stderr(diff: torch.Tensor, scale: float) -> tuple[float, float]:
+def _mean_and_stderr(diff: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Score and standard error from the paired per-row differences (over the last dimension)."""
     r = diff.shape[-1]
     stderr = scale * diff.std(dim=-1) / math.sqrt(r) if r > 1 else torch.full(diff.shape[:-1], float("nan"))
@@ -280,9 +280,8 @@ class AttributionScorer:
         try:
             if adaptive_z is not None:
                 metadata.update(adaptive_z=adaptive_z, adaptive_block=adaptive_block)
-                return self._score_adaptive(images, unet_kwargs, progress, metadata, strategy, adaptive_z, adaptive_block)
-            if strategy == "mixed":
-                return self._score_mixed(images, unet_kwargs, progress, metadata)
+            if adaptive_z is not None or strategy == "mixed":
+                return self._score_per_image(images, unet_kwargs, progress, metadata, strategy, adaptive_z, adaptive_block)
 
             def select(adapter):
                 def run():
@@ -321,42 +320,35 @@ class AttributionScorer:
         return torch.stack(out)
 
     @torch.no_grad()
-    def _score_adaptive(self, images, unet_kwargs, progress, metadata, strategy, z, block) -> AttributionResult:
+    def _score_per_image(self, images, unet_kwargs, progress, metadata, strategy, z, block) -> AttributionResult:
+        """All models on one image at a time: the full grid in order, or (``z`` set) an adaptive walk."""
         est = self.estimator
         n, k, r = images.shape[0], len(self.groups), est.num_rows
         hashes = est.image_hashes(images)
         scores, stderr, neg_elbo = torch.zeros(n, k), torch.zeros(n, k), torch.zeros(n)
         rows_used = []
-        for i in tqdm(range(n), desc="attribute (adaptive)", disable=not progress, dynamic_ncols=True, unit="img"):
-            order = torch.randperm(r, generator=torch.Generator().manual_seed(derive_seed("guda-order", est.config.seed, hashes[i])))
+        desc = "attribute (adaptive)" if z is not None else f"attribute ({strategy})"
+        for i in tqdm(range(n), desc=desc, disable=not progress, dynamic_ncols=True, unit="img"):
+            if z is None:
+                order, step = torch.arange(r), r
+            else:
+                seed = derive_seed("guda-order", est.config.seed, hashes[i])
+                order, step = torch.randperm(r, generator=torch.Generator().manual_seed(seed)), block
             kwargs = unet_kwargs[i] if unet_kwargs is not None else None
             parts = []
-            for start in range(0, r, block):
-                rows = order[start : start + block]
+            for start in range(0, r, step):
+                rows = order[start : start + step]
                 parts.append(self._all_terms(images[i], est.noise(images[i], hashes[i], rows=rows), rows, kwargs, strategy))
                 terms = torch.cat(parts, dim=1)
                 diff = terms[1:] - terms[0]
-                if k > 1 and terms.shape[1] < r:
-                    mean = diff.mean(1)
-                    top, second = torch.topk(mean, 2).indices.tolist()
+                if z is not None and k > 1 and terms.shape[1] < r:
+                    top, second = torch.topk(diff.mean(1), 2).indices.tolist()
                     lead = diff[top] - diff[second]
                     if lead.mean() > z * lead.std() / math.sqrt(lead.numel()):
                         break
             rows_used.append(int(terms.shape[1]))
             neg_elbo[i] = est.scale * terms[0].mean()
             scores[i], stderr[i] = _mean_and_stderr(diff, est.scale)
-        metadata["rows_used"] = rows_used
-        return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, _metadata(est, metadata))
-
-    @torch.no_grad()
-    def _score_mixed(self, images, unet_kwargs, progress, metadata) -> AttributionResult:
-        est = self.estimator
-        n, k, r = images.shape[0], len(self.groups), est.num_rows
-        hashes = est.image_hashes(images)
-        scores, stderr, neg_elbo = torch.zeros(n, k), torch.zeros(n, k), torch.zeros(n)
-        for i in tqdm(range(n), desc="attribute (mixed)", disable=not progress, dynamic_ncols=True, unit="img"):
-            kwargs = unet_kwargs[i] if unet_kwargs is not None else None
-            terms = self._all_terms(images[i], est.noise(images[i], hashes[i]), torch.arange(r), kwargs, "mixed")
-            neg_elbo[i] = est.scale * terms[0].mean()
-            scores[i], stderr[i] = _mean_and_stderr(terms[1:] - terms[0], est.scale)
+        if z is not None:
+            metadata["rows_used"] = rows_used
         return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, _metadata(est, metadata))

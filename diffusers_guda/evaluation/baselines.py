@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data import GroupedDataset
 from ..errors import ConfigError, DataError, UnlearningDivergedError
@@ -61,10 +62,6 @@ def _group_reduce(values: torch.Tensor, group_ids: torch.Tensor, num_groups: int
     elif how != "sum":
         raise ConfigError(f"aggregate must be one of {AGGREGATES}, got {how!r}.")
     return out.cpu()
-
-
-def _num_groups(dataset: GroupedDataset) -> int:
-    return len(dataset.group_names)
 
 
 # -- similarity ----------------------------------------------------------------------------------
@@ -133,7 +130,7 @@ def similarity_scores(
         ConfigError: if ``feature_fn`` does not return ``[B, D]``.
     """
     cos = _cosines(queries, dataset, feature_fn, batch_size)
-    return _group_reduce(cos, dataset.group_ids, _num_groups(dataset), "mean")
+    return _group_reduce(cos, dataset.group_ids, dataset.num_groups, "mean")
 
 
 def nearest_neighbour_scores(
@@ -147,7 +144,7 @@ def nearest_neighbour_scores(
     Same arguments and errors as :func:`similarity_scores`; returns a float64 tensor ``[N, K]``.
     """
     cos = _cosines(queries, dataset, feature_fn, batch_size)
-    return _group_reduce(cos, dataset.group_ids, _num_groups(dataset), "max")
+    return _group_reduce(cos, dataset.group_ids, dataset.num_groups, "max")
 
 
 # -- denoising losses with common random numbers -------------------------------------------------
@@ -230,31 +227,50 @@ class _GradientsOn:
         return False
 
 
-def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
-    if not enabled:
-        return iterable
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return iterable
-    return tqdm(iterable, desc=desc, total=total)
+def _progress(iterable, enabled: bool, desc: str):
+    return tqdm(iterable, desc=desc, disable=not enabled, dynamic_ncols=True)
 
 
 # -- gradient (TRAK / D-TRAK style) --------------------------------------------------------------
 
 
 @dataclass
-class GradientConfig:
-    """Settings of the gradient baseline.
+class DenoisingLossConfig:
+    """Fields shared by the loss-based baselines: which denoising losses, over which parameters.
 
     Args:
-        projection_dim: Dimension ``D`` of the random projection of the gradients.
         timesteps: Timesteps of the denoising loss; default 10 evenly spaced in ``[T/20, T)``.
         num_draws: Noise draws per timestep.
-        seed: Seed of the noise and of the projection.
+        seed: Seed of the noise draws (and of the gradient baseline's projection).
         param_filter: Only parameters whose name contains this substring (default: all parameters,
             whatever their ``requires_grad``).
         aggregate: ``"sum"`` (DESIGN §1.3) or ``"mean"`` of the per-image scores within a group.
+    """
+
+    timesteps: tuple[int, ...] | None = field(default=None, metadata={"help": "Loss timesteps (default 10 in [T/20, T))."})
+    num_draws: int = field(default=1, metadata={"help": "Noise draws per timestep."})
+    seed: int = field(default=0, metadata={"help": "Seed of the noise draws."})
+    param_filter: str | None = field(default=None, metadata={"help": "Substring of parameter names to include."})
+    aggregate: str = field(default="sum", metadata={"help": "'sum' or 'mean' over a group's images."})
+
+    def __post_init__(self):
+        if self.num_draws < 1:
+            raise ConfigError("num_draws must be >= 1.")
+        if self.aggregate not in AGGREGATES:
+            raise ConfigError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}.")
+        if self.timesteps is not None:
+            self.timesteps = tuple(int(t) for t in self.timesteps)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GradientConfig(DenoisingLossConfig):
+    """Settings of the gradient baseline (and the fields of :class:`DenoisingLossConfig`).
+
+    Args:
+        projection_dim: Dimension ``D`` of the random projection of the gradients.
         gradient_batch_size: Examples whose full gradients are held at once before they are
             projected together (memory: this × #parameters floats). Does not change the result
             beyond float rounding.
@@ -263,24 +279,13 @@ class GradientConfig:
     """
 
     projection_dim: int = field(default=512, metadata={"help": "Dimension of the random projection."})
-    timesteps: tuple[int, ...] | None = field(default=None, metadata={"help": "Loss timesteps (default 10 in [T/20, T))."})
-    num_draws: int = field(default=1, metadata={"help": "Noise draws per timestep."})
-    seed: int = field(default=0, metadata={"help": "Seed of the noise and the projection."})
-    param_filter: str | None = field(default=None, metadata={"help": "Substring of parameter names to include."})
-    aggregate: str = field(default="sum", metadata={"help": "'sum' or 'mean' over a group's images."})
     gradient_batch_size: int = field(default=32, metadata={"help": "Examples projected together (memory)."})
     normalize: bool = field(default=False, metadata={"help": "Cosine of projected gradients instead of the inner product."})
 
     def __post_init__(self):
-        if self.projection_dim < 1 or self.num_draws < 1 or self.gradient_batch_size < 1:
+        super().__post_init__()
+        if self.projection_dim < 1 or self.gradient_batch_size < 1:
             raise ConfigError("projection_dim, num_draws and gradient_batch_size must be >= 1.")
-        if self.aggregate not in AGGREGATES:
-            raise ConfigError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}.")
-        if self.timesteps is not None:
-            self.timesteps = tuple(int(t) for t in self.timesteps)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def projection_blocks(name: str, numel: int, dim: int, seed: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -371,50 +376,35 @@ def gradient_scores(unet, scheduler, queries: torch.Tensor, dataset: GroupedData
     if config.normalize:
         query_grads = torch.nn.functional.normalize(query_grads, dim=1, eps=1e-30)
         train_grads = torch.nn.functional.normalize(train_grads, dim=1, eps=1e-30)
-    return _group_reduce(query_grads @ train_grads.T, dataset.group_ids, _num_groups(dataset), config.aggregate)
+    return _group_reduce(query_grads @ train_grads.T, dataset.group_ids, dataset.num_groups, config.aggregate)
 
 
 # -- instance unlearning -------------------------------------------------------------------------
 
 
 @dataclass
-class InstanceUnlearningConfig:
-    """Settings of the per-instance unlearning baseline.
+class InstanceUnlearningConfig(DenoisingLossConfig):
+    """Settings of the per-instance unlearning baseline (and the fields of :class:`DenoisingLossConfig`;
+    ``param_filter`` selects the parameters that are updated).
 
     Args:
         steps: Gradient-ascent steps on the query's denoising loss.
         learning_rate: Step size.
         optimizer: ``"sgd"`` (plain gradient ascent, default) or ``"adam"``.
-        seed: Seed of the noise (fixed draws, the same before and after unlearning).
-        timesteps: Timesteps of the losses; default 10 evenly spaced in ``[T/20, T)``.
-        num_draws: Noise draws per timestep.
-        param_filter: Only parameters whose name contains this substring are updated (default all).
-        aggregate: ``"sum"`` (DESIGN §1.3) or ``"mean"`` of the per-image loss increases in a group.
     """
 
     steps: int = field(default=5, metadata={"help": "Gradient-ascent steps on the query."})
     learning_rate: float = field(default=1e-3, metadata={"help": "Step size."})
     optimizer: str = field(default="sgd", metadata={"help": "'sgd' or 'adam'."})
-    seed: int = field(default=0, metadata={"help": "Seed of the noise draws."})
-    timesteps: tuple[int, ...] | None = field(default=None, metadata={"help": "Loss timesteps (default 10 in [T/20, T))."})
-    num_draws: int = field(default=1, metadata={"help": "Noise draws per timestep."})
-    param_filter: str | None = field(default=None, metadata={"help": "Substring of parameter names to update."})
-    aggregate: str = field(default="sum", metadata={"help": "'sum' or 'mean' over a group's images."})
 
     def __post_init__(self):
-        if self.steps < 1 or self.num_draws < 1:
+        super().__post_init__()
+        if self.steps < 1:
             raise ConfigError("steps and num_draws must be >= 1.")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
-        if self.aggregate not in AGGREGATES:
-            raise ConfigError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}.")
-        if self.timesteps is not None:
-            self.timesteps = tuple(int(t) for t in self.timesteps)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @torch.no_grad()
@@ -488,11 +478,12 @@ def instance_unlearning_scores(
                 f"(now {config.learning_rate}) or steps (now {config.steps})."
             )
         del model, optimizer
-        results.append(_group_reduce((after - before).unsqueeze(0), dataset.group_ids, _num_groups(dataset), config.aggregate))
+        results.append(_group_reduce((after - before).unsqueeze(0), dataset.group_ids, dataset.num_groups, config.aggregate))
     return torch.cat(results)
 
 
 __all__ = [
+    "DenoisingLossConfig",
     "GradientConfig",
     "InstanceUnlearningConfig",
     "PROJECTION_BLOCK_ROWS",

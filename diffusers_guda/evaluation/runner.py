@@ -129,7 +129,7 @@ def run_evaluation(
     Raises:
         ConfigError: unknown method names, or seed B equal to seed A.
     """
-    from ..demo import _reusable_base, _reusable_bundle, digit_classifier, generate_queries, load_query_images
+    from ..demo import reusable_base, reusable_bundle, digit_classifier, generate_queries, load_query_images
     from ..pipelines import GUDADDPMPipeline
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -153,7 +153,7 @@ def run_evaluation(
     K = dataset.num_groups
 
     # 1. base model
-    if _reusable_base(out / "base", recipe):
+    if reusable_base(out / "base", recipe):
         log(f"[1/{total}] base model: reusing {out / 'base'}")
         reused = True
     else:
@@ -178,7 +178,7 @@ def run_evaluation(
     pipe = GUDADDPMPipeline.from_pretrained(out / "base")
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     fingerprint = unet_fingerprint(pipe.unet)
-    bundle = _reusable_bundle(out / "bundle", fingerprint, recipe)
+    bundle = reusable_bundle(out / "bundle", fingerprint, recipe)
     if bundle is not None:
         log(f"[4/{total}] adapters: reusing {out / 'bundle'}")
         pipe.load_guda_bundle(bundle)
@@ -319,7 +319,7 @@ def run_evaluation(
                   "elbo": recipe.elbo.seed, "queries": q_seed},
         "num_queries": N,
         "groups": list(dataset.group_names),
-        "group_sizes": dataset.group_sizes,
+        "group_sizes": dataset.group_sizes(),
         "reference": REFERENCE,
         "ceiling": CEILING,
         "metric_names": metric_names,

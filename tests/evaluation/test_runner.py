@@ -65,6 +65,7 @@ def workspace(tmp_path_factory):
 def test_report_layout(workspace):
     report = json.loads((workspace["out"] / "report.json").read_text())
     assert report["groups"] == ["left", "middle", "right"]
+    assert report["group_sizes"] == [8, 8, 8]
     assert report["num_queries"] == 4
     assert report["seeds"]["logo_seed_a"] == 0 and report["seeds"]["logo_seed_b"] == 1
     assert report["recipe"]["train"]["steps"] == 10
