@@ -20,12 +20,30 @@ def _threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
-def _dataset(spec: str, mode: str | None = None):
+def _dataset(args):
+    """The training set named by ``--benchmark`` or ``--data`` (and ``--mode``)."""
     from .data import GroupedDataset, load_digits
+    from .evaluation.benchmarks import load_benchmark
 
-    if spec == "digits":
+    if getattr(args, "benchmark", None):
+        return load_benchmark(args.benchmark)
+    if args.data in (None, "digits"):
         return load_digits()
-    return GroupedDataset.from_image_folder(spec, mode=mode)
+    return GroupedDataset.from_image_folder(args.data, mode=args.mode)
+
+
+def _load_base(spec: str):
+    """The base pipeline, with a one-line error when ``spec`` is neither a pipeline directory nor a cached Hub id."""
+    from .pipelines import GUDADDPMPipeline
+
+    try:
+        return GUDADDPMPipeline.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GUDAError(
+            f"Cannot load the base pipeline {spec!r} ({reason}). Pass a directory written by `guda train` "
+            "(or DDPMPipeline.save_pretrained), or a Hub id already in the local cache."
+        ) from exc
 
 
 def _options(pairs: list[str]) -> dict:
@@ -50,7 +68,7 @@ def cmd_train(args) -> None:
     recipe = Recipe.load(args.recipe)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("learning_rate", args.lr), ("seed", args.seed)) if v is not None}
     config = replace(recipe.train, **overrides)
-    dataset = _dataset(args.data, args.mode)
+    dataset = _dataset(args)
     train_base_model(dataset, config, output_dir=args.out, progress=not args.quiet)
     print(f"saved the base pipeline to {args.out} (load it with diffusers.DDPMPipeline.from_pretrained)")
 
@@ -59,7 +77,6 @@ def cmd_unlearn(args) -> None:
     from dataclasses import replace
 
     from .lora import LoRASettings
-    from .pipelines import GUDADDPMPipeline
     from .recipes import Recipe
 
     recipe = Recipe.load(args.recipe)
@@ -71,10 +88,10 @@ def cmd_unlearn(args) -> None:
     if args.batch_size:
         overrides.update(forget_batch_size=args.batch_size, retain_batch_size=args.batch_size)
     config = replace(config, objective=args.objective or config.objective, objective_options=options, lora=lora, **overrides)
-    dataset = _dataset(args.data, args.mode)
+    dataset = _dataset(args)
     out = Path(args.out)
     partial = out.parent / f".{out.name}-partial"
-    pipe = GUDADDPMPipeline.from_pretrained(args.base)
+    pipe = _load_base(args.base)
     bundle = pipe.unlearn_groups(dataset, config=config, groups=args.groups, checkpoint_dir=partial, progress=not args.quiet)
     bundle.elbo = recipe.elbo.to_dict()
     bundle.base_model["id"] = args.base_id or args.base
@@ -108,10 +125,10 @@ def cmd_attribute(args) -> None:
     from PIL import Image
 
     from .elbo import ELBOConfig
-    from .pipelines import GUDADDPMPipeline, to_model_images
+    from .pipelines import to_model_images
 
     files = _query_files(args.images)
-    pipe = GUDADDPMPipeline.from_pretrained(args.base)
+    pipe = _load_base(args.base)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_guda_bundle(args.bundle, revision=args.revision)
     images = to_model_images([Image.open(f) for f in files])
@@ -143,7 +160,7 @@ def cmd_logo(args) -> None:
 
     recipe = Recipe.load(args.recipe)
     config = replace(recipe.train, **({"steps": args.steps} if args.steps else {}))
-    dataset = _dataset(args.data, args.mode)
+    dataset = _dataset(args)
     paths = train_logo_models(dataset, config, args.out, groups=args.groups, seed=args.seed, progress=not args.quiet)
     print(f"{len(paths)} leave-one-group-out models under {Path(args.out) / f'seed_{args.seed if args.seed is not None else config.seed}'}")
 
@@ -156,10 +173,9 @@ def cmd_demo(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .evaluation.benchmarks import load_benchmark
     from .evaluation.runner import METHODS, run_evaluation
 
-    dataset = load_benchmark(args.benchmark) if args.benchmark else _dataset(args.data, args.mode)
+    dataset = _dataset(args)
     run_evaluation(args.out, dataset, args.recipe, num_queries=args.queries, methods=args.methods or METHODS,
                    seed_b=args.seed_b, progress=not args.quiet)
     print(f"\nartifacts in {args.out}: report.json report.md metrics.png score_heatmaps.png scores/ base/ logo/ bundle/ queries/")
@@ -174,8 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         return p
 
-    def data_args(p, help="'digits' (embedded) or an image folder with one subfolder per group", default="digits", group=None):
-        (group or p).add_argument("--data", default=default, help=help)
+    def data_args(p, help="'digits' (embedded) or an image folder with one subfolder per group", required=False):
+        source = p.add_mutually_exclusive_group(required=required)
+        # default None (meaning the digits): argparse only sees a conflict with --benchmark when --data differs from its default
+        source.add_argument("--data", help=help + ("" if required else "; default: digits"))
+        source.add_argument("--benchmark", help="a named benchmark dataset instead of --data (digits-classes, digits-contributors)")
         p.add_argument("--mode", choices=["L", "RGB"], help="convert --data images to grayscale (L) or RGB")
 
     def recipe_arg(p, help="recipe name in adapters/ or a JSON path"):
@@ -242,9 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = common(sub.add_parser("evaluate", help="GUDA and baselines against LOGO ground truth, with the LOGO ceiling and costs"))
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--benchmark", help="a named benchmark (e.g. digits-classes)")
-    data_args(p, default=None, group=source)
+    data_args(p, required=True)
     p.add_argument("--out", required=True, help="output directory (finished stages in it are reused)")
     recipe_arg(p)
     p.add_argument("--queries", type=int, help="number of generated query images (default from the recipe)")

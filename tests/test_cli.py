@@ -78,7 +78,7 @@ def workspace(tmp_path_factory):
     "command, options",
     [
         ([], ["train", "unlearn", "attribute", "demo"]),
-        (["train"], ["--data", "--out", "--recipe", "--steps", "--batch-size", "--lr", "--seed", "--mode", "--quiet", "--threads"]),
+        (["train"], ["--data", "--benchmark", "--out", "--recipe", "--steps", "--batch-size", "--lr", "--seed", "--mode", "--quiet", "--threads"]),
         (["unlearn"], ["--base", "--data", "--out", "--recipe", "--objective", "--option", "--groups", "--steps", "--lr", "--rank", "--alpha"]),
         (["attribute"], ["--base", "--bundle", "--images", "--out", "--plot", "--top-k", "--batch-size", "--stride", "--draws"]),
         (["demo"], ["--out", "--recipe", "--queries"]),
@@ -303,6 +303,26 @@ def test_unknown_recipe(tmp_path):
     line = assert_one_line_error(code, out, err, "train")
     assert "no-such-recipe" in line and "digits-ddpm" in line
     assert not (tmp_path / "base").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "unlearn", "logo"])
+def test_data_source_is_a_folder_or_a_benchmark(command, tmp_path):
+    extra = ["--base", tmp_path / "base"] if command == "unlearn" else []
+    code, out, err = run(command, *extra, "--benchmark", "no-such-benchmark", "--out", tmp_path / "out", "--quiet")
+    line = assert_one_line_error(code, out, err, command)
+    assert "no-such-benchmark" in line and "digits-contributors" in line
+    code, _, err = run(command, *extra, "--benchmark", "digits-classes", "--data", "digits", "--out", tmp_path / "out")
+    assert code == 2 and "not allowed with argument" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["unlearn", "attribute"])
+def test_missing_base_pipeline(command, workspace, tmp_path):
+    extra = ["--bundle", workspace["bundle"], "--images", workspace["queries"]] if command == "attribute" else ["--data", workspace["data"]]
+    code, out, err = run(command, "--base", tmp_path / "no-base", *extra, "--out", tmp_path / "out", "--quiet")
+    line = assert_one_line_error(code, out, err, command)
+    assert "no-base" in line and "guda train" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_unlearn_a_subset_of_groups(workspace, tmp_path):

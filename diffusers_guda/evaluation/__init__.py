@@ -8,10 +8,12 @@ from .baselines import (
     nearest_neighbour_scores,
     similarity_scores,
 )
+from .benchmarks import GroupComparison, available_benchmarks, group_comparisons, load_benchmark
 from .runner import run_evaluation
 from .logo import logo_attribution, logo_model_dir, train_logo_models
 from .metrics import (
     METRIC_NAMES,
+    group_level_agreement,
     group_level_comparison,
     kendall,
     label_top1,
@@ -28,6 +30,10 @@ from .metrics import (
 
 __all__ = [
     "run_evaluation",
+    "GroupComparison",
+    "available_benchmarks",
+    "group_comparisons",
+    "load_benchmark",
     "GradientConfig",
     "InstanceUnlearningConfig",
     "gradient_scores",
@@ -38,6 +44,7 @@ __all__ = [
     "logo_model_dir",
     "train_logo_models",
     "METRIC_NAMES",
+    "group_level_agreement",
     "group_level_comparison",
     "kendall",
     "label_top1",

@@ -254,3 +254,25 @@ def group_level_comparison(delta_a, delta_b, confidence: float = 0.95) -> Mappin
     winner = "a" if lo > 0 else "b" if hi < 0 else "unresolved"
     return {"mean_a": float(a.mean()), "mean_b": float(b.mean()), "mean_diff": mean_diff, "stderr": stderr,
             "ci_low": lo, "ci_high": hi, "confidence": float(confidence), "n": int(n), "winner": winner}
+
+
+def group_level_agreement(pred: Sequence[Mapping], ref: Sequence[Mapping]) -> float | None:
+    """Fraction of group-level comparisons on which a method picks the reference's winner.
+
+    Only comparisons the reference resolves (its interval excludes 0) count; on those, the method
+    agrees when its own ``mean_diff`` has the reference's sign (scores of different methods live on
+    different scales, so the sign is what compares).
+
+    Args:
+        pred: The method's :func:`group_level_comparison` results, one per comparison.
+        ref: The reference's results for the same comparisons, in the same order.
+
+    Returns:
+        The fraction in [0, 1], or ``None`` when the reference resolves none of them.
+    """
+    if len(pred) != len(ref):
+        raise ConfigError(f"pred and ref must hold the same comparisons, got {len(pred)} and {len(ref)}")
+    resolved = [(p, r) for p, r in zip(pred, ref) if r["winner"] != "unresolved"]
+    if not resolved:
+        return None
+    return sum((p["mean_diff"] > 0) == (r["winner"] == "a") for p, r in resolved) / len(resolved)

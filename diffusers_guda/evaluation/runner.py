@@ -46,7 +46,8 @@ from .baselines import (
     similarity_scores,
 )
 from .logo import logo_attribution, train_logo_models
-from .metrics import METRIC_NAMES, summarize
+from .benchmarks import group_comparisons
+from .metrics import METRIC_NAMES, group_level_agreement, group_level_comparison, summarize
 
 METHODS = ("guda", "similarity", "nearest_neighbour", "gradient", "instance_unlearning")
 REFERENCE = "logo_seed_a"
@@ -306,6 +307,7 @@ def run_evaluation(
         for m in [CEILING, *methods]
     }
     reference_label = summarize(reference, reference, names=["top1"], labels=labels).get("label_top1") if labels is not None else None
+    group_level = _group_level(group_comparisons(dataset, queries), scores, [REFERENCE, CEILING, *methods])
 
     # 8. report
     log(f"[8/{total}] report -> {out / 'report.json'}, {out / 'report.md'}")
@@ -327,6 +329,7 @@ def run_evaluation(
         "fraction_of_ceiling": fractions,
         "labels": label_info,
         "reference_label_top1": reference_label,
+        "group_level": group_level,
         "cost": cost,
         "cost_ratio_logo_over_guda": logo_wall / guda_wall if guda_wall > 0 else None,
         "cost_ratio_logo_over_guda_passes": logo_passes / guda_passes if guda_passes > 0 else None,
@@ -345,6 +348,24 @@ def run_evaluation(
     plot_score_heatmaps({m: scores[m] for m in all_methods}, report["groups"], out / "score_heatmaps.png")
     log(format_summary(report))
     return report
+
+
+def _group_level(comparisons, scores: dict[str, np.ndarray], methods: Sequence[str]) -> dict | None:
+    """Each benchmark comparison for every method, and each method's agreement with the reference."""
+    if not comparisons:
+        return None
+    results = {}
+    for c in comparisons:
+        entry = {"description": c.description, "n": len(c.queries)}
+        entry.update({m: group_level_comparison(*c.deltas(scores[m])) for m in methods})
+        results[c.name] = entry
+    agreement = {
+        m: group_level_agreement([results[c.name][m] for c in comparisons], [results[c.name][REFERENCE] for c in comparisons])
+        for m in methods if m != REFERENCE
+    }
+    return {"comparisons": results, "agreement": agreement,
+            "note": f"per comparison: paired 95% interval of mean(a) - mean(b) over its queries; agreement: fraction of the "
+                    f"comparisons {REFERENCE} resolves on which the method's mean difference has its sign"}
 
 
 # -- formatting ----------------------------------------------------------------------------------
@@ -373,6 +394,19 @@ def format_markdown(report: dict) -> str:
     for m in methods:
         cells = [("n/a" if report["fraction_of_ceiling"][m][n] is None else f"{report['fraction_of_ceiling'][m][n]:.2f}") for n in names]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if report.get("group_level"):
+        gl = report["group_level"]
+        comparisons = list(gl["comparisons"])
+        lines += ["", "## Group level (mean Δ of group a − group b over the comparison's queries, 95% paired interval)", ""]
+        lines += [f"- `{name}` ({gl['comparisons'][name]['n']} queries): {gl['comparisons'][name]['description']}" for name in comparisons]
+        lines += ["", "| method | " + " | ".join(comparisons) + " | agreement |", "|---|" + "---|" * (len(comparisons) + 1)]
+        for m in [report["reference"], *methods]:
+            cells = []
+            for name in comparisons:
+                r = gl["comparisons"][name][m]
+                cells.append(f"{r['mean_diff']:+.3g} [{r['ci_low']:+.2g}, {r['ci_high']:+.2g}]")
+            agree = gl["agreement"].get(m)
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {'reference' if m == report['reference'] else 'n/a' if agree is None else f'{agree:.2f}'} |")
     lines += ["", "## Cost", "", "| stage | wall (s) | forwards | backwards | reused |", "|---|---|---|---|---|"]
     for stage, c in report["cost"].items():
         lines.append(f"| {stage} | {c['wall_s']:.2f} | {c['forwards']:,} | {c['backwards']:,} | {'yes' if c.get('reused') else 'no'} |")
@@ -387,6 +421,10 @@ def format_summary(report: dict) -> str:
     lines = ["", f"{'method':>20} " + " ".join(f"{n:>14}" for n in names)]
     for m, res in report["methods"].items():
         lines.append(f"{m:>20} " + " ".join(f"{res[n]['mean']:>7.3f}±{res[n]['std']:<6.3f}" for n in names))
+    if report.get("group_level"):
+        agreement = report["group_level"]["agreement"]
+        lines.append("group-level agreement with the reference: " + ", ".join(
+            f"{m} {'n/a' if v is None else f'{v:.2f}'}" for m, v in agreement.items()))
     ratio = report["cost_ratio_logo_over_guda"]
     if ratio:
         lines.append(f"LOGO/GUDA cost: {ratio:.1f}x wall, {report['cost_ratio_logo_over_guda_passes']:.1f}x sample passes")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,7 +24,7 @@ def test_contributors_is_deterministic_and_complete():
     digits = load_digits()
     sizes = dict(zip(a.group_names, a.group_sizes()))
     counts = torch.bincount(digits.group_ids).tolist()
-    assert sizes["threes"] == counts[3] and sizes["threes-copies"] == counts[3] // 2
+    assert sizes["threes"] == counts[3] and sizes["threes-copies"] == counts[3] // 4
     assert sizes["sevens-small"] == benchmarks.SMALL_SEVENS and sizes["sevens-large"] == counts[7] - benchmarks.SMALL_SEVENS
     assert sizes["thick-strokes"] == sum(counts[d] // 2 for d in (5, 6, 8, 9))
     assert sizes["fives"] == counts[5] - counts[5] // 2
@@ -50,3 +51,36 @@ def test_thicken_adds_stroke_pixels_only():
 def test_unknown_benchmark_lists_the_known_ones():
     with pytest.raises(ConfigError, match="digits-contributors"):
         benchmarks.load_benchmark("nope")
+
+
+def test_group_comparisons_select_queries_by_digit_and_stroke_style():
+    data = benchmarks.digits_contributors()
+    group = lambda name: data.images[data.forget_indices(data.group_index(name))]
+    # queries: two 3s, two 7s, two thick 5/6, two thin 5/9, one 0 (concerns no comparison)
+    queries = torch.cat([group("threes")[:2], group("sevens-large")[:2], group("thick-strokes")[[0, -30]],
+                         group("fives")[:1], group("nines")[:1], group("zeros")[:1]])
+    found = {c.name: c for c in benchmarks.group_comparisons(data, queries)}
+    assert set(found) == {"copies", "sizes", "style-thick", "style-thin"}
+    idx = data.group_index
+    assert found["copies"].queries.tolist() == [0, 1]
+    assert set(found["copies"].group_a) == {idx("threes")} and set(found["copies"].group_b) == {idx("threes-copies")}
+    assert found["sizes"].queries.tolist() == [2, 3] and set(found["sizes"].group_a) == {idx("sevens-large")}
+    assert found["style-thick"].queries.tolist() == [4, 5] and set(found["style-thick"].group_a) == {idx("thick-strokes")}
+    # thin queries compare their own digit's contributor against thick-strokes
+    assert found["style-thin"].queries.tolist() == [6, 7]
+    assert found["style-thin"].group_a.tolist() == [idx("fives"), idx("nines")]
+    assert set(found["style-thin"].group_b) == {idx("thick-strokes")}
+    scores = np.arange(len(queries) * data.num_groups, dtype=float).reshape(len(queries), -1)
+    a, b = found["style-thin"].deltas(scores)
+    assert a.tolist() == [scores[6, idx("fives")], scores[7, idx("nines")]]
+    assert b.tolist() == [scores[6, idx("thick-strokes")], scores[7, idx("thick-strokes")]]
+
+
+def test_group_comparisons_only_for_the_contributors_benchmark():
+    data = benchmarks.load_benchmark("digits-classes")
+    assert benchmarks.group_comparisons(data, data.images[:10]) == []
+    contributors = benchmarks.digits_contributors()
+    # a single 3 is too few for a paired interval: that comparison is left out
+    one_three = torch.cat([contributors.images[contributors.forget_indices(contributors.group_index("threes"))][:1],
+                           contributors.images[contributors.forget_indices(contributors.group_index("sevens-large"))][:2]])
+    assert [c.name for c in benchmarks.group_comparisons(contributors, one_three)] == ["sizes"]

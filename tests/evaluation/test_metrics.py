@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from diffusers_guda.errors import ConfigError
 from diffusers_guda.evaluation import (
     METRIC_NAMES,
+    group_level_agreement,
     group_level_comparison,
     kendall,
     label_top1,
@@ -161,6 +163,20 @@ def test_group_level_comparison_known_difference():
     ci90 = stats.ttest_rel(a, c).confidence_interval(0.90)
     out90 = group_level_comparison(a, c, confidence=0.90)
     assert (out90["ci_low"], out90["ci_high"]) == pytest.approx((ci90.low, ci90.high))
+
+
+def test_group_level_agreement_counts_resolved_reference_comparisons():
+    def result(mean_diff, winner):
+        return {"mean_diff": mean_diff, "winner": winner}
+
+    ref = [result(0.5, "a"), result(-0.2, "b"), result(0.01, "unresolved"), result(0.3, "a")]
+    pred = [result(2.0, "a"), result(1.0, "unresolved"), result(-5.0, "b"), result(-0.1, "unresolved")]
+    # resolved by the reference: 1st (a; pred +), 2nd (b; pred +: wrong), 4th (a; pred -: wrong)
+    assert group_level_agreement(pred, ref) == pytest.approx(1 / 3)
+    assert group_level_agreement(ref, ref) == 1.0
+    assert group_level_agreement(pred[2:3], ref[2:3]) is None
+    with pytest.raises(ConfigError, match="same comparisons"):
+        group_level_agreement(pred, ref[:2])
 
 
 @pytest.mark.parametrize(

@@ -104,6 +104,33 @@ def test_artifacts(workspace):
     assert "[1/9]" in workspace["stdout"] and "training the base model" in workspace["stdout"]
 
 
+def test_group_level_section(workspace):
+    from diffusers_guda.evaluation.benchmarks import GroupComparison
+    from diffusers_guda.evaluation.metrics import group_level_comparison
+    from diffusers_guda.evaluation.runner import _group_level, format_markdown
+
+    report = workspace["report"]
+    assert report["group_level"] is None  # a user's folder defines no comparisons
+    scores = {p.stem: np.asarray(json.loads(p.read_text())["scores"]) for p in (workspace["out"] / "scores").glob("*.json")}
+    comparison = GroupComparison("left-vs-right", "every query: left above right", np.arange(4), np.zeros(4, int), np.full(4, 2))
+    methods = ["logo_seed_a", "logo_seed_b", *METHODS]
+    level = _group_level([comparison], scores, methods)
+    entry = level["comparisons"]["left-vs-right"]
+    assert entry["n"] == 4
+    for m in methods:
+        assert entry[m] == group_level_comparison(scores[m][:, 0], scores[m][:, 2])
+    reference = entry["logo_seed_a"]
+    for m in methods[1:]:
+        expected = None if reference["winner"] == "unresolved" else float((entry[m]["mean_diff"] > 0) == (reference["winner"] == "a"))
+        assert level["agreement"][m] == expected
+    md = format_markdown(dict(report, group_level=level))
+    assert "## Group level" in md and "`left-vs-right` (4 queries)" in md
+    table = md.split("## Group level")[1].split("## Cost")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "[" in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| logo_seed_a", "| logo_seed_b", *(f"| {m}" for m in METHODS)]
+    assert rows[0].endswith("| reference |")
+
+
 def test_rerun_reuses_everything(workspace):
     out = workspace["out"]
     code, stdout, stderr = run("evaluate", "--data", workspace["data"], "--out", out, "--recipe", workspace["recipe"], "--quiet")
