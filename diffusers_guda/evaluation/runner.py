@@ -105,6 +105,7 @@ def run_evaluation(
     num_queries: int | None = None,
     methods: Sequence[str] = METHODS,
     seed_b: int | None = None,
+    ceiling: bool = True,
     gradient_config: GradientConfig | None = None,
     instance_config: InstanceUnlearningConfig | None = None,
     progress: bool = True,
@@ -119,6 +120,8 @@ def run_evaluation(
         num_queries: Generated query images (default: the recipe's ``queries.num_queries`` or 100).
         methods: Subset of :data:`METHODS`; LOGO seed A and seed B always run.
         seed_b: Training seed of the second LOGO set (default: seed A + 1).
+        ceiling: Train and score LOGO seed B (the ceiling). ``False`` halves the LOGO cost and leaves
+            the ceiling and the fractions of it out of the report.
         gradient_config: Settings of the gradient baseline (default ``GradientConfig()``).
         instance_config: Settings of the instance-unlearning baseline (default ``InstanceUnlearningConfig()``).
         progress: Show progress bars.
@@ -138,7 +141,7 @@ def run_evaluation(
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
     seed_a = recipe.train.seed
     seed_b = seed_a + 1 if seed_b is None else int(seed_b)
-    if seed_b == seed_a:
+    if ceiling and seed_b == seed_a:
         raise ConfigError(f"seed B must differ from seed A ({seed_a}): the ceiling compares two training seeds.")
     num_queries = int(num_queries or recipe.queries.get("num_queries", 100))
     if num_queries < 1:
@@ -165,7 +168,8 @@ def run_evaluation(
 
     # 2-3. LOGO models, seed A and seed B
     logo_paths = {}
-    for step, (key, seed) in enumerate(((REFERENCE, seed_a), (CEILING, seed_b)), start=2):
+    logo_sets = ((REFERENCE, seed_a), (CEILING, seed_b)) if ceiling else ((REFERENCE, seed_a),)
+    for step, (key, seed) in enumerate(logo_sets, start=2):
         config = replace(recipe.train, seed=seed)
         root = out / "logo" / f"seed_{seed}"
         done = root.is_dir() and sum((p / TRAIN_LOG_NAME).is_file() for p in root.iterdir() if p.is_dir()) == K
@@ -265,7 +269,8 @@ def run_evaluation(
             return gradient_scores(full_unet, scheduler, queries, dataset, gradient_config, progress=progress)
         return instance_unlearning_scores(full_unet, scheduler, queries, dataset, instance_config, progress=progress)
 
-    all_methods = [REFERENCE, CEILING, *methods]
+    all_methods = [REFERENCE, *([CEILING] if ceiling else []), *methods]
+    compared = all_methods[1:]
     scores: dict[str, np.ndarray] = {}
     for i, method in enumerate(all_methods, start=1):
         settings, counts = specs[method]
@@ -290,7 +295,7 @@ def run_evaluation(
         cost[stage] = entry_cost | {"reused": False}
 
     # 7. metrics
-    log(f"[7/{total}] metrics against {REFERENCE} (ceiling: {CEILING})")
+    log(f"[7/{total}] metrics against {REFERENCE} (ceiling: {CEILING if ceiling else 'none'})")
     labels = None
     label_info = None
     if _is_digit_classes(dataset):
@@ -299,15 +304,17 @@ def run_evaluation(
         label_info = {"source": "5-nearest-neighbour digit classifier on the real digits (demo.digit_classifier)",
                       "counts": np.bincount(labels, minlength=K).tolist()}
     reference = scores[REFERENCE]
-    results = {m: summarize(scores[m], reference, labels=labels) for m in [CEILING, *methods]}
+    results = {m: summarize(scores[m], reference, labels=labels) for m in compared}
     metric_names = list(METRIC_NAMES) + (["label_top1"] if labels is not None else [])
-    ceiling = results[CEILING]
-    fractions = {
-        m: {name: (results[m][name]["mean"] / ceiling[name]["mean"] if ceiling[name]["mean"] > 0 else None) for name in metric_names}
-        for m in [CEILING, *methods]
-    }
+    fractions = None
+    if ceiling:
+        top = results[CEILING]
+        fractions = {
+            m: {name: (results[m][name]["mean"] / top[name]["mean"] if top[name]["mean"] > 0 else None) for name in metric_names}
+            for m in compared
+        }
     reference_label = summarize(reference, reference, names=["top1"], labels=labels).get("label_top1") if labels is not None else None
-    group_level = _group_level(group_comparisons(dataset, queries), scores, [REFERENCE, CEILING, *methods])
+    group_level = _group_level(group_comparisons(dataset, queries), scores, all_methods)
 
     # 8. report
     log(f"[8/{total}] report -> {out / 'report.json'}, {out / 'report.md'}")
@@ -317,13 +324,13 @@ def run_evaluation(
     guda_passes = cost["guda_unlearning"]["forwards"] + cost["guda_unlearning"]["backwards"]
     report = {
         "recipe": recipe.to_dict(),
-        "seeds": {"logo_seed_a": seed_a, "logo_seed_b": seed_b, "train": seed_a, "unlearning": recipe.unlearning.seed,
+        "seeds": {"logo_seed_a": seed_a, "logo_seed_b": seed_b if ceiling else None, "train": seed_a, "unlearning": recipe.unlearning.seed,
                   "elbo": recipe.elbo.seed, "queries": q_seed},
         "num_queries": N,
         "groups": list(dataset.group_names),
         "group_sizes": dataset.group_sizes(),
         "reference": REFERENCE,
-        "ceiling": CEILING,
+        "ceiling": CEILING if ceiling else None,
         "metric_names": metric_names,
         "methods": results,
         "fraction_of_ceiling": fractions,
@@ -379,8 +386,8 @@ def format_markdown(report: dict) -> str:
         f"# GUDA evaluation ({report['recipe']['name']})",
         "",
         f"{report['num_queries']} generated queries, {len(report['groups'])} groups; reference "
-        f"`{report['reference']}` (LOGO, seed {report['seeds']['logo_seed_a']}), ceiling `{report['ceiling']}` "
-        f"(LOGO, seed {report['seeds']['logo_seed_b']}).",
+        f"`{report['reference']}` (LOGO, seed {report['seeds']['logo_seed_a']}), "
+        + (f"ceiling `{report['ceiling']}` (LOGO, seed {report['seeds']['logo_seed_b']})." if report["ceiling"] else "no ceiling (run without LOGO seed B)."),
         "",
         "## Agreement with the reference (mean ± std over queries)",
         "",
@@ -389,11 +396,12 @@ def format_markdown(report: dict) -> str:
     ]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(f"{report['methods'][m][n]['mean']:.3f} ± {report['methods'][m][n]['std']:.3f}" for n in names) + " |")
-    lines += ["", "## Fraction of the ceiling (method mean / ceiling mean; n/a where the ceiling mean is <= 0)", "",
-              "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for m in methods:
-        cells = [("n/a" if report["fraction_of_ceiling"][m][n] is None else f"{report['fraction_of_ceiling'][m][n]:.2f}") for n in names]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if report["fraction_of_ceiling"]:
+        lines += ["", "## Fraction of the ceiling (method mean / ceiling mean; n/a where the ceiling mean is <= 0)", "",
+                  "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for m in methods:
+            cells = [("n/a" if report["fraction_of_ceiling"][m][n] is None else f"{report['fraction_of_ceiling'][m][n]:.2f}") for n in names]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if report.get("group_level"):
         gl = report["group_level"]
         comparisons = list(gl["comparisons"])

@@ -195,3 +195,31 @@ def test_digits_label_top1(tmp_path):
     assert sum(report["labels"]["counts"]) == 2
     assert report["cost"]["logo_seed_a"]["models"] == 10
     assert any("[9/9]" in line for line in lines)
+
+
+def test_contributors_without_ceiling(tmp_path):
+    """--no-ceiling skips LOGO seed B; digits-contributors adds its group-level comparisons."""
+    from diffusers_guda.evaluation.benchmarks import group_comparisons, load_benchmark
+    from diffusers_guda.demo import load_query_images
+    from diffusers_guda.evaluation.runner import _group_level, run_evaluation
+    from diffusers_guda.recipes import Recipe
+
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["train"].update(steps=3, batch_size=4, warmup_steps=1)
+    recipe["unlearning"].update(steps=1, forget_batch_size=2, retain_batch_size=2, eval_images=2)
+    recipe["elbo"] = {"stride": 50, "t_min": 10, "seed": 0}
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    dataset = load_benchmark("digits-contributors")
+    report = run_evaluation(tmp_path / "out", dataset, Recipe.load(path), num_queries=12, methods=["similarity", "guda"],
+                            ceiling=False, progress=False, log=lambda line: None)
+    assert report["ceiling"] is None and report["seeds"]["logo_seed_b"] is None and report["fraction_of_ceiling"] is None
+    assert set(report["methods"]) == {"similarity", "guda"} and "logo_seed_b" not in report["cost"]
+    assert not (tmp_path / "out" / "logo" / "seed_1").exists()
+    queries = load_query_images(sorted((tmp_path / "out" / "queries").glob("*.png")))
+    scores = {m: np.asarray(json.loads((tmp_path / "out" / "scores" / f"{m}.json").read_text())["scores"])
+              for m in ("logo_seed_a", "similarity", "guda")}
+    expected = _group_level(group_comparisons(dataset, queries), scores, list(scores))
+    assert expected is not None and report["group_level"] == json.loads(json.dumps(expected))
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "no ceiling" in md and "Fraction of the ceiling" not in md and "## Group level" in md
