@@ -8,7 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .errors import GUDAError
+from .errors import ConfigError, GUDAError
 
 EPILOG = "Documentation: README.md of diffusers-guda. Every command runs offline."
 
@@ -16,8 +16,43 @@ EPILOG = "Documentation: README.md of diffusers-guda. Every command runs offline
 def _threads(args) -> None:
     import torch
 
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
+        _at_least_one(threads=args.threads)
         torch.set_num_threads(args.threads)
+
+
+def _at_least_one(**flags) -> None:
+    """Refuse a flag given as 0 or less (0 would otherwise silently mean "the default")."""
+    for name, value in flags.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+
+
+def _output_dir(path: str) -> None:
+    """Refuse an output directory path that is an existing file (it would be replaced by a directory)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise ConfigError(f"--out {path} is an existing file, not a directory; choose another path or delete the file.")
+
+
+def _output_file(path: str | None, flag: str) -> None:
+    """Refuse an output file path that cannot be written, before any work is done."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; pass a file path (e.g. one inside that directory).")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{flag} {path}: the folder {path.parent} does not exist; create it first.")
+
+
+def _plot_format(path: str) -> None:
+    """Refuse a --plot path whose extension matplotlib cannot write."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    suffix = Path(path).suffix[1:].lower()
+    if suffix and suffix not in formats:
+        raise ConfigError(f"--plot {path}: unsupported image format .{suffix}; use a .png path (or one of {', '.join(formats)}).")
 
 
 def _dataset(args):
@@ -65,6 +100,7 @@ def cmd_train(args) -> None:
     from .recipes import Recipe
     from .training import train_base_model
 
+    _output_dir(args.out)
     recipe = Recipe.load(args.recipe)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("learning_rate", args.lr), ("seed", args.seed)) if v is not None}
     config = replace(recipe.train, **overrides)
@@ -79,13 +115,16 @@ def cmd_unlearn(args) -> None:
     from .lora import LoRASettings
     from .recipes import Recipe
 
+    _output_dir(args.out)
     recipe = Recipe.load(args.recipe)
     config = recipe.unlearning
     options = dict(config.objective_options) if args.objective in (None, config.objective) else {}
     options.update(_options(args.option))
-    lora = LoRASettings(rank=args.rank or config.lora.rank, alpha=args.alpha or (args.rank or config.lora.alpha), target_modules=config.lora.target_modules)
+    rank = config.lora.rank if args.rank is None else args.rank
+    alpha = args.alpha if args.alpha is not None else (config.lora.alpha if args.rank is None else args.rank)
+    lora = LoRASettings(rank=rank, alpha=alpha, target_modules=config.lora.target_modules)
     overrides = {k: v for k, v in (("steps", args.steps), ("learning_rate", args.lr), ("seed", args.seed)) if v is not None}
-    if args.batch_size:
+    if args.batch_size is not None:
         overrides.update(forget_batch_size=args.batch_size, retain_batch_size=args.batch_size)
     config = replace(config, objective=args.objective or config.objective, objective_options=options, lora=lora, **overrides)
     dataset = _dataset(args)
@@ -121,19 +160,35 @@ def _query_files(spec: list[str]) -> list[Path]:
     return files
 
 
-def cmd_attribute(args) -> None:
-    from PIL import Image
+def _open_query(path: Path):
+    """A query image, fully read, with a one-line error for a file that is not a readable image."""
+    from PIL import Image, UnidentifiedImageError
 
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as exc:
+        raise GUDAError(f"Cannot read query image {path} ({exc}). Pass PNG/JPEG image files, or remove that file.") from exc
+    return image
+
+
+def cmd_attribute(args) -> None:
     from .elbo import ELBOConfig
     from .pipelines import to_model_images
 
+    _at_least_one(top_k=args.top_k)
+    _output_file(args.out, "--out")
+    _output_file(args.plot, "--plot")
+    if args.plot:
+        _plot_format(args.plot)
     files = _query_files(args.images)
+    queries = [_open_query(f) for f in files]
     pipe = _load_base(args.base)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_guda_bundle(args.bundle, revision=args.revision)
-    images = to_model_images([Image.open(f) for f in files])
+    images = to_model_images(queries)
     elbo = None
-    if args.stride or args.draws or args.elbo_seed is not None:
+    if args.stride is not None or args.draws is not None or args.elbo_seed is not None:
         base = dict(pipe.guda_bundle.elbo or {})
         base.update({k: v for k, v in (("stride", args.stride), ("num_draws", args.draws), ("seed", args.elbo_seed)) if v is not None})
         elbo = ELBOConfig(**base)
@@ -158,8 +213,9 @@ def cmd_logo(args) -> None:
     from .evaluation.logo import train_logo_models
     from .recipes import Recipe
 
+    _output_dir(args.out)
     recipe = Recipe.load(args.recipe)
-    config = replace(recipe.train, **({"steps": args.steps} if args.steps else {}))
+    config = replace(recipe.train, **({"steps": args.steps} if args.steps is not None else {}))
     dataset = _dataset(args)
     paths = train_logo_models(dataset, config, args.out, groups=args.groups, seed=args.seed, progress=not args.quiet)
     print(f"{len(paths)} leave-one-group-out models under {Path(args.out) / f'seed_{args.seed if args.seed is not None else config.seed}'}")
@@ -168,16 +224,40 @@ def cmd_logo(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
+    _output_dir(args.out)
+    _at_least_one(queries=args.queries)
     run_demo(args.out, recipe=args.recipe, num_queries=args.queries, progress=not args.quiet)
     print(f"\nartifacts in {args.out}: base/ bundle/ queries/ report.json queries.png attribution_bars.png label_heatmap.png unlearning.png")
+
+
+def _baseline_config(config_class, pairs, flag):
+    """A baseline's settings from ``KEY=VALUE`` pairs (unknown keys named in a one-line error)."""
+    from dataclasses import fields
+
+    options = _options(pairs)
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"{flag}: unknown setting(s) {unknown}; known: {sorted(known)}.")
+    try:
+        return config_class(**options)
+    except TypeError as exc:
+        raise ConfigError(f"{flag}: {exc}") from exc
 
 
 def cmd_evaluate(args) -> None:
     from .evaluation.runner import METHODS, run_evaluation
 
+    _output_dir(args.out)
+    _at_least_one(queries=args.queries)
+    from .evaluation.baselines import GradientConfig, InstanceUnlearningConfig
+
+    gradient = _baseline_config(GradientConfig, args.gradient_option, "--gradient-option")
+    instance = _baseline_config(InstanceUnlearningConfig, args.instance_option, "--instance-option")
     dataset = _dataset(args)
     run_evaluation(args.out, dataset, args.recipe, num_queries=args.queries, methods=args.methods or METHODS,
-                   seed_b=args.seed_b, ceiling=not args.no_ceiling, progress=not args.quiet)
+                   seed_b=args.seed_b, ceiling=not args.no_ceiling, gradient_config=gradient,
+                   instance_config=instance, progress=not args.quiet)
     print(f"\nartifacts in {args.out}: report.json report.md metrics.png score_heatmaps.png scores/ base/ logo/ bundle/ queries/")
 
 
@@ -235,14 +315,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--plot", help="write a PNG bar chart here")
     p.add_argument("--top-k", type=int, default=3, help="groups printed per image")
-    p.add_argument("--batch-size", type=int, default=16, help="images per adapter switch (speed only)")
+    p.add_argument("--batch-size", type=int, default=64, help="images whose rows share forwards (speed and memory only)")
     p.add_argument("--stride", type=int, help="ELBO timestep stride (default: the bundle's)")
     p.add_argument("--draws", type=int, help="noise draws per timestep")
     p.add_argument("--elbo-seed", type=int, help="seed of the common random numbers")
-    p.add_argument("--strategy", choices=["swap", "mixed"], default="swap",
-                   help="switch adapters one by one (swap) or run all in one forward, one adapter per row (mixed)")
+    p.add_argument("--strategy", choices=["auto", "merged", "swap", "mixed"], default="auto",
+                   help="auto (merged when the adapters are plain LoRA), merged (each adapter merged into the weights in turn), "
+                        "swap (each LoRA branch switched on in turn) or mixed (all adapters in one forward, one per row)")
     p.add_argument("--adaptive-z", type=float,
-                   help="stop each image once its top group leads by this many standard errors (default: full grid)")
+                   help="drop groups that trail the leader by this many standard errors and stop each image when one "
+                        "is left (default: the full grid)")
     p.set_defaults(func=cmd_attribute)
 
     p = common(sub.add_parser("logo", help="retrain the base recipe once without each group (ground truth; resumable)"))
@@ -267,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, help="number of generated query images (default from the recipe)")
     p.add_argument("--methods", nargs="+", help="methods to score (default: guda similarity nearest_neighbour gradient instance_unlearning)")
     p.add_argument("--seed-b", type=int, help="training seed of the second LOGO set, the ceiling (default: the recipe's seed + 1)")
+    p.add_argument("--gradient-option", action="append", metavar="KEY=VALUE",
+                   help="gradient baseline setting, repeatable (e.g. projection_dim=1024, timesteps=[50,200,500])")
+    p.add_argument("--instance-option", action="append", metavar="KEY=VALUE",
+                   help="instance-unlearning baseline setting, repeatable (e.g. steps=10, learning_rate=0.003)")
     p.add_argument("--no-ceiling", action="store_true",
                    help="skip LOGO seed B (half the LOGO cost; the report then has no ceiling and no fractions of it)")
     p.set_defaults(func=cmd_evaluate)
@@ -275,13 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _threads(args)
     from diffusers.utils import logging as diffusers_logging
 
     bars = diffusers_logging.is_progress_bar_enabled()
     if args.quiet:  # also diffusers' own bars ("Loading pipeline components...")
         diffusers_logging.disable_progress_bar()
     try:
+        _threads(args)
         args.func(args)
     except GUDAError as exc:
         print(f"guda {args.command}: error: {exc}", file=sys.stderr)

@@ -169,32 +169,80 @@ class ELBOEstimator:
             Float32 tensor ``[R]``.
         """
         rows = torch.arange(self.num_rows) if rows is None else rows
-        device = next(unet.parameters()).device
-        dtype = next(unet.parameters()).dtype
         t_all = self.row_timesteps[rows]
         out = torch.empty(len(rows), dtype=torch.float32)
         chunk = rows_per_forward or self.config.rows_per_forward
-        x0_cpu = image.to(torch.float32)
+        x0 = image.to(torch.float32).unsqueeze(0)
         for start in range(0, len(rows), chunk):
-            t = t_all[start : start + chunk]
-            eps = noise[start : start + chunk].to(torch.float32)
-            a = self._sqrt_abar[t].view(-1, *[1] * image.dim())
-            s = self._sqrt_one_minus_abar[t].view(-1, *[1] * image.dim())
-            x0 = x0_cpu.unsqueeze(0).expand_as(eps)
-            x_t = a * x0 + s * eps
-            kwargs = {k: v.expand(len(t), *v.shape[1:]).to(device) for k, v in (unet_kwargs or {}).items()}
-            context = forward_context(start, start + len(t)) if forward_context else contextlib.nullcontext()
-            with self._autocast(device), context:
-                output = unet(x_t.to(device, dtype), t.to(device), **kwargs).sample
-            output = output.to("cpu", torch.float32)
-            x0_hat = self.predict_x0(output, x_t, a, s)
-            if self.config.weighting == "kl":
-                err = (x0 - x0_hat).flatten(1).pow(2).sum(1)
-                out[start : start + len(t)] = self._kl_weight[t] * err
-            else:
-                eps_hat = (x_t - a * x0_hat) / s
-                out[start : start + len(t)] = (eps - eps_hat).flatten(1).pow(2).mean(1)
+            stop = min(len(rows), start + chunk)
+            context = forward_context(start, stop) if forward_context else contextlib.nullcontext()
+            with context:
+                out[start:stop] = self._forward_terms(unet, x0, noise[start:stop], t_all[start:stop], unet_kwargs)
         return out
+
+    @torch.no_grad()
+    def packed_terms(
+        self,
+        unet: torch.nn.Module,
+        images: torch.Tensor,
+        image_index: torch.Tensor,
+        rows: torch.Tensor,
+        noise: torch.Tensor,
+        unet_kwargs: dict | None = None,
+        rows_per_forward: int | None = None,
+    ) -> torch.Tensor:
+        """Terms of many (image, row) items under ``unet``, packed across images.
+
+        Every forward holds exactly ``rows_per_forward`` rows (the last one padded with repeats), and
+        a row's output does not depend on the other rows of its forward, so each term is
+        bit-identical whatever the batch, the order or the other images it is computed with.
+
+        Args:
+            unet: Denoiser called as ``unet(x_t, t, **unet_kwargs).sample``.
+            images: ``[N, C, H, W]`` clean samples.
+            image_index: ``[M]`` image of each item.
+            rows: ``[M]`` row (a (t, draw) pair) of each item.
+            noise: ``[M, C, H, W]`` each item's noise (from :meth:`noise`).
+            unet_kwargs: Extra UNet inputs with one entry per image along dim 0 (``[N, ...]``).
+            rows_per_forward: Forward size overriding the config's (the same for every call that
+                must give comparable bits).
+
+        Returns:
+            Float32 tensor ``[M]``.
+        """
+        m, chunk = len(rows), rows_per_forward or self.config.rows_per_forward
+        out = torch.empty(m, dtype=torch.float32)
+        images = images.to(torch.float32)
+        for start in range(0, m, chunk):
+            stop = min(m, start + chunk)
+            take = torch.arange(start, start + chunk).clamp(max=stop - 1)  # pad with the last item
+            idx = image_index[take]
+            kwargs = {k: v[idx] for k, v in (unet_kwargs or {}).items()}
+            terms = self._forward_terms(unet, images[idx], noise[take], self.row_timesteps[rows[take]], kwargs, per_row_kwargs=True)
+            out[start:stop] = terms[: stop - start]
+        return out
+
+    def _forward_terms(self, unet, x0, eps, t, unet_kwargs=None, per_row_kwargs=False) -> torch.Tensor:
+        """One UNet forward: the terms of rows with clean samples ``x0`` (``[B]`` or ``[1]`` broadcast)."""
+        device = next(unet.parameters()).device
+        dtype = next(unet.parameters()).dtype
+        eps = eps.to(torch.float32)
+        shape = [-1, *[1] * (eps.dim() - 1)]
+        a, s = self._sqrt_abar[t].view(shape), self._sqrt_one_minus_abar[t].view(shape)
+        x0 = x0.expand_as(eps)
+        x_t = a * x0 + s * eps
+        if per_row_kwargs:
+            kwargs = {k: v.to(device) for k, v in (unet_kwargs or {}).items()}
+        else:
+            kwargs = {k: v.expand(len(t), *v.shape[1:]).to(device) for k, v in (unet_kwargs or {}).items()}
+        with self._autocast(device):
+            output = unet(x_t.to(device, dtype), t.to(device), **kwargs).sample
+        output = output.to("cpu", torch.float32)
+        x0_hat = self.predict_x0(output, x_t, a, s)
+        if self.config.weighting == "kl":
+            return self._kl_weight[t] * (x0 - x0_hat).flatten(1).pow(2).sum(1)
+        eps_hat = (x_t - a * x0_hat) / s
+        return (eps - eps_hat).flatten(1).pow(2).mean(1)
 
     def predict_x0(self, output: torch.Tensor, x_t: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
         """``x0_hat`` from the model output, for the scheduler's ``prediction_type`` (not clamped)."""

@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import ConfigError
+
 
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
@@ -19,6 +21,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
     atomic. An existing ``path`` is moved aside first and deleted only after the new one is in place.
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is an existing file, not a directory; choose another output path or delete the file.")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another path.")

@@ -138,7 +138,39 @@ def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 
 
 def load_adapter_into(unet: torch.nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], config_metadata: dict) -> None:
-    """Add ``state_dict`` to ``unet`` as adapter ``adapter_name`` through diffusers' own loader."""
+    """Add ``state_dict`` to ``unet`` as adapter ``adapter_name`` through diffusers' own loader.
+
+    Raises:
+        BundleError: if a tensor names a layer the UNet does not have or has a shape that does not fit it
+            (an adapter made for another architecture), before anything is added to the UNet.
+    """
+    _check_fits(unet, adapter_name, state_dict, config_metadata)
     unet.load_lora_adapter(
         dict(state_dict), adapter_name=adapter_name, prefix=UNET_PREFIX, metadata=dict(config_metadata)
     )
+
+
+def _check_fits(unet: torch.nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], config_metadata: dict) -> None:
+    """Refuse LoRA tensors whose layer is missing from ``unet`` or whose shape does not fit that layer."""
+    modules = dict(unet.named_modules())
+    rank = None if config_metadata.get(f"{UNET_PREFIX}.rank_pattern") else config_metadata.get(f"{UNET_PREFIX}.r")
+    for key, tensor in state_dict.items():
+        layer_name, _, param = key.removeprefix(f"{UNET_PREFIX}.").partition(".lora_")
+        layer = modules.get(layer_name)
+        weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
+        shape = tuple(tensor.shape)
+        if weight is None:
+            problem = f"{key} names no layer of this UNet"
+        elif param.startswith(("A.", "B.")):
+            is_a = param.startswith("A.")
+            r = rank or (shape[0] if is_a else shape[1] if len(shape) > 1 else 0)
+            expected = (r, *weight.shape[1:]) if is_a else (weight.shape[0], r, *(1,) * (weight.dim() - 2))
+            if shape == expected:
+                continue
+            problem = f"{key} has shape {shape}, but this UNet's layer needs {expected}"
+        else:
+            continue
+        raise BundleError(
+            f"Adapter {adapter_name!r} does not fit this {type(unet).__name__}: {problem}. It was made for another "
+            "UNet architecture (or the file was altered); re-run `guda unlearn` against this base model."
+        )

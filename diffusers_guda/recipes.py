@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .elbo import ELBOConfig
@@ -18,6 +18,7 @@ from .training import TrainConfig
 from .unlearning import UnlearningConfig
 
 DEFAULT_RECIPE = "digits-ddpm"
+_SECTIONS = {"train": TrainConfig, "unlearning": UnlearningConfig, "elbo": ELBOConfig, "queries": None}
 
 
 def recipe_dirs() -> list[Path]:
@@ -50,6 +51,7 @@ class Recipe:
                 raise ConfigError(f"Unknown recipe {name_or_path!r}; known recipes: {known}. Or pass a path to a recipe JSON file.")
         try:
             data = json.loads(path.read_text())
+            _check_layout(data, path)
             return cls(
                 name=data.get("name", path.stem),
                 description=data.get("description", ""),
@@ -70,3 +72,19 @@ class Recipe:
             "elbo": self.elbo.to_dict(),
             "queries": self.queries,
         }
+
+
+def _check_layout(data, path: Path) -> None:
+    """Refuse a recipe that is not an object of known sections with known fields (a typo would be ignored)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"Recipe {path} must hold a JSON object, not {type(data).__name__}; see adapters/{DEFAULT_RECIPE}.json.")
+    unknown = sorted(set(data) - {"name", "description", *_SECTIONS})
+    if unknown:
+        raise ConfigError(f"Recipe {path} has unknown field(s) {unknown}; known: {sorted(['name', 'description', *_SECTIONS])}.")
+    for key, config_class in _SECTIONS.items():
+        section = data.get(key, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"Recipe {path}: '{key}' must be a JSON object, got {section!r}.")
+        known = {f.name for f in fields(config_class)} if config_class is not None else set(section)
+        if set(section) - known:
+            raise ConfigError(f"Recipe {path}: '{key}' has unknown field(s) {sorted(set(section) - known)}; known: {sorted(known)}.")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .elbo import ELBOEstimator
 from .errors import ConfigError
 from .hashing import derive_seed
+from .merging import can_merge, merged_adapter
 
 
 @dataclass
@@ -114,8 +115,9 @@ def _restore(unet, state: tuple[list[str], bool] | None) -> None:
         unet.enable_adapters()
 
 
-STRATEGIES = ("swap", "mixed")
-BASE_ROWS = "__base__"  # peft's adapter name for rows that take no adapter
+STRATEGIES = ("auto", "merged", "swap", "mixed")
+BASE_ROWS = "__base__"
+ADAPTIVE_FORWARD_BLOCKS = 4  # adaptive forwards hold this many blocks of rows (fixed, so bits do not depend on the batch)  # peft's adapter name for rows that take no adapter
 
 
 @contextlib.contextmanager
@@ -240,115 +242,194 @@ class AttributionScorer:
     def score(
         self,
         images: torch.Tensor,
-        batch_size: int = 16,
+        batch_size: int = 64,
         unet_kwargs: Sequence[dict] | None = None,
         progress: bool = True,
         metadata: dict | None = None,
-        strategy: str = "swap",
+        strategy: str = "auto",
         adaptive_z: float | None = None,
-        adaptive_block: int = 10,
+        adaptive_block: int = 8,
     ) -> AttributionResult:
         """Score ``images`` against every group.
 
         Args:
             images: ``[N, C, H, W]`` clean samples in the model's input space.
-            batch_size: Images per adapter switch (``"swap"``); speed only.
-            unet_kwargs: Optional per-image UNet inputs.
+            batch_size: Images whose rows are packed into shared forwards; speed and memory only.
+            unet_kwargs: Optional per-image UNet inputs (each value ``[1, ...]``).
             progress: Show a progress bar.
             metadata: Extra fields recorded in the result.
-            strategy: ``"swap"`` switches the active adapter on the one UNet (see
-                :func:`score_models`); ``"mixed"`` runs the base and all K adapters in one forward per
-                row chunk with a different adapter per row (peft's mixed adapter batches). The two
-                agree to float32 reordering (~1e-6 nats); within a strategy scores do not depend on
-                the batch. The strategy used is recorded in ``metadata["strategy"]``.
-            adaptive_z: If set, each query walks its (t, draw) rows in a fixed pseudo-random order
-                (a function of the ELBO seed and the image's content) in blocks, and stops once the
-                top group's lead over the runner-up exceeds ``adaptive_z`` standard errors of their
-                paired difference, or the grid is exhausted. The rows used per query are recorded
-                in ``metadata["rows_used"]``. ``None`` (default) scores the full grid exactly.
-            adaptive_block: Rows per block of the adaptive walk (also the minimum before stopping).
+            strategy: How the K + 1 models are run; the one used is recorded in
+                ``metadata["strategy"]``. ``"merged"``: each adapter in turn is merged into the
+                weights (so its forward costs the base model's) and the rows of ``batch_size`` images
+                share fixed-size forwards. ``"swap"``: the same with the LoRA branch switched on
+                instead of merged (for adapters that cannot be merged). ``"mixed"``: the base and all
+                adapters in one forward per row chunk, a different adapter per row (peft's mixed
+                adapter batches; full grid only). ``"auto"`` (default): ``"merged"`` when every
+                adapter layer is plain LoRA, else ``"swap"``. Strategies agree to float32 rounding
+                (~1e-6 relative); within one, a score does not depend on the batch.
+            adaptive_z: If set, each query walks its (t, draw) rows in a fixed pseudo-random order (a
+                function of the ELBO seed and the image's content), ``adaptive_block`` rows at a
+                time. After each block, a group whose gap to the current leader exceeds
+                ``adaptive_z`` standard errors of their paired difference is dropped (its score is
+                the mean over the rows it saw); the query stops when one group is left (the top
+                group leads the runner-up by ``adaptive_z`` standard errors) or the grid is
+                exhausted. Rows used per query and group are recorded in ``metadata["rows_used"]``.
+                ``None`` (default) scores the full grid.
+            adaptive_block: Rows per block of the adaptive walk (also the minimum before dropping).
+                Adaptive forwards hold ``min(rows_per_forward, 4 * adaptive_block)`` rows.
         """
         if strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
         if adaptive_z is not None and (adaptive_z <= 0 or adaptive_block < 2):
             raise ConfigError("adaptive_z must be > 0 and adaptive_block >= 2.")
+        if adaptive_z is not None and strategy == "mixed":
+            raise ConfigError("adaptive_z needs strategy 'auto', 'merged' or 'swap' (mixed batches run every adapter on every row).")
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
+        if strategy == "auto":
+            strategy = "merged" if can_merge(self.unet, self.adapter_names) else "swap"
         unet = self.unet
         was_training = unet.training
         previous = _adapter_state(unet)
         unet.eval()
         metadata = {**(metadata or {}), "strategy": strategy}
+        if adaptive_z is not None:
+            metadata.update(adaptive_z=adaptive_z, adaptive_block=adaptive_block)
         try:
-            if adaptive_z is not None:
-                metadata.update(adaptive_z=adaptive_z, adaptive_block=adaptive_block)
-            if adaptive_z is not None or strategy == "mixed":
-                return self._score_per_image(images, unet_kwargs, progress, metadata, strategy, adaptive_z, adaptive_block)
-
-            def select(adapter):
-                def run():
-                    _switch(unet, adapter)
-                    return unet
-
-                return run
-
-            return score_models(
-                self.estimator, select(None), [select(a) for a in self.adapter_names], self.groups, images,
-                batch_size=batch_size, unet_kwargs=unet_kwargs, progress=progress, metadata=metadata,
-            )
+            if strategy == "mixed":
+                return self._score_mixed(images, unet_kwargs, progress, metadata)
+            return self._score_packed(images, batch_size, unet_kwargs, progress, metadata, strategy, adaptive_z, adaptive_block)
         finally:
             _restore(unet, previous)  # leave the adapters as they were (e.g. disabled for generation)
             unet.train(was_training)
 
-    def _all_terms(self, image, noise, rows, kwargs, strategy) -> torch.Tensor:
-        """``[K + 1, len(rows)]`` terms of the base (row 0) and every adapter on the given rows."""
-        est, unet = self.estimator, self.unet
-        if strategy == "mixed":
-            if BASE_ROWS in self.adapter_names:
-                raise ConfigError(f"An adapter may not be named {BASE_ROWS!r}: peft reserves it for rows without adapter.")
-            names = [BASE_ROWS, *self.adapter_names]
-            row_names = [name for name in names for _ in range(len(rows))]
-            tiled = noise.repeat(len(names), *[1] * image.dim())
-            unet.enable_adapters()
-            return est.terms(
-                unet, image, tiled, rows=rows.repeat(len(names)), unet_kwargs=kwargs,
-                rows_per_forward=est.config.rows_per_forward * len(names),
-                forward_context=lambda start, stop: adapter_per_row(unet, row_names[start:stop]),
-            ).view(len(names), len(rows))
-        out = []
-        for adapter in (None, *self.adapter_names):
-            _switch(unet, adapter)
-            out.append(est.terms(unet, image, noise, rows=rows, unet_kwargs=kwargs))
-        return torch.stack(out)
+    def _model(self, adapter: str | None, strategy: str):
+        """Context in which the UNet computes the base (``None``) or the base plus ``adapter``."""
+        if strategy == "merged":
+            return merged_adapter(self.unet, adapter)
+        _switch(self.unet, adapter)
+        return contextlib.nullcontext(self.unet)
+
+    def _model_terms(self, adapter, strategy, images, image_index, rows, noise, kwargs, forward_rows) -> torch.Tensor:
+        """Terms of (image, row) items under one model, packed into shared forwards of ``forward_rows``."""
+        with self._model(adapter, strategy) as unet:
+            return self.estimator.packed_terms(unet, images, image_index, rows, noise, kwargs, rows_per_forward=forward_rows)
 
     @torch.no_grad()
-    def _score_per_image(self, images, unet_kwargs, progress, metadata, strategy, z, block) -> AttributionResult:
-        """All models on one image at a time: the full grid in order, or (``z`` set) an adaptive walk."""
+    def _score_packed(self, images, batch_size, unet_kwargs, progress, metadata, strategy, z, block) -> AttributionResult:
+        """Model by model over ``batch_size`` images at a time: the full grid, or an adaptive walk."""
         est = self.estimator
         n, k, r = images.shape[0], len(self.groups), est.num_rows
         hashes = est.image_hashes(images)
         scores, stderr, neg_elbo = torch.zeros(n, k), torch.zeros(n, k), torch.zeros(n)
-        rows_used = []
-        desc = "attribute (adaptive)" if z is not None else f"attribute ({strategy})"
-        for i in tqdm(range(n), desc=desc, disable=not progress, dynamic_ncols=True, unit="img"):
-            if z is None:
-                order, step = torch.arange(r), r
-            else:
-                seed = derive_seed("guda-order", est.config.seed, hashes[i])
-                order, step = torch.randperm(r, generator=torch.Generator().manual_seed(seed)), block
-            kwargs = unet_kwargs[i] if unet_kwargs is not None else None
-            parts = []
-            for start in range(0, r, step):
-                rows = order[start : start + step]
-                parts.append(self._all_terms(images[i], est.noise(images[i], hashes[i], rows=rows), rows, kwargs, strategy))
-                terms = torch.cat(parts, dim=1)
-                diff = terms[1:] - terms[0]
-                if z is not None and k > 1 and terms.shape[1] < r:
-                    top, second = torch.topk(diff.mean(1), 2).indices.tolist()
-                    lead = diff[top] - diff[second]
-                    if lead.mean() > z * lead.std() / math.sqrt(lead.numel()):
-                        break
-            rows_used.append(int(terms.shape[1]))
-            neg_elbo[i] = est.scale * terms[0].mean()
-            scores[i], stderr[i] = _mean_and_stderr(diff, est.scale)
+        rows_used = torch.zeros(n, k, dtype=torch.long)
+        evaluated = 0
+        desc = f"attribute ({strategy}{', adaptive' if z is not None else ''})"
+        with tqdm(total=n, desc=desc, disable=not progress, dynamic_ncols=True, unit="img") as bar:
+            for first in range(0, n, batch_size):
+                ids = list(range(first, min(n, first + batch_size)))
+                kwargs = None
+                if unet_kwargs is not None:
+                    kwargs = {key: torch.cat([unet_kwargs[i][key] for i in ids]) for key in unet_kwargs[ids[0]]}
+                if z is None:
+                    orders, step, forward_rows = {i: torch.arange(r) for i in ids}, r, est.config.rows_per_forward
+                else:
+                    orders = {i: torch.randperm(r, generator=torch.Generator().manual_seed(
+                        derive_seed("guda-order", est.config.seed, hashes[i]))) for i in ids}
+                    # rounds hand each model few rows: smaller forwards waste less padding
+                    step, forward_rows = block, min(est.config.rows_per_forward, ADAPTIVE_FORWARD_BLOCKS * block)
+                base = {i: [] for i in ids}
+                diffs = {i: [[] for _ in range(k)] for i in ids}
+                alive = {i: list(range(k)) for i in ids}
+                active, position = list(ids), 0
+                while active:
+                    rows = {i: orders[i][position : position + step] for i in active}
+                    noise = {i: est.noise(images[i], hashes[i], rows=rows[i]) for i in active}
+                    base_terms = self._round(None, strategy, images, ids, active, rows, noise, kwargs, forward_rows)
+                    evaluated += sum(len(rows[i]) for i in active)
+                    for i in active:
+                        base[i].append(base_terms[i])
+                    for j, adapter in enumerate(self.adapter_names):
+                        who = [i for i in active if j in alive[i]]
+                        if not who:
+                            continue
+                        terms = self._round(adapter, strategy, images, ids, who, rows, noise, kwargs, forward_rows)
+                        evaluated += sum(len(rows[i]) for i in who)
+                        for i in who:
+                            diffs[i][j].append(terms[i] - base_terms[i])
+                    position += step
+                    still = []
+                    for i in active:
+                        if z is not None and position < r:
+                            alive[i] = _survivors(alive[i], [torch.cat(diffs[i][j]) for j in alive[i]], z)
+                        if position < r and len(alive[i]) > 1:
+                            still.append(i)
+                        else:
+                            bar.update(1)
+                    active = still
+                for i in ids:
+                    neg_elbo[i] = est.scale * torch.cat(base[i]).mean()
+                    for j in range(k):
+                        d = torch.cat(diffs[i][j])
+                        scores[i, j], stderr[i, j] = _mean_and_stderr(d, est.scale)
+                        rows_used[i, j] = len(d)
+        metadata["row_forwards"] = evaluated
         if z is not None:
-            metadata["rows_used"] = rows_used
+            metadata["rows_used"] = rows_used.tolist()
         return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, _metadata(est, metadata))
+
+    def _round(self, adapter, strategy, images, ids, who, rows, noise, kwargs, forward_rows) -> dict[int, torch.Tensor]:
+        """One model's terms on this round's rows of the images ``who``, as ``{image: terms}``."""
+        local = {i: p for p, i in enumerate(ids)}
+        index = torch.cat([torch.full((len(rows[i]),), local[i], dtype=torch.long) for i in who])
+        terms = self._model_terms(
+            adapter, strategy, images[ids[0] : ids[-1] + 1], index, torch.cat([rows[i] for i in who]),
+            torch.cat([noise[i] for i in who]), kwargs, forward_rows,
+        )
+        return dict(zip(who, terms.split([len(rows[i]) for i in who])))
+
+    def _all_terms(self, image, noise, rows, kwargs) -> torch.Tensor:
+        """``[K + 1, len(rows)]`` terms of the base (row 0) and every adapter, one forward per chunk."""
+        est, unet = self.estimator, self.unet
+        if BASE_ROWS in self.adapter_names:
+            raise ConfigError(f"An adapter may not be named {BASE_ROWS!r}: peft reserves it for rows without adapter.")
+        names = [BASE_ROWS, *self.adapter_names]
+        row_names = [name for name in names for _ in range(len(rows))]
+        tiled = noise.repeat(len(names), *[1] * image.dim())
+        unet.enable_adapters()
+        return est.terms(
+            unet, image, tiled, rows=rows.repeat(len(names)), unet_kwargs=kwargs,
+            rows_per_forward=est.config.rows_per_forward * len(names),
+            forward_context=lambda start, stop: adapter_per_row(unet, row_names[start:stop]),
+        ).view(len(names), len(rows))
+
+    @torch.no_grad()
+    def _score_mixed(self, images, unet_kwargs, progress, metadata) -> AttributionResult:
+        """All models on one image at a time, one adapter per row (the full grid)."""
+        est = self.estimator
+        n, k, r = images.shape[0], len(self.groups), est.num_rows
+        hashes = est.image_hashes(images)
+        scores, stderr, neg_elbo = torch.zeros(n, k), torch.zeros(n, k), torch.zeros(n)
+        rows = torch.arange(r)
+        for i in tqdm(range(n), desc="attribute (mixed)", disable=not progress, dynamic_ncols=True, unit="img"):
+            kwargs = unet_kwargs[i] if unet_kwargs is not None else None
+            terms = self._all_terms(images[i], est.noise(images[i], hashes[i]), rows, kwargs)
+            neg_elbo[i] = est.scale * terms[0].mean()
+            scores[i], stderr[i] = _mean_and_stderr(terms[1:] - terms[0], est.scale)
+        metadata["row_forwards"] = n * r * (k + 1)
+        return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, _metadata(est, metadata))
+
+
+def _survivors(alive: list[int], diffs: list[torch.Tensor], z: float) -> list[int]:
+    """The groups still in contention: those whose gap to the leader is within ``z`` standard errors.
+
+    ``diffs[a]`` holds group ``alive[a]``'s per-row score differences on the rows seen so far (the
+    same rows for every group still alive, so gaps are paired).
+    """
+    if len(alive) < 2:
+        return alive
+    d = torch.stack(diffs)
+    leader = int(d.mean(1).argmax())
+    gaps = d[leader] - d
+    bound = z * gaps.std(dim=1) / math.sqrt(d.shape[1])
+    return [g for a, g in enumerate(alive) if a == leader or not gaps[a].mean() > bound[a]]

@@ -49,6 +49,8 @@ class TrainConfig:
         self.block_out_channels = tuple(self.block_out_channels)
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("steps and batch_size must be >= 1.")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay must lie in [0, 1), got {self.ema_decay}.")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]

@@ -284,7 +284,8 @@ class GroupUnlearner:
             slug = slugs[gid]
             outer.set_postfix(group=dataset.group_names[gid])
             done = checkpoint / slug if checkpoint is not None else None
-            if done is not None and (done / STATS_NAME).exists():
+            # both files: a kill while the checkpoint of a finished run is deleted can leave either alone
+            if done is not None and (done / STATS_NAME).is_file() and (done / ADAPTER_WEIGHT_NAME).is_file():
                 state, metadata = load_adapter_file(done / ADAPTER_WEIGHT_NAME)
                 stats = json.loads((done / STATS_NAME).read_text())
             else:

@@ -263,23 +263,21 @@ def test_every_model_sees_the_same_draws(scorer, tiny_scheduler):
     finally:
         for handle in handles:
             handle.remove()
-    assert len(calls) == 3 * len(images)  # (base + 2 adapters) x images, one forward each (9 rows <= 128)
+    # rows of 2 images share each model's forward (padded to rows_per_forward): 2 batches x 3 models
+    assert len(calls) == 2 * 3 and all(len(t) == est.config.rows_per_forward for _, t, _ in calls)
     abar = tiny_scheduler.alphas_cumprod.sqrt()
-    per_image = {i: [] for i in range(len(images))}
-    for sample, timestep, output in calls:
-        assert torch.equal(timestep, est.row_timesteps)
-        for i, image in enumerate(images):
-            noise = est.noise(image)
-            a = abar[est.row_timesteps].view(-1, 1, 1, 1)
-            expected = a * image + (1 - a**2).sqrt() * noise
-            if torch.allclose(sample, expected, atol=1e-5):
-                per_image[i].append((sample, output))
-                break
-        else:
-            raise AssertionError("a UNet call whose x_t matches no query image's common random numbers")
-    for i, seen in per_image.items():
-        assert len(seen) == 3, f"image {i} reached {len(seen)} models"
-        (x_base, out_base), (x_a, out_a), (x_b, out_b) = seen
+    a = abar[est.row_timesteps].view(-1, 1, 1, 1)
+    expected = {i: a * image + (1 - a**2).sqrt() * est.noise(image) for i, image in enumerate(images)}
+    seen = {(i, r): {} for i in expected for r in range(est.num_rows)}  # (image, row) -> {call: (x_t, output)}
+    for call, (sample, timestep, output) in enumerate(calls):
+        for j in range(len(timestep)):
+            matches = [(i, r) for (i, r) in seen
+                       if timestep[j] == est.row_timesteps[r] and torch.allclose(sample[j], expected[i][r], atol=1e-5)]
+            assert len(matches) == 1, "a UNet row whose x_t matches no query image's common random numbers"
+            seen[matches[0]][call] = (sample[j], output[j])  # padding repeats a row within its call
+    for key, by_call in seen.items():
+        assert len(by_call) == 3, f"(image, row) {key} reached {len(by_call)} models"
+        (x_base, out_base), (x_a, out_a), (x_b, out_b) = by_call.values()
         assert torch.equal(x_base, x_a) and torch.equal(x_base, x_b)
         # three different models answered (base, adapter g0, adapter g1)
         assert not torch.equal(out_base, out_a) and not torch.equal(out_base, out_b) and not torch.equal(out_a, out_b)

@@ -204,24 +204,28 @@ def _scorer_with_adapters(tiny_unet, tiny_scheduler, names=("g0", "g1", "g2"), s
     return AttributionScorer(tiny_unet, ELBOEstimator(tiny_scheduler, ELBOConfig(stride=stride)), list(names), list(names))
 
 
-def test_mixed_adapter_batches_match_sequential_swapping(tiny_unet, tiny_scheduler):
+def test_strategies_agree_and_scores_do_not_depend_on_the_batch(tiny_unet, tiny_scheduler):
     scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler)
-    images = torch.rand(4, 1, 8, 8) * 2 - 1
-    swap = scorer.score(images, progress=False)
-    mixed = scorer.score(images, progress=False, strategy="mixed")
-    assert swap.metadata["strategy"] == "swap" and mixed.metadata["strategy"] == "mixed"
+    images = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    results = {s: scorer.score(images, progress=False, strategy=s) for s in ("swap", "merged", "mixed")}
+    auto = scorer.score(images, progress=False)
+    assert auto.metadata["strategy"] == "merged" and torch.equal(auto.scores, results["merged"].scores)
+    swap = results["swap"]
     assert (swap.scores.abs() > 1e-3).all()  # the adapters do something
-    # float32 reordering only: ~1e-7 per KL term, times T (=100) in the score
-    assert torch.allclose(mixed.scores, swap.scores, atol=1e-3, rtol=1e-5)
-    assert torch.allclose(mixed.stderr, swap.stderr, atol=1e-3, rtol=1e-5)
-    assert torch.allclose(mixed.neg_elbo, swap.neg_elbo, atol=1e-3, rtol=1e-5)
-    assert (mixed.scores - swap.scores).abs().max() / swap.scores.abs().max() < 1e-5
-    # within the strategy, a score does not depend on the other images or their order
-    alone = scorer.score(images[2:3], progress=False, strategy="mixed")
-    assert torch.equal(alone.scores[0], mixed.scores[2])
-    reordered = scorer.score(images.flip(0), progress=False, strategy="mixed")
-    assert torch.equal(reordered.scores.flip(0), mixed.scores)
-    # the hooks are gone and the adapters are left as they were (disabled)
+    for name, result in results.items():
+        assert result.metadata["strategy"] == name
+        # float32 reordering only: ~1e-7 per KL term, times T (=100) in the score
+        assert (result.scores - swap.scores).abs().max() / swap.scores.abs().max() < 1e-5, name
+        assert torch.allclose(result.stderr, swap.stderr, atol=1e-3, rtol=1e-5), name
+        assert torch.allclose(result.neg_elbo, swap.neg_elbo, atol=1e-3, rtol=1e-5), name
+        # within a strategy, a score does not depend on the batch size, the other images or their order
+        alone = scorer.score(images[2:3], progress=False, strategy=name)
+        assert torch.equal(alone.scores[0], result.scores[2]), name
+        reordered = scorer.score(images.flip(0), batch_size=3, progress=False, strategy=name)
+        assert torch.equal(reordered.scores.flip(0), result.scores), name
+        assert torch.equal(reordered.stderr.flip(0), result.stderr), name
+    assert swap.metadata["row_forwards"] == 4 * scorer.estimator.num_rows * 4  # N x rows x (K + 1)
+    # merging left the base weights and adapters as they were (disabled)
     base_again = tiny_unet(images, torch.full((4,), 50)).sample
     tiny_unet.disable_adapters()
     assert torch.equal(base_again, tiny_unet(images, torch.full((4,), 50)).sample)
@@ -231,35 +235,45 @@ def test_unknown_strategy_is_refused(tiny_unet, tiny_scheduler):
     scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler, names=("g0", "g1"))
     with pytest.raises(ConfigError, match="strategy"):
         scorer.score(torch.zeros(1, 1, 8, 8), progress=False, strategy="fast")
+    with pytest.raises(ConfigError, match="mixed"):
+        scorer.score(torch.zeros(1, 1, 8, 8), progress=False, strategy="mixed", adaptive_z=2.0)
 
 
-def test_adaptive_draws_stop_once_the_lead_is_resolved(tiny_unet, tiny_scheduler, monkeypatch):
+def test_adaptive_draws_drop_trailing_groups(tiny_unet, tiny_scheduler, monkeypatch):
     scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler, stride=2)
     rows = scorer.estimator.num_rows
-    lead = {"clear": 1.0, "none": 0.0}
+    lead = {0: 1.0, 1: 0.0}  # image 0: g0 leads g1 by 1 on every row; image 1: g0 and g1 tie
 
-    def designed_terms(image, noise, row_ids, kwargs, strategy):
-        # base 0; g0 = g1 + lead on every row, plus row-dependent noise: the lead is all that separates them
+    def designed_terms(adapter, strategy, images, image_index, row_ids, noise, kwargs, forward_rows):
+        # base 0; g0 = g1 + lead, g2 = g1 - 1, plus a row-dependent wiggle shared by all adapters
         wiggle = torch.sin(row_ids.float() * 1.7)
-        which = "clear" if image.mean() > 0 else "none"
-        return torch.stack([torch.zeros(len(row_ids)), lead[which] + wiggle, wiggle, -1 + wiggle])
+        which = (images[image_index].flatten(1).mean(1) < 0).long()  # image 0 is bright, image 1 dark
+        offset = {None: None, "g0": torch.tensor([lead[0], lead[1]])[which], "g1": 0.0, "g2": -1.0}[adapter]
+        return torch.zeros(len(row_ids)) if offset is None else offset + wiggle
 
-    monkeypatch.setattr(scorer, "_all_terms", designed_terms)
+    monkeypatch.setattr(scorer, "_model_terms", designed_terms)
     images = torch.stack([torch.full((1, 8, 8), 0.5), torch.full((1, 8, 8), -0.5)])
     result = scorer.score(images, progress=False, adaptive_z=3.0, adaptive_block=4)
-    assert result.metadata["rows_used"] == [4, rows]  # a constant lead resolves at once; a zero lead never
+    # constant gaps resolve after the first block; a tie never does, so g0 and g1 walk the whole grid
+    assert result.metadata["rows_used"] == [[4, 4, 4], [rows, rows, 4]]
     assert result.scores[0].argmax() == 0
-    assert torch.allclose(result.scores[0, 0] - result.scores[0, 1], torch.tensor(scorer.estimator.scale))
+    scale = scorer.estimator.scale
+    assert torch.allclose(result.scores[0, 0] - result.scores[0, 1], torch.tensor(scale))
+    assert result.scores[1, 0] == result.scores[1, 1]  # the tie, on the same rows
+    assert result.metadata["row_forwards"] == (4 + 4 + 4 + 4) + (rows * 3 + 4)
 
 
-@pytest.mark.parametrize("strategy", ["swap", "mixed"])
+@pytest.mark.parametrize("strategy", ["merged", "swap"])
 def test_adaptive_scores_do_not_depend_on_the_batch(tiny_unet, tiny_scheduler, strategy):
     scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler)
     images = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
     together = scorer.score(images, progress=False, strategy=strategy, adaptive_z=0.5, adaptive_block=4)
     alone = scorer.score(images[1:2], progress=False, strategy=strategy, adaptive_z=0.5, adaptive_block=4)
+    one_by_one = scorer.score(images, batch_size=1, progress=False, strategy=strategy, adaptive_z=0.5, adaptive_block=4)
     assert torch.equal(alone.scores[0], together.scores[1])
     assert alone.metadata["rows_used"] == together.metadata["rows_used"][1:2]
+    assert torch.equal(one_by_one.scores, together.scores) and one_by_one.metadata["rows_used"] == together.metadata["rows_used"]
+    assert min(min(r) for r in together.metadata["rows_used"]) < scorer.estimator.num_rows  # some group was dropped
 
 
 def test_adaptive_walk_that_never_stops_covers_the_full_grid(tiny_unet, tiny_scheduler):
@@ -267,7 +281,7 @@ def test_adaptive_walk_that_never_stops_covers_the_full_grid(tiny_unet, tiny_sch
     images = torch.rand(2, 1, 8, 8) * 2 - 1
     full = scorer.score(images, progress=False)
     walked = scorer.score(images, progress=False, adaptive_z=1e9, adaptive_block=3)
-    assert walked.metadata["rows_used"] == [scorer.estimator.num_rows] * 2
+    assert walked.metadata["rows_used"] == [[scorer.estimator.num_rows] * 3] * 2
     assert torch.allclose(walked.scores, full.scores, atol=1e-4, rtol=1e-5)  # same rows, other summation order
     assert "rows_used" not in full.metadata
 

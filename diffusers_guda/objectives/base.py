@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, ClassVar
 
@@ -89,6 +90,22 @@ class ObjectiveConfig:
         return asdict(self)
 
 
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _kind_of(default) -> type | None:
+    """The kind of value an option with this default takes (``None``: not checked)."""
+    return next((kind for kind in _KIND_NAMES if isinstance(default, kind)), None)
+
+
+def _is_kind(value, kind: type) -> bool:
+    """Whether ``value`` is of ``kind``; an integer is a valid number, a bool is neither."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    number = {int: numbers.Integral, float: numbers.Real}.get(kind, kind)
+    return isinstance(value, number)
+
+
 class UnlearningObjective:
     """Base class: a forget term (subclasses) and a preserve term (shared).
 
@@ -105,6 +122,10 @@ class UnlearningObjective:
             unknown = sorted(set(kwargs) - known)
             if unknown:
                 raise ConfigError(f"Objective '{self.name}' has no option(s) {unknown}; options: {sorted(known)}.")
+            for f in fields(self.config_class):
+                kind = _kind_of(f.default)
+                if f.name in kwargs and kind is not None and not _is_kind(kwargs[f.name], kind):
+                    raise ConfigError(f"Objective '{self.name}' option {f.name} must be {_KIND_NAMES[kind]}, got {kwargs[f.name]!r}.")
             config = self.config_class(**kwargs)
         elif kwargs:
             raise ConfigError("Pass either a config object or keyword options, not both.")

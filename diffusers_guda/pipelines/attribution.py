@@ -129,9 +129,9 @@ def attribute(
     images,
     *,
     bundle: AdapterBundle | str | None = None,
-    batch_size: int = 16,
+    batch_size: int = 64,
     elbo_config: ELBOConfig | None = None,
-    strategy: str = "swap",
+    strategy: str = "auto",
     adaptive_z: float | None = None,
     progress: bool = True,
 ) -> AttributionResult:
@@ -142,12 +142,14 @@ def attribute(
         images: ``[N, C, H, W]`` tensor in [-1, 1], a numpy array ``[N, H, W, C]`` in [0, 1] (what
             ``output_type="np"`` returns), or a list of PIL images.
         bundle: Bundle to load first (object, directory or Hub id).
-        batch_size: Images per adapter switch (speed only; scores do not depend on it).
+        batch_size: Images whose rows share forwards (speed and memory only; scores do not depend on it).
         elbo_config: Estimator settings; default: the bundle's recorded ELBO settings.
-        strategy: ``"swap"`` (switch adapters on the one UNet) or ``"mixed"`` (the base and all
-            adapters in one forward, one adapter per row); see :meth:`AttributionScorer.score`.
-        adaptive_z: Stop each query's walk over the grid once its top group leads the runner-up by
-            this many standard errors (``None``: the full grid, exactly).
+        strategy: ``"auto"`` (default: ``"merged"`` for plain LoRA adapters), ``"merged"`` (each
+            adapter merged into the weights in turn), ``"swap"`` (each adapter's LoRA branch switched
+            on in turn) or ``"mixed"`` (the base and all adapters in one forward, one adapter per
+            row); see :meth:`AttributionScorer.score`. The one used is in ``metadata["strategy"]``.
+        adaptive_z: Walk each query's grid in blocks and drop groups that trail the leader by this
+            many standard errors; stop when one is left (``None``: the full grid).
         progress: Show a progress bar.
     """
     if bundle is not None:

@@ -223,3 +223,16 @@ def test_contributors_without_ceiling(tmp_path):
     assert expected is not None and report["group_level"] == json.loads(json.dumps(expected))
     md = (tmp_path / "out" / "report.md").read_text()
     assert "no ceiling" in md and "Fraction of the ceiling" not in md and "## Group level" in md
+
+
+def test_baseline_options(workspace, tmp_path):
+    line = assert_one_line_error(*run("evaluate", "--data", workspace["data"], "--out", tmp_path / "o", "--recipe",
+                                      workspace["recipe"], "--gradient-option", "projection_dimension=8", "--quiet"))
+    assert "projection_dimension" in line and "projection_dim" in line
+    assert not (tmp_path / "o").exists()
+    code, stdout, stderr = run("evaluate", "--data", workspace["data"], "--out", workspace["out"], "--recipe", workspace["recipe"],
+                               "--methods", "gradient", "guda", "--gradient-option", "projection_dim=8", "--quiet")
+    assert code == 0, stderr
+    assert "gradient: 4 queries" in stdout and "guda: cached" in stdout  # only the changed baseline is recomputed
+    report = json.loads((workspace["out"] / "report.json").read_text())
+    assert report["baseline_settings"]["gradient"]["projection_dim"] == 8

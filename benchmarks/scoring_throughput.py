@@ -1,0 +1,184 @@
+"""Scoring throughput at K = 10 and K = 50 groups, every method measured in one run.
+
+Methods (the same queries, the same ELBO draws):
+
+* ``sequential``: hot-swap the active LoRA adapter on the one UNet, each image's rows in their own
+  forwards (the first implementation; the reference of every speed-up).
+* ``reload``: a full UNet per group loaded from disk (adapter merged and saved beforehand), as the
+  authors' code scores one checkpoint per group; loading is timed.
+* ``mixed``: the base and all K adapters in one forward per row chunk (peft's mixed adapter batches).
+* ``merged``: each adapter merged into the weights in turn, rows of many images packed per forward.
+* ``merged+adaptive``: ``merged`` with adaptive draws (groups trailing the leader by ``z`` standard
+  errors are dropped; a query stops when one group is left).
+
+For K = 50 the digits are split into 50 groups (each digit's images dealt into 5 groups) and
+unlearned with a short recipe; both bundles are cached in ``--work``. Wall times are medians over
+interleaved repeats; ``forwards`` counts (t, draw) rows through the UNet; ``top1_agreement`` is the
+fraction of queries whose top group equals the full-grid answer (``sequential``).
+
+Usage:
+    python benchmarks/scoring_throughput.py --base guda-demo/base --bundle guda-demo/bundle \
+        --queries guda-demo/queries --num-queries 20 --repeats 3 --threads 1 --out throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+
+def build_k50_bundle(base: str, work: Path, recipe_name: str, steps: int):
+    """Unlearn 50 groups (each digit dealt into 5) from ``base``; cached in ``work/k50-bundle``."""
+    from diffusers_guda import GUDADDPMPipeline
+    from diffusers_guda.bundle import MANIFEST_NAME, AdapterBundle
+    from diffusers_guda.data import GroupedDataset, load_digits
+    from diffusers_guda.recipes import Recipe
+
+    path = work / "k50-bundle"
+    if (path / MANIFEST_NAME).is_file():
+        return AdapterBundle.from_pretrained(path)
+    digits = load_digits()
+    group_ids = torch.empty_like(digits.group_ids)
+    for d in range(10):
+        idx = torch.nonzero(digits.group_ids == d).flatten()
+        group_ids[idx] = d * 5 + torch.arange(len(idx)) % 5
+    dataset = GroupedDataset(digits.images, group_ids, [f"{d}-{p}" for d in range(10) for p in range(5)])
+    recipe = Recipe.load(recipe_name)
+    config = replace(recipe.unlearning, steps=steps, eval_images=16, eval_draws=1)
+    pipe = GUDADDPMPipeline.from_pretrained(base)
+    print(f"building the K=50 bundle ({steps} unlearning steps per group) -> {path}", flush=True)
+    bundle = pipe.unlearn_groups(dataset, config=config, progress=True)
+    bundle.elbo = recipe.elbo.to_dict()
+    bundle.save_pretrained(path)
+    return AdapterBundle.from_pretrained(path)
+
+
+def save_full_models(pipe, directory: Path) -> list[Path]:
+    """One full UNet per loaded adapter (merged weights), as separate checkpoints."""
+    from diffusers import UNet2DModel
+
+    from diffusers_guda.merging import merged_adapter
+
+    bundle = pipe.guda_bundle
+    paths = []
+    for slug in bundle.slugs:
+        with merged_adapter(pipe.unet, bundle.adapter_name(slug)) as unet:
+            plain = UNet2DModel.from_config(unet.config)
+            state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
+            plain.load_state_dict(state)
+        paths.append(directory / slug)
+        plain.save_pretrained(paths[-1])
+    return paths
+
+
+def measure(pipe, images, methods, repeats):
+    timings = {m: [] for m in methods}
+    results = {}
+    for _ in range(repeats):
+        for name, run in methods.items():
+            t0 = time.perf_counter()
+            results[name] = run()
+            timings[name].append(time.perf_counter() - t0)
+    return {m: statistics.median(t) for m, t in timings.items()}, results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--base", default="guda-demo/base")
+    parser.add_argument("--bundle", default="guda-demo/bundle", help="the K=10 bundle")
+    parser.add_argument("--queries", default="guda-demo/queries")
+    parser.add_argument("--num-queries", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--adaptive-z", type=float, default=3.0)
+    parser.add_argument("--k50-steps", type=int, default=10, help="unlearning steps per group of the K=50 bundle")
+    parser.add_argument("--recipe", default="digits-ddpm")
+    parser.add_argument("--work", default="benchmark-work", help="cache of the K=50 bundle")
+    parser.add_argument("--ks", nargs="+", type=int, default=[10, 50], choices=[10, 50])
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from diffusers import UNet2DModel
+
+    from diffusers_guda import GUDADDPMPipeline
+    from diffusers_guda.demo import load_query_images
+    from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
+    from diffusers_guda.scoring import _switch, score_models
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    images = load_query_images(sorted(Path(args.queries).glob("*.png"))[: args.num_queries])
+    report = {"num_queries": len(images), "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0],
+              "repeats": args.repeats, "adaptive_z": args.adaptive_z}
+    for k in args.ks:
+        pipe = GUDADDPMPipeline.from_pretrained(args.base)
+        pipe.set_progress_bar_config(disable=True)
+        bundle = args.bundle if k == 10 else build_k50_bundle(args.base, work, args.recipe, args.k50_steps)
+        pipe.load_guda_bundle(bundle)
+        loaded = pipe.guda_bundle
+        if len(loaded.groups) != k:
+            raise SystemExit(f"the K={k} bundle has {len(loaded.groups)} groups")
+        estimator = ELBOEstimator(pipe.scheduler, ELBOConfig(**loaded.elbo) if loaded.elbo else ELBOConfig())
+        adapters = [loaded.adapter_name(s) for s in loaded.slugs]
+        rows = estimator.num_rows
+        n = len(images)
+        with tempfile.TemporaryDirectory(dir=work) as tmp:
+            full_models = save_full_models(pipe, Path(tmp))
+            unet = pipe.unet
+
+            def select(adapter):
+                return lambda: (_switch(unet, adapter), unet)[1]
+
+            def load(path):
+                return lambda: UNet2DModel.from_pretrained(path).eval()
+
+            def reference():
+                unet.disable_adapters()
+                return unet
+
+            methods = {
+                "sequential": lambda: score_models(estimator, select(None), [select(a) for a in adapters], loaded.group_names,
+                                                   images, progress=False),
+                "reload": lambda: score_models(estimator, reference, [load(p) for p in full_models], loaded.group_names,
+                                               images, batch_size=n, progress=False),
+                "mixed": lambda: pipe.attribute(images, strategy="mixed", progress=False),
+                "merged": lambda: pipe.attribute(images, strategy="merged", progress=False),
+                "merged+adaptive": lambda: pipe.attribute(images, strategy="merged", adaptive_z=args.adaptive_z, progress=False),
+            }
+            walls, results = measure(pipe, images, methods, args.repeats)
+        full = results["sequential"].scores.argmax(1)
+        entry = {}
+        for name, result in results.items():
+            forwards = result.metadata.get("row_forwards", n * rows * (k + 1))
+            entry[name] = {
+                "wall_s": round(walls[name], 3),
+                "forwards": int(forwards),
+                "top1_agreement": float((result.scores.argmax(1) == full).float().mean()),
+                "speedup_vs_sequential": walls["sequential"] / walls[name],
+                "max_abs_score_diff_vs_sequential": float((result.scores - results["sequential"].scores).abs().max()),
+            }
+        report[f"k{k}"] = entry
+        print(f"\nK = {k}: {n} queries x {k} groups, {rows} rows per query, {torch.get_num_threads()} threads, "
+              f"load {os.getloadavg()[0]:.2f}, median of {args.repeats}")
+        print("| method | wall (s) | forwards | speed-up vs sequential | top-1 = full grid | max abs score diff |")
+        print("|---|---|---|---|---|---|")
+        for name, e in entry.items():
+            print(f"| {name} | {e['wall_s']:.2f} | {e['forwards']:,} | {e['speedup_vs_sequential']:.2f}x | "
+                  f"{e['top1_agreement']:.0%} | {e['max_abs_score_diff_vs_sequential']:.1e} |", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
