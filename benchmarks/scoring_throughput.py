@@ -8,8 +8,8 @@ Methods (the same queries, the same ELBO draws):
   authors' code scores one checkpoint per group; loading is timed.
 * ``mixed``: the base and all K adapters in one forward per row chunk (peft's mixed adapter batches).
 * ``merged``: each adapter merged into the weights in turn, rows of many images packed per forward.
-* ``merged+adaptive``: ``merged`` with adaptive draws (groups trailing the leader by ``z`` standard
-  errors are dropped; a query stops when one group is left).
+* ``merged+adaptive(z=Z)``: ``merged`` with adaptive draws (stratified blocks of the grid; groups
+  trailing the leader by ``Z`` standard errors are dropped; a query stops when one group is left).
 
 For K = 50 the digits are split into 50 groups (each digit's images dealt into 5 groups) and
 unlearned with a short recipe; both bundles are cached in ``--work``. Wall times are medians over
@@ -65,17 +65,17 @@ def save_full_models(pipe, directory: Path) -> list[Path]:
     """One full UNet per loaded adapter (merged weights), as separate checkpoints."""
     from diffusers import UNet2DModel
 
-    from diffusers_guda.merging import merged_adapter
+    from diffusers_guda.merging import MergedAdapterRunner
 
     bundle = pipe.guda_bundle
+    runner = MergedAdapterRunner(pipe.unet)
     paths = []
     for slug in bundle.slugs:
-        with merged_adapter(pipe.unet, bundle.adapter_name(slug)) as unet:
-            plain = UNet2DModel.from_config(unet.config)
-            state = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k}
-            plain.load_state_dict(state)
+        with runner.merged(bundle.adapter_name(slug)) as merged:
+            full = UNet2DModel.from_config(merged.config)
+            full.load_state_dict(merged.state_dict())
         paths.append(directory / slug)
-        plain.save_pretrained(paths[-1])
+        full.save_pretrained(paths[-1])
     return paths
 
 
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--num-queries", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--adaptive-z", type=float, default=3.0)
+    parser.add_argument("--adaptive-z", type=float, nargs="+", default=[3.0], help="one merged+adaptive method per value")
     parser.add_argument("--k50-steps", type=int, default=10, help="unlearning steps per group of the K=50 bundle")
     parser.add_argument("--recipe", default="digits-ddpm")
     parser.add_argument("--work", default="benchmark-work", help="cache of the K=50 bundle")
@@ -153,8 +153,10 @@ def main() -> None:
                                                images, batch_size=n, progress=False),
                 "mixed": lambda: pipe.attribute(images, strategy="mixed", progress=False),
                 "merged": lambda: pipe.attribute(images, strategy="merged", progress=False),
-                "merged+adaptive": lambda: pipe.attribute(images, strategy="merged", adaptive_z=args.adaptive_z, progress=False),
             }
+            for z in args.adaptive_z:
+                methods[f"merged+adaptive(z={z:g})"] = (
+                    lambda z=z: pipe.attribute(images, strategy="merged", adaptive_z=z, progress=False))
             walls, results = measure(pipe, images, methods, args.repeats)
         full = results["sequential"].scores.argmax(1)
         entry = {}

@@ -1,11 +1,13 @@
-"""Run a UNet with one LoRA adapter merged into its weights, and restore them bit for bit.
+"""Run a UNet with one LoRA adapter merged into its weights, without touching the original weights.
 
 An unmerged LoRA layer runs the base layer plus the low-rank branch on every forward; on a small
-UNet the branch costs about as much as the layer itself (DESIGN notes, peft API notes §9). Merging
-``W' = W + ΔW`` once per adapter makes each adapter's forward cost the base model's. peft's own
-``merge``/``unmerge`` adds and then subtracts ``ΔW``, which does not give ``W`` back exactly in
-floating point; here the merged weight is a new tensor and the original tensor object is put back,
-so the base model is untouched however many adapters are scored.
+UNet the branch costs about as much as the layer itself (peft API notes §9), and peft's wrappers
+add per-forward Python overhead. :class:`MergedAdapterRunner` keeps a *plain* copy of the UNet
+(no peft layers) whose tensors are the peft model's base weights, shared, not copied. To run
+adapter k it points each targeted layer of the plain copy at a new tensor ``W + ΔW_k``, and points
+it back at ``W`` afterwards: the shared base weights are never written, so the base model stays
+bit-identical however many adapters are scored (peft's ``merge``/``unmerge`` adds and subtracts
+``ΔW``, which does not give ``W`` back exactly in floating point).
 """
 
 from __future__ import annotations
@@ -15,22 +17,23 @@ import contextlib
 import torch
 
 from .errors import ConfigError
+from .hashing import base_state_dict
 
 
-def lora_layers(unet, adapter: str) -> list:
-    """The peft LoRA layers of ``unet`` that hold ``adapter``."""
+def lora_layers(unet, adapter: str) -> dict[str, torch.nn.Module]:
+    """The peft LoRA layers of ``unet`` that hold ``adapter``, by module path."""
     from peft.tuners.lora import LoraLayer
 
-    return [m for m in unet.modules() if isinstance(m, LoraLayer) and adapter in m.lora_A]
+    return {name: m for name, m in unet.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A}
 
 
 def can_merge(unet, adapters) -> bool:
-    """Whether every layer of every adapter is plain LoRA (no DoRA or other variant) and mergeable."""
+    """Whether every layer of every adapter is plain LoRA (no DoRA or other variant) with a weight."""
     for adapter in adapters:
         layers = lora_layers(unet, adapter)
         if not layers:
             return False
-        for layer in layers:
+        for layer in layers.values():
             if adapter in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(adapter, False):
                 return False
             if not hasattr(layer.get_base_layer(), "weight"):
@@ -38,32 +41,57 @@ def can_merge(unet, adapters) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def merged_adapter(unet, adapter: str | None):
-    """Within the block, ``unet`` computes the base model plus ``adapter`` (``None``: the base).
-
-    The LoRA branches are disabled and each targeted base weight is replaced by ``W + ΔW``; on exit
-    the original weight tensors are restored (the same objects, so bit-identical) and the adapter
-    state is left disabled. Callers restore the caller's adapter state afterwards.
-
-    Raises:
-        ConfigError: ``adapter`` is not loaded in ``unet``.
-    """
-    unet.disable_adapters()
-    if adapter is None:
-        yield unet
-        return
-    layers = lora_layers(unet, adapter)
-    if not layers:
-        raise ConfigError(f"Adapter {adapter!r} is not loaded in the UNet.")
-    originals = []
+def plain_copy(unet) -> torch.nn.Module:
+    """``unet`` without peft layers, holding the same base weight tensors (no copy where possible)."""
+    state = base_state_dict(unet)
     try:
-        with torch.no_grad():
-            for layer in layers:
-                weight = layer.get_base_layer().weight
-                originals.append((weight, weight.data))
-                weight.data = weight.data + layer.get_delta_weight(adapter).to(weight.dtype)
-        yield unet
-    finally:
-        for weight, data in originals:
-            weight.data = data
+        with torch.device("meta"):  # no allocation for weights about to be replaced
+            plain = type(unet).from_config(unet.config)
+        plain.load_state_dict(state, strict=True, assign=True)
+        if any(t.is_meta for t in (*plain.parameters(), *plain.buffers())):
+            raise RuntimeError("a tensor stayed on the meta device")
+    except (RuntimeError, TypeError, ValueError):  # a model that cannot be built on the meta device
+        plain = type(unet).from_config(unet.config).to(next(unet.parameters()).device, next(unet.parameters()).dtype)
+        plain.load_state_dict(state, strict=True)
+    return plain.eval().requires_grad_(False)
+
+
+class MergedAdapterRunner:
+    """Runs the base model or the base plus one adapter merged, on a plain copy of ``unet``.
+
+    Args:
+        unet: A UNet holding the adapters (peft layers).
+    """
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.plain = plain_copy(unet)
+        self._modules = dict(self.plain.named_modules())
+        self._layers: dict[str, dict[str, torch.nn.Module]] = {}
+
+    @contextlib.contextmanager
+    def merged(self, adapter: str | None):
+        """Within the block, :attr:`plain` computes the base model (``None``) or the base plus ``adapter``.
+
+        Raises:
+            ConfigError: ``adapter`` is not loaded in the UNet.
+        """
+        if adapter is None:
+            yield self.plain
+            return
+        if adapter not in self._layers:
+            self._layers[adapter] = lora_layers(self.unet, adapter)
+        layers = self._layers[adapter]
+        if not layers:
+            raise ConfigError(f"Adapter {adapter!r} is not loaded in the UNet.")
+        originals = []
+        try:
+            with torch.no_grad():
+                for name, layer in layers.items():
+                    weight = self._modules[name].weight
+                    originals.append((weight, weight.data))
+                    weight.data = weight.data + layer.get_delta_weight(adapter).to(weight.dtype)
+            yield self.plain
+        finally:
+            for weight, data in originals:
+                weight.data = data

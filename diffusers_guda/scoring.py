@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .elbo import ELBOEstimator
 from .errors import ConfigError
 from .hashing import derive_seed
-from .merging import can_merge, merged_adapter
+from .merging import MergedAdapterRunner, can_merge
 
 
 @dataclass
@@ -238,6 +238,7 @@ class AttributionScorer:
         self.estimator = estimator
         self.adapter_names = list(adapter_names)
         self.groups = list(groups)
+        self._runner = None
 
     def score(
         self,
@@ -267,16 +268,17 @@ class AttributionScorer:
                 adapter batches; full grid only). ``"auto"`` (default): ``"merged"`` when every
                 adapter layer is plain LoRA, else ``"swap"``. Strategies agree to float32 rounding
                 (~1e-6 relative); within one, a score does not depend on the batch.
-            adaptive_z: If set, each query walks its (t, draw) rows in a fixed pseudo-random order (a
-                function of the ELBO seed and the image's content), ``adaptive_block`` rows at a
-                time. After each block, a group whose gap to the current leader exceeds
-                ``adaptive_z`` standard errors of their paired difference is dropped (its score is
-                the mean over the rows it saw); the query stops when one group is left (the top
-                group leads the runner-up by ``adaptive_z`` standard errors) or the grid is
-                exhausted. Rows used per query and group are recorded in ``metadata["rows_used"]``.
-                ``None`` (default) scores the full grid.
-            adaptive_block: Rows per block of the adaptive walk (also the minimum before dropping).
-                Adaptive forwards hold ``min(rows_per_forward, 4 * adaptive_block)`` rows.
+            adaptive_z: If set, each query walks its grid in stratified blocks: the (t, draw) rows
+                are cut into ``adaptive_block`` contiguous timestep ranges, and each block takes one
+                row from every range in a fixed pseudo-random order (a function of the ELBO seed and
+                the image's content). From the second block on, a group whose gap to the current
+                leader exceeds ``adaptive_z`` standard errors of their paired block estimates is
+                dropped (its score is the mean of its block estimates); the query stops when one
+                group is left (the top group leads the runner-up by ``adaptive_z`` standard errors)
+                or the grid is exhausted (then the scores are the full-grid ones). Rows used per query
+                and group are recorded in ``metadata["rows_used"]``. ``None`` (default): the full grid.
+            adaptive_block: Rows per block (timestep ranges) of the adaptive walk. Adaptive forwards
+                hold ``min(rows_per_forward, 4 * adaptive_block)`` rows.
         """
         if strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
@@ -306,7 +308,9 @@ class AttributionScorer:
     def _model(self, adapter: str | None, strategy: str):
         """Context in which the UNet computes the base (``None``) or the base plus ``adapter``."""
         if strategy == "merged":
-            return merged_adapter(self.unet, adapter)
+            if self._runner is None:  # built once: a plain copy sharing the base weights
+                self._runner = MergedAdapterRunner(self.unet)
+            return self._runner.merged(adapter)
         _switch(self.unet, adapter)
         return contextlib.nullcontext(self.unet)
 
@@ -332,18 +336,19 @@ class AttributionScorer:
                 if unet_kwargs is not None:
                     kwargs = {key: torch.cat([unet_kwargs[i][key] for i in ids]) for key in unet_kwargs[ids[0]]}
                 if z is None:
-                    orders, step, forward_rows = {i: torch.arange(r) for i in ids}, r, est.config.rows_per_forward
+                    walks = {i: ([torch.arange(r)], [None]) for i in ids}
+                    forward_rows = est.config.rows_per_forward
                 else:
-                    orders = {i: torch.randperm(r, generator=torch.Generator().manual_seed(
-                        derive_seed("guda-order", est.config.seed, hashes[i]))) for i in ids}
+                    walks = {i: _stratified_walk(r, block, derive_seed("guda-order", est.config.seed, hashes[i])) for i in ids}
                     # rounds hand each model few rows: smaller forwards waste less padding
-                    step, forward_rows = block, min(est.config.rows_per_forward, ADAPTIVE_FORWARD_BLOCKS * block)
+                    forward_rows = min(est.config.rows_per_forward, ADAPTIVE_FORWARD_BLOCKS * block)
                 base = {i: [] for i in ids}
                 diffs = {i: [[] for _ in range(k)] for i in ids}
+                blocks = {i: [[] for _ in range(k + 1)] for i in ids}  # stratified block estimates; index k: the base
                 alive = {i: list(range(k)) for i in ids}
-                active, position = list(ids), 0
+                active, step = list(ids), 0
                 while active:
-                    rows = {i: orders[i][position : position + step] for i in active}
+                    rows = {i: walks[i][0][step] for i in active}
                     noise = {i: est.noise(images[i], hashes[i], rows=rows[i]) for i in active}
                     base_terms = self._round(None, strategy, images, ids, active, rows, noise, kwargs, forward_rows)
                     evaluated += sum(len(rows[i]) for i in active)
@@ -357,22 +362,30 @@ class AttributionScorer:
                         evaluated += sum(len(rows[i]) for i in who)
                         for i in who:
                             diffs[i][j].append(terms[i] - base_terms[i])
-                    position += step
                     still = []
                     for i in active:
-                        if z is not None and position < r:
-                            alive[i] = _survivors(alive[i], [torch.cat(diffs[i][j]) for j in alive[i]], z)
-                        if position < r and len(alive[i]) > 1:
+                        weights = walks[i][1][step]
+                        if weights is not None:  # a complete block: one row from every stratum
+                            blocks[i][k].append((weights * base[i][-1]).sum())
+                            for j in alive[i]:
+                                blocks[i][j].append((weights * diffs[i][j][-1]).sum())
+                            if len(blocks[i][k]) >= 2:
+                                alive[i] = _survivors(alive[i], [torch.stack(blocks[i][j]) for j in alive[i]], z)
+                        if step + 1 < len(walks[i][0]) and len(alive[i]) > 1:
                             still.append(i)
                         else:
                             bar.update(1)
-                    active = still
+                    active, step = still, step + 1
                 for i in ids:
-                    neg_elbo[i] = est.scale * torch.cat(base[i]).mean()
+                    whole = sum(len(b) for b in base[i]) == r
+                    base_rows = torch.cat(base[i])
+                    neg_elbo[i] = est.scale * (base_rows.mean() if whole else torch.stack(blocks[i][k]).mean())
                     for j in range(k):
                         d = torch.cat(diffs[i][j])
-                        scores[i, j], stderr[i, j] = _mean_and_stderr(d, est.scale)
                         rows_used[i, j] = len(d)
+                        # the whole grid: its plain mean; a group dropped early: the mean of its stratified blocks
+                        sample = d if len(d) == r else torch.stack(blocks[i][j])
+                        scores[i, j], stderr[i, j] = _mean_and_stderr(sample, est.scale)
         metadata["row_forwards"] = evaluated
         if z is not None:
             metadata["rows_used"] = rows_used.tolist()
@@ -420,15 +433,37 @@ class AttributionScorer:
         return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, _metadata(est, metadata))
 
 
-def _survivors(alive: list[int], diffs: list[torch.Tensor], z: float) -> list[int]:
+def _stratified_walk(num_rows: int, strata: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """An adaptive walk over the grid: blocks holding one row from each of ``strata`` timestep ranges.
+
+    The t-major grid is cut into ``strata`` contiguous ranges; each range is shuffled (``seed``) and
+    block ``j`` takes the ``j``-th row of every range. A complete block's weighted sum
+    ``Σ (range size / num_rows) · d_row`` is an unbiased estimate of the grid mean whose variance
+    excludes the large differences between timesteps, so few blocks separate the groups.
+
+    Returns:
+        The blocks (row ids) and, per block, the rows' weights (``None`` for the last, incomplete blocks).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ranges = [part[torch.randperm(len(part), generator=generator)] for part in torch.arange(num_rows).tensor_split(strata)]
+    blocks, weights = [], []
+    for j in range(max(len(part) for part in ranges)):
+        members = [part for part in ranges if j < len(part)]
+        blocks.append(torch.stack([part[j] for part in members]))
+        complete = len(members) == len(ranges)
+        weights.append(torch.tensor([len(part) / num_rows for part in members]) if complete else None)
+    return blocks, weights
+
+
+def _survivors(alive: list[int], estimates: list[torch.Tensor], z: float) -> list[int]:
     """The groups still in contention: those whose gap to the leader is within ``z`` standard errors.
 
-    ``diffs[a]`` holds group ``alive[a]``'s per-row score differences on the rows seen so far (the
-    same rows for every group still alive, so gaps are paired).
+    ``estimates[a]`` holds group ``alive[a]``'s block estimates of its score difference, on the same
+    blocks for every group still alive, so gaps are paired.
     """
     if len(alive) < 2:
         return alive
-    d = torch.stack(diffs)
+    d = torch.stack(estimates)
     leader = int(d.mean(1).argmax())
     gaps = d[leader] - d
     bound = z * gaps.std(dim=1) / math.sqrt(d.shape[1])

@@ -254,13 +254,14 @@ def test_adaptive_draws_drop_trailing_groups(tiny_unet, tiny_scheduler, monkeypa
     monkeypatch.setattr(scorer, "_model_terms", designed_terms)
     images = torch.stack([torch.full((1, 8, 8), 0.5), torch.full((1, 8, 8), -0.5)])
     result = scorer.score(images, progress=False, adaptive_z=3.0, adaptive_block=4)
-    # constant gaps resolve after the first block; a tie never does, so g0 and g1 walk the whole grid
-    assert result.metadata["rows_used"] == [[4, 4, 4], [rows, rows, 4]]
+    # constant gaps resolve once two blocks give a standard error; a tie never does, so g0 and g1 walk
+    # the whole grid
+    assert result.metadata["rows_used"] == [[8, 8, 8], [rows, rows, 8]]
     assert result.scores[0].argmax() == 0
     scale = scorer.estimator.scale
     assert torch.allclose(result.scores[0, 0] - result.scores[0, 1], torch.tensor(scale))
     assert result.scores[1, 0] == result.scores[1, 1]  # the tie, on the same rows
-    assert result.metadata["row_forwards"] == (4 + 4 + 4 + 4) + (rows * 3 + 4)
+    assert result.metadata["row_forwards"] == 4 * 8 + (rows * 3 + 8)
 
 
 @pytest.mark.parametrize("strategy", ["merged", "swap"])
@@ -283,6 +284,7 @@ def test_adaptive_walk_that_never_stops_covers_the_full_grid(tiny_unet, tiny_sch
     walked = scorer.score(images, progress=False, adaptive_z=1e9, adaptive_block=3)
     assert walked.metadata["rows_used"] == [[scorer.estimator.num_rows] * 3] * 2
     assert torch.allclose(walked.scores, full.scores, atol=1e-4, rtol=1e-5)  # same rows, other summation order
+    assert torch.allclose(walked.stderr, full.stderr, atol=1e-4, rtol=1e-4)
     assert "rows_used" not in full.metadata
 
 
@@ -291,3 +293,45 @@ def test_adaptive_settings_are_validated(tiny_unet, tiny_scheduler):
     for z, block in ((0.0, 4), (-1.0, 4), (2.0, 1)):
         with pytest.raises(ConfigError, match="adaptive"):
             scorer.score(torch.zeros(1, 1, 8, 8), progress=False, adaptive_z=z, adaptive_block=block)
+
+
+def test_stratified_walk_covers_the_grid_once_with_one_row_per_range():
+    from diffusers_guda.scoring import _stratified_walk
+
+    blocks, weights = _stratified_walk(99, 8, seed=3)
+    assert sorted(torch.cat(blocks).tolist()) == list(range(99))
+    ranges = torch.arange(99).tensor_split(8)
+    complete = [(b, w) for b, w in zip(blocks, weights) if w is not None]
+    assert len(complete) == 12 and all(w is None for w in weights[12:])  # ranges of 13 and 12 rows
+    for block, weight in complete:
+        assert [int(torch.isin(block, r).sum()) for r in ranges] == [1] * 8
+        assert weight.sum() == pytest.approx(1.0)
+    again, _ = _stratified_walk(99, 8, seed=3)
+    other, _ = _stratified_walk(99, 8, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(blocks, again)) and not all(torch.equal(a, b) for a, b in zip(blocks, other))
+
+
+def test_merged_runner_shares_and_never_writes_the_base_weights(tiny_unet, tiny_scheduler):
+    from diffusers_guda.hashing import base_state_dict
+    from diffusers_guda.merging import MergedAdapterRunner
+
+    scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler, names=("g0", "g1"))
+    before = {k: v.clone() for k, v in base_state_dict(tiny_unet).items()}
+    runner = MergedAdapterRunner(tiny_unet)
+    shared = base_state_dict(tiny_unet)
+    assert all(p.data_ptr() == shared[k].data_ptr() for k, p in runner.plain.state_dict().items())  # no copy
+    x, t = torch.rand(2, 1, 8, 8) * 2 - 1, torch.full((2,), 30)
+    with torch.no_grad():
+        for name in ("g0", "g1"):
+            tiny_unet.enable_adapters()
+            tiny_unet.set_adapter(name)
+            unmerged = tiny_unet(x, t).sample
+            with runner.merged(name) as merged:
+                assert torch.allclose(merged(x, t).sample, unmerged, atol=1e-5)
+        tiny_unet.disable_adapters()
+        with runner.merged(None) as base:
+            assert torch.equal(base(x, t).sample, tiny_unet(x, t).sample)
+    assert all(torch.equal(v, before[k]) for k, v in base_state_dict(tiny_unet).items())
+    with pytest.raises(ConfigError, match="not loaded"):
+        with runner.merged("nope"):
+            pass
