@@ -15,9 +15,11 @@ reference implementation; the grid starts at ``t_min > 0``).
 
 Common random numbers: the noise for (image, t, draw) is a pure function of (seed, content hash of
 the image, t, draw). It never depends on the batch size, the batch order, the other images in the
-batch or the process rank, and every model compared sees the same ``(t, noise)``. Each image's rows
-are evaluated in forwards of a fixed size (``rows_per_forward``) that hold that image alone, so a
-score is bit-identical whatever the batch it was computed in.
+batch or the process rank, and every model compared sees the same ``(t, noise)``. :meth:`terms`
+evaluates one image's rows in forwards of a fixed chunking; :meth:`packed_terms` packs rows of many
+images into forwards of one fixed size (padding the last), and a row's output does not depend on the
+other rows of a forward of that size (per-sample layers only; the tests check it on CPU), so either
+way a score is bit-identical whatever the batch it was computed in.
 """
 
 from __future__ import annotations
