@@ -79,7 +79,8 @@ def save_full_models(pipe, directory: Path) -> list[Path]:
     return paths
 
 
-def measure(pipe, images, methods, repeats):
+def measure(methods, repeats):
+    """Each method's median wall time over ``repeats`` interleaved runs, and its last result."""
     timings = {m: [] for m in methods}
     results = {}
     for _ in range(repeats):
@@ -157,7 +158,7 @@ def main() -> None:
             for z in args.adaptive_z:
                 methods[f"merged+adaptive(z={z:g})"] = (
                     lambda z=z: pipe.attribute(images, strategy="merged", adaptive_z=z, progress=False))
-            walls, results = measure(pipe, images, methods, args.repeats)
+            walls, results = measure(methods, args.repeats)
         full = results["sequential"].scores.argmax(1)
         entry = {}
         for name, result in results.items():

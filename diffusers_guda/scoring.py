@@ -377,9 +377,8 @@ class AttributionScorer:
                             bar.update(1)
                     active, step = still, step + 1
                 for i in ids:
-                    whole = sum(len(b) for b in base[i]) == r
                     base_rows = torch.cat(base[i])
-                    neg_elbo[i] = est.scale * (base_rows.mean() if whole else torch.stack(blocks[i][k]).mean())
+                    neg_elbo[i] = est.scale * (base_rows.mean() if len(base_rows) == r else torch.stack(blocks[i][k]).mean())
                     for j in range(k):
                         d = torch.cat(diffs[i][j])
                         rows_used[i, j] = len(d)

@@ -173,10 +173,8 @@ def test_single_group_folder(workspace, tmp_path):
     assert "at least 2" in line
 
 
-def test_digits_label_top1(tmp_path):
-    """On the digits classes the report adds label_top1 (queries judged by demo.digit_classifier)."""
-    from diffusers_guda.evaluation.benchmarks import load_benchmark
-    from diffusers_guda.evaluation.runner import run_evaluation
+def _micro_recipe(tmp_path):
+    """The tiny recipe cut to a few steps, for runs on a whole benchmark dataset."""
     from diffusers_guda.recipes import Recipe
 
     recipe = copy.deepcopy(TINY_RECIPE)
@@ -185,8 +183,16 @@ def test_digits_label_top1(tmp_path):
     recipe["elbo"] = {"stride": 50, "t_min": 10, "seed": 0}
     path = tmp_path / "recipe.json"
     path.write_text(json.dumps(recipe))
+    return Recipe.load(path)
+
+
+def test_digits_label_top1(tmp_path):
+    """On the digits classes the report adds label_top1 (queries judged by demo.digit_classifier)."""
+    from diffusers_guda.evaluation.benchmarks import load_benchmark
+    from diffusers_guda.evaluation.runner import run_evaluation
+
     lines = []
-    report = run_evaluation(tmp_path / "out", load_benchmark("digits-classes"), Recipe.load(path), num_queries=2,
+    report = run_evaluation(tmp_path / "out", load_benchmark("digits-classes"), _micro_recipe(tmp_path), num_queries=2,
                             methods=["similarity", "guda"], seed_b=5, progress=False, log=lines.append)
     assert report["seeds"]["logo_seed_b"] == 5 and report["groups"] == [str(d) for d in range(10)]
     assert "label_top1" in report["metric_names"]
@@ -202,16 +208,9 @@ def test_contributors_without_ceiling(tmp_path):
     from diffusers_guda.evaluation.benchmarks import group_comparisons, load_benchmark
     from diffusers_guda.demo import load_query_images
     from diffusers_guda.evaluation.runner import _group_level, run_evaluation
-    from diffusers_guda.recipes import Recipe
 
-    recipe = copy.deepcopy(TINY_RECIPE)
-    recipe["train"].update(steps=3, batch_size=4, warmup_steps=1)
-    recipe["unlearning"].update(steps=1, forget_batch_size=2, retain_batch_size=2, eval_images=2)
-    recipe["elbo"] = {"stride": 50, "t_min": 10, "seed": 0}
-    path = tmp_path / "recipe.json"
-    path.write_text(json.dumps(recipe))
     dataset = load_benchmark("digits-contributors")
-    report = run_evaluation(tmp_path / "out", dataset, Recipe.load(path), num_queries=12, methods=["similarity", "guda"],
+    report = run_evaluation(tmp_path / "out", dataset, _micro_recipe(tmp_path), num_queries=12, methods=["similarity", "guda"],
                             ceiling=False, progress=False, log=lambda line: None)
     assert report["ceiling"] is None and report["seeds"]["logo_seed_b"] is None and report["fraction_of_ceiling"] is None
     assert set(report["methods"]) == {"similarity", "guda"} and "logo_seed_b" not in report["cost"]
