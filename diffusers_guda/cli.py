@@ -21,6 +21,19 @@ def _threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def _device(spec: str):
+    """The torch device named by ``--device``, refused when this machine has none of it."""
+    import torch
+
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"--device {spec!r} is not a torch device; use cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {spec}: torch sees no CUDA GPU on this machine; use --device cpu.")
+    return device
+
+
 def _at_least_one(**flags) -> None:
     """Refuse a flag given as 0 or less (0 would otherwise silently mean "the default")."""
     for name, value in flags.items():
@@ -104,8 +117,9 @@ def cmd_train(args) -> None:
     recipe = Recipe.load(args.recipe)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("learning_rate", args.lr), ("seed", args.seed)) if v is not None}
     config = replace(recipe.train, **overrides)
+    device = _device(args.device)
     dataset = _dataset(args)
-    train_base_model(dataset, config, output_dir=args.out, progress=not args.quiet)
+    train_base_model(dataset, config, output_dir=args.out, progress=not args.quiet, device=device)
     print(f"saved the base pipeline to {args.out} (load it with diffusers.DDPMPipeline.from_pretrained)")
 
 
@@ -216,8 +230,11 @@ def cmd_logo(args) -> None:
     _output_dir(args.out)
     recipe = Recipe.load(args.recipe)
     config = replace(recipe.train, **({"steps": args.steps} if args.steps is not None else {}))
+    device = _device(args.device)
     dataset = _dataset(args)
-    paths = train_logo_models(dataset, config, args.out, groups=args.groups, seed=args.seed, progress=not args.quiet)
+    paths = train_logo_models(
+        dataset, config, args.out, groups=args.groups, seed=args.seed, progress=not args.quiet, device=device
+    )
     print(f"{len(paths)} leave-one-group-out models under {Path(args.out) / f'seed_{args.seed if args.seed is not None else config.seed}'}")
 
 
@@ -277,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
         source.add_argument("--benchmark", help="a named benchmark dataset instead of --data (digits-classes, digits-contributors)")
         p.add_argument("--mode", choices=["L", "RGB"], help="convert --data images to grayscale (L) or RGB")
 
+    def device_arg(p):
+        p.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda or cuda:N")
+
     def recipe_arg(p, help="recipe name in adapters/ or a JSON path"):
         p.add_argument("--recipe", default="digits-ddpm", help=help)
 
@@ -288,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="images per step")
     p.add_argument("--lr", type=float, help="peak learning rate")
     p.add_argument("--seed", type=int, help="training seed (recorded in guda_train.json)")
+    device_arg(p)
     p.set_defaults(func=cmd_train)
 
     p = common(sub.add_parser("unlearn", help="train one unlearning LoRA adapter per group into a bundle"))
@@ -334,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="training seed (default: the recipe's; another seed gives the LOGO noise floor)")
     p.add_argument("--groups", nargs="+", help="leave out only these groups (names)")
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    device_arg(p)
     p.set_defaults(func=cmd_logo)
 
     p = common(sub.add_parser("demo", help="train, unlearn, generate and attribute on the embedded digits"))

@@ -119,6 +119,7 @@ def train_base_model(
     progress: bool = True,
     description: str = "train",
     extra_log: dict | None = None,
+    device: str | torch.device = "cpu",
 ) -> DDPMPipeline:
     """Train a ``UNet2DModel`` + ``DDPMScheduler`` on every image of ``dataset``.
 
@@ -130,6 +131,8 @@ def train_base_model(
         progress: Show a progress bar.
         description: Progress-bar label.
         extra_log: Extra fields for ``guda_train.json`` (e.g. the group left out).
+        device: Where to train (``"cuda"`` on a GPU). Batches, noise and timesteps are drawn on the
+            CPU generator, so every device sees the same draws; results still differ by floating point.
 
     Returns:
         The trained ``DDPMPipeline`` (UNet in eval mode).
@@ -137,7 +140,7 @@ def train_base_model(
     config = config or TrainConfig()
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    unet = config.build_unet(dataset.image_shape)
+    unet = config.build_unet(dataset.image_shape).to(device)
     scheduler = config.build_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -155,6 +158,7 @@ def train_base_model(
         x0 = images[idx]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, config.num_train_timesteps, (x0.shape[0],), generator=generator)
+        x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         pred = unet(scheduler.add_noise(x0, noise, t), t).sample
         loss = torch.nn.functional.mse_loss(pred, diffusion_target(scheduler, x0, noise, t))
         optimizer.zero_grad(set_to_none=True)

@@ -257,6 +257,9 @@ CASES = [
     Case("train-out-is-a-file", "train",
          lambda ws, t: [*train_args(ws, t), "--out", previous_file(t / "base.txt")],  # the last --out counts
          ("base.txt", "existing file", "choose another path")),
+    Case("train-unknown-device", "train",
+         lambda ws, t: train_args(ws, t, "--device", "gpu"),
+         ("--device 'gpu'", "not a torch device", "cuda")),
     Case("negative-threads", "train",
          lambda ws, t: train_args(ws, t, "--threads", -1),
          ("--threads must be >= 1",)),

@@ -50,6 +50,7 @@ def train_logo_models(
     seed: int | None = None,
     progress: bool = True,
     log=print,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Path]:
     """Train one model per group on all the other groups, with the base model's recipe.
 
@@ -61,6 +62,7 @@ def train_logo_models(
         seed: Training seed; default the recipe's (seed A). Another seed gives the LOGO noise floor.
         progress: Show progress bars.
         log: Where to report skipped groups.
+        device: Where to train (see :func:`~diffusers_guda.training.train_base_model`).
 
     Returns:
         Group name -> pipeline directory, in group order.
@@ -77,7 +79,7 @@ def train_logo_models(
         else:
             train_base_model(
                 dataset.without_group(gid), config, output_dir=path, progress=progress,
-                description=f"LOGO without {name}", extra_log={EXCLUDED_KEY: name},
+                description=f"LOGO without {name}", extra_log={EXCLUDED_KEY: name}, device=device,
             )
         paths[name] = path
     return paths
