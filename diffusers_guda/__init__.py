@@ -12,7 +12,7 @@ from diffusers import ModelMixin, SchedulerMixin  # noqa: F401
 from .bundle import AdapterBundle, GroupRecord
 from .data import GroupedDataset, load_digits
 from .elbo import ELBOConfig, ELBOEstimator
-from .errors import BaseModelMismatchError, BundleError, ConfigError, DataError, GUDAError, UnlearningDivergedError
+from .errors import BaseModelMismatchError, BundleError, ConfigError, DataError, DistributedError, GUDAError, UnlearningDivergedError
 from .lora import LoRASettings
 from .models import GUDAUNet2DModel
 from .objectives import available_objectives, get_objective, register_objective
@@ -31,6 +31,7 @@ __all__ = [
     "BundleError",
     "ConfigError",
     "DataError",
+    "DistributedError",
     "ELBOConfig",
     "ELBOEstimator",
     "GUDADDPMPipeline",

@@ -41,6 +41,29 @@ def _at_least_one(**flags) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
 
 
+def _process():
+    """This process of a ``torchrun``/``accelerate launch`` run (or the only one), group joined."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from .distributed import current_process
+
+    process = current_process()
+    if not process.is_main:  # progress is shown by the main process alone (main() restores the setting)
+        diffusers_logging.disable_progress_bar()
+    return process
+
+
+def _one_process_only(command: str) -> None:
+    """Refuse a multi-process launch of a command that does not split its work."""
+    from .distributed import detect_process
+
+    if detect_process().is_distributed:
+        raise ConfigError(
+            f"guda {command} runs in one process; start it without torchrun or accelerate launch "
+            "(unlearn, attribute and logo split their work across processes)."
+        )
+
+
 def _output_dir(path: str) -> None:
     """Refuse an output directory path that is an existing file (it would be replaced by a directory)."""
     if Path(path).exists() and not Path(path).is_dir():
@@ -113,11 +136,12 @@ def cmd_train(args) -> None:
     from .recipes import Recipe
     from .training import train_base_model
 
+    _one_process_only("train")
     _output_dir(args.out)
     recipe = Recipe.load(args.recipe)
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("learning_rate", args.lr), ("seed", args.seed)) if v is not None}
     config = replace(recipe.train, **overrides)
-    device = _device(args.device)
+    device = _device(args.device) if args.device else _process().device
     dataset = _dataset(args)
     train_base_model(dataset, config, output_dir=args.out, progress=not args.quiet, device=device)
     print(f"saved the base pipeline to {args.out} (load it with diffusers.DDPMPipeline.from_pretrained)")
@@ -144,17 +168,22 @@ def cmd_unlearn(args) -> None:
     dataset = _dataset(args)
     out = Path(args.out)
     partial = out.parent / f".{out.name}-partial"
-    pipe = _load_base(args.base)
-    bundle = pipe.unlearn_groups(dataset, config=config, groups=args.groups, checkpoint_dir=partial, progress=not args.quiet)
-    bundle.elbo = recipe.elbo.to_dict()
-    bundle.base_model["id"] = args.base_id or args.base
-    bundle.save_pretrained(out)
-    shutil.rmtree(partial, ignore_errors=True)
-    for g in bundle.groups:
-        s = g.stats
-        print(f"{g.name}: forget loss {s['forget_loss_before']:.4f} -> {s['forget_loss_after']:.4f} ({100 * s['forget_loss_change']:+.1f}%), "
-              f"retain loss {s['retain_loss_before']:.4f} -> {s['retain_loss_after']:.4f} ({100 * s['retain_loss_change']:+.1f}%)")
-    print(f"saved the adapter bundle to {out}")
+    process = _process()
+    pipe = _load_base(args.base).to(process.device)
+    # each process unlearns its share of the groups into the shared checkpoint; all get the whole bundle
+    bundle = pipe.unlearn_groups(dataset, config=config, groups=args.groups, checkpoint_dir=partial, progress=not args.quiet, process=process)
+    if process.is_main:
+        bundle.elbo = recipe.elbo.to_dict()
+        bundle.base_model["id"] = args.base_id or args.base
+        bundle.save_pretrained(out)
+        shutil.rmtree(partial, ignore_errors=True)
+        for g in bundle.groups:
+            s = g.stats
+            print(f"{g.name}: forget loss {s['forget_loss_before']:.4f} -> {s['forget_loss_after']:.4f} ({100 * s['forget_loss_change']:+.1f}%), "
+                  f"retain loss {s['retain_loss_before']:.4f} -> {s['retain_loss_after']:.4f} ({100 * s['retain_loss_change']:+.1f}%)")
+        shared = f" (groups shared by {process.world_size} processes)" if process.is_distributed else ""
+        print(f"saved the adapter bundle to {out}{shared}")
+    process.barrier()  # every process ends once the bundle is on disk
 
 
 def _query_files(spec: list[str]) -> list[Path]:
@@ -197,7 +226,8 @@ def cmd_attribute(args) -> None:
         _plot_format(args.plot)
     files = _query_files(args.images)
     queries = [_open_query(f) for f in files]
-    pipe = _load_base(args.base)
+    process = _process()
+    pipe = _load_base(args.base).to(process.device)
     pipe.set_progress_bar_config(disable=True)
     pipe.load_guda_bundle(args.bundle, revision=args.revision)
     images = to_model_images(queries)
@@ -207,7 +237,9 @@ def cmd_attribute(args) -> None:
         base.update({k: v for k, v in (("stride", args.stride), ("num_draws", args.draws), ("seed", args.elbo_seed)) if v is not None})
         elbo = ELBOConfig(**base)
     result = pipe.attribute(images, batch_size=args.batch_size, elbo_config=elbo, strategy=args.strategy,
-                            adaptive_z=args.adaptive_z, progress=not args.quiet)
+                            adaptive_z=args.adaptive_z, progress=not args.quiet, process=process)
+    if not process.is_main:  # every process holds the whole result; the main one reports it
+        return
     result.metadata["files"] = [str(f) for f in files]
     if args.out:
         result.to_json(args.out)
@@ -230,17 +262,20 @@ def cmd_logo(args) -> None:
     _output_dir(args.out)
     recipe = Recipe.load(args.recipe)
     config = replace(recipe.train, **({"steps": args.steps} if args.steps is not None else {}))
-    device = _device(args.device)
     dataset = _dataset(args)
+    process = _process()
     paths = train_logo_models(
-        dataset, config, args.out, groups=args.groups, seed=args.seed, progress=not args.quiet, device=device
+        dataset, config, args.out, groups=args.groups, seed=args.seed, progress=not args.quiet, process=process,
+        device=_device(args.device) if args.device else None,
     )
-    print(f"{len(paths)} leave-one-group-out models under {Path(args.out) / f'seed_{args.seed if args.seed is not None else config.seed}'}")
+    if process.is_main:
+        print(f"{len(paths)} leave-one-group-out models under {Path(args.out) / f'seed_{args.seed if args.seed is not None else config.seed}'}")
 
 
 def cmd_demo(args) -> None:
     from .demo import run_demo
 
+    _one_process_only("demo")
     _output_dir(args.out)
     _at_least_one(queries=args.queries)
     run_demo(args.out, recipe=args.recipe, num_queries=args.queries, progress=not args.quiet)
@@ -265,6 +300,7 @@ def _baseline_config(config_class, pairs, flag):
 def cmd_evaluate(args) -> None:
     from .evaluation.runner import METHODS, run_evaluation
 
+    _one_process_only("evaluate")
     _output_dir(args.out)
     _at_least_one(queries=args.queries)
     from .evaluation.baselines import GradientConfig, InstanceUnlearningConfig
@@ -295,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--mode", choices=["L", "RGB"], help="convert --data images to grayscale (L) or RGB")
 
     def device_arg(p):
-        p.add_argument("--device", default="cpu", help="where to train: cpu (default), cuda or cuda:N")
+        p.add_argument("--device", help="where to train: cpu, cuda or cuda:N (default: the GPU when CUDA is available, "
+                                        "each launched process its own; else cpu)")
 
     def recipe_arg(p, help="recipe name in adapters/ or a JSON path"):
         p.add_argument("--recipe", default="digits-ddpm", help=help)

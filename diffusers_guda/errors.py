@@ -27,3 +27,7 @@ class BaseModelMismatchError(BundleError):
 
 class UnlearningDivergedError(GUDAError, RuntimeError):
     """Unlearning produced a non-finite loss (usually a learning rate that is too large)."""
+
+
+class DistributedError(GUDAError, RuntimeError):
+    """A multi-process launch is misconfigured, or its processes were given different inputs."""

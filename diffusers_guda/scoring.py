@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .distributed import ProcessInfo, current_process
 from .elbo import ELBOEstimator
 from .errors import ConfigError
 from .hashing import derive_seed
@@ -250,6 +251,7 @@ class AttributionScorer:
         strategy: str = "auto",
         adaptive_z: float | None = None,
         adaptive_block: int = 8,
+        process: ProcessInfo | None = None,
     ) -> AttributionResult:
         """Score ``images`` against every group.
 
@@ -279,7 +281,16 @@ class AttributionScorer:
                 and group are recorded in ``metadata["rows_used"]``. ``None`` (default): the full grid.
             adaptive_block: Rows per block (timestep ranges) of the adaptive walk. Adaptive forwards
                 hold ``min(rows_per_forward, 4 * adaptive_block)`` rows.
+            process: This process of a ``torchrun``/``accelerate launch`` run; default
+                :func:`~diffusers_guda.distributed.current_process`. Each process scores a contiguous
+                share of ``images`` and every process returns the complete result, bit-identical to a
+                one-process run's (an image's scores do not depend on its companions). The number
+                of processes is recorded in ``metadata["world_size"]``.
+
+        Raises:
+            DistributedError: if the processes of a launch were given other images or settings.
         """
+        process = current_process() if process is None else process
         if strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {STRATEGIES}, got {strategy!r}.")
         if adaptive_z is not None and (adaptive_z <= 0 or adaptive_block < 2):
@@ -294,16 +305,34 @@ class AttributionScorer:
         was_training = unet.training
         previous = _adapter_state(unet)
         unet.eval()
-        metadata = {**(metadata or {}), "strategy": strategy}
+        metadata = {**(metadata or {}), "strategy": strategy, "world_size": process.world_size}
         if adaptive_z is not None:
             metadata.update(adaptive_z=adaptive_z, adaptive_block=adaptive_block)
+        if process.is_distributed:
+            process.check_same(
+                (self.estimator.image_hashes(images), self.estimator.config.to_dict(), self.groups, strategy, adaptive_z, adaptive_block),
+                "query images or scoring settings",
+            )
+        start, stop = process.shard_bounds(images.shape[0])
+        images = images[start:stop]
+        unet_kwargs = None if unet_kwargs is None else list(unet_kwargs)[start:stop]
+        progress = progress and process.is_main
         try:
-            if strategy == "mixed":
-                return self._score_mixed(images, unet_kwargs, progress, metadata)
-            return self._score_packed(images, batch_size, unet_kwargs, progress, metadata, strategy, adaptive_z, adaptive_block)
+            if images.shape[0] == 0:  # more processes than images
+                result = self._empty_result(metadata, adaptive_z is not None)
+            elif strategy == "mixed":
+                result = self._score_mixed(images, unet_kwargs, progress, metadata)
+            else:
+                result = self._score_packed(images, batch_size, unet_kwargs, progress, metadata, strategy, adaptive_z, adaptive_block)
+            return _concatenate(process.gather(result)) if process.is_distributed else result
         finally:
             _restore(unet, previous)  # leave the adapters as they were (e.g. disabled for generation)
             unet.train(was_training)
+
+    def _empty_result(self, metadata: dict, adaptive: bool) -> AttributionResult:
+        k = len(self.groups)
+        metadata = {**metadata, "row_forwards": 0, **({"rows_used": []} if adaptive else {})}
+        return AttributionResult(torch.zeros(0, k), torch.zeros(0, k), list(self.groups), torch.zeros(0), [], _metadata(self.estimator, metadata))
 
     def _model(self, adapter: str | None, strategy: str):
         """Context in which the UNet computes the base (``None``) or the base plus ``adapter``."""
@@ -430,6 +459,22 @@ class AttributionScorer:
             scores[i], stderr[i] = _mean_and_stderr(terms[1:] - terms[0], est.scale)
         metadata["row_forwards"] = n * r * (k + 1)
         return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, _metadata(est, metadata))
+
+
+def _concatenate(parts: Sequence[AttributionResult]) -> AttributionResult:
+    """The results of consecutive shards of the queries as one result (counters summed)."""
+    metadata = dict(parts[0].metadata)
+    metadata["row_forwards"] = sum(p.metadata["row_forwards"] for p in parts)
+    if "rows_used" in metadata:
+        metadata["rows_used"] = [row for p in parts for row in p.metadata["rows_used"]]
+    return AttributionResult(
+        torch.cat([p.scores for p in parts]),
+        torch.cat([p.stderr for p in parts]),
+        list(parts[0].groups),
+        torch.cat([p.neg_elbo for p in parts]),
+        [h for p in parts for h in p.image_hashes],
+        metadata,
+    )
 
 
 def _stratified_walk(num_rows: int, strata: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .bundle import AdapterBundle, GroupRecord, unique_slugs
 from .data import GroupedDataset
+from .distributed import ProcessInfo, current_process
 from .errors import ConfigError, UnlearningDivergedError
 from .hashing import derive_seed, unet_fingerprint
 from .io_utils import atomic_directory, write_json_atomic
@@ -263,38 +264,56 @@ class GroupUnlearner:
         groups: Sequence[int | str] | None = None,
         checkpoint_dir: str | Path | None = None,
         progress: bool = True,
+        process: ProcessInfo | None = None,
     ) -> AdapterBundle:
         """Unlearn each group and return the bundle of adapters.
+
+        Under ``torchrun`` or ``accelerate launch``, each process unlearns a contiguous share of the
+        groups still to do and every process returns the complete bundle; a group's adapter does
+        not depend on the process that trained it, so the bundle equals a one-process run's.
 
         Args:
             dataset: The grouped training set of the base model.
             groups: Group ids or names (default: all).
             checkpoint_dir: If given, each finished group is written there atomically and a rerun
-                with the same settings skips it (resume after a crash or a kill).
-            progress: Show progress bars.
+                with the same settings (and any number of processes) skips it (resume after a crash
+                or a kill).
+            progress: Show progress bars (on the main process only).
+            process: This process of a launch; default :func:`~diffusers_guda.distributed.current_process`
+                (pass :data:`~diffusers_guda.distributed.SINGLE_PROCESS` to unlearn every group here).
+
+        Raises:
+            DistributedError: if the processes of a launch were given other data, settings or base model.
         """
+        process = current_process() if process is None else process
         group_ids = [dataset.group_index(g) for g in (groups if groups is not None else range(dataset.num_groups))]
         slugs = unique_slugs(dataset.group_names)
         checkpoint = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        process.check_same((self._run_record(dataset), group_ids), "data, unlearning settings or base model")
         if checkpoint is not None:
             self._check_checkpoint(checkpoint, dataset)
-        records, adapters, configs = [], {}, {}
-        outer = tqdm(group_ids, desc="groups", disable=not progress, dynamic_ncols=True)
+        # what the main process finds finished, so that every process shards the same pending list
+        finished = process.broadcast([gid for gid in group_ids if checkpoint is not None and _is_finished(checkpoint / slugs[gid])])
+        results = {gid: _load_finished(checkpoint / slugs[gid]) for gid in finished}
+        mine = process.shard([gid for gid in group_ids if gid not in finished])
+        trained = {}
+        desc = f"groups (process 0 of {process.world_size})" if process.is_distributed else "groups"
+        outer = tqdm(mine, desc=desc, disable=not (progress and process.is_main), dynamic_ncols=True)
         for gid in outer:
             slug = slugs[gid]
             outer.set_postfix(group=dataset.group_names[gid])
-            done = checkpoint / slug if checkpoint is not None else None
-            # both files: a kill while the checkpoint of a finished run is deleted can leave either alone
-            if done is not None and (done / STATS_NAME).is_file() and (done / ADAPTER_WEIGHT_NAME).is_file():
-                state, metadata = load_adapter_file(done / ADAPTER_WEIGHT_NAME)
-                stats = json.loads((done / STATS_NAME).read_text())
-            else:
-                state, metadata, stats = self.unlearn_group(dataset, gid, AdapterBundle.adapter_name(slug), progress=progress)
-                if done is not None:
-                    with atomic_directory(done) as tmp:
-                        save_adapter_file(tmp / ADAPTER_WEIGHT_NAME, state, metadata)
-                        write_json_atomic(tmp / STATS_NAME, stats)
-            adapters[slug], configs[slug] = state, metadata
+            trained[gid] = self.unlearn_group(dataset, gid, AdapterBundle.adapter_name(slug), progress=progress and process.is_main)
+            if checkpoint is not None:
+                state, metadata, stats = trained[gid]
+                with atomic_directory(checkpoint / slug) as tmp:
+                    save_adapter_file(tmp / ADAPTER_WEIGHT_NAME, state, metadata)
+                    write_json_atomic(tmp / STATS_NAME, stats)
+        for part in process.gather(trained):
+            results.update(part)
+        records, adapters, configs = [], {}, {}
+        for gid in group_ids:
+            slug = slugs[gid]
+            adapters[slug], configs[slug], stats = results[gid]
             records.append(
                 GroupRecord(
                     id=len(records),  # bundle ids are 0..K-1 even when only some groups are unlearned
@@ -329,13 +348,18 @@ class GroupUnlearner:
             "conditional": hasattr(unet.config, "cross_attention_dim") and unet.config.get("cross_attention_dim") is not None,
         }
 
-    def _check_checkpoint(self, checkpoint: Path, dataset: GroupedDataset) -> None:
-        run = {
+    def _run_record(self, dataset: GroupedDataset) -> dict:
+        """What a checkpoint's groups depend on: base model, settings and data."""
+        return {
             "fingerprint": self.fingerprint,
             "config": self.config.to_dict(),
             "groups": dataset.group_names,
             "group_sizes": dataset.group_sizes(),
         }
+
+    def _check_checkpoint(self, checkpoint: Path, dataset: GroupedDataset) -> None:
+        # several processes may run this at once: the marker is written atomically, with one content
+        run = self._run_record(dataset)
         marker = checkpoint / RUN_NAME
         if marker.exists():
             previous = json.loads(marker.read_text())
@@ -346,3 +370,13 @@ class GroupUnlearner:
                 )
         else:
             write_json_atomic(marker, run)
+
+
+def _is_finished(done: Path) -> bool:
+    # both files: a kill while the checkpoint of a finished run is deleted can leave either alone
+    return (done / STATS_NAME).is_file() and (done / ADAPTER_WEIGHT_NAME).is_file()
+
+
+def _load_finished(done: Path) -> tuple[dict, dict, dict]:
+    state, metadata = load_adapter_file(done / ADAPTER_WEIGHT_NAME)
+    return state, metadata, json.loads((done / STATS_NAME).read_text())

@@ -14,6 +14,9 @@ from PIL import Image
 from diffusers_guda import GroupedDataset, GUDAUNet2DModel
 
 
+TIMING_KEYS = {"wall_s"}  # wall-clock fields, the only ones allowed to differ between runs
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _one_thread():
     # On a shared 2-core machine, one torch thread is far faster than two fighting for cores.
@@ -104,3 +107,21 @@ def write_group_folder(root: Path, groups: list[str], per_group: int = 8, seed: 
             array += rng.integers(0, 20, (8, 8))
             Image.fromarray(array.astype(np.uint8), mode="L").save(folder / f"{i}.png")
     return root
+
+
+def drop_timing(value):
+    """``value`` without wall-clock fields, at any depth."""
+    if isinstance(value, dict):
+        return {k: drop_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [drop_timing(v) for v in value]
+    return value
+
+
+def assert_bit_identical(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert sorted(got) == sorted(expected), what
+    for key in expected:
+        a, b = got[key], expected[key]
+        assert a.dtype == b.dtype and a.shape == b.shape, (what, key)
+        same = torch.equal(a.contiguous().flatten().view(torch.uint8), b.contiguous().flatten().view(torch.uint8))
+        assert same, f"{what}: tensor {key} differs from the reference run's (max abs diff {(a - b).abs().max().item()})"

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
@@ -38,7 +37,7 @@ from diffusers_guda.lora import ADAPTER_WEIGHT_NAME, load_adapter_file
 from diffusers_guda.training import TRAIN_LOG_NAME
 from diffusers_guda.unlearning import RUN_NAME, STATS_NAME
 
-from conftest import TINY_RECIPE, write_group_folder
+from conftest import TINY_RECIPE, assert_bit_identical, drop_timing, write_group_folder
 
 pytestmark = [
     pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs POSIX signals (SIGKILL)"),
@@ -50,7 +49,6 @@ GROUPS = ["left", "middle", "right"]
 SLUGS = unique_slugs(GROUPS)
 UNLEARN_STEPS = 12  # per group: long enough for a kill to land inside a group, short enough for CI
 LOGO_STEPS = 12
-TIMING_KEYS = {"wall_s"}  # wall-clock fields, the only ones allowed to differ between runs
 UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 LOGO_FILES = {"model_index.json", TRAIN_LOG_NAME, "unet/config.json", UNET_WEIGHTS, "scheduler/scheduler_config.json"}
 KILLED = -signal.SIGKILL if hasattr(signal, "SIGKILL") else None
@@ -71,24 +69,6 @@ def in_process(*args) -> str:
         code = main([str(a) for a in args])
     assert code == 0, err.getvalue()
     return out.getvalue()
-
-
-def drop_timing(value):
-    """``value`` without wall-clock fields, at any depth."""
-    if isinstance(value, dict):
-        return {k: drop_timing(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, list):
-        return [drop_timing(v) for v in value]
-    return value
-
-
-def assert_bit_identical(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
-    assert sorted(got) == sorted(expected), what
-    for key in expected:
-        a, b = got[key], expected[key]
-        assert a.dtype == b.dtype and a.shape == b.shape, (what, key)
-        same = torch.equal(a.contiguous().flatten().view(torch.uint8), b.contiguous().flatten().view(torch.uint8))
-        assert same, f"{what}: tensor {key} differs from the uninterrupted run's (max abs diff {(a - b).abs().max().item()})"
 
 
 def listing(path: Path) -> set[str]:

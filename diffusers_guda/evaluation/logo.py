@@ -16,6 +16,7 @@ import torch
 
 from ..bundle import unique_slugs
 from ..data import GroupedDataset
+from ..distributed import ProcessInfo, current_process
 from ..elbo import ELBOConfig, ELBOEstimator
 from ..errors import ConfigError
 from ..scoring import AttributionResult, score_models
@@ -50,9 +51,13 @@ def train_logo_models(
     seed: int | None = None,
     progress: bool = True,
     log=print,
-    device: str | torch.device = "cpu",
+    process: ProcessInfo | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Path]:
     """Train one model per group on all the other groups, with the base model's recipe.
+
+    Under ``torchrun`` or ``accelerate launch``, each process trains a contiguous share of the
+    models still to train; a model does not depend on the process that trained it.
 
     Args:
         dataset: The full training set.
@@ -60,28 +65,33 @@ def train_logo_models(
         output_dir: Root of the LOGO models.
         groups: Group ids or names to leave out (default: all).
         seed: Training seed; default the recipe's (seed A). Another seed gives the LOGO noise floor.
-        progress: Show progress bars.
-        log: Where to report skipped groups.
-        device: Where to train (see :func:`~diffusers_guda.training.train_base_model`).
+        progress: Show progress bars (on the main process only).
+        log: Where to report skipped groups (on the main process only).
+        process: This process of a launch; default :func:`~diffusers_guda.distributed.current_process`.
+        device: Where to train (see :func:`~diffusers_guda.training.train_base_model`); default the
+            process's device (its GPU under a launch on GPUs, else the CPU).
 
     Returns:
-        Group name -> pipeline directory, in group order.
+        Group name -> pipeline directory, in group order (on every process, once all are written).
     """
+    process = current_process() if process is None else process
     config = replace(config, seed=config.seed if seed is None else seed)
     slugs = unique_slugs(dataset.group_names)
     group_ids = [dataset.group_index(g) for g in (groups if groups is not None else range(dataset.num_groups))]
-    paths = {}
+    paths = {dataset.group_names[gid]: logo_model_dir(output_dir, config.seed, slugs[gid]) for gid in group_ids}
+    process.check_same((config.to_dict(), dataset.group_names, dataset.group_sizes(), group_ids), "data or LOGO settings")
+    # every process checks the existing models (so all raise alike); the main process's view is the one used
+    finished = process.broadcast([gid for gid in group_ids if _finished(paths[dataset.group_names[gid]], config, dataset.group_names[gid])])
     for gid in group_ids:
+        if gid in finished and process.is_main:
+            log(f"LOGO without {dataset.group_names[gid]!r}: reusing {paths[dataset.group_names[gid]]}")
+    for gid in process.shard([gid for gid in group_ids if gid not in finished]):
         name = dataset.group_names[gid]
-        path = logo_model_dir(output_dir, config.seed, slugs[gid])
-        if _finished(path, config, name):
-            log(f"LOGO without {name!r}: reusing {path}")
-        else:
-            train_base_model(
-                dataset.without_group(gid), config, output_dir=path, progress=progress,
-                description=f"LOGO without {name}", extra_log={EXCLUDED_KEY: name}, device=device,
-            )
-        paths[name] = path
+        train_base_model(
+            dataset.without_group(gid), config, output_dir=paths[name], progress=progress and process.is_main,
+            description=f"LOGO without {name}", extra_log={EXCLUDED_KEY: name}, device=process.device if device is None else device,
+        )
+    process.barrier()
     return paths
 
 

@@ -15,6 +15,7 @@ from diffusers import DDPMScheduler
 
 from ..bundle import AdapterBundle
 from ..data import GroupedDataset
+from ..distributed import ProcessInfo
 from ..elbo import ELBOConfig, ELBOEstimator
 from ..errors import ConfigError, DataError
 from ..lora import LoRASettings
@@ -86,6 +87,7 @@ def unlearn_groups(
     checkpoint_dir: str | None = None,
     config: UnlearningConfig | None = None,
     progress: bool = True,
+    process: ProcessInfo | None = None,
     **objective_options,
 ) -> AdapterBundle:
     """Train one unlearning adapter per group and load the resulting bundle into the pipeline.
@@ -104,6 +106,8 @@ def unlearn_groups(
         checkpoint_dir: Resume directory (finished groups are kept and skipped).
         config: A full :class:`UnlearningConfig` (overrides the arguments above).
         progress: Show progress bars.
+        process: This process of a ``torchrun``/``accelerate launch`` run (default: detected); the
+            processes share the groups and all return the same bundle (see :meth:`GroupUnlearner.unlearn`).
         **objective_options: Options of the objective (e.g. ``num_neighbors=10``).
     """
     _ensure_adapter_unet(pipe)
@@ -120,7 +124,7 @@ def unlearn_groups(
             seed=seed,
         )
     unlearner = GroupUnlearner(pipe.unet, _training_scheduler(pipe), config, base_model_id=_model_id(pipe))
-    bundle = unlearner.unlearn(dataset, groups=groups, checkpoint_dir=checkpoint_dir, progress=progress)
+    bundle = unlearner.unlearn(dataset, groups=groups, checkpoint_dir=checkpoint_dir, progress=progress, process=process)
     return load_guda_bundle(pipe, bundle)
 
 
@@ -134,6 +138,7 @@ def attribute(
     strategy: str = "auto",
     adaptive_z: float | None = None,
     progress: bool = True,
+    process: ProcessInfo | None = None,
 ) -> AttributionResult:
     """Score query images against every group of the loaded bundle.
 
@@ -151,6 +156,8 @@ def attribute(
         adaptive_z: Walk each query's grid in blocks and drop groups that trail the leader by this
             many standard errors; stop when one is left (``None``: the full grid).
         progress: Show a progress bar.
+        process: This process of a ``torchrun``/``accelerate launch`` run (default: detected); the
+            processes share the images and all return the same, complete result.
     """
     if bundle is not None:
         load_guda_bundle(pipe, bundle)
@@ -164,7 +171,7 @@ def attribute(
     device = pipe.unet.device
     scorer = AttributionScorer(pipe.unet, estimator, [loaded.adapter_name(s) for s in loaded.slugs], loaded.group_names)
     meta = {"bundle": dict(loaded.source or {}), "base_model": loaded.base_model.get("id"), "device": str(device)}
-    return scorer.score(x0, batch_size=batch_size, progress=progress, metadata=meta, strategy=strategy, adaptive_z=adaptive_z)
+    return scorer.score(x0, batch_size=batch_size, progress=progress, metadata=meta, strategy=strategy, adaptive_z=adaptive_z, process=process)
 
 
 def to_model_images(images) -> torch.Tensor:
