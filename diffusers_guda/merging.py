@@ -59,15 +59,39 @@ def plain_copy(unet) -> torch.nn.Module:
 class MergedAdapterRunner:
     """Runs the base model or the base plus one adapter merged, on a plain copy of ``unet``.
 
+    Merged weights are kept for reuse while they fit in ``cache_bytes`` (an adaptive walk merges every
+    adapter once per round); adapters beyond it are merged again on each use.
+
     Args:
         unet: A UNet holding the adapters (peft layers).
+        cache_bytes: Memory for kept merged weights (default 1 GiB; 0 keeps none).
     """
 
-    def __init__(self, unet):
+    def __init__(self, unet, cache_bytes: int = 1 << 30):
         self.unet = unet
         self.plain = plain_copy(unet)
         self._modules = dict(self.plain.named_modules())
         self._layers: dict[str, dict[str, torch.nn.Module]] = {}
+        self._kept: dict[str, list[torch.Tensor]] = {}
+        self._room = cache_bytes
+
+    def _merged_weights(self, adapter: str) -> list[torch.Tensor]:
+        if adapter in self._kept:
+            return self._kept[adapter]
+        if adapter not in self._layers:
+            self._layers[adapter] = lora_layers(self.unet, adapter)
+        layers = self._layers[adapter]
+        if not layers:
+            raise ConfigError(f"Adapter {adapter!r} is not loaded in the UNet.")
+        with torch.no_grad():
+            weights = []
+            for name, layer in layers.items():
+                base = self._modules[name].weight
+                weights.append(base.data + layer.get_delta_weight(adapter).to(base.dtype))
+        size = sum(w.numel() * w.element_size() for w in weights)
+        if size <= self._room:
+            self._kept[adapter], self._room = weights, self._room - size
+        return weights
 
     @contextlib.contextmanager
     def merged(self, adapter: str | None):
@@ -79,18 +103,13 @@ class MergedAdapterRunner:
         if adapter is None:
             yield self.plain
             return
-        if adapter not in self._layers:
-            self._layers[adapter] = lora_layers(self.unet, adapter)
-        layers = self._layers[adapter]
-        if not layers:
-            raise ConfigError(f"Adapter {adapter!r} is not loaded in the UNet.")
+        weights = self._merged_weights(adapter)
         originals = []
         try:
-            with torch.no_grad():
-                for name, layer in layers.items():
-                    weight = self._modules[name].weight
-                    originals.append((weight, weight.data))
-                    weight.data = weight.data + layer.get_delta_weight(adapter).to(weight.dtype)
+            for name, merged in zip(self._layers[adapter], weights):
+                weight = self._modules[name].weight
+                originals.append((weight, weight.data))
+                weight.data = merged
             yield self.plain
         finally:
             for weight, data in originals:

@@ -117,8 +117,8 @@ def _restore(unet, state: tuple[list[str], bool] | None) -> None:
 
 
 STRATEGIES = ("auto", "merged", "swap", "mixed")
-BASE_ROWS = "__base__"
-ADAPTIVE_FORWARD_BLOCKS = 4  # adaptive forwards hold this many blocks of rows (fixed, so bits do not depend on the batch)  # peft's adapter name for rows that take no adapter
+BASE_ROWS = "__base__"  # peft's adapter name for rows that take no adapter
+ADAPTIVE_FORWARD_BLOCKS = 8  # adaptive forwards hold this many blocks of rows (fixed, so bits do not depend on the batch)
 
 
 @contextlib.contextmanager
@@ -280,7 +280,7 @@ class AttributionScorer:
                 or the grid is exhausted (then the scores are the full-grid ones). Rows used per query
                 and group are recorded in ``metadata["rows_used"]``. ``None`` (default): the full grid.
             adaptive_block: Rows per block (timestep ranges) of the adaptive walk. Adaptive forwards
-                hold ``min(rows_per_forward, 4 * adaptive_block)`` rows.
+                hold ``min(rows_per_forward, 8 * adaptive_block)`` rows.
             process: This process of a ``torchrun``/``accelerate launch`` run; default
                 :func:`~diffusers_guda.distributed.current_process`. Each process scores a contiguous
                 share of ``images`` and every process returns the complete result, bit-identical to a
@@ -326,6 +326,7 @@ class AttributionScorer:
                 result = self._score_packed(images, batch_size, unet_kwargs, progress, metadata, strategy, adaptive_z, adaptive_block)
             return _concatenate(process.gather(result)) if process.is_distributed else result
         finally:
+            self._runner = None  # its merged weights are this call's: the adapters may change before the next
             _restore(unet, previous)  # leave the adapters as they were (e.g. disabled for generation)
             unet.train(was_training)
 
@@ -337,16 +338,11 @@ class AttributionScorer:
     def _model(self, adapter: str | None, strategy: str):
         """Context in which the UNet computes the base (``None``) or the base plus ``adapter``."""
         if strategy == "merged":
-            if self._runner is None:  # built once: a plain copy sharing the base weights
+            if self._runner is None:  # built once per call: a plain copy sharing the base weights
                 self._runner = MergedAdapterRunner(self.unet)
             return self._runner.merged(adapter)
         _switch(self.unet, adapter)
         return contextlib.nullcontext(self.unet)
-
-    def _model_terms(self, adapter, strategy, images, image_index, rows, noise, kwargs, forward_rows) -> torch.Tensor:
-        """Terms of (image, row) items under one model, packed into shared forwards of ``forward_rows``."""
-        with self._model(adapter, strategy) as unet:
-            return self.estimator.packed_terms(unet, images, image_index, rows, noise, kwargs, rows_per_forward=forward_rows)
 
     @torch.no_grad()
     def _score_packed(self, images, batch_size, unet_kwargs, progress, metadata, strategy, z, block) -> AttributionResult:
@@ -356,7 +352,7 @@ class AttributionScorer:
         hashes = est.image_hashes(images)
         scores, stderr, neg_elbo = torch.zeros(n, k), torch.zeros(n, k), torch.zeros(n)
         rows_used = torch.zeros(n, k, dtype=torch.long)
-        evaluated = 0
+        evaluated = 0  # rows through the UNet (padding repeats excluded)
         desc = f"attribute ({strategy}{', adaptive' if z is not None else ''})"
         with tqdm(total=n, desc=desc, disable=not progress, dynamic_ncols=True, unit="img") as bar:
             for first in range(0, n, batch_size):
@@ -369,26 +365,28 @@ class AttributionScorer:
                     forward_rows = est.config.rows_per_forward
                 else:
                     walks = {i: _stratified_walk(r, block, derive_seed("guda-order", est.config.seed, hashes[i])) for i in ids}
-                    # rounds hand each model few rows: smaller forwards waste less padding
+                    # rounds hand each model few rows; room left in a forward is filled with later blocks
                     forward_rows = min(est.config.rows_per_forward, ADAPTIVE_FORWARD_BLOCKS * block)
                 base = {i: [] for i in ids}
                 diffs = {i: [[] for _ in range(k)] for i in ids}
                 blocks = {i: [[] for _ in range(k + 1)] for i in ids}  # stratified block estimates; index k: the base
                 alive = {i: list(range(k)) for i in ids}
+                rows_of = _RowTerms(est, images, ids, hashes, kwargs, forward_rows)
                 active, step = list(ids), 0
                 while active:
                     rows = {i: walks[i][0][step] for i in active}
-                    noise = {i: est.noise(images[i], hashes[i], rows=rows[i]) for i in active}
-                    base_terms = self._round(None, strategy, images, ids, active, rows, noise, kwargs, forward_rows)
-                    evaluated += sum(len(rows[i]) for i in active)
+                    # adaptive walks fill each round's last forward with rows of later blocks (kept for later rounds)
+                    later = (lambda i, s=step: walks[i][0][s + 1 :]) if z is not None else None
+                    with self._model(None, strategy) as unet:
+                        base_terms = rows_of(None, unet, active, rows, later)
                     for i in active:
                         base[i].append(base_terms[i])
                     for j, adapter in enumerate(self.adapter_names):
                         who = [i for i in active if j in alive[i]]
                         if not who:
                             continue
-                        terms = self._round(adapter, strategy, images, ids, who, rows, noise, kwargs, forward_rows)
-                        evaluated += sum(len(rows[i]) for i in who)
+                        with self._model(adapter, strategy) as unet:
+                            terms = rows_of(adapter, unet, who, rows, later)
                         for i in who:
                             diffs[i][j].append(terms[i] - base_terms[i])
                     still = []
@@ -405,6 +403,7 @@ class AttributionScorer:
                         else:
                             bar.update(1)
                     active, step = still, step + 1
+                evaluated += rows_of.evaluated
                 for i in ids:
                     base_rows = torch.cat(base[i])
                     neg_elbo[i] = est.scale * (base_rows.mean() if len(base_rows) == r else torch.stack(blocks[i][k]).mean())
@@ -418,16 +417,6 @@ class AttributionScorer:
         if z is not None:
             metadata["rows_used"] = rows_used.tolist()
         return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, _metadata(est, metadata))
-
-    def _round(self, adapter, strategy, images, ids, who, rows, noise, kwargs, forward_rows) -> dict[int, torch.Tensor]:
-        """One model's terms on this round's rows of the images ``who``, as ``{image: terms}``."""
-        local = {i: p for p, i in enumerate(ids)}
-        index = torch.cat([torch.full((len(rows[i]),), local[i], dtype=torch.long) for i in who])
-        terms = self._model_terms(
-            adapter, strategy, images[ids[0] : ids[-1] + 1], index, torch.cat([rows[i] for i in who]),
-            torch.cat([noise[i] for i in who]), kwargs, forward_rows,
-        )
-        return dict(zip(who, terms.split([len(rows[i]) for i in who])))
 
     def _all_terms(self, image, noise, rows, kwargs) -> torch.Tensor:
         """``[K + 1, len(rows)]`` terms of the base (row 0) and every adapter, one forward per chunk."""
@@ -475,6 +464,58 @@ def _concatenate(parts: Sequence[AttributionResult]) -> AttributionResult:
         [h for p in parts for h in p.image_hashes],
         metadata,
     )
+
+
+class _RowTerms:
+    """Terms of (image, row) items under each model of one batch of images, computed once.
+
+    Items are packed into forwards of exactly ``forward_rows`` rows. Because a row's term does not
+    depend on the other rows of its forward, the room left in a round's last forward can be filled
+    with rows the same model needs in later rounds of an adaptive walk: they come out bit-identical
+    to computing them later, and a model whose group is dropped first wastes them as it would waste
+    the padding.
+    """
+
+    def __init__(self, estimator: ELBOEstimator, images, ids, hashes, kwargs, forward_rows: int):
+        self.est, self.forward_rows, self.kwargs = estimator, forward_rows, kwargs
+        self.images = images[ids[0] : ids[-1] + 1]
+        self.local = {i: p for p, i in enumerate(ids)}
+        self.hashes = hashes
+        self.done: dict = {}  # model -> {(image, row): term}
+        self._noise: dict = {}  # (image, row) -> noise, shared by every model
+        self.evaluated = 0
+
+    def _noise_of(self, items) -> torch.Tensor:
+        missing = {}
+        for i, r in items:
+            if (i, r) not in self._noise:
+                missing.setdefault(i, []).append(r)
+        for i, rows in missing.items():
+            fresh = self.est.noise(self.images[self.local[i]], self.hashes[i], rows=torch.tensor(rows))
+            self._noise.update(zip(((i, r) for r in rows), fresh))
+        return torch.stack([self._noise[item] for item in items])
+
+    def __call__(self, model, unet, who, rows, later=None) -> dict[int, torch.Tensor]:
+        """``{image: terms of rows[image]}`` under ``unet`` (the base when ``model`` is None)."""
+        done = self.done.setdefault(model, {})
+        items = [(i, r) for i in who for r in rows[i].tolist() if (i, r) not in done]
+        room = -len(items) % self.forward_rows if later is not None and items else 0
+        for i in who if room else ():
+            for block in later(i):
+                spare = [(i, r) for r in block.tolist() if (i, r) not in done][:room]
+                items += spare
+                room -= len(spare)
+                if not room:
+                    break
+            if not room:
+                break
+        if items:
+            index = torch.tensor([self.local[i] for i, _ in items])
+            row_ids = torch.tensor([r for _, r in items])
+            terms = self.est.packed_terms(unet, self.images, index, row_ids, self._noise_of(items), self.kwargs, self.forward_rows)
+            done.update(zip(items, terms.tolist()))
+            self.evaluated += len(items)
+        return {i: torch.tensor([done[(i, r)] for r in rows[i].tolist()], dtype=torch.float32) for i in who}
 
 
 def _stratified_walk(num_rows: int, strata: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 
@@ -244,14 +246,19 @@ def test_adaptive_draws_drop_trailing_groups(tiny_unet, tiny_scheduler, monkeypa
     rows = scorer.estimator.num_rows
     lead = {0: 1.0, 1: 0.0}  # image 0: g0 leads g1 by 1 on every row; image 1: g0 and g1 tie
 
-    def designed_terms(adapter, strategy, images, image_index, row_ids, noise, kwargs, forward_rows):
+    calls = []
+
+    def designed_terms(model, images, image_index, row_ids, noise, kwargs, forward_rows):
+        calls.append((model, list(zip(image_index.tolist(), row_ids.tolist()))))
         # base 0; g0 = g1 + lead, g2 = g1 - 1, plus a row-dependent wiggle shared by all adapters
         wiggle = torch.sin(row_ids.float() * 1.7)
         which = (images[image_index].flatten(1).mean(1) < 0).long()  # image 0 is bright, image 1 dark
-        offset = {None: None, "g0": torch.tensor([lead[0], lead[1]])[which], "g1": 0.0, "g2": -1.0}[adapter]
+        offset = {None: None, "g0": torch.tensor([lead[0], lead[1]])[which], "g1": 0.0, "g2": -1.0}[model]
         return torch.zeros(len(row_ids)) if offset is None else offset + wiggle
 
-    monkeypatch.setattr(scorer, "_model_terms", designed_terms)
+    # the "UNet" each model runs is its adapter name, which the designed terms read
+    monkeypatch.setattr(scorer, "_model", lambda adapter, strategy: contextlib.nullcontext(adapter))
+    monkeypatch.setattr(scorer.estimator, "packed_terms", designed_terms)
     images = torch.stack([torch.full((1, 8, 8), 0.5), torch.full((1, 8, 8), -0.5)])
     result = scorer.score(images, progress=False, adaptive_z=3.0, adaptive_block=4)
     # constant gaps resolve once two blocks give a standard error; a tie never does, so g0 and g1 walk
@@ -261,7 +268,11 @@ def test_adaptive_draws_drop_trailing_groups(tiny_unet, tiny_scheduler, monkeypa
     scale = scorer.estimator.scale
     assert torch.allclose(result.scores[0, 0] - result.scores[0, 1], torch.tensor(scale))
     assert result.scores[1, 0] == result.scores[1, 1]  # the tie, on the same rows
-    assert result.metadata["row_forwards"] == 4 * 8 + (rows * 3 + 8)
+    # each (model, image, row) runs once; the room in a forward is filled with later blocks, so only
+    # the last forward of each model that walks image 1 to its end (base, g0, g1) is not full (32 rows)
+    items = [(model, item) for model, batch in calls for item in batch]
+    assert len(items) == len(set(items)) == result.metadata["row_forwards"]
+    assert sum(len(batch) % 32 != 0 for _, batch in calls) == 3
 
 
 @pytest.mark.parametrize("strategy", ["merged", "swap"])
@@ -335,3 +346,18 @@ def test_merged_runner_shares_and_never_writes_the_base_weights(tiny_unet, tiny_
     with pytest.raises(ConfigError, match="not loaded"):
         with runner.merged("nope"):
             pass
+
+
+def test_merged_runner_keeps_merged_weights_within_its_budget(tiny_unet, tiny_scheduler):
+    from diffusers_guda.merging import MergedAdapterRunner
+
+    _scorer_with_adapters(tiny_unet, tiny_scheduler, names=("g0", "g1"))
+    keeping, merging = MergedAdapterRunner(tiny_unet), MergedAdapterRunner(tiny_unet, cache_bytes=0)
+    x, t = torch.rand(2, 1, 8, 8) * 2 - 1, torch.full((2,), 30)
+    with torch.no_grad():
+        for name in ("g0", "g1", "g0"):  # g0 again: from the kept weights
+            with keeping.merged(name) as a:
+                kept = a(x, t).sample
+            with merging.merged(name) as b:
+                assert torch.equal(kept, b(x, t).sample)
+    assert sorted(keeping._kept) == ["g0", "g1"] and not merging._kept
