@@ -174,6 +174,12 @@ class GroupedDataset:
             raise DataError(f"Unknown group {name_or_id!r}; groups are {self.group_names}.")
         return self.group_names.index(name_or_id)
 
+    def with_images(self, images: torch.Tensor) -> "GroupedDataset":
+        """The same groups and prompts over other images of the same count (e.g. their VAE latents)."""
+        if images.shape[0] != len(self):
+            raise DataError(f"with_images needs {len(self)} images, got {images.shape[0]}.")
+        return GroupedDataset(images, self.group_ids, list(self.group_names), self.prompts)
+
     def without_group(self, group: int) -> "GroupedDataset":
         """The dataset with one group removed (for leave-one-group-out retraining)."""
         keep = self.retain_indices(group)

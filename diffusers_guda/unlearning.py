@@ -11,18 +11,18 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from .bundle import AdapterBundle, GroupRecord, unique_slugs
 from .data import GroupedDataset
-from .errors import ConfigError, UnlearningDivergedError
+from .errors import ConfigError, DataError, UnlearningDivergedError
 from .hashing import derive_seed, unet_fingerprint
 from .io_utils import atomic_directory, write_json_atomic
 from .lora import ADAPTER_WEIGHT_NAME, LoRASettings, adapter_state_dict, load_adapter_file, peft_config_metadata, save_adapter_file
-from .models import with_adapter_support
+from .models import is_conditional, with_adapter_support
 from .objectives import NoiseSchedule, UnlearningBatch, get_objective
 
 STATS_NAME = "stats.json"
@@ -84,10 +84,32 @@ class GroupUnlearner:
         config: Unlearning settings.
         base_model_id: Name recorded in the bundle (a Hub id or a path).
         base_model_revision: Revision recorded in the bundle.
+        encode_prompts: For a text-conditioned UNet: maps a list of prompts to the text embeddings
+            ``[B, L, D]`` it is conditioned on (a pipeline's text encoder); the dataset then needs
+            one prompt per image. Its images are the model's inputs (VAE latents for latent models).
+        base_model_extra: Further fields recorded in the bundle's ``base_model`` (e.g. the VAE's
+            scaling factor of a latent model).
     """
 
-    def __init__(self, unet, scheduler, config: UnlearningConfig | None = None, base_model_id: str | None = None, base_model_revision: str | None = None):
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        config: UnlearningConfig | None = None,
+        base_model_id: str | None = None,
+        base_model_revision: str | None = None,
+        encode_prompts: Callable[[list[str]], torch.Tensor] | None = None,
+        base_model_extra: dict | None = None,
+    ):
         self.unet = with_adapter_support(unet)
+        self.conditional = is_conditional(self.unet)
+        if self.conditional and encode_prompts is None:
+            raise ConfigError(
+                f"This {type(self.unet).__name__} is text-conditioned; pass encode_prompts (the pipeline's text "
+                "encoder, as pipe.unlearn_groups does) so that each image is conditioned on its prompt."
+            )
+        self.encode_prompts = encode_prompts
+        self.base_model_extra = dict(base_model_extra or {})
         self.unet.requires_grad_(False)
         self.scheduler = scheduler
         self.schedule = NoiseSchedule(scheduler)
@@ -123,6 +145,7 @@ class GroupUnlearner:
         generator = torch.Generator().manual_seed(seed)
         objective = get_objective(cfg.objective, cfg.objective_options)
         objective.setup(dataset, group, self.schedule)
+        self._check_prompts(dataset)
         forget_idx, retain_idx = dataset.forget_indices(group), dataset.retain_indices(group)
         evaluation = self._evaluation_sets(dataset, group, forget_idx, retain_idx)
         before = self._evaluate(evaluation, adapter=None)
@@ -140,6 +163,7 @@ class GroupUnlearner:
             bar = tqdm(range(cfg.steps), desc=f"unlearn {dataset.group_names[group]}", disable=not progress, leave=False, dynamic_ncols=True)
             for step in bar:
                 batch = self._batch(dataset, forget_idx, retain_idx, generator, model, teacher)
+                batch.group = group
                 loss, parts = objective.loss(batch)
                 if not math.isfinite(loss.item()):
                     raise UnlearningDivergedError(
@@ -186,17 +210,37 @@ class GroupUnlearner:
         }
         return state, metadata, stats
 
+    def _check_prompts(self, dataset: GroupedDataset) -> None:
+        if self.conditional and dataset.prompts is None:
+            raise DataError(
+                "This UNet is text-conditioned, but the dataset has no prompts. Give every image its caption "
+                "(metadata.jsonl with a 'text' field, or GroupedDataset(..., prompts=[...]))."
+            )
+
+    def _cond(self, dataset: GroupedDataset, index: torch.Tensor) -> torch.Tensor | None:
+        """Text embeddings of the images ``index`` (their own prompts), or ``None`` for unconditional UNets."""
+        if not self.conditional:
+            return None
+        return self.encode_prompts([dataset.prompts[i] for i in index.tolist()]).to(self.device)
+
+    def _unet_inputs(self, cond) -> dict:
+        if cond is None:
+            if self.conditional:
+                raise ConfigError("This UNet is text-conditioned; the objective must pass the text embeddings (cond).")
+            return {}
+        return {"encoder_hidden_states": cond.to(self.device, self.unet.dtype)}
+
     def _callables(self, adapter_name: str):
         unet = self.unet
 
-        def model(x_t, t):
-            return unet(x_t, t).sample
+        def model(x_t, t, cond=None):
+            return unet(x_t, t, **self._unet_inputs(cond)).sample
 
         @torch.no_grad()
-        def teacher(x_t, t):
+        def teacher(x_t, t, cond=None):
             unet.disable_adapters()
             try:
-                return unet(x_t, t).sample
+                return unet(x_t, t, **self._unet_inputs(cond)).sample
             finally:
                 unet.enable_adapters()
                 unet.set_adapter(adapter_name)
@@ -221,6 +265,11 @@ class GroupUnlearner:
             teacher=teacher,
             schedule=self.schedule,
             generator=generator,
+            forget_cond=self._cond(dataset, fi),
+            retain_cond=self._cond(dataset, ri),
+            forget_prompts=[dataset.prompts[i] for i in fi.tolist()] if dataset.prompts is not None else None,
+            retain_prompts=[dataset.prompts[i] for i in ri.tolist()] if dataset.prompts is not None else None,
+            encode_prompts=self.encode_prompts,
         )
 
     def _evaluation_sets(self, dataset, group, forget_idx, retain_idx) -> dict:
@@ -233,7 +282,8 @@ class GroupUnlearner:
             x0 = dataset.images[chosen].repeat_interleave(cfg.eval_draws, dim=0)
             t = torch.randint(0, self.schedule.num_train_timesteps, (len(x0),), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
-            sets[name] = (x0, t, noise)
+            cond = self._cond(dataset, chosen.repeat_interleave(cfg.eval_draws))
+            sets[name] = (x0, t, noise, None if cond is None else cond.cpu())
         return sets
 
     @torch.no_grad()
@@ -243,11 +293,12 @@ class GroupUnlearner:
             unet.disable_adapters()
         try:
             out = {}
-            for name, (x0, t, noise) in sets.items():
+            for name, (x0, t, noise, cond) in sets.items():
                 total = 0.0
                 for s in range(0, len(x0), chunk):
                     x, tt, n = x0[s : s + chunk].to(device), t[s : s + chunk].to(device), noise[s : s + chunk].to(device)
-                    pred = unet(self.schedule.add_noise(x, n, tt), tt).sample.float()
+                    inputs = self._unet_inputs(None if cond is None else cond[s : s + chunk])
+                    pred = unet(self.schedule.add_noise(x, n, tt).to(unet.dtype), tt, **inputs).sample.float()
                     total += (pred - self.schedule.target(x, n, tt)).pow(2).mean(dim=tuple(range(1, x.dim()))).sum().item()
                 out[name] = total / len(x0)
             return out
@@ -326,7 +377,8 @@ class GroupUnlearner:
             "dtype": str(unet.dtype).replace("torch.", ""),
             "sample_size": unet.config.sample_size,
             "in_channels": unet.config.in_channels,
-            "conditional": hasattr(unet.config, "cross_attention_dim") and unet.config.get("cross_attention_dim") is not None,
+            "conditional": self.conditional,
+            **self.base_model_extra,
         }
 
     def _check_checkpoint(self, checkpoint: Path, dataset: GroupedDataset) -> None:
