@@ -202,3 +202,47 @@ def test_bundles_of_other_bases_or_unconditional_unets_are_refused(tiny_sd_dir, 
     with pytest.raises(ConfigError, match="unconditional UNet"):
         pipe.load_guda_bundle(pixel_bundle)
     assert pipe.guda_bundle is None
+
+
+# -- bundles ----------------------------------------------------------------------------------------
+
+
+def test_bundle_adapters_load_with_stock_load_lora_weights_and_change_the_output(sd_pipe, sd_bundle, tiny_sd_dir, tmp_path):
+    path = sd_bundle.save_pretrained(tmp_path / "bundle")
+    group = sd_bundle.group("green")
+    stock = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    stock.set_progress_bar_config(disable=True)
+    before = stock("a stripe in green style", generator=torch.Generator().manual_seed(2), output_type="np", **GEN).images
+    stock.load_lora_weights(str(path), weight_name=group.adapter_file, adapter_name="green")
+    assert stock.get_list_adapters() == {"unet": ["green"]}
+    after = stock("a stripe in green style", generator=torch.Generator().manual_seed(2), output_type="np", **GEN).images
+    assert np.abs(after - before).max() > 1e-4  # the unlearned group's adapter changes what is generated
+    # and it is exactly the adapter load_guda_bundle activates for that group
+    fresh = load(tiny_sd_dir)
+    fresh.load_guda_bundle(str(path))
+    fresh.unet.enable_adapters()
+    fresh.unet.set_adapter(AdapterBundle.adapter_name(group.slug))
+    ours = fresh("a stripe in green style", generator=torch.Generator().manual_seed(2), output_type="np", **GEN).images
+    np.testing.assert_allclose(ours, after, rtol=0, atol=1e-6)
+
+
+def test_saved_bundle_scores_like_the_one_in_memory(sd_pipe, sd_bundle, tiny_sd_dir, tmp_path):
+    images, prompts = make_sd_dataset().images[[1, 8]], ["a stripe in red style", "a square in green style"]
+    expected = sd_pipe.attribute(images, prompts=prompts, progress=False)
+    path = sd_bundle.save_pretrained(tmp_path / "bundle")
+    got = load(tiny_sd_dir).attribute(images, prompts=prompts, bundle=str(path), progress=False)
+    assert torch.equal(got.scores, expected.scores)
+
+
+def test_model_card_names_the_base_and_the_stock_loader(sd_bundle, tmp_path):
+    from huggingface_hub import ModelCard
+
+    bundle = AdapterBundle(
+        groups=sd_bundle.groups, adapters=sd_bundle.adapters, adapter_configs=sd_bundle.adapter_configs, lora=sd_bundle.lora,
+        base_model={**sd_bundle.base_model, "id": "someone/sd15-finetuned-styles"}, objective=sd_bundle.objective,
+    )
+    bundle.save_pretrained(tmp_path / "bundle")
+    card = ModelCard.load(tmp_path / "bundle" / "README.md")
+    assert card.data.base_model == "someone/sd15-finetuned-styles"
+    assert card.data.library_name == "diffusers"
+    assert "pipe.load_lora_weights(" in card.text and "prompt" in card.text and "VAE latent" in card.text
