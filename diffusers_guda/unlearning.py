@@ -189,11 +189,8 @@ class GroupUnlearner:
             metadata = peft_config_metadata(unet, adapter_name)
         finally:
             unet.delete_adapters(adapter_name)
-        passes_per_step = cfg.forget_batch_size + cfg.retain_batch_size
-        if objective.config.preserve == "distill":  # teacher forwards count as passes too
-            passes_per_step += cfg.retain_batch_size
-        if getattr(objective.config, "target", None) == "teacher_neighbour":
-            passes_per_step += cfg.forget_batch_size
+        # teacher forwards count as passes too
+        passes_per_step = cfg.forget_batch_size + cfg.retain_batch_size + objective.teacher_passes(cfg.forget_batch_size, cfg.retain_batch_size)
         stats = {
             "seed": seed,
             "steps": cfg.steps,

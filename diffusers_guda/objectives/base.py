@@ -158,6 +158,10 @@ class UnlearningObjective:
     def forget_loss(self, batch: UnlearningBatch) -> torch.Tensor:
         raise NotImplementedError
 
+    def teacher_passes(self, forget_batch_size: int, retain_batch_size: int) -> int:
+        """Teacher forwards per step (counted as sample passes next to the student's)."""
+        return retain_batch_size if self.config.preserve == "distill" else 0
+
     def preserve_loss(self, batch: UnlearningBatch) -> torch.Tensor:
         x_t = batch.schedule.add_noise(batch.retain_x0, batch.retain_noise, batch.retain_t)
         output = batch.predict(x_t, batch.retain_t, batch.retain_cond)

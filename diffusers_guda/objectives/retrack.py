@@ -75,6 +75,10 @@ class ReTrack(UnlearningObjective):
         self._neighbours: torch.Tensor | None = None
         self._images: torch.Tensor | None = None
 
+    def teacher_passes(self, forget_batch_size: int, retain_batch_size: int) -> int:
+        extra = forget_batch_size if self.config.target == "teacher_neighbour" else 0
+        return extra + super().teacher_passes(forget_batch_size, retain_batch_size)
+
     def setup(self, dataset, group: int, schedule: NoiseSchedule) -> None:
         from sklearn.neighbors import NearestNeighbors
 
