@@ -6,6 +6,7 @@ The base UNet is never modified: each group's counterfactual is ``base + LoRA_k`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -59,6 +60,7 @@ class UnlearningConfig:
     seed: int = field(default=0, metadata={"help": "Base seed."})
     eval_images: int = field(default=256, metadata={"help": "Images per evaluation set."})
     eval_draws: int = field(default=4, metadata={"help": "Fixed draws per evaluation image."})
+    autocast_dtype: str | None = field(default=None, metadata={"help": "bfloat16/float16 autocast of the forwards (CUDA), or None."})
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
@@ -67,6 +69,8 @@ class UnlearningConfig:
             raise ConfigError("steps and batch sizes must be >= 1.")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ConfigError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}.")
         get_objective(self.objective, self.objective_options)  # validate name and options early
 
     def to_dict(self) -> dict:
@@ -155,6 +159,8 @@ class GroupUnlearner:
         try:
             params = [p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
             for p in params:
+                if p.dtype != torch.float32:  # a half-precision base: train the adapter in float32
+                    p.data = p.data.float()
                 p.requires_grad_(True)
             optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
             model, teacher = self._callables(adapter_name)
@@ -164,7 +170,8 @@ class GroupUnlearner:
             for step in bar:
                 batch = self._batch(dataset, forget_idx, retain_idx, generator, model, teacher)
                 batch.group = group
-                loss, parts = objective.loss(batch)
+                with self._autocast():
+                    loss, parts = objective.loss(batch)
                 if not math.isfinite(loss.item()):
                     raise UnlearningDivergedError(
                         f"Unlearning group '{dataset.group_names[group]}' diverged at step {step} (loss {loss.item()}). "
@@ -207,6 +214,11 @@ class GroupUnlearner:
         }
         return state, metadata, stats
 
+    def _autocast(self):
+        if self.config.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.config.autocast_dtype))
+
     def _check_prompts(self, dataset: GroupedDataset) -> None:
         if self.conditional and dataset.prompts is None:
             raise DataError(
@@ -231,13 +243,13 @@ class GroupUnlearner:
         unet = self.unet
 
         def model(x_t, t, cond=None):
-            return unet(x_t, t, **self._unet_inputs(cond)).sample
+            return unet(x_t.to(unet.dtype), t, **self._unet_inputs(cond)).sample
 
         @torch.no_grad()
         def teacher(x_t, t, cond=None):
             unet.disable_adapters()
             try:
-                return unet(x_t, t, **self._unet_inputs(cond)).sample
+                return unet(x_t.to(unet.dtype), t, **self._unet_inputs(cond)).sample
             finally:
                 unet.enable_adapters()
                 unet.set_adapter(adapter_name)

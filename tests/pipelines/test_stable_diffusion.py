@@ -246,3 +246,15 @@ def test_model_card_names_the_base_and_the_stock_loader(sd_bundle, tmp_path):
     assert card.data.base_model == "someone/sd15-finetuned-styles"
     assert card.data.library_name == "diffusers"
     assert "pipe.load_lora_weights(" in card.text and "prompt" in card.text and "VAE latent" in card.text
+
+
+def test_half_precision_base_trains_float32_adapters_and_scores_unmerged(tiny_sd_dir):
+    pipe = GUDAStableDiffusionPipeline.from_pretrained(tiny_sd_dir, torch_dtype=torch.bfloat16)
+    pipe.set_progress_bar_config(disable=True)
+    config = UnlearningConfig(objective="anchor", **{**UNLEARN_CONFIG, "objective_options": {}, "steps": 1})
+    bundle = pipe.unlearn_groups(make_sd_dataset(per_group=2), config=config, groups=["red"], progress=False)
+    assert bundle.base_model["dtype"] == "bfloat16"
+    assert all(t.dtype == torch.float32 for t in bundle.adapters["red"].values())  # AdamW on float32 LoRA weights
+    result = pipe.attribute(make_sd_dataset().images[:1], prompts="a square in red style", elbo_config=ELBOConfig(stride=250), progress=False)
+    # merging a small ΔW into bfloat16 weights would round it away: auto keeps the LoRA branch
+    assert result.metadata["strategy"] == "swap" and torch.isfinite(result.scores).all()
