@@ -16,12 +16,27 @@ from .errors import BaseModelMismatchError, BundleError, ConfigError, DataError,
 from .lora import LoRASettings
 from .models import GUDAUNet2DModel
 from .objectives import available_objectives, get_objective, register_objective
-from .pipelines import GUDADDPMPipeline, GUDAPipelineMixin, attribute, load_guda_bundle, unlearn_groups
+from .pipelines import (
+    GUDADDPMPipeline,
+    GUDAPipelineMixin,
+    attribute,
+    load_guda_bundle,
+    unlearn_groups,
+)
 from .scoring import AttributionResult, AttributionScorer
 from .training import TrainConfig, train_base_model
 from .unlearning import GroupUnlearner, UnlearningConfig
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Stable Diffusion support needs transformers (the `sd` extra): imported on first use
+    if name == "GUDAStableDiffusionPipeline":
+        from .pipelines.stable_diffusion import GUDAStableDiffusionPipeline
+
+        return GUDAStableDiffusionPipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "AdapterBundle",
@@ -37,6 +52,7 @@ __all__ = [
     "GUDADDPMPipeline",
     "GUDAError",
     "GUDAPipelineMixin",
+    "GUDAStableDiffusionPipeline",
     "GUDAUNet2DModel",
     "GroupRecord",
     "GroupUnlearner",

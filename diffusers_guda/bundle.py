@@ -323,14 +323,31 @@ pipe.unet.set_adapter(names[0])       # the base model with group {first.name!r}
 Every adapter is a stock diffusers LoRA file, readable without diffusers-guda:
 
 ```python
-pipe.unet.load_lora_adapter(
-    "{ref}",
-    weight_name="{first.adapter_file}",
-    prefix="unet",
-    adapter_name="{self.adapter_name(first.slug)}",
-)
+{self._stock_loading(ref, first)}
 ```
-"""
+{self._conditional_note()}"""
+
+    def _stock_loading(self, ref: str, first: GroupRecord) -> str:
+        name = self.adapter_name(first.slug)
+        if self.base_model.get("latent") or self.base_model.get("conditional"):
+            return (
+                f'pipe.load_lora_weights("{ref}", weight_name="{first.adapter_file}", adapter_name="{name}")\n'
+                f"# or: pipe.unet.load_lora_adapter(\"{ref}\", weight_name=\"{first.adapter_file}\", prefix=\"unet\")"
+            )
+        return (
+            f'pipe.unet.load_lora_adapter(\n    "{ref}",\n    weight_name="{first.adapter_file}",\n'
+            f'    prefix="unet",\n    adapter_name="{name}",\n)'
+        )
+
+    def _conditional_note(self) -> str:
+        if not self.base_model.get("conditional"):
+            return ""
+        latent = " of the image's VAE latent (posterior mean x scaling factor)" if self.base_model.get("latent") else ""
+        return (
+            f"\nThe base is a text-to-image model: scores are conditional ELBOs{latent} given the image's "
+            "prompt, so attribute each image with the prompt it was generated from "
+            "(`pipe.attribute(images, prompts=...)` with `GUDAStableDiffusionPipeline`).\n"
+        )
 
     # ---------------------------------------------------------------------------------- loading
 

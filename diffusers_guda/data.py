@@ -1,11 +1,13 @@
 """Grouped training data: images in [-1, 1], one group id per image, group names.
 
-Three sources: an image folder with one subfolder per group, in-memory arrays, and scikit-learn's
-handwritten digits (shipped inside scikit-learn, so no download) as the embedded default.
+Four sources: an image folder with one subfolder per group, a text-image folder with a
+``metadata.jsonl`` (diffusers' training convention, plus a ``group`` field), in-memory arrays, and
+scikit-learn's handwritten digits (shipped inside scikit-learn, so no download) as the embedded default.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -18,6 +20,8 @@ import torch
 from .errors import DataError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+METADATA_NAME = "metadata.jsonl"
+DESCRIPTORS_NAME = "groups.json"
 _MODES = {"L": 1, "RGB": 3}
 
 
@@ -30,17 +34,24 @@ class GroupedDataset:
         group_ids: Long tensor ``[N]`` with values in ``0 .. K-1``.
         group_names: ``K`` distinct names; ``group_names[k]`` names group ``k``.
         prompts: Optional caption per image (text-to-image models).
+        group_descriptors: Optional phrases describing each group (group name -> list of phrases),
+            e.g. a style's characteristics; the ``anchor`` objective builds its group prototypes from
+            them (and from the group's prompts where a group has none).
     """
 
     images: torch.Tensor
     group_ids: torch.Tensor
     group_names: list[str]
     prompts: list[str] | None = None
+    group_descriptors: dict[str, list[str]] | None = None
 
     def __post_init__(self):
         self.group_names = [str(n) for n in self.group_names]
         self.group_ids = torch.as_tensor(self.group_ids, dtype=torch.long)
+        if self.prompts is not None:
+            self.prompts = list(self.prompts)
         _validate(self.images, self.group_ids, self.group_names, self.prompts)
+        self.group_descriptors = _check_descriptors(self.group_descriptors, self.group_names, "group_descriptors")
 
     # -- constructors -------------------------------------------------------------------------
 
@@ -81,8 +92,6 @@ class GroupedDataset:
             mode: ``"L"`` (grayscale) or ``"RGB"`` to convert every image; by default all images must
                 already share one of these modes.
         """
-        from PIL import Image, UnidentifiedImageError
-
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"Image folder {root} does not exist or is not a directory.")
@@ -100,46 +109,78 @@ class GroupedDataset:
                 f"{root} has {len(group_dirs)} group subfolder(s); attribution needs at least 2. "
                 "Make one subfolder per group (its name is the group name)."
             )
-        arrays, ids, names, modes = [], [], [], set()
+        arrays, ids, names = [], [], []
         for gid, folder in enumerate(group_dirs):
             files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
             if not files:
                 raise DataError(f"Group '{folder.name}' ({folder}) has no images. Add images or remove the folder.")
             for path in files:
-                if path.suffix.lower() not in IMAGE_EXTENSIONS:
-                    raise DataError(
-                        f"{path} is not an image (extension {path.suffix or 'none'}). "
-                        f"Remove it; accepted: {', '.join(sorted(IMAGE_EXTENSIONS))}."
-                    )
-                try:
-                    with Image.open(path) as img:
-                        img.load()
-                        src_mode = img.mode
-                        if mode is not None:
-                            img = img.convert(mode)
-                        elif src_mode not in _MODES:
-                            img = img.convert("RGB" if src_mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
-                        modes.add(img.mode)
-                        arrays.append((np.asarray(img), path))
-                except (UnidentifiedImageError, OSError) as exc:
-                    raise DataError(f"Cannot read image {path}: {exc}. Remove or replace the file.") from exc
+                arrays.append((_read_image(path, mode), path))
                 ids.append(gid)
             names.append(folder.name)
-        if len(modes) > 1:
+        return cls.from_arrays(_stack_images(arrays, root), ids, names)
+
+    @classmethod
+    def from_metadata(cls, root: str | os.PathLike, mode: str | None = None) -> "GroupedDataset":
+        """Load a captioned image folder described by ``root/metadata.jsonl`` (text-to-image training data).
+
+        Each line of ``metadata.jsonl`` is a JSON object with ``file_name`` (a path relative to
+        ``root``), ``text`` (the image's caption, its prompt) and ``group`` (the group's name): the
+        diffusers training convention plus a group. An optional ``root/groups.json`` maps group names
+        to lists of descriptive phrases (``{"impressionism": ["loose brushwork", "soft light"], ...}``),
+        used for the ``anchor`` objective's group prototypes. Groups are ordered by name.
+
+        Args:
+            root: The folder holding ``metadata.jsonl`` and the images.
+            mode: ``"L"`` or ``"RGB"`` to convert every image; by default all must share one of these.
+
+        Raises:
+            DataError: a missing ``metadata.jsonl``, a malformed row, a row naming a missing file or a
+                file outside ``root``, images of different sizes, or a ``groups.json`` naming unknown groups.
+        """
+        root = Path(root)
+        if not root.is_dir():
+            raise DataError(f"Dataset folder {root} does not exist or is not a directory.")
+        if mode is not None and mode not in _MODES:
+            raise DataError(f"mode must be one of {sorted(_MODES)}, got {mode!r}.")
+        metadata = root / METADATA_NAME
+        if not metadata.is_file():
             raise DataError(
-                f"{root} mixes grayscale and colour images. Pass mode='L' or mode='RGB' "
-                "(CLI: --mode L|RGB) to convert them all."
+                f"{root} has no {METADATA_NAME}. Write one JSON object per line with file_name, text and group "
+                "(e.g. {\"file_name\": \"0001.png\", \"text\": \"a cat, impressionist\", \"group\": \"impressionism\"})."
             )
-        sizes = Counter(a.shape[:2] for a, _ in arrays)
-        if len(sizes) > 1:
-            (common, _), *_ = sizes.most_common()
-            odd = next(p for a, p in arrays if a.shape[:2] != common)
-            raise DataError(
-                f"Images in {root} have different sizes ({', '.join(f'{w}x{h}' for h, w in sizes)}); e.g. {odd} "
-                f"is not {common[1]}x{common[0]}. Resize them all to one size first."
-            )
-        stack = np.stack([a if a.ndim == 3 else a[..., None] for a, _ in arrays]).transpose(0, 3, 1, 2)
-        return cls.from_arrays(stack.astype(np.uint8), ids, names)
+        rows = []
+        resolved_root = root.resolve()
+        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{metadata} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{where} is not valid JSON ({exc.msg}); each line must be one JSON object.") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{where} must be a JSON object with file_name, text and group.")
+            missing = [k for k in ("file_name", "text", "group") if not isinstance(row.get(k), str) or not row.get(k).strip()]
+            if missing:
+                raise DataError(f"{where} lacks {', '.join(missing)} (each must be a non-empty string); add it to that row.")
+            path = root / row["file_name"]
+            if Path(row["file_name"]).is_absolute() or not path.resolve().is_relative_to(resolved_root):
+                raise DataError(f"{where} names {row['file_name']!r}, which is outside {root}; use paths relative to the folder.")
+            if not path.is_file():
+                raise DataError(f"{where} names {row['file_name']!r}, but {path} does not exist. Add the file or remove the row.")
+            rows.append((path, row["text"], row["group"]))
+        if not rows:
+            raise DataError(f"{metadata} has no rows; add one line per image.")
+        names = sorted({group for _, _, group in rows})
+        if len(names) < 2:
+            raise DataError(f"{metadata} names {len(names)} group(s); attribution needs at least 2.")
+        descriptors = _read_descriptors(root / DESCRIPTORS_NAME, names)  # checked before any image is decoded
+        arrays = [(_read_image(path, mode), path) for path, _, _ in rows]
+        ids = [names.index(group) for _, _, group in rows]
+        dataset = cls.from_arrays(_stack_images(arrays, root), ids, names, prompts=[text for _, text, _ in rows])
+        dataset.group_descriptors = descriptors
+        return dataset
 
     # -- views ----------------------------------------------------------------------------------
 
@@ -174,13 +215,22 @@ class GroupedDataset:
             raise DataError(f"Unknown group {name_or_id!r}; groups are {self.group_names}.")
         return self.group_names.index(name_or_id)
 
+    def with_images(self, images: torch.Tensor) -> "GroupedDataset":
+        """The same groups and prompts over other images of the same count (e.g. their VAE latents)."""
+        if images.shape[0] != len(self):
+            raise DataError(f"with_images needs {len(self)} images, got {images.shape[0]}.")
+        return GroupedDataset(images, self.group_ids, list(self.group_names), self.prompts, self.group_descriptors)
+
     def without_group(self, group: int) -> "GroupedDataset":
         """The dataset with one group removed (for leave-one-group-out retraining)."""
         keep = self.retain_indices(group)
         names = [n for k, n in enumerate(self.group_names) if k != group]
         remap = torch.tensor([k - (k > group) for k in range(self.num_groups)])
         prompts = [self.prompts[i] for i in keep.tolist()] if self.prompts is not None else None
-        return GroupedDataset(self.images[keep], remap[self.group_ids[keep]], names, prompts)
+        descriptors = None
+        if self.group_descriptors is not None:
+            descriptors = {n: list(d) for n, d in self.group_descriptors.items() if n != self.group_names[group]}
+        return GroupedDataset(self.images[keep], remap[self.group_ids[keep]], names, prompts, descriptors or None)
 
 
 def load_digits() -> GroupedDataset:
@@ -190,6 +240,63 @@ def load_digits() -> GroupedDataset:
     digits = sk_load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0).unsqueeze(1)
     return GroupedDataset(images, torch.from_numpy(digits.target), [str(d) for d in range(10)])
+
+
+def _read_image(path: Path, mode: str | None) -> np.ndarray:
+    """One image as an ``[H, W]`` or ``[H, W, C]`` uint8 array, converted to ``mode`` (or to L/RGB)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise DataError(f"{path} is not an image (extension {path.suffix or 'none'}). Remove it; accepted: {', '.join(sorted(IMAGE_EXTENSIONS))}.")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if mode is not None:
+                img = img.convert(mode)
+            elif img.mode not in _MODES:
+                img = img.convert("RGB" if img.mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
+            return np.asarray(img)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"Cannot read image {path}: {exc}. Remove or replace the file.") from exc
+
+
+def _stack_images(arrays: list[tuple[np.ndarray, Path]], root: Path) -> np.ndarray:
+    """``[N, C, H, W]`` uint8 from images that must share one mode and one size."""
+    if len({a.ndim for a, _ in arrays}) > 1:
+        raise DataError(f"{root} mixes grayscale and colour images. Pass mode='L' or mode='RGB' (CLI: --mode L|RGB) to convert them all.")
+    sizes = Counter(a.shape[:2] for a, _ in arrays)
+    if len(sizes) > 1:
+        (common, _), *_ = sizes.most_common()
+        odd = next(p for a, p in arrays if a.shape[:2] != common)
+        raise DataError(
+            f"Images in {root} have different sizes ({', '.join(f'{w}x{h}' for h, w in sizes)}); e.g. {odd} "
+            f"is not {common[1]}x{common[0]}. Resize them all to one size first."
+        )
+    return np.stack([a if a.ndim == 3 else a[..., None] for a, _ in arrays]).transpose(0, 3, 1, 2).astype(np.uint8)
+
+
+def _read_descriptors(path: Path, names: list[str]) -> dict[str, list[str]] | None:
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"Cannot read {path}: {exc}. It must be a JSON object mapping group names to lists of phrases.") from exc
+    return _check_descriptors(data, names, str(path))
+
+
+def _check_descriptors(data, names: list[str], where: str) -> dict[str, list[str]] | None:
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        raise DataError(f"{where} must map group names to lists of phrases, e.g. {{\"{names[0]}\": [\"thick strokes\"]}}.")
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise DataError(f"{where} names group(s) {unknown} that the data does not have (groups: {names}); fix or remove them.")
+    for name, phrases in data.items():
+        if not isinstance(phrases, list) or not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
+            raise DataError(f"{where}: group {name!r} needs a non-empty list of non-empty phrases; got {phrases!r}.")
+    return {name: list(data[name]) for name in names if name in data}
 
 
 def _validate(images, group_ids, group_names, prompts) -> None:
@@ -216,3 +323,5 @@ def _validate(images, group_ids, group_names, prompts) -> None:
         raise DataError(f"Group(s) {empty} have no images. Remove them from group_names or add images.")
     if prompts is not None and len(prompts) != images.shape[0]:
         raise DataError(f"prompts must have one entry per image ({images.shape[0]}), got {len(prompts)}.")
+    if prompts is not None and not all(isinstance(p, str) for p in prompts):
+        raise DataError("prompts must be strings, one per image.")

@@ -233,10 +233,10 @@ class ELBOEstimator:
         a, s = self._sqrt_abar[t].view(shape), self._sqrt_one_minus_abar[t].view(shape)
         x0 = x0.expand_as(eps)
         x_t = a * x0 + s * eps
-        if per_row_kwargs:
-            kwargs = {k: v.to(device) for k, v in (unet_kwargs or {}).items()}
-        else:
-            kwargs = {k: v.expand(len(t), *v.shape[1:]).to(device) for k, v in (unet_kwargs or {}).items()}
+        if not per_row_kwargs:
+            unet_kwargs = {k: v.expand(len(t), *v.shape[1:]) for k, v in (unet_kwargs or {}).items()}
+        # conditioning (e.g. text embeddings) in the UNet's dtype, like its input
+        kwargs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in (unet_kwargs or {}).items()}
         with self._autocast(device):
             output = unet(x_t.to(device, dtype), t.to(device), **kwargs).sample
         output = output.to("cpu", torch.float32)

@@ -33,3 +33,9 @@ def with_adapter_support(unet: torch.nn.Module) -> torch.nn.Module:
     converted.load_state_dict(unet.state_dict(), assign=True)  # shares the tensors: no copy
     converted.train(unet.training)
     return converted
+
+
+def is_conditional(unet: torch.nn.Module) -> bool:
+    """Whether ``unet`` is text-conditioned (a ``UNet2DConditionModel``-like model with cross-attention)."""
+    config = getattr(unet, "config", None)
+    return config is not None and config.get("cross_attention_dim") is not None

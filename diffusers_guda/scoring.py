@@ -268,7 +268,8 @@ class AttributionScorer:
                 instead of merged (for adapters that cannot be merged). ``"mixed"``: the base and all
                 adapters in one forward per row chunk, a different adapter per row (peft's mixed
                 adapter batches; full grid only). ``"auto"`` (default): ``"merged"`` when every
-                adapter layer is plain LoRA, else ``"swap"``. Strategies agree to float32 rounding
+                adapter layer is plain LoRA and the UNet runs in float32 without autocast, else
+                ``"swap"`` (in half precision ``W + ΔW`` rounds most of a small ``ΔW`` away). Strategies agree to float32 rounding
                 (~1e-6 relative); within one, a score does not depend on the batch.
             adaptive_z: If set, each query walks its grid in stratified blocks: the (t, draw) rows
                 are cut into ``adaptive_block`` contiguous timestep ranges, and each block takes one
@@ -300,7 +301,10 @@ class AttributionScorer:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}.")
         if strategy == "auto":
-            strategy = "merged" if can_merge(self.unet, self.adapter_names) else "swap"
+            # merging adds a small ΔW to W; in half precision (weights or autocast) W + ΔW rounds most
+            # of ΔW away, while the unmerged LoRA branch keeps it: merge only in full precision
+            full_precision = next(self.unet.parameters()).dtype == torch.float32 and self.estimator.config.autocast_dtype is None
+            strategy = "merged" if full_precision and can_merge(self.unet, self.adapter_names) else "swap"
         unet = self.unet
         was_training = unet.training
         previous = _adapter_state(unet)

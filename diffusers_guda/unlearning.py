@@ -6,12 +6,13 @@ The base UNet is never modified: each group's counterfactual is ``base + LoRA_k`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -19,11 +20,11 @@ from tqdm.auto import tqdm
 from .bundle import AdapterBundle, GroupRecord, unique_slugs
 from .data import GroupedDataset
 from .distributed import ProcessInfo, current_process
-from .errors import ConfigError, UnlearningDivergedError
+from .errors import ConfigError, DataError, UnlearningDivergedError
 from .hashing import derive_seed, unet_fingerprint
 from .io_utils import atomic_directory, write_json_atomic
 from .lora import ADAPTER_WEIGHT_NAME, LoRASettings, adapter_state_dict, load_adapter_file, peft_config_metadata, save_adapter_file
-from .models import with_adapter_support
+from .models import is_conditional, with_adapter_support
 from .objectives import NoiseSchedule, UnlearningBatch, get_objective
 
 STATS_NAME = "stats.json"
@@ -60,6 +61,7 @@ class UnlearningConfig:
     seed: int = field(default=0, metadata={"help": "Base seed."})
     eval_images: int = field(default=256, metadata={"help": "Images per evaluation set."})
     eval_draws: int = field(default=4, metadata={"help": "Fixed draws per evaluation image."})
+    autocast_dtype: str | None = field(default=None, metadata={"help": "bfloat16/float16 autocast of the forwards (CUDA), or None."})
 
     def __post_init__(self):
         if isinstance(self.lora, dict):
@@ -68,6 +70,8 @@ class UnlearningConfig:
             raise ConfigError("steps and batch sizes must be >= 1.")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.autocast_dtype not in (None, "bfloat16", "float16"):
+            raise ConfigError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}.")
         get_objective(self.objective, self.objective_options)  # validate name and options early
 
     def to_dict(self) -> dict:
@@ -85,10 +89,32 @@ class GroupUnlearner:
         config: Unlearning settings.
         base_model_id: Name recorded in the bundle (a Hub id or a path).
         base_model_revision: Revision recorded in the bundle.
+        encode_prompts: For a text-conditioned UNet: maps a list of prompts to the text embeddings
+            ``[B, L, D]`` it is conditioned on (a pipeline's text encoder); the dataset then needs
+            one prompt per image. Its images are the model's inputs (VAE latents for latent models).
+        base_model_extra: Further fields recorded in the bundle's ``base_model`` (e.g. the VAE's
+            scaling factor of a latent model).
     """
 
-    def __init__(self, unet, scheduler, config: UnlearningConfig | None = None, base_model_id: str | None = None, base_model_revision: str | None = None):
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        config: UnlearningConfig | None = None,
+        base_model_id: str | None = None,
+        base_model_revision: str | None = None,
+        encode_prompts: Callable[[list[str]], torch.Tensor] | None = None,
+        base_model_extra: dict | None = None,
+    ):
         self.unet = with_adapter_support(unet)
+        self.conditional = is_conditional(self.unet)
+        if self.conditional and encode_prompts is None:
+            raise ConfigError(
+                f"This {type(self.unet).__name__} is text-conditioned; pass encode_prompts (the pipeline's text "
+                "encoder, as pipe.unlearn_groups does) so that each image is conditioned on its prompt."
+            )
+        self.encode_prompts = encode_prompts
+        self.base_model_extra = dict(base_model_extra or {})
         self.unet.requires_grad_(False)
         self.scheduler = scheduler
         self.schedule = NoiseSchedule(scheduler)
@@ -124,6 +150,7 @@ class GroupUnlearner:
         generator = torch.Generator().manual_seed(seed)
         objective = get_objective(cfg.objective, cfg.objective_options)
         objective.setup(dataset, group, self.schedule)
+        self._check_prompts(dataset)
         forget_idx, retain_idx = dataset.forget_indices(group), dataset.retain_indices(group)
         evaluation = self._evaluation_sets(dataset, group, forget_idx, retain_idx)
         before = self._evaluate(evaluation, adapter=None)
@@ -133,6 +160,8 @@ class GroupUnlearner:
         try:
             params = [p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
             for p in params:
+                if p.dtype != torch.float32:  # a half-precision base: train the adapter in float32
+                    p.data = p.data.float()
                 p.requires_grad_(True)
             optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
             model, teacher = self._callables(adapter_name)
@@ -141,7 +170,9 @@ class GroupUnlearner:
             bar = tqdm(range(cfg.steps), desc=f"unlearn {dataset.group_names[group]}", disable=not progress, leave=False, dynamic_ncols=True)
             for step in bar:
                 batch = self._batch(dataset, forget_idx, retain_idx, generator, model, teacher)
-                loss, parts = objective.loss(batch)
+                batch.group = group
+                with self._autocast():
+                    loss, parts = objective.loss(batch)
                 if not math.isfinite(loss.item()):
                     raise UnlearningDivergedError(
                         f"Unlearning group '{dataset.group_names[group]}' diverged at step {step} (loss {loss.item()}). "
@@ -166,11 +197,8 @@ class GroupUnlearner:
             metadata = peft_config_metadata(unet, adapter_name)
         finally:
             unet.delete_adapters(adapter_name)
-        passes_per_step = cfg.forget_batch_size + cfg.retain_batch_size
-        if objective.config.preserve == "distill":  # teacher forwards count as passes too
-            passes_per_step += cfg.retain_batch_size
-        if getattr(objective.config, "target", None) == "teacher_neighbour":
-            passes_per_step += cfg.forget_batch_size
+        # teacher forwards count as passes too
+        passes_per_step = cfg.forget_batch_size + cfg.retain_batch_size + objective.teacher_passes(cfg.forget_batch_size, cfg.retain_batch_size)
         stats = {
             "seed": seed,
             "steps": cfg.steps,
@@ -187,17 +215,42 @@ class GroupUnlearner:
         }
         return state, metadata, stats
 
+    def _autocast(self):
+        if self.config.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.config.autocast_dtype))
+
+    def _check_prompts(self, dataset: GroupedDataset) -> None:
+        if self.conditional and dataset.prompts is None:
+            raise DataError(
+                "This UNet is text-conditioned, but the dataset has no prompts. Give every image its caption "
+                "(metadata.jsonl with a 'text' field, or GroupedDataset(..., prompts=[...]))."
+            )
+
+    def _cond(self, dataset: GroupedDataset, index: torch.Tensor) -> torch.Tensor | None:
+        """Text embeddings of the images ``index`` (their own prompts), or ``None`` for unconditional UNets."""
+        if not self.conditional:
+            return None
+        return self.encode_prompts([dataset.prompts[i] for i in index.tolist()]).to(self.device)
+
+    def _unet_inputs(self, cond) -> dict:
+        if cond is None:
+            if self.conditional:
+                raise ConfigError("This UNet is text-conditioned; the objective must pass the text embeddings (cond).")
+            return {}
+        return {"encoder_hidden_states": cond.to(self.device, self.unet.dtype)}
+
     def _callables(self, adapter_name: str):
         unet = self.unet
 
-        def model(x_t, t):
-            return unet(x_t, t).sample
+        def model(x_t, t, cond=None):
+            return unet(x_t.to(unet.dtype), t, **self._unet_inputs(cond)).sample
 
         @torch.no_grad()
-        def teacher(x_t, t):
+        def teacher(x_t, t, cond=None):
             unet.disable_adapters()
             try:
-                return unet(x_t, t).sample
+                return unet(x_t.to(unet.dtype), t, **self._unet_inputs(cond)).sample
             finally:
                 unet.enable_adapters()
                 unet.set_adapter(adapter_name)
@@ -222,6 +275,11 @@ class GroupUnlearner:
             teacher=teacher,
             schedule=self.schedule,
             generator=generator,
+            forget_cond=self._cond(dataset, fi),
+            retain_cond=self._cond(dataset, ri),
+            forget_prompts=[dataset.prompts[i] for i in fi.tolist()] if dataset.prompts is not None else None,
+            retain_prompts=[dataset.prompts[i] for i in ri.tolist()] if dataset.prompts is not None else None,
+            encode_prompts=self.encode_prompts,
         )
 
     def _evaluation_sets(self, dataset, group, forget_idx, retain_idx) -> dict:
@@ -234,7 +292,8 @@ class GroupUnlearner:
             x0 = dataset.images[chosen].repeat_interleave(cfg.eval_draws, dim=0)
             t = torch.randint(0, self.schedule.num_train_timesteps, (len(x0),), generator=generator)
             noise = torch.randn(x0.shape, generator=generator)
-            sets[name] = (x0, t, noise)
+            cond = self._cond(dataset, chosen.repeat_interleave(cfg.eval_draws))
+            sets[name] = (x0, t, noise, None if cond is None else cond.cpu())
         return sets
 
     @torch.no_grad()
@@ -244,11 +303,12 @@ class GroupUnlearner:
             unet.disable_adapters()
         try:
             out = {}
-            for name, (x0, t, noise) in sets.items():
+            for name, (x0, t, noise, cond) in sets.items():
                 total = 0.0
                 for s in range(0, len(x0), chunk):
                     x, tt, n = x0[s : s + chunk].to(device), t[s : s + chunk].to(device), noise[s : s + chunk].to(device)
-                    pred = unet(self.schedule.add_noise(x, n, tt), tt).sample.float()
+                    inputs = self._unet_inputs(None if cond is None else cond[s : s + chunk])
+                    pred = unet(self.schedule.add_noise(x, n, tt).to(unet.dtype), tt, **inputs).sample.float()
                     total += (pred - self.schedule.target(x, n, tt)).pow(2).mean(dim=tuple(range(1, x.dim()))).sum().item()
                 out[name] = total / len(x0)
             return out
@@ -345,7 +405,8 @@ class GroupUnlearner:
             "dtype": str(unet.dtype).replace("torch.", ""),
             "sample_size": unet.config.sample_size,
             "in_channels": unet.config.in_channels,
-            "conditional": hasattr(unet.config, "cross_attention_dim") and unet.config.get("cross_attention_dim") is not None,
+            "conditional": self.conditional,
+            **self.base_model_extra,
         }
 
     def _run_record(self, dataset: GroupedDataset) -> dict:

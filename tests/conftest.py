@@ -125,3 +125,37 @@ def assert_bit_identical(got: dict[str, torch.Tensor], expected: dict[str, torch
         assert a.dtype == b.dtype and a.shape == b.shape, (what, key)
         same = torch.equal(a.contiguous().flatten().view(torch.uint8), b.contiguous().flatten().view(torch.uint8))
         assert same, f"{what}: tensor {key} differs from the reference run's (max abs diff {(a - b).abs().max().item()})"
+
+
+# -- tiny Stable Diffusion ----------------------------------------------------------------------
+
+SD_WORDS = ["a", "photo", "in", "red", "green", "blue", "style", "square", "stripe", "of"]
+SD_COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0)}
+
+
+def make_sd_dataset(per_group: int = 6, size: int = 16) -> GroupedDataset:
+    """Three colour styles of 16x16 RGB images (squares and stripes), each image captioned."""
+    generator = torch.Generator().manual_seed(0)
+    images, ids, prompts = [], [], []
+    for g, (name, colour) in enumerate(SD_COLOURS.items()):
+        for i in range(per_group):
+            image = torch.full((3, size, size), -1.0)
+            shape = "square" if i % 2 == 0 else "stripe"
+            if shape == "square":
+                image[:, 4:12, 4:12] = torch.tensor(colour).view(3, 1, 1)
+            else:
+                image[:, :, 6:10] = torch.tensor(colour).view(3, 1, 1)
+            images.append((image + 0.05 * torch.randn(image.shape, generator=generator)).clamp(-1, 1))
+            ids.append(g)
+            prompts.append(f"a {shape} in {name} style")
+    return GroupedDataset(torch.stack(images), torch.tensor(ids), list(SD_COLOURS), prompts)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A stock StableDiffusionPipeline directory of the tiny offline Stable Diffusion."""
+    from diffusers_guda.tiny_sd import tiny_stable_diffusion
+
+    path = tmp_path_factory.mktemp("tiny-sd") / "base"
+    tiny_stable_diffusion(words=SD_WORDS, seed=0).save_pretrained(path)
+    return path

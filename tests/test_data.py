@@ -264,3 +264,78 @@ def test_errors_are_guda_errors():
     assert issubclass(DataError, GUDAError)
     with pytest.raises(GUDAError):
         GroupedDataset.from_arrays(_ok_images(), [0, 0, 0, 0], ["a"])
+
+
+# -- metadata.jsonl (text-image folders) -----------------------------------------------------------
+
+
+def write_metadata_folder(root, rows=None, descriptors=None):
+    """``root/images/*.png`` (16x16 RGB) with a metadata.jsonl naming them; optional groups.json."""
+    import json as _json
+
+    from PIL import Image as _Image
+
+    (root / "images").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    if rows is None:
+        rows = []
+        for g, group in enumerate(["watercolour", "ink", "pastel"]):
+            for i in range(3):
+                name = f"images/{group}-{i}.png"
+                rows.append({"file_name": name, "text": f"a house, {group}", "group": group})
+    for row in rows:
+        path = root / row.get("file_name", "")
+        if row.get("file_name") and path.suffix == ".png" and not path.exists() and "missing" not in row["file_name"]:
+            _Image.fromarray(rng.integers(0, 255, (16, 16, 3)).astype(np.uint8), mode="RGB").save(path)
+    (root / "metadata.jsonl").write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+    if descriptors is not None:
+        (root / "groups.json").write_text(_json.dumps(descriptors))
+    return root
+
+
+def test_metadata_folder_with_prompts_and_descriptors(tmp_path):
+    root = write_metadata_folder(tmp_path / "data", descriptors={"ink": ["black lines", "cross hatching"], "pastel": ["soft colours"]})
+    data = GroupedDataset.from_metadata(root)
+    assert data.group_names == ["ink", "pastel", "watercolour"]  # ordered by name
+    assert data.images.shape == (9, 3, 16, 16) and data.images.min() >= -1 and data.images.max() <= 1
+    assert data.prompts[0] == "a house, watercolour" and data.group_ids.tolist() == [2, 2, 2, 0, 0, 0, 1, 1, 1]
+    assert data.group_descriptors == {"ink": ["black lines", "cross hatching"], "pastel": ["soft colours"]}
+    # latents keep the captions and descriptors; removing a group removes its descriptors
+    latents = data.with_images(torch.zeros(9, 4, 8, 8))
+    assert latents.prompts == data.prompts and latents.group_descriptors == data.group_descriptors
+    assert data.without_group(0).group_descriptors == {"pastel": ["soft colours"]}
+    assert GroupedDataset.from_metadata(write_metadata_folder(tmp_path / "plain")).group_descriptors is None
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"file_name": "images/missing.png", "text": "a cat", "group": "ink"}, "line 10 names 'images/missing.png'.*does not exist"),
+        ({"file_name": "images/ink-0.png", "group": "ink"}, "line 10 lacks text"),
+        ({"file_name": "images/ink-0.png", "text": "a cat", "group": ""}, "line 10 lacks group"),
+        ({"text": "a cat", "group": "ink"}, "line 10 lacks file_name"),
+        ({"file_name": "../outside.png", "text": "a cat", "group": "ink"}, "outside"),
+    ],
+)
+def test_bad_metadata_rows_are_refused(tmp_path, row, message):
+    root = write_metadata_folder(tmp_path / "data")
+    with open(root / "metadata.jsonl", "a") as handle:
+        handle.write(__import__("json").dumps(row) + "\n")
+    with pytest.raises(DataError, match=message):
+        GroupedDataset.from_metadata(root)
+
+
+def test_malformed_metadata_and_descriptors_are_refused(tmp_path):
+    with pytest.raises(DataError, match="no metadata.jsonl"):
+        GroupedDataset.from_metadata(tmp_path)
+    root = write_metadata_folder(tmp_path / "data")
+    with open(root / "metadata.jsonl", "a") as handle:
+        handle.write("{not json\n")
+    with pytest.raises(DataError, match="line 10 is not valid JSON"):
+        GroupedDataset.from_metadata(root)
+    root = write_metadata_folder(tmp_path / "unknown", descriptors={"oil": ["thick paint"]})
+    with pytest.raises(DataError, match=r"groups.json names group\(s\) \['oil'\]"):
+        GroupedDataset.from_metadata(root)
+    root = write_metadata_folder(tmp_path / "badtype", descriptors={"ink": "black lines"})
+    with pytest.raises(DataError, match="non-empty list"):
+        GroupedDataset.from_metadata(root)

@@ -9,10 +9,16 @@ from .base import (
     get_objective,
     register_objective,
 )
+from .anchor import Anchor, AnchorConfig, anchor_distribution, replace_phrases, strip_phrases
+from .esd import ESD, ESDConfig
 from .gradient_ascent import GradientAscent, GradientAscentConfig
 from .retrack import ReTrack, ReTrackConfig, capped_offsets, neighbour_weights
 
 __all__ = [
+    "Anchor",
+    "AnchorConfig",
+    "ESD",
+    "ESDConfig",
     "GradientAscent",
     "GradientAscentConfig",
     "NoiseSchedule",
@@ -21,9 +27,12 @@ __all__ = [
     "ReTrackConfig",
     "UnlearningBatch",
     "UnlearningObjective",
+    "anchor_distribution",
     "available_objectives",
     "capped_offsets",
     "get_objective",
     "neighbour_weights",
     "register_objective",
+    "replace_phrases",
+    "strip_phrases",
 ]

@@ -57,7 +57,14 @@ class UnlearningBatch:
 
     ``model`` runs the UNet with the group's adapter active (with gradients); ``teacher`` runs the
     same UNet with adapters disabled and without gradients. Both take ``(x_t, t)`` and return the raw
-    model output.
+    model output; for a text-conditioned UNet they take ``(x_t, t, cond)`` with ``cond`` the text
+    embeddings ``[B, L, D]``. Objectives call them through :meth:`predict` and :meth:`teach`, which
+    pass ``cond`` only when there is one.
+
+    For text-conditioned models, ``forget_cond``/``retain_cond`` hold the embeddings of each image's
+    own prompt, ``forget_prompts``/``retain_prompts`` the prompts, and ``encode_prompts`` maps a list
+    of prompts to embeddings (for objectives that condition on other prompts, e.g. ``anchor``).
+    ``dataset`` is the grouped (latent) training set the batch was drawn from.
     """
 
     forget_x0: torch.Tensor
@@ -72,6 +79,20 @@ class UnlearningBatch:
     teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     schedule: NoiseSchedule
     generator: torch.Generator
+    forget_cond: torch.Tensor | None = None
+    retain_cond: torch.Tensor | None = None
+    forget_prompts: list[str] | None = None
+    retain_prompts: list[str] | None = None
+    encode_prompts: Callable[[list[str]], torch.Tensor] | None = None
+    group: int | None = None
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The student's (adapter on) raw output, conditioned on ``cond`` when given."""
+        return self.model(x_t, t) if cond is None else self.model(x_t, t, cond)
+
+    def teach(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's (adapters off, no gradients) raw output, conditioned on ``cond`` when given."""
+        return self.teacher(x_t, t) if cond is None else self.teacher(x_t, t, cond)
 
 
 @dataclass
@@ -137,11 +158,15 @@ class UnlearningObjective:
     def forget_loss(self, batch: UnlearningBatch) -> torch.Tensor:
         raise NotImplementedError
 
+    def teacher_passes(self, forget_batch_size: int, retain_batch_size: int) -> int:
+        """Teacher forwards per step (counted as sample passes next to the student's)."""
+        return retain_batch_size if self.config.preserve == "distill" else 0
+
     def preserve_loss(self, batch: UnlearningBatch) -> torch.Tensor:
         x_t = batch.schedule.add_noise(batch.retain_x0, batch.retain_noise, batch.retain_t)
-        output = batch.model(x_t, batch.retain_t)
+        output = batch.predict(x_t, batch.retain_t, batch.retain_cond)
         if self.config.preserve == "distill":
-            target = batch.teacher(x_t, batch.retain_t)
+            target = batch.teach(x_t, batch.retain_t, batch.retain_cond)
         else:
             target = batch.schedule.target(batch.retain_x0, batch.retain_noise, batch.retain_t)
         return torch.nn.functional.mse_loss(output.float(), target.float())

@@ -25,7 +25,7 @@ class GradientAscent(UnlearningObjective):
 
     def forget_loss(self, batch: UnlearningBatch) -> torch.Tensor:
         x_t = batch.schedule.add_noise(batch.forget_x0, batch.forget_noise, batch.forget_t)
-        output = batch.model(x_t, batch.forget_t).float()
+        output = batch.predict(x_t, batch.forget_t, batch.forget_cond).float()
         target = batch.schedule.target(batch.forget_x0, batch.forget_noise, batch.forget_t).float()
         per_sample = (output - target).flatten(1).pow(2).mean(1)
         # not torch.clamp: its gradient still flows at exactly max_loss; ascent stops once reached

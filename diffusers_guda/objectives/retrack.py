@@ -75,6 +75,10 @@ class ReTrack(UnlearningObjective):
         self._neighbours: torch.Tensor | None = None
         self._images: torch.Tensor | None = None
 
+    def teacher_passes(self, forget_batch_size: int, retain_batch_size: int) -> int:
+        extra = forget_batch_size if self.config.target == "teacher_neighbour" else 0
+        return extra + super().teacher_passes(forget_batch_size, retain_batch_size)
+
     def setup(self, dataset, group: int, schedule: NoiseSchedule) -> None:
         from sklearn.neighbors import NearestNeighbors
 
@@ -97,7 +101,7 @@ class ReTrack(UnlearningObjective):
         shape = (-1,) + (1,) * (batch.forget_x0.dim() - 1)
         x_t = a.view(shape) * batch.forget_x0 + s.view(shape) * batch.forget_noise
         weights = neighbour_weights(x_t, neighbours, a, s)
-        eps_hat = schedule.to_epsilon(batch.model(x_t, t), x_t, t).float()
+        eps_hat = schedule.to_epsilon(batch.predict(x_t, t, batch.forget_cond), x_t, t).float()
         if self.config.target == "neighbour":
             delta = capped_offsets(batch.forget_x0, neighbours, a, s, self.config.kl_cap)
             target = batch.forget_noise + (weights.view(weights.shape + (1,) * (delta.dim() - 2)) * delta).sum(1)
@@ -106,7 +110,7 @@ class ReTrack(UnlearningObjective):
         choice = torch.multinomial(weights.cpu(), 1, generator=batch.generator).squeeze(1).to(device)
         chosen = neighbours[torch.arange(len(choice), device=device), choice]
         x_t_n = a.view(shape) * chosen + s.view(shape) * batch.forget_noise
-        teacher_eps = schedule.to_epsilon(batch.teacher(x_t_n, t), x_t_n, t).float()
+        teacher_eps = schedule.to_epsilon(batch.teach(x_t_n, t, batch.forget_cond), x_t_n, t).float()
         target = teacher_eps + (x_t - x_t_n) / s.view(shape)
         per_t = torch.clamp((s / a) ** 2, max=1.0)
         per_sample = (eps_hat - target).flatten(1).pow(2).mean(1)

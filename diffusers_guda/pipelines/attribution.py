@@ -3,6 +3,10 @@
 These functions take the pipeline as their first argument, so scripts that hold a stock pipeline
 can use them without changing its class; :class:`~diffusers_guda.pipelines.GUDAPipelineMixin`
 exposes the same operations as methods.
+
+Pixel-space pipelines (``DDPMPipeline``) score images as they are. Latent text-to-image pipelines
+(Stable Diffusion: a ``UNet2DConditionModel``, a VAE and a text encoder) score the conditional ELBO
+of the image's deterministic VAE latent given its prompt (see :mod:`.conditioning`).
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ from ..distributed import ProcessInfo
 from ..elbo import ELBOConfig, ELBOEstimator
 from ..errors import ConfigError, DataError
 from ..lora import LoRASettings
-from ..models import with_adapter_support
+from ..models import is_conditional, with_adapter_support
 from ..scoring import AttributionResult, AttributionScorer
 from ..unlearning import GroupUnlearner, UnlearningConfig
+from .conditioning import check_pixel_images, encode_latents, is_latent, prompt_encoder, prompt_list
 
 
 def _ensure_adapter_unet(pipe) -> None:
@@ -62,10 +67,12 @@ def load_guda_bundle(
         bundle = AdapterBundle.from_pretrained(
             bundle, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
         )
-    conditional = hasattr(pipe.unet.config, "cross_attention_dim") and pipe.unet.config.get("cross_attention_dim") is not None
-    if bool(bundle.base_model.get("conditional", False)) != conditional:
+    if bool(bundle.base_model.get("conditional", False)) != is_conditional(pipe.unet):
         kind = "a text-conditioned" if bundle.base_model.get("conditional") else "an unconditional"
-        raise ConfigError(f"This bundle was made for {kind} UNet; load it into a pipeline of that kind.")
+        raise ConfigError(
+            f"This bundle was made for {kind} UNet ({bundle.base_model.get('id')!r}), but this {type(pipe).__name__}'s "
+            "UNet is not one; load it into the pipeline of the base model it was made for."
+        )
     bundle.load_into(pipe.unet)
     pipe.unet.disable_adapters()  # the pipeline keeps generating with the full model; scoring switches adapters on
     pipe._guda_bundle = bundle
@@ -76,7 +83,7 @@ def unlearn_groups(
     pipe,
     dataset: GroupedDataset,
     *,
-    objective: str = "retrack",
+    objective: str | None = None,
     lora_rank: int = 8,
     lora_alpha: float | None = None,
     steps: int = 40,
@@ -94,8 +101,10 @@ def unlearn_groups(
 
     Args:
         pipe: The full model's pipeline.
-        dataset: The grouped training set the model was trained on.
-        objective: Registered objective name.
+        dataset: The grouped training set the model was trained on: images in [-1, 1] (pixels; a latent
+            pipeline encodes them with its VAE) and, for a text-conditioned UNet, one prompt per image.
+        objective: Registered objective name; default ``"anchor"`` for text-conditioned UNets
+            (GUDA-C), ``"retrack"`` otherwise.
         lora_rank: LoRA rank (alpha defaults to the rank).
         lora_alpha: LoRA alpha.
         steps: Optimiser steps per group.
@@ -111,7 +120,14 @@ def unlearn_groups(
         **objective_options: Options of the objective (e.g. ``num_neighbors=10``).
     """
     _ensure_adapter_unet(pipe)
-    _check_images(pipe, dataset.images)
+    conditional = is_conditional(pipe.unet)
+    if conditional and dataset.prompts is None:
+        raise DataError(
+            "This pipeline's UNet is text-conditioned, but the dataset has no prompts. Give every image its caption "
+            "(metadata.jsonl with a 'text' field, or GroupedDataset(..., prompts=[...]))."
+        )
+    if objective is None:
+        objective = default_objective(pipe)
     if config is None:
         config = UnlearningConfig(
             objective=objective,
@@ -123,15 +139,50 @@ def unlearn_groups(
             retain_batch_size=batch_size,
             seed=seed,
         )
-    unlearner = GroupUnlearner(pipe.unet, _training_scheduler(pipe), config, base_model_id=_model_id(pipe))
-    bundle = unlearner.unlearn(dataset, groups=groups, checkpoint_dir=checkpoint_dir, progress=progress, process=process)
+    unlearner = GroupUnlearner(
+        pipe.unet, _training_scheduler(pipe), config, base_model_id=_model_id(pipe),
+        encode_prompts=prompt_encoder(pipe) if conditional else None, base_model_extra=_base_model_extra(pipe),
+    )
+    bundle = unlearner.unlearn(
+        model_dataset(pipe, dataset, progress=progress), groups=groups, checkpoint_dir=checkpoint_dir, progress=progress,
+        process=process,
+    )
     return load_guda_bundle(pipe, bundle)
+
+
+def default_objective(pipe) -> str:
+    """``"anchor"`` (GUDA-C) for text-conditioned UNets, ``"retrack"`` (GUDA-U) otherwise."""
+    from ..objectives import available_objectives
+
+    return "anchor" if is_conditional(pipe.unet) and "anchor" in available_objectives() else "retrack"
+
+
+def model_dataset(pipe, dataset: GroupedDataset, progress: bool = False) -> GroupedDataset:
+    """The dataset in the UNet's input space: unchanged for pixel models, VAE latents for latent models.
+
+    Raises:
+        DataError: if the images do not fit the model (size, channels, range).
+    """
+    if not is_latent(pipe):
+        _check_images(pipe, dataset.images)
+        return dataset
+    latents = encode_latents(pipe, check_pixel_images(pipe, dataset.images), progress=progress)
+    return dataset.with_images(latents)
+
+
+def _base_model_extra(pipe) -> dict:
+    extra = {"pipeline_class": type(pipe).__name__}
+    if is_latent(pipe):
+        extra.update(latent=True, vae_scaling_factor=float(pipe.vae.config.get("scaling_factor") or 1.0))
+    return extra
 
 
 def attribute(
     pipe,
     images,
     *,
+    prompts: str | Sequence[str] | None = None,
+    prompt_embeds: torch.Tensor | None = None,
     bundle: AdapterBundle | str | None = None,
     batch_size: int = 64,
     elbo_config: ELBOConfig | None = None,
@@ -145,7 +196,11 @@ def attribute(
     Args:
         pipe: A pipeline whose UNet holds the bundle (or pass ``bundle``).
         images: ``[N, C, H, W]`` tensor in [-1, 1], a numpy array ``[N, H, W, C]`` in [0, 1] (what
-            ``output_type="np"`` returns), or a list of PIL images.
+            ``output_type="np"`` returns), or a list of PIL images. A latent pipeline scores the
+            images' deterministic VAE latents.
+        prompts: For a text-conditioned UNet: the prompt of each image (or one string for all); the
+            score is the difference of conditional ELBOs ``log p(z | prompt)``, without guidance.
+        prompt_embeds: Instead of ``prompts``: the text embeddings ``[N, L, D]`` (or ``[1, L, D]`` for all).
         bundle: Bundle to load first (object, directory or Hub id).
         batch_size: Images whose rows share forwards (speed and memory only; scores do not depend on it).
         elbo_config: Estimator settings; default: the bundle's recorded ELBO settings.
@@ -164,14 +219,61 @@ def attribute(
     loaded = getattr(pipe, "_guda_bundle", None)
     if loaded is None:
         raise ConfigError("No GUDA bundle is loaded; call pipe.load_guda_bundle(path_or_repo_id) or pipe.unlearn_groups(dataset) first.")
-    x0 = _check_images(pipe, to_model_images(images))
+    x0, unet_kwargs, used_prompts = model_inputs(pipe, images, prompts=prompts, prompt_embeds=prompt_embeds)
     if elbo_config is None:
         elbo_config = ELBOConfig(**loaded.elbo) if loaded.elbo else ELBOConfig()
     estimator = ELBOEstimator(_training_scheduler(pipe), elbo_config)
     device = pipe.unet.device
     scorer = AttributionScorer(pipe.unet, estimator, [loaded.adapter_name(s) for s in loaded.slugs], loaded.group_names)
     meta = {"bundle": dict(loaded.source or {}), "base_model": loaded.base_model.get("id"), "device": str(device)}
-    return scorer.score(x0, batch_size=batch_size, progress=progress, metadata=meta, strategy=strategy, adaptive_z=adaptive_z, process=process)
+    if used_prompts is not None:
+        meta["prompts"] = used_prompts
+    return scorer.score(
+        x0, batch_size=batch_size, unet_kwargs=unet_kwargs, progress=progress, metadata=meta, strategy=strategy,
+        adaptive_z=adaptive_z, process=process,
+    )
+
+
+def model_inputs(pipe, images, *, prompts=None, prompt_embeds=None):
+    """The UNet's clean inputs and per-image conditioning for query ``images``.
+
+    Returns:
+        ``(x0, unet_kwargs, prompts)``: ``x0`` ``[N, C, h, w]`` (pixels, or VAE latents for a latent
+        pipeline), ``unet_kwargs`` one dict per image (``None`` for unconditional UNets), and the prompt
+        list used (``None`` without prompts).
+
+    Raises:
+        DataError: images that do not fit, or missing/miscounted prompts for a text-conditioned UNet.
+        ConfigError: prompts given to an unconditional UNet.
+    """
+    pixels = to_model_images(images)
+    n = pixels.shape[0]
+    conditional = is_conditional(pipe.unet)
+    if not conditional and (prompts is not None or prompt_embeds is not None):
+        raise ConfigError(f"This {type(pipe).__name__}'s UNet is unconditional; drop prompts/prompt_embeds.")
+    embeds = used = None
+    if conditional:  # prompts are checked before any image is encoded
+        if prompt_embeds is not None:
+            embeds = prompt_embeds.detach().to("cpu", torch.float32)
+            if embeds.dim() != 3 or embeds.shape[0] not in (1, n):
+                raise DataError(f"prompt_embeds must be [N, L, D] with N = {n} images (or 1 for all); got {tuple(embeds.shape)}.")
+            embeds = embeds.expand(n, *embeds.shape[1:])
+        else:
+            used = prompt_list(prompts, n)
+    if is_latent(pipe):
+        x0 = encode_latents(pipe, check_pixel_images(pipe, pixels))
+        if x0.shape[1] != pipe.unet.config.in_channels:
+            raise ConfigError(
+                f"The VAE gives {x0.shape[1]}-channel latents but the UNet takes {pipe.unet.config.in_channels}; "
+                "this pipeline's components do not belong together."
+            )
+    else:
+        x0 = _check_images(pipe, pixels)
+    if not conditional:
+        return x0, None, None
+    if embeds is None:
+        embeds = prompt_encoder(pipe)(used)
+    return x0, [{"encoder_hidden_states": e[None]} for e in embeds], used
 
 
 def to_model_images(images) -> torch.Tensor:

@@ -8,8 +8,10 @@ from . import attribution as ops
 class GUDAPipelineMixin:
     """Adds :meth:`unlearn_groups`, :meth:`load_guda_bundle` and :meth:`attribute` to a diffusers pipeline.
 
-    The pipeline needs a ``unet`` and a DDPM-family ``scheduler``. Generation (``__call__``) is the
-    parent pipeline's, untouched.
+    The pipeline needs a ``unet`` and a DDPM-family ``scheduler``. With a ``vae`` the model is a
+    latent model (images are scored through their deterministic VAE latents); with a text-conditioned
+    UNet (``UNet2DConditionModel``) and a text encoder, every image is conditioned on its prompt.
+    Generation (``__call__``) is the parent pipeline's, untouched.
     """
 
     def load_guda_bundle(self, bundle, **kwargs):
@@ -21,7 +23,7 @@ class GUDAPipelineMixin:
         return ops.unlearn_groups(self, dataset, **kwargs)
 
     def attribute(self, images, **kwargs):
-        """Score query images against the loaded groups; see :func:`~diffusers_guda.attribute`."""
+        """Score query images (and their ``prompts``) against the loaded groups; see :func:`~diffusers_guda.attribute`."""
         return ops.attribute(self, images, **kwargs)
 
     @property

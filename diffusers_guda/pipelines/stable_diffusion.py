@@ -1,0 +1,128 @@
+"""``GUDAStableDiffusionPipeline``: Stable Diffusion that can unlearn groups and attribute its images."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+from ..errors import ConfigError
+from ..hashing import base_state_dict
+from ..scoring import AttributionResult
+from .mixin import GUDAPipelineMixin
+
+
+@dataclass
+class GUDAStableDiffusionOutput(StableDiffusionPipelineOutput):
+    """``StableDiffusionPipelineOutput`` plus the attribution of the generated images.
+
+    Attributes:
+        images: As ``StableDiffusionPipelineOutput``.
+        nsfw_content_detected: As ``StableDiffusionPipelineOutput``.
+        attribution: Scores of every image against every group of the loaded bundle.
+    """
+
+    attribution: AttributionResult | None = None
+
+
+class GUDAStableDiffusionPipeline(StableDiffusionPipeline, GUDAPipelineMixin):
+    """Stable Diffusion (1.x/2.x) with group attribution (GUDA-C).
+
+    Loads like ``StableDiffusionPipeline`` (``from_pretrained`` of any Stable Diffusion directory or
+    Hub id, or ``from_pipe(existing_pipe)``, which shares the existing components without copying
+    them) and generates identically: ``__call__`` is the parent's unless ``return_attribution=True``.
+    A loaded bundle's adapters stay switched off for generation.
+
+    Attribution scores the *conditional* latent ELBO ``log p(z | prompt)`` of each image's
+    deterministic VAE latent (posterior mean x scaling factor) under the full model and under each
+    group's unlearned adapter, with the same timesteps and noise for every model.
+
+    Example:
+        ```py
+        >>> from diffusers_guda import GUDAStableDiffusionPipeline
+        >>> pipe = GUDAStableDiffusionPipeline.from_pretrained("path/to/fine-tuned-sd15")
+        >>> pipe.load_guda_bundle("path/to/styles-bundle")
+        >>> out, result = pipe("a lighthouse at dusk", return_attribution=True)
+        >>> result.top(3)
+        ```
+    """
+
+    def __call__(self, *args, return_attribution: bool = False, attribution_kwargs: dict | None = None, **kwargs):
+        """Generate as ``StableDiffusionPipeline.__call__``; optionally attribute the images too.
+
+        Args:
+            *args: ``StableDiffusionPipeline.__call__``'s arguments.
+            return_attribution: Also score the generated images against the loaded bundle's groups.
+                Each image is scored with the prompt it was generated from (``prompt`` repeated
+                ``num_images_per_prompt`` times, or ``prompt_embeds``), as a conditional ELBO:
+                classifier-free guidance and the negative prompt shape the sample, not the score.
+                The images scored are the decoded images before quantisation (what
+                ``output_type="pt"`` returns), so ``pipe.attribute(out.images, prompts=...)`` on
+                float ``np``/``pt`` output gives the same scores.
+            attribution_kwargs: Keyword arguments of :meth:`attribute` (``batch_size``,
+                ``elbo_config``, ``strategy``...).
+            **kwargs: ``StableDiffusionPipeline.__call__``'s keyword arguments.
+
+        Returns:
+            The parent's output; with ``return_attribution=True`` a :class:`GUDAStableDiffusionOutput`
+            (or ``(images, nsfw_content_detected, attribution)`` with ``return_dict=False``).
+
+        Raises:
+            ConfigError: attribution asked for without a loaded bundle (checked before generating),
+                or with ``output_type="latent"``.
+        """
+        if not return_attribution:
+            return super().__call__(*args, **kwargs)
+        if self.guda_bundle is None:
+            raise ConfigError("return_attribution=True needs a GUDA bundle; call pipe.load_guda_bundle(path_or_repo_id) first.")
+        bound = inspect.signature(super().__call__).bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.update(arguments.pop("kwargs", {}) or {})
+        output_type = arguments.pop("output_type", "pil")
+        return_dict = arguments.pop("return_dict", True)
+        if output_type not in ("pil", "np", "pt"):
+            raise ConfigError(f"return_attribution=True needs output_type 'pil', 'np' or 'pt', not {output_type!r} (latents are not images).")
+        per_prompt = arguments.get("num_images_per_prompt") or 1
+        prompt, prompt_embeds = arguments.get("prompt"), arguments.get("prompt_embeds")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            query = {"prompts": [p for p in prompts for _ in range(per_prompt)]}
+        elif prompt_embeds is not None:
+            query = {"prompt_embeds": prompt_embeds.repeat_interleave(per_prompt, dim=0)}
+        else:
+            raise ConfigError("Pass prompt or prompt_embeds: attribution conditions each image on its prompt.")
+
+        out = super().__call__(**arguments, output_type="pt", return_dict=True)
+        images = out.images  # [B, 3, H, W] in [0, 1], not quantised
+        result = self.attribute(images * 2.0 - 1.0, **query, **(attribution_kwargs or {}))
+        if output_type != "pt":
+            images = self.image_processor.pt_to_numpy(images)
+            if output_type == "pil":
+                images = self.image_processor.numpy_to_pil(images)
+        if not return_dict:
+            return images, out.nsfw_content_detected, result
+        return GUDAStableDiffusionOutput(images=images, nsfw_content_detected=out.nsfw_content_detected, attribution=result)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """Save the base model as a stock ``StableDiffusionPipeline`` directory (no LoRA wrappers, no adapters).
+
+        Saving a UNet that holds peft wrappers would write ``base_layer`` keys that stock diffusers
+        cannot load; save bundles with :meth:`AdapterBundle.save_pretrained` instead.
+        """
+        unet = type(self.unet).from_config({k: v for k, v in self.unet.config.items() if not k.startswith("_")})
+        unet.load_state_dict(base_state_dict(self.unet), assign=True)
+        components = {name: getattr(self, name) for name in self.components}
+        components["unet"] = unet
+        config = {k: v for k, v in self.config.items() if k == "requires_safety_checker"}
+        StableDiffusionPipeline(**components, **config).save_pretrained(save_directory, **kwargs)
+
+    @torch.no_grad()
+    def encode_latents(self, images) -> torch.Tensor:
+        """Deterministic VAE latents (posterior mean x scaling factor) of ``images``, as scored."""
+        from .attribution import to_model_images
+        from .conditioning import check_pixel_images, encode_latents
+
+        return encode_latents(self, check_pixel_images(self, to_model_images(images)))

@@ -1,0 +1,172 @@
+"""A tiny Stable Diffusion pipeline built entirely offline, from configs in code.
+
+Tests, the ``digits-styles`` benchmark and the README's Stable Diffusion section use it: every
+component of a real ``StableDiffusionPipeline`` (a ``UNet2DConditionModel``, an ``AutoencoderKL``, a
+``CLIPTextModel`` and a ``CLIPTokenizer``) at a size that runs in milliseconds on one CPU core, with
+nothing downloaded. The tokenizer is a byte-pair encoder whose vocabulary and merges are written
+here: every lowercase letter and digit is a token, and each word of ``words`` is one token.
+
+Example:
+    ```py
+    >>> from diffusers_guda.tiny_sd import tiny_stable_diffusion
+    >>> pipe = tiny_stable_diffusion(words=["a", "thick", "digit"])
+    >>> image = pipe("a thick digit", num_inference_steps=2, output_type="np").images[0]
+    >>> image.shape
+    (16, 16, 3)
+    ```
+"""
+
+from __future__ import annotations
+
+import json
+import string
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+DEFAULT_WORDS = ("a", "photo", "of", "digit", "in", "style", "the", "an", "image")
+
+
+def write_clip_vocabulary(directory: str | Path, words: Sequence[str] = DEFAULT_WORDS) -> Path:
+    """Write ``vocab.json`` and ``merges.txt`` of a small CLIP byte-pair tokenizer into ``directory``.
+
+    Every lowercase ASCII letter and digit is a token (alone and as a word end, ``x</w>``), so any
+    lowercase alphanumeric prompt tokenizes; each of ``words`` becomes a single token through a chain
+    of merges.
+
+    Args:
+        directory: Where to write the two files (created if needed).
+        words: Whole-word tokens (lowercase letters and digits).
+
+    Returns:
+        The directory.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab: dict[str, int] = {BOS: 0, EOS: 1}
+
+    def add(token: str) -> None:
+        vocab.setdefault(token, len(vocab))
+
+    for ch in string.ascii_lowercase + string.digits:
+        add(ch)
+        add(ch + "</w>")
+    merges: list[str] = []
+    for word in words:
+        word = word.lower()
+        if not word or not all(ch in string.ascii_lowercase + string.digits for ch in word):
+            raise ValueError(f"Tiny-tokenizer words must be lowercase letters and digits; got {word!r}.")
+        if len(word) == 1:
+            continue
+        # merge left to right: w0 w1 -> w0w1, w0w1 w2 -> w0w1w2, ..., last symbol carries </w>
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        current = symbols[0]
+        for nxt in symbols[1:]:
+            rule = f"{current} {nxt}"
+            if rule not in merges:
+                merges.append(rule)
+            current += nxt
+            add(current)
+    (directory / "vocab.json").write_text(json.dumps(vocab, indent=0))
+    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return directory
+
+
+def tiny_clip_tokenizer(words: Sequence[str] = DEFAULT_WORDS, max_length: int = 16):
+    """A ``CLIPTokenizer`` over :func:`write_clip_vocabulary`'s vocabulary (written to a temporary folder)."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory(prefix="guda-tiny-tokenizer-") as tmp:
+        write_clip_vocabulary(tmp, words)
+        return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
+
+
+def tiny_stable_diffusion(
+    words: Sequence[str] = DEFAULT_WORDS,
+    *,
+    image_size: int = 16,
+    seed: int = 0,
+    pipeline_class=None,
+    unet_channels: tuple[int, int] = (32, 64),
+    text_dim: int = 32,
+    max_length: int = 16,
+):
+    """Build a tiny, randomly initialised Stable Diffusion pipeline offline.
+
+    The VAE halves the resolution once (``vae_scale_factor`` 2), so a ``16 x 16`` image maps to a
+    ``4 x 8 x 8`` latent; the text encoder is a 2-layer CLIP text transformer of width ``text_dim``;
+    the scheduler has Stable Diffusion's scaled-linear noise schedule (1000 steps, ε-prediction).
+
+    Args:
+        words: Whole-word tokens of the tokenizer (see :func:`write_clip_vocabulary`).
+        image_size: Pixel height and width the pipeline generates by default.
+        seed: Seed of the random weights.
+        pipeline_class: The pipeline class to build (default ``StableDiffusionPipeline``; e.g.
+            :class:`~diffusers_guda.GUDAStableDiffusionPipeline`).
+        unet_channels: ``block_out_channels`` of the UNet's two blocks.
+        text_dim: Width of the text encoder, and the UNet's ``cross_attention_dim``.
+        max_length: Tokens per prompt (the tokenizer's ``model_max_length``).
+
+    Returns:
+        The pipeline, on CPU, in float32, with the progress bar disabled.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer(words, max_length=max_length)
+    generator_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=image_size // 2,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=tuple(unet_channels),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=text_dim,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(16, 32),
+            latent_channels=4,
+            layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            norm_num_groups=8,
+            sample_size=image_size,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer.get_vocab()),
+                hidden_size=text_dim,
+                intermediate_size=2 * text_dim,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=max_length,
+                projection_dim=text_dim,
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    scheduler = DDIMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+        set_alpha_to_one=False, steps_offset=1,
+    )
+    cls = pipeline_class or StableDiffusionPipeline
+    pipe = cls(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer, unet=unet.eval(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

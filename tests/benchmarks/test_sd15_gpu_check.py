@@ -1,0 +1,26 @@
+"""The SD 1.5 GPU check script runs on CPU with --tiny and writes its measurements as JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sd15_gpu_check.py"
+
+
+def test_tiny_run_writes_every_measurement(tmp_path):
+    spec = importlib.util.spec_from_file_location("sd15_gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "check.json"
+    module.main(["--tiny", "--device", "cpu", "--warmup", "0", "--iters", "1", "--rows-per-forward", "8", "--batch", "2", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["config"] == "tiny" and data["device"] == "cpu"
+    assert set(data["elbo"]) == {
+        "base (no LoRA wrappers)", "base (LoRA wrappers, adapters disabled)", "one adapter active (swap)", "adapter merged (merged)",
+    }
+    assert all(entry["rows_per_s"] > 0 and entry["rows"] == 16 for entry in data["elbo"].values())
+    assert data["unlearning_step"]["steps_per_s"] > 0 and data["lora_parameters"] > 0
+    # the full configuration is SD 1.5's UNet (checked without building it)
+    assert module.SD15_UNET["block_out_channels"] == (320, 640, 1280, 1280) and module.SD15_UNET["cross_attention_dim"] == 768
