@@ -276,7 +276,8 @@ class AttributionScorer:
                 row from every range in a fixed pseudo-random order (a function of the ELBO seed and
                 the image's content). From the second block on, a group whose gap to the current
                 leader exceeds ``adaptive_z`` standard errors of their paired block estimates is
-                dropped (its score is the mean of its block estimates); the query stops when one
+                dropped (its score is the mean of its block estimates) until the leader's estimate falls
+                below that score, when it comes back and walks the blocks it missed; the query stops when one
                 group is left (the top group leads the runner-up by ``adaptive_z`` standard errors)
                 or the grid is exhausted (then the scores are the full-grid ones). Rows used per query
                 and group are recorded in ``metadata["rows_used"]``. ``None`` (default): the full grid.
@@ -333,6 +334,18 @@ class AttributionScorer:
             self._runner = None  # its merged weights are this call's: the adapters may change before the next
             _restore(unet, previous)  # leave the adapters as they were (e.g. disabled for generation)
             unet.train(was_training)
+
+    def _catch_up(self, i, groups, step, strategy, walk, base, diffs, blocks, rows_of) -> None:
+        """Give dropped ``groups`` of image ``i`` the rounds they missed, up to round ``step``."""
+        for j in groups:
+            missed = range(len(diffs[j]), step + 1)
+            rows = torch.cat([walk[0][m] for m in missed])
+            with self._model(self.adapter_names[j], strategy) as unet:
+                terms = rows_of(self.adapter_names[j], unet, [i], {i: rows})[i]
+            for m, t in zip(missed, terms.split([len(walk[0][m]) for m in missed])):
+                diffs[j].append(t - base[m])
+                if walk[1][m] is not None:
+                    blocks[j].append((walk[1][m] * diffs[j][-1]).sum())
 
     def _empty_result(self, metadata: dict, adaptive: bool) -> AttributionResult:
         k = len(self.groups)
@@ -402,6 +415,15 @@ class AttributionScorer:
                                 blocks[i][j].append((weights * diffs[i][j][-1]).sum())
                             if len(blocks[i][k]) >= 2:
                                 alive[i] = _survivors(alive[i], [torch.stack(blocks[i][j]) for j in alive[i]], z)
+                                # a dropped group whose (frozen) estimate now beats the leader's comes back:
+                                # its missed blocks are computed and the groups compared again, so the
+                                # top group is always one that walked as far as the query did
+                                means = [torch.stack(b).mean() for b in blocks[i][:k]]
+                                back = [j for j in range(k) if j not in alive[i] and means[j] >= max(means[a] for a in alive[i])]
+                                if back:
+                                    self._catch_up(i, back, step, strategy, walks[i], base[i], diffs[i], blocks[i], rows_of)
+                                    alive[i] = sorted(alive[i] + back)
+                                    alive[i] = _survivors(alive[i], [torch.stack(blocks[i][j]) for j in alive[i]], z)
                         if step + 1 < len(walks[i][0]) and len(alive[i]) > 1:
                             still.append(i)
                         else:

@@ -275,6 +275,33 @@ def test_adaptive_draws_drop_trailing_groups(tiny_unet, tiny_scheduler, monkeypa
     assert sum(len(batch) % 32 != 0 for _, batch in calls) == 3
 
 
+def test_adaptive_walk_brings_back_a_dropped_group_that_the_leader_falls_below(tiny_unet, tiny_scheduler, monkeypatch):
+    from diffusers_guda.hashing import derive_seed
+    from diffusers_guda.scoring import _stratified_walk
+
+    scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler, stride=2)
+    est = scorer.estimator
+    image = torch.full((1, 1, 8, 8), 0.5)
+    walk, _ = _stratified_walk(est.num_rows, 4, derive_seed("guda-order", est.config.seed, est.image_hashes(image)[0]))
+    early = set(torch.cat(walk[:2]).tolist())  # the first two blocks, where the first decision is taken
+
+    def designed_terms(model, images, image_index, row_ids, noise, kwargs, forward_rows):
+        # g1 and g2 (tied, so the walk goes on) look best early and fall later; g0 is dropped early at
+        # 2 while g1's estimate later falls below that: g0 must come back, not win on a frozen estimate
+        is_early = torch.tensor([r in early for r in row_ids.tolist()])
+        if model is None:
+            return torch.zeros(len(row_ids))
+        high, low = (2.0, 0.2) if model == "g0" else (5.0, 0.5)
+        return torch.where(is_early, high, low)
+
+    monkeypatch.setattr(scorer, "_model", lambda adapter, strategy: contextlib.nullcontext(adapter))
+    monkeypatch.setattr(est, "packed_terms", designed_terms)
+    result = scorer.score(image, progress=False, adaptive_z=3.0, adaptive_block=4)
+    assert result.metadata["rows_used"][0][0] > 8  # g0 was dropped after two blocks, then brought back
+    assert result.top_groups() == ["g1"]  # the full-grid answer (g1 and g2 tie; the first wins)
+    assert result.scores[0, 0] < result.scores[0, 1]
+
+
 @pytest.mark.parametrize("strategy", ["merged", "swap"])
 def test_adaptive_scores_do_not_depend_on_the_batch(tiny_unet, tiny_scheduler, strategy):
     scorer = _scorer_with_adapters(tiny_unet, tiny_scheduler)
