@@ -1,8 +1,9 @@
 """Recipes: named JSON files in the repository's ``adapters/`` folder, one per supported setting.
 
 A recipe holds the base-model training config (a :class:`TrainConfig`, or a
-:class:`~diffusers_guda.text_model.TextTrainConfig` when its ``train`` section has ``"conditioning": "text"``), the unlearning config, the ELBO config and the
-query settings of one setting (e.g. ``digits-ddpm``). Source checkouts read ``adapters/`` beside the
+:class:`~diffusers_guda.text_model.TextTrainConfig` when its ``train`` section has
+``"conditioning": "text"``), the unlearning config, the ELBO config and the query settings of one
+setting (e.g. ``digits-ddpm``, ``digits-styles``). Source checkouts read ``adapters/`` beside the
 package; wheels install the same files under ``<prefix>/share/diffusers-guda/adapters``.
 """
 
