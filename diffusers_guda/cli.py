@@ -308,7 +308,12 @@ def cmd_evaluate(args) -> None:
     gradient = _baseline_config(GradientConfig, args.gradient_option, "--gradient-option")
     instance = _baseline_config(InstanceUnlearningConfig, args.instance_option, "--instance-option")
     dataset = _dataset(args)
-    run_evaluation(args.out, dataset, args.recipe, num_queries=args.queries, methods=args.methods or METHODS,
+    recipe = args.recipe
+    if recipe is None:
+        from .evaluation.benchmarks import benchmark_recipe
+
+        recipe = benchmark_recipe(args.benchmark) if args.benchmark else "digits-ddpm"
+    run_evaluation(args.out, dataset, recipe, num_queries=args.queries, methods=args.methods or METHODS,
                    seed_b=args.seed_b, ceiling=not args.no_ceiling, gradient_config=gradient,
                    instance_config=instance, progress=not args.quiet)
     print(f"\nartifacts in {args.out}: report.json report.md metrics.png score_heatmaps.png scores/ base/ logo/ bundle/ queries/")
@@ -327,15 +332,15 @@ def build_parser() -> argparse.ArgumentParser:
         source = p.add_mutually_exclusive_group(required=required)
         # default None (meaning the digits): argparse only sees a conflict with --benchmark when --data differs from its default
         source.add_argument("--data", help=help + ("" if required else "; default: digits"))
-        source.add_argument("--benchmark", help="a named benchmark dataset instead of --data (digits-classes, digits-contributors)")
+        source.add_argument("--benchmark", help="a named benchmark dataset instead of --data (digits-classes, digits-contributors, digits-styles)")
         p.add_argument("--mode", choices=["L", "RGB"], help="convert --data images to grayscale (L) or RGB")
 
     def device_arg(p):
         p.add_argument("--device", help="where to train: cpu, cuda or cuda:N (default: the GPU when CUDA is available, "
                                         "each launched process its own; else cpu)")
 
-    def recipe_arg(p, help="recipe name in adapters/ or a JSON path"):
-        p.add_argument("--recipe", default="digits-ddpm", help=help)
+    def recipe_arg(p, help="recipe name in adapters/ or a JSON path", default="digits-ddpm"):
+        p.add_argument("--recipe", default=default, help=help)
 
     p = common(sub.add_parser("train", help="train the base diffusion model on a grouped dataset"))
     data_args(p)
@@ -404,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = common(sub.add_parser("evaluate", help="GUDA and baselines against LOGO ground truth, with the LOGO ceiling and costs"))
     data_args(p, required=True)
     p.add_argument("--out", required=True, help="output directory (finished stages in it are reused)")
-    recipe_arg(p)
+    recipe_arg(p, help="recipe name in adapters/ or a JSON path (default: the benchmark's, e.g. digits-styles; else digits-ddpm)", default=None)
     p.add_argument("--queries", type=int, help="number of generated query images (default from the recipe)")
     p.add_argument("--methods", nargs="+", help="methods to score (default: guda similarity nearest_neighbour gradient instance_unlearning)")
     p.add_argument("--seed-b", type=int, help="training seed of the second LOGO set, the ceiling (default: the recipe's seed + 1)")

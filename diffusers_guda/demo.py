@@ -50,8 +50,10 @@ def reusable_bundle(path: Path, fingerprint: str, recipe: Recipe) -> AdapterBund
     return bundle if same else None
 
 
-def generate_queries(pipe, num_queries: int, seed: int, num_inference_steps: int, out_dir: Path, batch_size: int = 100) -> list[Path]:
-    """Sample ``num_queries`` images, query ``i`` from seed ``seed + i``, and save them as PNG."""
+def generate_queries(pipe, num_queries: int, seed: int, num_inference_steps: int, out_dir: Path, batch_size: int = 100,
+                     prompts: list[str] | None = None) -> list[Path]:
+    """Sample ``num_queries`` images, query ``i`` from seed ``seed + i`` (and from ``prompts[i]`` for a
+    text-to-image pipeline), and save them as PNG."""
     from PIL import Image
 
     paths = []
@@ -59,7 +61,8 @@ def generate_queries(pipe, num_queries: int, seed: int, num_inference_steps: int
         for start in range(0, num_queries, batch_size):
             seeds = range(seed + start, seed + min(num_queries, start + batch_size))
             generators = [torch.Generator().manual_seed(s) for s in seeds]
-            images = pipe(batch_size=len(generators), generator=generators, num_inference_steps=num_inference_steps, output_type="np").images
+            inputs = {"batch_size": len(generators)} if prompts is None else {"prompt": prompts[start : start + len(generators)]}
+            images = pipe(**inputs, generator=generators, num_inference_steps=num_inference_steps, output_type="np").images
             for s, image in zip(seeds, images):
                 array = np.round(image * 255).astype(np.uint8)
                 name = f"query_{s - seed:04d}.png"

@@ -1,7 +1,9 @@
 """Recipes: named JSON files in the repository's ``adapters/`` folder, one per supported setting.
 
-A recipe holds the base-model training config, the unlearning config, the ELBO config and the
-query settings of one setting (e.g. ``digits-ddpm``). Source checkouts read ``adapters/`` beside the
+A recipe holds the base-model training config (a :class:`TrainConfig`, or a
+:class:`~diffusers_guda.text_model.TextTrainConfig` when its ``train`` section has
+``"conditioning": "text"``), the unlearning config, the ELBO config and the query settings of one
+setting (e.g. ``digits-ddpm``, ``digits-styles``). Source checkouts read ``adapters/`` beside the
 package; wheels install the same files under ``<prefix>/share/diffusers-guda/adapters``.
 """
 
@@ -14,6 +16,7 @@ from pathlib import Path
 
 from .elbo import ELBOConfig
 from .errors import ConfigError
+from .text_model import train_config_class
 from .training import TrainConfig
 from .unlearning import UnlearningConfig
 
@@ -55,7 +58,7 @@ class Recipe:
             return cls(
                 name=data.get("name", path.stem),
                 description=data.get("description", ""),
-                train=TrainConfig(**data.get("train", {})),
+                train=train_config_class(data.get("train", {}))(**data.get("train", {})),
                 unlearning=UnlearningConfig(**data.get("unlearning", {})),
                 elbo=ELBOConfig(**data.get("elbo", {})),
                 queries=dict(data.get("queries", {})),
@@ -85,6 +88,8 @@ def _check_layout(data, path: Path) -> None:
         section = data.get(key, {})
         if not isinstance(section, dict):
             raise ConfigError(f"Recipe {path}: '{key}' must be a JSON object, got {section!r}.")
+        if key == "train":
+            config_class = train_config_class(section)
         known = {f.name for f in fields(config_class)} if config_class is not None else set(section)
         if set(section) - known:
             raise ConfigError(f"Recipe {path}: '{key}' has unknown field(s) {sorted(set(section) - known)}; known: {sorted(known)}.")

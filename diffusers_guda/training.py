@@ -1,7 +1,8 @@
 """Train the base diffusion model (``guda train``) and, with the same recipe, leave-one-group-out models.
 
 The result is a stock ``DDPMPipeline`` directory: ``DDPMPipeline.from_pretrained(path)`` loads it
-without diffusers-guda installed.
+without diffusers-guda installed. A text-conditioned recipe (:mod:`diffusers_guda.text_model`) goes
+through the same loop and gives a pixel-space text-to-image pipeline directory.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from tqdm.auto import tqdm
 
 from .data import GroupedDataset
@@ -79,6 +80,15 @@ class TrainConfig:
             norm_num_groups=self.norm_num_groups,
         )
 
+    def build_pipeline(self, image_shape: tuple[int, int, int]):
+        """The untrained pipeline (here a ``DDPMPipeline``); seeds are set by the caller."""
+        return DDPMPipeline(unet=self.build_unet(image_shape), scheduler=self.build_scheduler())
+
+    def training_conditioning(self, pipeline, dataset: GroupedDataset) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What the UNet is conditioned on per training image: ``None`` for an unconditional model, else
+        ``(table [P, L, D], index [N])`` (the conditioning of image ``i`` is ``table[index[i]]``)."""
+        return None
+
     def build_scheduler(self) -> DDPMScheduler:
         return DDPMScheduler(
             num_train_timesteps=self.num_train_timesteps,
@@ -120,13 +130,19 @@ def train_base_model(
     description: str = "train",
     extra_log: dict | None = None,
     device: str | torch.device = "cpu",
-) -> DDPMPipeline:
-    """Train a ``UNet2DModel`` + ``DDPMScheduler`` on every image of ``dataset``.
+) -> DiffusionPipeline:
+    """Train the recipe's model on every image of ``dataset``.
+
+    A :class:`TrainConfig` trains a ``UNet2DModel`` + ``DDPMScheduler`` (a ``DDPMPipeline``); a
+    :class:`~diffusers_guda.text_model.TextTrainConfig` a text-conditioned pixel-space UNet on each
+    image's prompt, with a frozen text encoder (a
+    :class:`~diffusers_guda.pipelines.text_to_image.TextToImageDDPMPipeline`). Same loop, seeds and
+    draws for both.
 
     Args:
         dataset: Training images (groups are ignored: the model sees all of them).
         config: Recipe; defaults to :class:`TrainConfig`.
-        output_dir: If given, the pipeline is saved there atomically with ``DDPMPipeline.save_pretrained``
+        output_dir: If given, the pipeline is saved there atomically with ``save_pretrained``
             together with ``guda_train.json`` (recipe, seed, loss log, wall time).
         progress: Show a progress bar.
         description: Progress-bar label.
@@ -135,13 +151,17 @@ def train_base_model(
             CPU generator, so every device sees the same draws; results still differ by floating point.
 
     Returns:
-        The trained ``DDPMPipeline`` (UNet in eval mode).
+        The trained pipeline (UNet in eval mode).
     """
     config = config or TrainConfig()
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
-    unet = config.build_unet(dataset.image_shape).to(device)
-    scheduler = config.build_scheduler()
+    pipeline = config.build_pipeline(dataset.image_shape)
+    conditioning = config.training_conditioning(pipeline, dataset)
+    if conditioning is not None:
+        table, prompt_index = conditioning[0].to(device), conditioning[1]
+    unet = pipeline.unet.to(device)
+    scheduler = pipeline.scheduler
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps)
@@ -159,7 +179,8 @@ def train_base_model(
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, config.num_train_timesteps, (x0.shape[0],), generator=generator)
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-        pred = unet(scheduler.add_noise(x0, noise, t), t).sample
+        kwargs = {} if conditioning is None else {"encoder_hidden_states": table[prompt_index[idx].to(device)]}
+        pred = unet(scheduler.add_noise(x0, noise, t), t, **kwargs).sample
         loss = torch.nn.functional.mse_loss(pred, diffusion_target(scheduler, x0, noise, t))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -178,7 +199,6 @@ def train_base_model(
             for p, e in zip(params, ema):
                 p.copy_(e)
     unet.eval()
-    pipeline = DDPMPipeline(unet=unet, scheduler=scheduler)
     if output_dir is not None:
         log = {
             "config": config.to_dict(),

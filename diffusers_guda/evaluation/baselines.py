@@ -5,7 +5,10 @@ Every baseline returns a float64 tensor ``[N_queries, K]`` in the orientation of
 losses is a pure function of (seed, image content hash, t, draw), as in :mod:`diffusers_guda.elbo`,
 and every image is evaluated alone, so a score does not depend on the batch it was computed in.
 
-The UNet is called as ``unet(x_t, t).sample`` (unconditional models).
+The UNet is called as ``unet(x_t, t).sample``; a text-conditioned UNet (``UNet2DConditionModel``) as
+``unet(x_t, t, encoder_hidden_states=c).sample`` with ``c`` the embeddings of each image's own prompt:
+the loss-based baselines take them as ``query_conditioning`` / ``train_conditioning`` (``[N, L, D]``).
+The similarity baselines compare pixels (or ``feature_fn`` features) and ignore prompts.
 """
 
 from __future__ import annotations
@@ -177,8 +180,11 @@ def _denoising_noise(image: torch.Tensor, timesteps: torch.Tensor, num_draws: in
     return row_t, noise
 
 
-def _denoising_loss(unet, schedule: NoiseSchedule, image: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], with_input: bool = False):
+def _denoising_loss(unet, schedule: NoiseSchedule, image: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], with_input: bool = False,
+                    cond: torch.Tensor | None = None):
     """Mean squared error of the model's regression target over one image's (t, draw) rows.
+
+    ``cond`` (``[L, D]``) is the image's text conditioning for a text-conditioned UNet.
 
     With ``with_input`` the noisy input is made to require gradients and ``(loss, x_t)`` is returned.
     Differentiating w.r.t. ``x_t`` as well is a workaround: on torch 2.13 CPU, ``autograd.grad`` w.r.t.
@@ -193,7 +199,8 @@ def _denoising_loss(unet, schedule: NoiseSchedule, image: torch.Tensor, rows: tu
     x_in = x_t.to(param.device, param.dtype)
     if with_input:
         x_in.requires_grad_(True)
-    output = unet(x_in, t.to(param.device)).sample
+    kwargs = {} if cond is None else {"encoder_hidden_states": cond.to(param.device, param.dtype).expand(len(t), *cond.shape[-2:])}
+    output = unet(x_in, t.to(param.device), **kwargs).sample
     loss = torch.nn.functional.mse_loss(output.float(), target.to(output.device))
     return (loss, x_in) if with_input else loss
 
@@ -225,6 +232,21 @@ class _GradientsOn:
             p.requires_grad_(flag)
         self.unet.train(self.was_training)
         return False
+
+
+def _check_conditioning(unet, query_conditioning, train_conditioning, num_queries: int, num_train: int):
+    """Refuse conditioning missing for a text-conditioned UNet, given to an unconditional one, or miscounted."""
+    from ..models import is_conditional
+
+    given = query_conditioning is not None, train_conditioning is not None
+    if is_conditional(unet) and not all(given):
+        raise ConfigError("This UNet is text-conditioned: pass query_conditioning and train_conditioning, the text embeddings "
+                          "[N, L, D] of each query's and each training image's prompt.")
+    if not is_conditional(unet) and any(given):
+        raise ConfigError("This UNet is unconditional; drop query_conditioning/train_conditioning.")
+    for name, cond, n in (("query_conditioning", query_conditioning, num_queries), ("train_conditioning", train_conditioning, num_train)):
+        if cond is not None and (cond.dim() != 3 or cond.shape[0] != n):
+            raise ConfigError(f"{name} must be [{n}, L, D] (one embedding per image); got {tuple(cond.shape)}.")
 
 
 def _progress(iterable, enabled: bool, desc: str):
@@ -319,8 +341,11 @@ def _project(grads: list[list[torch.Tensor]], names: list[str], dim: int, seed: 
     return out.cpu()
 
 
-def projected_gradients(unet, scheduler, images: torch.Tensor, config: GradientConfig | None = None, progress: bool = False) -> torch.Tensor:
+def projected_gradients(unet, scheduler, images: torch.Tensor, config: GradientConfig | None = None, progress: bool = False,
+                        conditioning: torch.Tensor | None = None) -> torch.Tensor:
     """Randomly projected per-example gradients of the denoising loss, ``[N, D]`` float64.
+
+    ``conditioning`` (``[N, L, D]``): each image's text embeddings, for a text-conditioned UNet.
 
     For each image, the loss is the regression-target MSE averaged over ``config.timesteps`` ×
     ``config.num_draws`` rows with common random numbers, differentiated w.r.t. the selected UNet
@@ -339,7 +364,8 @@ def projected_gradients(unet, scheduler, images: torch.Tensor, config: GradientC
         pending: list[list[torch.Tensor]] = []
         for i in _progress(range(len(images)), progress, "gradients"):
             rows = _denoising_noise(images[i], timesteps, config.num_draws, config.seed, "guda-gradient")
-            loss, x_in = _denoising_loss(unet, schedule, images[i], rows, with_input=True)
+            cond = None if conditioning is None else conditioning[i]
+            loss, x_in = _denoising_loss(unet, schedule, images[i], rows, with_input=True, cond=cond)
             pending.append([g.detach() for g in torch.autograd.grad(loss, params + [x_in])[:-1]])
             if len(pending) == config.gradient_batch_size or i == len(images) - 1:
                 out.append(_project(pending, names, config.projection_dim, config.seed))
@@ -347,7 +373,8 @@ def projected_gradients(unet, scheduler, images: torch.Tensor, config: GradientC
     return torch.cat(out) if out else torch.zeros((0, config.projection_dim), dtype=torch.float64)
 
 
-def gradient_scores(unet, scheduler, queries: torch.Tensor, dataset: GroupedDataset, config: GradientConfig | None = None, progress: bool = False) -> torch.Tensor:
+def gradient_scores(unet, scheduler, queries: torch.Tensor, dataset: GroupedDataset, config: GradientConfig | None = None, progress: bool = False,
+                    query_conditioning: torch.Tensor | None = None, train_conditioning: torch.Tensor | None = None) -> torch.Tensor:
     """TRAK/D-TRAK-style gradient attribution, summed per group.
 
     ``score[n, k] = sum_{i in group k} <P g(query_n), P g(x_i)>`` where ``g`` is the gradient of the
@@ -365,14 +392,17 @@ def gradient_scores(unet, scheduler, queries: torch.Tensor, dataset: GroupedData
         dataset: The training set.
         config: Baseline settings.
         progress: Show progress bars.
+        query_conditioning: For a text-conditioned UNet: ``[N, L, D]`` embeddings of each query's prompt.
+        train_conditioning: For a text-conditioned UNet: ``[M, L, D]`` embeddings of each training image's prompt.
 
     Returns:
         Float64 tensor ``[N, K]``.
     """
     config = config or GradientConfig()
     _check_queries(queries, dataset)
-    query_grads = projected_gradients(unet, scheduler, queries, config, progress)
-    train_grads = projected_gradients(unet, scheduler, dataset.images, config, progress)
+    _check_conditioning(unet, query_conditioning, train_conditioning, len(queries), len(dataset))
+    query_grads = projected_gradients(unet, scheduler, queries, config, progress, query_conditioning)
+    train_grads = projected_gradients(unet, scheduler, dataset.images, config, progress, train_conditioning)
     if config.normalize:
         query_grads = torch.nn.functional.normalize(query_grads, dim=1, eps=1e-30)
         train_grads = torch.nn.functional.normalize(train_grads, dim=1, eps=1e-30)
@@ -408,8 +438,9 @@ class InstanceUnlearningConfig(DenoisingLossConfig):
 
 
 @torch.no_grad()
-def _losses(unet, schedule, images, rows) -> torch.Tensor:
-    return torch.tensor([float(_denoising_loss(unet, schedule, images[i], rows[i])) for i in range(len(images))], dtype=torch.float64)
+def _losses(unet, schedule, images, rows, conditioning=None) -> torch.Tensor:
+    return torch.tensor([float(_denoising_loss(unet, schedule, images[i], rows[i], cond=None if conditioning is None else conditioning[i]))
+                         for i in range(len(images))], dtype=torch.float64)
 
 
 def instance_unlearning_scores(
@@ -419,6 +450,8 @@ def instance_unlearning_scores(
     dataset: GroupedDataset,
     config: InstanceUnlearningConfig | None = None,
     progress: bool = False,
+    query_conditioning: torch.Tensor | None = None,
+    train_conditioning: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-instance unlearning attribution, aggregated per group.
 
@@ -434,12 +467,16 @@ def instance_unlearning_scores(
         dataset: The training set.
         config: Baseline settings.
         progress: Show a progress bar over queries.
+        query_conditioning: For a text-conditioned UNet: ``[N, L, D]`` embeddings of each query's prompt
+            (the ascent is on the query's conditional loss).
+        train_conditioning: For a text-conditioned UNet: ``[M, L, D]`` embeddings of each training image's prompt.
 
     Returns:
         Float64 tensor ``[N, K]``.
     """
     config = config or InstanceUnlearningConfig()
     _check_queries(queries, dataset)
+    _check_conditioning(unet, query_conditioning, train_conditioning, len(queries), len(dataset))
     schedule = NoiseSchedule(scheduler)
     timesteps = _resolve_timesteps(config.timesteps, scheduler)
     salt = "guda-instance-unlearning"
@@ -447,7 +484,7 @@ def instance_unlearning_scores(
     was_training = unet.training
     unet.eval()
     try:
-        before = _losses(unet, schedule, dataset.images, train_rows)
+        before = _losses(unet, schedule, dataset.images, train_rows, train_conditioning)
     finally:
         unet.train(was_training)
     results = []
@@ -466,12 +503,13 @@ def instance_unlearning_scores(
         rows = _denoising_noise(queries[n], timesteps, config.num_draws, config.seed, salt)
         for _ in range(config.steps):
             optimizer.zero_grad(set_to_none=True)
-            loss, x_in = _denoising_loss(model, schedule, queries[n], rows, with_input=True)
+            cond = None if query_conditioning is None else query_conditioning[n]
+            loss, x_in = _denoising_loss(model, schedule, queries[n], rows, with_input=True, cond=cond)
             grads = torch.autograd.grad(-loss, params + [x_in])[:-1]  # ascent
             for p, g in zip(params, grads):
                 p.grad = g
             optimizer.step()
-        after = _losses(model, schedule, dataset.images, train_rows)
+        after = _losses(model, schedule, dataset.images, train_rows, train_conditioning)
         if not torch.isfinite(after).all():
             raise UnlearningDivergedError(
                 f"Instance unlearning of query {n} gave non-finite losses; lower learning_rate "

@@ -1,5 +1,8 @@
 """Named evaluation benchmarks: grouped datasets built deterministically from embedded data.
 
+``digits-styles`` (text-conditioned, groups = styles across all digits) is built in
+:mod:`.digits_styles`.
+
 ``digits-classes``: the 10 digits are the groups. Easy for visual similarity (DESIGN §3): the
 nearest pixels usually name the same group as leave-one-group-out retraining.
 
@@ -37,6 +40,7 @@ import torch
 
 from ..data import GroupedDataset, load_digits
 from ..errors import ConfigError
+from .digits_styles import digits_styles
 
 COPY_NOISE = 0.05
 COPIED_FRACTION_INVERSE = 4  # copies of a quarter of the 3s
@@ -157,15 +161,22 @@ def thicken(images: torch.Tensor) -> torch.Tensor:
     return torch.maximum(images, shifted)
 
 
-_BENCHMARKS: dict[str, tuple[Callable[[], GroupedDataset], str]] = {
-    "digits-classes": (load_digits, "scikit-learn digits, groups = the 10 digit classes (easy for similarity: see DESIGN §3)"),
-    "digits-contributors": (digits_contributors, "13 overlapping contributors built from the digits: near-copies, very different sizes, a stroke style across digits"),
+_BENCHMARKS: dict[str, tuple[Callable[[], GroupedDataset], str, str]] = {
+    "digits-classes": (load_digits, "scikit-learn digits, groups = the 10 digit classes (easy for similarity: see DESIGN §3)", "digits-ddpm"),
+    "digits-contributors": (digits_contributors, "13 overlapping contributors built from the digits: near-copies, very different sizes, a stroke style across digits", "digits-ddpm"),
+    "digits-styles": (digits_styles, "text-conditioned digits with prompts; groups = 4 styles (plain, thick, slanted, inverted) applied across all digits", "digits-styles"),
 }
 
 
 def available_benchmarks() -> dict[str, str]:
     """Benchmark name -> one-line description."""
-    return {name: description for name, (_, description) in _BENCHMARKS.items()}
+    return {name: description for name, (_, description, _) in _BENCHMARKS.items()}
+
+
+def benchmark_recipe(name: str) -> str:
+    """The recipe a named benchmark is evaluated with by default (``digits-styles`` needs a text-conditioned one)."""
+    load_benchmark(name)  # the error for an unknown name
+    return _BENCHMARKS[name][2]
 
 
 def load_benchmark(name: str) -> GroupedDataset:

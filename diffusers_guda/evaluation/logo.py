@@ -1,7 +1,8 @@
 """Leave-one-group-out (LOGO) ground truth: the base recipe retrained once without each group.
 
 ``LOGOA_k(x) = ELBO(x; full) - ELBO(x; trained without group k)``, computed with the same ELBO
-draws as GUDA's scores. Each LOGO model is a stock ``DDPMPipeline`` directory,
+draws as GUDA's scores. Each LOGO model is a pipeline directory of the base recipe (a stock
+``DDPMPipeline``, or a text-to-image pipeline for a text-conditioned recipe),
 ``<out>/seed_<seed>/<slug>/``, written atomically; a rerun keeps and skips finished groups.
 """
 
@@ -103,13 +104,18 @@ def logo_attribution(
     elbo_config: ELBOConfig | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    unet_kwargs: list[dict] | None = None,
 ) -> AttributionResult:
-    """LOGO attributions of ``images``: the full model against each group's LOGO model, same draws."""
+    """LOGO attributions of ``images``: the full model against each group's LOGO model, same draws.
+
+    ``unet_kwargs``: per-image UNet inputs (e.g. ``{"encoder_hidden_states": [1, L, D]}``, the
+    embeddings of each image's prompt for a text-conditioned model), the same for every model.
+    """
     if not logo_unets:
         raise ConfigError("No LOGO models given.")
     estimator = ELBOEstimator(scheduler, elbo_config)
     models = [m.eval() for m in logo_unets.values()]
     return score_models(
         estimator, lambda: full_unet.eval(), [lambda m=m: m for m in models], list(logo_unets), images,
-        batch_size=batch_size, progress=progress, metadata={"reference": "logo"},
+        batch_size=batch_size, progress=progress, metadata={"reference": "logo"}, unet_kwargs=unet_kwargs,
     )

@@ -35,6 +35,7 @@ from ..errors import ConfigError
 from ..hashing import image_content_hash, unet_fingerprint
 from ..io_utils import write_json_atomic
 from ..recipes import Recipe
+from ..text_model import TextTrainConfig
 from ..training import TRAIN_LOG_NAME, train_base_model
 from .baselines import (
     GradientConfig,
@@ -134,11 +135,15 @@ def run_evaluation(
         ConfigError: unknown method names, or seed B equal to seed A.
     """
     from ..demo import reusable_base, reusable_bundle, digit_classifier, generate_queries, load_query_images
-    from ..pipelines import GUDADDPMPipeline
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
     methods = _check_methods(methods)
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    conditional = isinstance(recipe.train, TextTrainConfig)
+    if conditional and dataset.prompts is None:
+        raise ConfigError(f"Recipe {recipe.name!r} trains a text-conditioned model, but the dataset has no prompts; "
+                          "use a captioned dataset (metadata.jsonl) or benchmark, or an unconditional recipe.")
+    pipeline_class, unet_class = _model_classes(conditional)
     seed_a = recipe.train.seed
     seed_b = seed_a + 1 if seed_b is None else int(seed_b)
     if ceiling and seed_b == seed_a:
@@ -180,7 +185,7 @@ def run_evaluation(
         cost[key] = _training_cost(list(paths.values()), config) | {"reused": done}
 
     # 4. GUDA bundle
-    pipe = GUDADDPMPipeline.from_pretrained(out / "base")
+    pipe = pipeline_class.from_pretrained(out / "base")
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     fingerprint = unet_fingerprint(pipe.unet)
     bundle = reusable_bundle(out / "bundle", fingerprint, recipe)
@@ -217,21 +222,25 @@ def run_evaluation(
     # 5. queries
     q_seed = int(recipe.queries.get("seed", 0))
     q_steps = int(recipe.queries.get("num_inference_steps", 1000))
+    prompts = query_prompts(dataset, num_queries) if conditional else None
     q_meta = {"base_fingerprint": fingerprint, "seed": q_seed, "num_inference_steps": q_steps, "num_queries": num_queries}
+    if prompts is not None:
+        q_meta["prompts"] = prompts
     existing = sorted((out / "queries").glob("*.png")) if (out / "queries").is_dir() else []
     if len(existing) == num_queries and _read_json(out / QUERIES_META) == q_meta:
         log(f"[5/{total}] queries: reusing {num_queries} images in {out / 'queries'}")
         paths = existing
     else:
         log(f"[5/{total}] generating {num_queries} queries (seeds {q_seed}..{q_seed + num_queries - 1}, {q_steps} DDPM steps) -> {out / 'queries'}")
-        paths = generate_queries(pipe, num_queries, q_seed, q_steps, out / "queries")
+        paths = generate_queries(pipe, num_queries, q_seed, q_steps, out / "queries", prompts=prompts)
         write_json_atomic(out / QUERIES_META, q_meta)
     queries = load_query_images(paths)
     query_hashes = [str(image_content_hash(q)) for q in queries]
 
     # 6. scores
     scheduler = DDPMScheduler.from_pretrained(out / "base", subfolder="scheduler")
-    full_unet = UNet2DModel.from_pretrained(out / "base", subfolder="unet").eval()
+    full_unet = unet_class.from_pretrained(out / "base", subfolder="unet").eval()
+    conditioning = _Conditioning(pipe, dataset, prompts) if conditional else None
     rows = ELBOEstimator(scheduler, recipe.elbo).num_rows
     n_train = len(dataset)
     N = len(queries)
@@ -257,17 +266,19 @@ def run_evaluation(
 
     def compute(method: str) -> torch.Tensor:
         if method in (REFERENCE, CEILING):
-            unets = {name: UNet2DModel.from_pretrained(p, subfolder="unet").eval() for name, p in logo_paths[method].items()}
-            return logo_attribution(full_unet, unets, scheduler, queries, recipe.elbo, progress=progress).scores
+            unets = {name: unet_class.from_pretrained(p, subfolder="unet").eval() for name, p in logo_paths[method].items()}
+            kwargs = conditioning.query_kwargs() if conditioning else None
+            return logo_attribution(full_unet, unets, scheduler, queries, recipe.elbo, progress=progress, unet_kwargs=kwargs).scores
         if method == "guda":
-            return pipe.attribute(queries, elbo_config=recipe.elbo, progress=progress).scores
+            return pipe.attribute(queries, prompts=prompts, elbo_config=recipe.elbo, progress=progress).scores
         if method == "similarity":
             return similarity_scores(queries, dataset)
         if method == "nearest_neighbour":
             return nearest_neighbour_scores(queries, dataset)
+        cond = conditioning.baseline_kwargs() if conditioning else {}
         if method == "gradient":
-            return gradient_scores(full_unet, scheduler, queries, dataset, gradient_config, progress=progress)
-        return instance_unlearning_scores(full_unet, scheduler, queries, dataset, instance_config, progress=progress)
+            return gradient_scores(full_unet, scheduler, queries, dataset, gradient_config, progress=progress, **cond)
+        return instance_unlearning_scores(full_unet, scheduler, queries, dataset, instance_config, progress=progress, **cond)
 
     all_methods = [REFERENCE, *([CEILING] if ceiling else []), *methods]
     compared = all_methods[1:]
@@ -275,8 +286,11 @@ def run_evaluation(
     for i, method in enumerate(all_methods, start=1):
         settings, counts = specs[method]
         stage = cost_stage(method)
-        key = _jsonable({"method": method, "query_hashes": query_hashes, "groups": dataset.group_names,
-                         "base_fingerprint": fingerprint, "settings": settings})
+        key = {"method": method, "query_hashes": query_hashes, "groups": dataset.group_names,
+               "base_fingerprint": fingerprint, "settings": settings}
+        if prompts is not None:
+            key["query_prompts"] = prompts
+        key = _jsonable(key)
         path = out / "scores" / f"{method}.json"
         cached = _read_json(path)
         if cached is not None and cached.get("key") == key:
@@ -337,6 +351,8 @@ def run_evaluation(
         "labels": label_info,
         "reference_label_top1": reference_label,
         "group_level": group_level,
+        "query_prompts": prompts,
+        "prompt_subsets": _prompt_subsets(dataset, prompts, scores, compared) if prompts is not None else None,
         "cost": cost,
         "cost_ratio_logo_over_guda": logo_wall / guda_wall if guda_wall > 0 else None,
         "cost_ratio_logo_over_guda_passes": logo_passes / guda_passes if guda_passes > 0 else None,
@@ -355,6 +371,79 @@ def run_evaluation(
     plot_score_heatmaps({m: scores[m] for m in all_methods}, report["groups"], out / "score_heatmaps.png")
     log(format_summary(report))
     return report
+
+
+def _model_classes(conditional: bool):
+    """(pipeline class, UNet class) of the base and LOGO models."""
+    if conditional:
+        from diffusers import UNet2DConditionModel
+
+        from ..pipelines.text_to_image import GUDATextToImagePipeline
+
+        return GUDATextToImagePipeline, UNet2DConditionModel
+    from diffusers import UNet2DModel
+
+    from ..pipelines import GUDADDPMPipeline
+
+    return GUDADDPMPipeline, UNet2DModel
+
+
+def query_prompts(dataset: GroupedDataset, num_queries: int) -> list[str]:
+    """The prompt of each generated query: the dataset's distinct prompts in sorted order, cycled."""
+    distinct = sorted(set(dataset.prompts))
+    return [distinct[i % len(distinct)] for i in range(num_queries)]
+
+
+class _Conditioning:
+    """Text embeddings of the queries' and training images' prompts, through the base pipeline's encoder.
+
+    The full model and every LOGO model share the recipe's frozen text encoder (built from its own
+    seed, see :mod:`diffusers_guda.text_model`), so one encoder conditions them all.
+    """
+
+    def __init__(self, pipe, dataset: GroupedDataset, prompts: list[str]):
+        from ..pipelines.conditioning import prompt_encoder
+
+        self.encode, self.dataset, self.prompts = prompt_encoder(pipe), dataset, prompts
+        self._train = None
+
+    def query_kwargs(self) -> list[dict]:
+        return [{"encoder_hidden_states": e[None]} for e in self.encode(self.prompts)]
+
+    def baseline_kwargs(self) -> dict:
+        if self._train is None:
+            self._train = self.encode(self.dataset.prompts)
+        return {"query_conditioning": self.encode(self.prompts), "train_conditioning": self._train}
+
+
+def _prompt_subsets(dataset: GroupedDataset, prompts: list[str], scores: dict[str, np.ndarray], methods: Sequence[str]) -> dict:
+    """Metrics on the queries whose prompt names a group (by a descriptor) and on those whose prompt names none.
+
+    On the first subset ``label_top1`` is agreement with the group the prompt names, for LOGO too: it
+    checks that the construction's intended answer is LOGO's.
+    """
+    import re
+
+    from ..objectives.anchor import group_descriptors
+
+    named = np.full(len(prompts), -1, dtype=np.int64)
+    for k in range(dataset.num_groups):
+        words = [re.compile(r"(?<!\w)" + re.escape(ph.strip()) + r"(?!\w)", re.IGNORECASE) for ph in group_descriptors(dataset, k)]
+        for i, p in enumerate(prompts):
+            if any(w.search(p) for w in words):
+                named[i] = k if named[i] == -1 else -2  # -2: names several groups
+    out = {}
+    for name, mask in (("prompt names a group", named >= 0), ("prompt names no group", named == -1)):
+        idx = np.flatnonzero(mask)
+        if len(idx) == 0:
+            continue
+        labels = named[idx] if name == "prompt names a group" else None
+        entry = {"n": int(len(idx)), "methods": {}}
+        for m in [REFERENCE, *methods]:
+            stats = summarize(scores[m][idx], scores[REFERENCE][idx], names=["top1", "spearman"], labels=labels)
+            entry["methods"][m] = {k: v["mean"] for k, v in stats.items()}
+        out[name] = entry
+    return out
 
 
 def _group_level(comparisons, scores: dict[str, np.ndarray], methods: Sequence[str]) -> dict | None:
@@ -415,6 +504,14 @@ def format_markdown(report: dict) -> str:
                 cells.append(f"{r['mean_diff']:+.3g} [{r['ci_low']:+.2g}, {r['ci_high']:+.2g}]")
             agree = gl["agreement"].get(m)
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {'reference' if m == report['reference'] else 'n/a' if agree is None else f'{agree:.2f}'} |")
+    if report.get("prompt_subsets"):
+        lines += ["", "## By query prompt (top-1 and Spearman against the reference; label_top1: the group the prompt names)", "",
+                  "| subset | n | method | top1 | spearman | label_top1 |", "|---|---|---|---|---|---|"]
+        for subset, entry in report["prompt_subsets"].items():
+            for m, values in entry["methods"].items():
+                label = values.get("label_top1")
+                lines.append(f"| {subset} | {entry['n']} | {m} | {values['top1']:.3f} | {values['spearman']:.3f} | "
+                             f"{'' if label is None else f'{label:.3f}'} |")
     lines += ["", "## Cost", "", "| stage | wall (s) | forwards | backwards | reused |", "|---|---|---|---|---|"]
     for stage, c in report["cost"].items():
         lines.append(f"| {stage} | {c['wall_s']:.2f} | {c['forwards']:,} | {c['backwards']:,} | {'yes' if c.get('reused') else 'no'} |")

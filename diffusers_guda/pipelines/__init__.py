@@ -1,21 +1,26 @@
 """Pipelines with group attribution.
 
-``GUDAStableDiffusionPipeline`` is imported on first use: it needs ``transformers`` (the ``sd`` extra),
-which the pixel-space pipelines do not.
+``GUDAStableDiffusionPipeline`` and the pixel-space text-to-image pipelines are imported on first use:
+they need ``transformers`` (the ``sd`` extra), which the unconditional pipelines do not.
 """
 
 from .attribution import attribute, load_guda_bundle, model_inputs, to_model_images, unlearn_groups
 from .ddpm import GUDADDPMPipeline
 from .mixin import GUDAPipelineMixin
 
-_LAZY = {"GUDAStableDiffusionPipeline", "GUDAStableDiffusionOutput"}
+_LAZY = {
+    "GUDAStableDiffusionPipeline": "stable_diffusion",
+    "GUDAStableDiffusionOutput": "stable_diffusion",
+    "GUDATextToImagePipeline": "text_to_image",
+    "TextToImageDDPMPipeline": "text_to_image",
+}
 
 
 def __getattr__(name):
     if name in _LAZY:
-        from . import stable_diffusion
+        import importlib
 
-        return getattr(stable_diffusion, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -24,6 +29,8 @@ __all__ = [
     "GUDAPipelineMixin",
     "GUDAStableDiffusionOutput",
     "GUDAStableDiffusionPipeline",
+    "GUDATextToImagePipeline",
+    "TextToImageDDPMPipeline",
     "attribute",
     "load_guda_bundle",
     "model_inputs",
