@@ -88,6 +88,8 @@ def train_logo_models(
             log(f"LOGO without {dataset.group_names[gid]!r}: reusing {paths[dataset.group_names[gid]]}")
     for gid in process.shard([gid for gid in group_ids if gid not in finished]):
         name = dataset.group_names[gid]
+        if _finished(paths[name], config, name):  # written meanwhile by another run (e.g. `guda logo --groups` in another shell)
+            continue
         train_base_model(
             dataset.without_group(gid), config, output_dir=paths[name], progress=progress and process.is_main,
             description=f"LOGO without {name}", extra_log={EXCLUDED_KEY: name}, device=process.device if device is None else device,

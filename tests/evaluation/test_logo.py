@@ -42,6 +42,24 @@ def test_rerun_skips_finished_groups_and_another_seed_is_separate(tiny_dataset, 
     assert not (tmp_path / "seed_1" / "middle").exists()
 
 
+def test_a_group_finished_meanwhile_by_another_run_is_not_trained_again(tiny_dataset, tmp_path, monkeypatch):
+    calls = []
+    real = logo.train_base_model
+
+    def train_and_finish_right_in_another_shell(*args, **kwargs):
+        calls.append(kwargs["description"])
+        if len(calls) == 1:  # while `left` trains, another `guda logo --groups right` finishes `right`
+            right = tiny_dataset.group_index("right")
+            real(tiny_dataset.without_group(right), TINY, output_dir=tmp_path / "seed_0" / "right", progress=False,
+                 extra_log={logo.EXCLUDED_KEY: "right"})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(logo, "train_base_model", train_and_finish_right_in_another_shell)
+    logo.train_logo_models(tiny_dataset, TINY, tmp_path, groups=["left", "right"], progress=False, log=lambda *_: None)
+    assert calls == ["LOGO without left"]
+    assert (tmp_path / "seed_0" / "right" / TRAIN_LOG_NAME).is_file()
+
+
 def test_a_directory_from_other_settings_is_refused(tiny_dataset, tmp_path):
     logo.train_logo_models(tiny_dataset, TINY, tmp_path, groups=[0], progress=False, log=lambda *_: None)
     before = (tmp_path / "seed_0" / "left" / TRAIN_LOG_NAME).read_bytes()
