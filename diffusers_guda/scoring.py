@@ -8,6 +8,7 @@ switched on the one UNet, and every model sees the same (t, noise) draws per ima
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -525,16 +526,9 @@ class _RowTerms:
         """``{image: terms of rows[image]}`` under ``unet`` (the base when ``model`` is None)."""
         done = self.done.setdefault(model, {})
         items = [(i, r) for i in who for r in rows[i].tolist() if (i, r) not in done]
-        room = -len(items) % self.forward_rows if later is not None and items else 0
-        for i in who if room else ():
-            for block in later(i):
-                spare = [(i, r) for r in block.tolist() if (i, r) not in done][:room]
-                items += spare
-                room -= len(spare)
-                if not room:
-                    break
-            if not room:
-                break
+        if later is not None and items:  # fill the last forward with rows of later blocks
+            spare = ((i, r) for i in who for block in later(i) for r in block.tolist() if (i, r) not in done)
+            items += itertools.islice(spare, -len(items) % self.forward_rows)
         if items:
             index = torch.tensor([self.local[i] for i, _ in items])
             row_ids = torch.tensor([r for _, r in items])

@@ -79,12 +79,7 @@ class TextTrainConfig(TrainConfig):
     def build_unet(self, image_shape: tuple[int, int, int]):
         from diffusers import UNet2DConditionModel
 
-        channels, height, width = image_shape
-        if height != width:
-            raise ConfigError(f"Images must be square; got {height}x{width}.")
-        levels = len(self.block_out_channels)
-        if height % (2 ** (levels - 1)):
-            raise ConfigError(f"Image size {height} is not divisible by 2^{levels - 1} for {levels} UNet levels; use fewer levels or another size.")
+        channels, height, levels = self._check_image_shape(image_shape)
         return UNet2DConditionModel(
             sample_size=height, in_channels=channels, out_channels=channels,
             block_out_channels=self.block_out_channels, layers_per_block=self.layers_per_block,

@@ -58,13 +58,18 @@ class TrainConfig:
         if bad:
             raise ConfigError(f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels entry; {bad} do not.")
 
-    def build_unet(self, image_shape: tuple[int, int, int]) -> UNet2DModel:
+    def _check_image_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        """``(channels, size, levels)`` of a square image size the UNet's levels can halve."""
         channels, height, width = image_shape
         if height != width:
-            raise ConfigError(f"Images must be square for UNet2DModel; got {height}x{width}.")
+            raise ConfigError(f"Images must be square for the UNet; got {height}x{width}.")
         levels = len(self.block_out_channels)
         if height % (2 ** (levels - 1)):
             raise ConfigError(f"Image size {height} is not divisible by 2^{levels - 1} for {levels} UNet levels; use fewer levels or another size.")
+        return channels, height, levels
+
+    def build_unet(self, image_shape: tuple[int, int, int]) -> UNet2DModel:
+        channels, height, levels = self._check_image_shape(image_shape)
         down = ["DownBlock2D"] * levels
         up = ["UpBlock2D"] * levels
         if self.attention:
