@@ -151,19 +151,7 @@ class GroupedDataset:
             )
         rows = []
         resolved_root = root.resolve()
-        for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{metadata} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where} is not valid JSON ({exc.msg}); each line must be one JSON object.") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{where} must be a JSON object with file_name, text and group.")
-            missing = [k for k in ("file_name", "text", "group") if not isinstance(row.get(k), str) or not row.get(k).strip()]
-            if missing:
-                raise DataError(f"{where} lacks {', '.join(missing)} (each must be a non-empty string); add it to that row.")
+        for where, row in read_metadata_rows(metadata):
             path = root / row["file_name"]
             if Path(row["file_name"]).is_absolute() or not path.resolve().is_relative_to(resolved_root):
                 raise DataError(f"{where} names {row['file_name']!r}, which is outside {root}; use paths relative to the folder.")
@@ -240,6 +228,43 @@ def load_digits() -> GroupedDataset:
     digits = sk_load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0).unsqueeze(1)
     return GroupedDataset(images, torch.from_numpy(digits.target), [str(d) for d in range(10)])
+
+
+def read_metadata_rows(path: str | os.PathLike, fields: Sequence[str] = ("file_name", "text", "group")) -> list[tuple[str, dict]]:
+    """The rows of a ``metadata.jsonl`` file (one JSON object per line; blank lines skipped).
+
+    Args:
+        path: The JSONL file.
+        fields: Keys every row must hold as non-empty strings.
+
+    Returns:
+        ``(where, row)`` pairs; ``where`` (``"<path> line <n>"``) locates the row in error messages.
+
+    Raises:
+        DataError: an unreadable file, a line that is not a JSON object, or a row lacking one of ``fields``.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"Cannot read {path}: {exc}. It must be a UTF-8 text file with one JSON object per line.") from exc
+    expected = f"{', '.join(fields[:-1])} and {fields[-1]}" if len(fields) > 1 else fields[0]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where} is not valid JSON ({exc.msg}); each line must be one JSON object.") from exc
+        if not isinstance(row, dict):
+            raise DataError(f"{where} must be a JSON object with {expected}.")
+        missing = [k for k in fields if not isinstance(row.get(k), str) or not row.get(k).strip()]
+        if missing:
+            raise DataError(f"{where} lacks {', '.join(missing)} (each must be a non-empty string); add it to that row.")
+        rows.append((where, row))
+    return rows
 
 
 def _read_image(path: Path, mode: str | None) -> np.ndarray:
