@@ -119,6 +119,11 @@ class GroupUnlearner:
         self.scheduler = scheduler
         self.schedule = NoiseSchedule(scheduler)
         self.config = config or UnlearningConfig()
+        if get_objective(self.config.objective, self.config.objective_options).needs_text and not self.conditional:
+            raise ConfigError(
+                f"The {self.config.objective} objective conditions on prompts, but this {type(self.unet).__name__} is "
+                "unconditional; use an objective for unconditional models (e.g. retrack, their default)."
+            )
         self.base_model_id = base_model_id
         self.base_model_revision = base_model_revision
         self._fingerprint: str | None = None

@@ -116,6 +116,7 @@ class Anchor(UnlearningObjective):
 
     name = "anchor"
     config_class = AnchorConfig
+    needs_text = True
 
     def __init__(self, config: AnchorConfig | None = None, **kwargs):
         super().__init__(config, **kwargs)

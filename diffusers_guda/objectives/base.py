@@ -131,11 +131,14 @@ class UnlearningObjective:
     """Base class: a forget term (subclasses) and a preserve term (shared).
 
     Subclasses set ``name`` and ``config_class`` and implement :meth:`forget_loss`; they may
-    override :meth:`setup` to precompute per-group data (e.g. nearest neighbours).
+    override :meth:`setup` to precompute per-group data (e.g. nearest neighbours). An objective
+    that conditions on prompts sets ``needs_text = True``: unlearning refuses it for an
+    unconditional UNet before any adapter is trained.
     """
 
     name: ClassVar[str]
     config_class: ClassVar[type[ObjectiveConfig]] = ObjectiveConfig
+    needs_text: ClassVar[bool] = False
 
     def __init__(self, config: ObjectiveConfig | None = None, **kwargs):
         if config is None:

@@ -34,6 +34,7 @@ class ESD(UnlearningObjective):
 
     name = "esd"
     config_class = ESDConfig
+    needs_text = True
 
     def setup(self, dataset, group: int, schedule: NoiseSchedule) -> None:
         if dataset.prompts is None:
