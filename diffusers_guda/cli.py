@@ -6,9 +6,10 @@ import argparse
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
-from .errors import ConfigError, GUDAError
+from .errors import ConfigError, DataError, GUDAError
 
 EPILOG = "Documentation: README.md of diffusers-guda. Every command runs offline."
 
@@ -91,30 +92,129 @@ def _plot_format(path: str) -> None:
         raise ConfigError(f"--plot {path}: unsupported image format .{suffix}; use a .png path (or one of {', '.join(formats)}).")
 
 
-def _dataset(args):
-    """The training set named by ``--benchmark`` or ``--data`` (and ``--mode``)."""
-    from .data import GroupedDataset, load_digits
+def _dataset(args, mode: str | None = None):
+    """The training set named by ``--benchmark`` or ``--data``: a folder with ``metadata.jsonl``
+    (captioned images), a folder of per-group subfolders, or ``digits``.
+
+    Args:
+        args: The parsed command line.
+        mode: PIL mode the ``--data`` images are converted to when ``--mode`` is not given.
+    """
+    from .data import METADATA_NAME, GroupedDataset, load_digits
     from .evaluation.benchmarks import load_benchmark
 
     if getattr(args, "benchmark", None):
         return load_benchmark(args.benchmark)
     if args.data in (None, "digits"):
         return load_digits()
-    return GroupedDataset.from_image_folder(args.data, mode=args.mode)
+    mode = args.mode or mode
+    if (Path(args.data) / METADATA_NAME).is_file():
+        return GroupedDataset.from_metadata(args.data, mode=mode)
+    return GroupedDataset.from_image_folder(args.data, mode=mode)
 
 
-def _load_base(spec: str):
-    """The base pipeline, with a one-line error when ``spec`` is neither a pipeline directory nor a cached Hub id."""
-    from .pipelines import GUDADDPMPipeline
+# the GUDA pipeline that loads each pipeline class a model_index.json may name
+_PIPELINES = {
+    "DDPMPipeline": "GUDADDPMPipeline",
+    "DDIMPipeline": "GUDADDPMPipeline",  # the same components: a UNet2DModel and a DDPM-family scheduler
+    "GUDADDPMPipeline": "GUDADDPMPipeline",
+    "StableDiffusionPipeline": "GUDAStableDiffusionPipeline",
+    "GUDAStableDiffusionPipeline": "GUDAStableDiffusionPipeline",
+    "TextToImageDDPMPipeline": "GUDATextToImagePipeline",
+    "GUDATextToImagePipeline": "GUDATextToImagePipeline",
+}
+# `guda unlearn`'s recipe for a base of each pipeline when --recipe is not given
+_DEFAULT_RECIPES = {"GUDAStableDiffusionPipeline": "sd-styles", "GUDATextToImagePipeline": "digits-styles"}
+
+
+def _cannot_load(spec: str, reason: str) -> GUDAError:
+    return GUDAError(
+        f"Cannot load the base pipeline {spec!r} ({reason}). Pass a directory written by `guda train` (or by a "
+        "DDPMPipeline's or StableDiffusionPipeline's save_pretrained), or a Hub id already in the local cache."
+    )
+
+
+def _model_index(spec: str) -> dict:
+    """The ``model_index.json`` of the pipeline directory ``spec``, or of the Hub id ``spec`` in the local cache (no network)."""
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import try_to_load_from_cache
+
+    name = DiffusionPipeline.config_name
+    if Path(spec).is_dir():
+        path = Path(spec) / name
+    else:
+        try:
+            cached = try_to_load_from_cache(spec, name)
+        except ValueError:  # not a valid Hub id either
+            cached = None
+        path = Path(cached) if isinstance(cached, str) else None
+    if path is None or not path.is_file():
+        where = "no such directory, nor a Hub id in the local cache" if not Path(spec).is_dir() else f"no {name} in it"
+        raise _cannot_load(spec, where)
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _cannot_load(spec, f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise _cannot_load(spec, f"{path} names no pipeline _class_name")
+    return index
+
+
+def _pipeline_name(spec: str) -> str:
+    """The name of the GUDA pipeline class that loads the base ``spec`` (read from its model_index.json, no weights)."""
+    name = _model_index(spec)["_class_name"]
+    if name not in _PIPELINES:
+        supported = "DDPMPipeline, DDIMPipeline, StableDiffusionPipeline (Stable Diffusion 1.x/2.x) and TextToImageDDPMPipeline"
+        raise ConfigError(f"The base {spec!r} is a {name}, which guda does not support yet; it supports {supported}.")
+    return _PIPELINES[name]
+
+
+def _load_base(spec: str, dtype: str = "float32"):
+    """The base pipeline as its GUDA pipeline class, its weights in ``dtype``.
+
+    Raises:
+        GUDAError: one line, when ``spec`` is neither a pipeline directory nor a cached Hub id, or
+            names a pipeline class guda does not support.
+    """
+    import torch
+
+    from . import pipelines
+
+    name = _pipeline_name(spec)
+    try:
+        pipeline_class = getattr(pipelines, name)
+    except ImportError as exc:  # the text-conditioned pipelines need transformers
+        raise ConfigError(f"The base {spec!r} needs {name}, which needs transformers ({exc}); pip install 'diffusers-guda[sd]'.") from exc
+    options = {"torch_dtype": getattr(torch, dtype)}
+    if name == "GUDAStableDiffusionPipeline":  # the CLI never generates: no need to load the safety checker
+        options.update(safety_checker=None, requires_safety_checker=False)
+    try:
+        with warnings.catch_warnings():
+            # diffusers >= 0.42 renames torch_dtype to dtype (with a FutureWarning); older ones know only torch_dtype
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            return pipeline_class.from_pretrained(spec, **options)
+    except (OSError, ValueError) as exc:
+        raise _cannot_load(spec, str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from exc
+
+
+def _image_mode(pipeline_name: str | None) -> str | None:
+    """The PIL mode images are converted to for a base of this GUDA pipeline: RGB for Stable Diffusion's VAE, else their own."""
+    return "RGB" if pipeline_name == "GUDAStableDiffusionPipeline" else None
+
+
+def _unlearn_defaults(spec: str) -> tuple[str, str | None]:
+    """``guda unlearn``'s recipe and training-image mode for the base ``spec`` when the flags do not name them.
+
+    A base that cannot be loaded gets the digits' defaults here: loading it reports the error, after
+    the cheaper checks of the other flags.
+    """
+    from .recipes import DEFAULT_RECIPE
 
     try:
-        return GUDADDPMPipeline.from_pretrained(spec)
-    except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GUDAError(
-            f"Cannot load the base pipeline {spec!r} ({reason}). Pass a directory written by `guda train` "
-            "(or DDPMPipeline.save_pretrained), or a Hub id already in the local cache."
-        ) from exc
+        name = _pipeline_name(spec)
+    except GUDAError:
+        name = None
+    return _DEFAULT_RECIPES.get(name, DEFAULT_RECIPE), _image_mode(name)
 
 
 def _options(pairs: list[str]) -> dict:
@@ -154,7 +254,8 @@ def cmd_unlearn(args) -> None:
     from .recipes import Recipe
 
     _output_dir(args.out)
-    recipe = Recipe.load(args.recipe)
+    default_recipe, default_mode = _unlearn_defaults(args.base)
+    recipe = Recipe.load(args.recipe or default_recipe)
     config = recipe.unlearning
     options = dict(config.objective_options) if args.objective in (None, config.objective) else {}
     options.update(_options(args.option))
@@ -165,11 +266,11 @@ def cmd_unlearn(args) -> None:
     if args.batch_size is not None:
         overrides.update(forget_batch_size=args.batch_size, retain_batch_size=args.batch_size)
     config = replace(config, objective=args.objective or config.objective, objective_options=options, lora=lora, **overrides)
-    dataset = _dataset(args)
+    dataset = _dataset(args, mode=default_mode)
     out = Path(args.out)
     partial = out.parent / f".{out.name}-partial"
     process = _process()
-    pipe = _load_base(args.base).to(process.device)
+    pipe = _load_base(args.base, args.dtype).to(process.device)
     # each process unlearns its share of the groups into the shared checkpoint; all get the whole bundle
     bundle = pipe.unlearn_groups(dataset, config=config, groups=args.groups, checkpoint_dir=partial, progress=not args.quiet, process=process)
     if process.is_main:
@@ -215,8 +316,55 @@ def _open_query(path: Path):
     return image
 
 
+def _prompt_table(path: Path) -> dict[str, str]:
+    """The prompts a JSONL file (rows with ``file_name`` and ``text``) gives, keyed by ``file_name`` as written and by resolved path."""
+    from .data import read_metadata_rows
+
+    table: dict[str, str] = {}
+    for where, row in read_metadata_rows(path, fields=("file_name", "text")):
+        for key in (row["file_name"], str((path.parent / row["file_name"]).resolve())):
+            if table.setdefault(key, row["text"]) != row["text"]:
+                raise DataError(f"{where} gives {row['file_name']!r} a second, different text; keep one row per image.")
+    return table
+
+
+def _query_prompts(args, files: list[Path], conditional: bool) -> list[str] | None:
+    """Each query image's prompt: ``--prompt``, a row of ``--prompts FILE``, or a row of the ``metadata.jsonl`` beside it.
+
+    A row matches an image when its ``file_name`` is the image's file name or its path relative to
+    the JSONL file's folder. An unconditional base takes no prompts (``None``).
+    """
+    from .data import METADATA_NAME
+
+    if not conditional:
+        if args.prompt is not None or args.prompts is not None:
+            raise ConfigError(f"The base {args.base!r} is unconditional and scores images without prompts; drop --prompt/--prompts.")
+        return None
+    if args.prompt is not None:
+        return [args.prompt] * len(files)
+    if args.prompts is not None and not Path(args.prompts).is_file():
+        raise ConfigError(f"--prompts {args.prompts} is not a file; pass a JSONL file with one {{\"file_name\", \"text\"}} object per line.")
+    tables: dict[Path, dict[str, str]] = {}
+    prompts = []
+    for f in files:
+        source = Path(args.prompts) if args.prompts is not None else f.parent / METADATA_NAME
+        if source not in tables:
+            tables[source] = _prompt_table(source) if source.is_file() else {}
+        text = tables[source].get(str(f.resolve()), tables[source].get(f.name))
+        if text is None:
+            where = f"no row for it in {source}" if source.is_file() else f"no --prompt or --prompts, and no {source}"
+            raise DataError(
+                f"Query image {f} has no prompt ({where}); the base is text-conditioned, so give every image its prompt: "
+                f"--prompt TEXT (one for all images), --prompts FILE.jsonl, or a {METADATA_NAME} beside the images "
+                "(rows with file_name and text)."
+            )
+        prompts.append(text)
+    return prompts
+
+
 def cmd_attribute(args) -> None:
     from .elbo import ELBOConfig
+    from .models import is_conditional
     from .pipelines import to_model_images
 
     _at_least_one(top_k=args.top_k)
@@ -227,16 +375,18 @@ def cmd_attribute(args) -> None:
     files = _query_files(args.images)
     queries = [_open_query(f) for f in files]
     process = _process()
-    pipe = _load_base(args.base).to(process.device)
+    pipe = _load_base(args.base, args.dtype).to(process.device)
+    prompts = _query_prompts(args, files, is_conditional(pipe.unet))
     pipe.set_progress_bar_config(disable=True)
     pipe.load_guda_bundle(args.bundle, revision=args.revision)
-    images = to_model_images(queries)
+    mode = _image_mode(type(pipe).__name__)
+    images = to_model_images([q.convert(mode) for q in queries] if mode else queries)
     elbo = None
     if args.stride is not None or args.draws is not None or args.elbo_seed is not None:
         base = dict(pipe.guda_bundle.elbo or {})
         base.update({k: v for k, v in (("stride", args.stride), ("num_draws", args.draws), ("seed", args.elbo_seed)) if v is not None})
         elbo = ELBOConfig(**base)
-    result = pipe.attribute(images, batch_size=args.batch_size, elbo_config=elbo, strategy=args.strategy,
+    result = pipe.attribute(images, prompts=prompts, batch_size=args.batch_size, elbo_config=elbo, strategy=args.strategy,
                             adaptive_z=args.adaptive_z, progress=not args.quiet, process=process)
     if not process.is_main:  # every process holds the whole result; the main one reports it
         return
@@ -328,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         return p
 
-    def data_args(p, help="'digits' (embedded) or an image folder with one subfolder per group", required=False):
+    def data_args(p, help="'digits' (embedded), an image folder with one subfolder per group, or a folder of captioned images "
+                          "with metadata.jsonl (file_name, text, group)", required=False):
         source = p.add_mutually_exclusive_group(required=required)
         # default None (meaning the digits): argparse only sees a conflict with --benchmark when --data differs from its default
         source.add_argument("--data", help=help + ("" if required else "; default: digits"))
@@ -341,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def recipe_arg(p, help="recipe name in adapters/ or a JSON path", default="digits-ddpm"):
         p.add_argument("--recipe", default=default, help=help)
+
+    def dtype_arg(p):
+        p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                       help="dtype of the base weights (default float32). Adapters train in float32 either way; in half precision "
+                            "scoring keeps the LoRA branch unmerged (slower), and a bundle only loads into a base in the dtype "
+                            "it was made with")
 
     p = common(sub.add_parser("train", help="train the base diffusion model on a grouped dataset"))
     data_args(p)
@@ -356,10 +513,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = common(sub.add_parser("unlearn", help="train one unlearning LoRA adapter per group into a bundle"))
     p.add_argument("--base", required=True, help="base pipeline directory or Hub id")
     p.add_argument("--base-id", help="name recorded for the base model in the bundle (default: --base)")
-    data_args(p, help="the training set of the base model ('digits' or an image folder)")
+    data_args(p, help="the training set of the base model ('digits', an image folder with one subfolder per group, or a folder "
+                      "of captioned images with metadata.jsonl (file_name, text, group) for a text-conditioned base)")
     p.add_argument("--out", required=True, help="bundle directory to write (a killed run resumes from <out>-partial)")
-    recipe_arg(p)
-    p.add_argument("--objective", help="objective name (retrack, gradient_ascent)")
+    recipe_arg(p, default=None, help="recipe name in adapters/ or a JSON path (default: sd-styles for a Stable Diffusion base, "
+                                     "digits-styles for a TextToImageDDPMPipeline, else digits-ddpm)")
+    dtype_arg(p)
+    p.add_argument("--objective", help="objective name (retrack, gradient_ascent; anchor, esd for text-conditioned bases)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="objective option, repeatable (e.g. num_neighbors=5)")
     p.add_argument("--groups", nargs="+", help="unlearn only these groups (names)")
     p.add_argument("--steps", type=int, help="optimiser steps per group")
@@ -375,6 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True, help="bundle directory or Hub repo id")
     p.add_argument("--revision", help="Hub revision of the bundle")
     p.add_argument("--images", required=True, nargs="+", help="image files or folders")
+    prompts = p.add_mutually_exclusive_group()
+    prompts.add_argument("--prompt", help="text-conditioned base: the prompt of every query image")
+    prompts.add_argument("--prompts", metavar="FILE.jsonl",
+                         help="text-conditioned base: one JSON object per line with file_name and text (default: the "
+                              "metadata.jsonl beside the images)")
+    dtype_arg(p)
     p.add_argument("--out", help="write the result as JSON here")
     p.add_argument("--plot", help="write a PNG bar chart here")
     p.add_argument("--top-k", type=int, default=3, help="groups printed per image")
@@ -423,13 +589,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _progress_bar_switches() -> list:
+    """The logging modules whose progress bars ``--quiet`` turns off: diffusers', and transformers' when installed."""
     from diffusers.utils import logging as diffusers_logging
 
-    bars = diffusers_logging.is_progress_bar_enabled()
-    if args.quiet:  # also diffusers' own bars ("Loading pipeline components...")
-        diffusers_logging.disable_progress_bar()
+    switches = [diffusers_logging]
+    try:
+        from transformers.utils import logging as transformers_logging  # its "Loading weights" bars (text encoders)
+    except ImportError:
+        return switches
+    return [*switches, transformers_logging]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    switches = _progress_bar_switches()
+    enabled = [s for s in switches if s.is_progress_bar_enabled()]
+    if args.quiet:  # also the libraries' own bars ("Loading pipeline components...")
+        for switch in switches:
+            switch.disable_progress_bar()
     try:
         _threads(args)
         args.func(args)
@@ -440,8 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"guda {args.command}: interrupted; finished work is kept (rerun to resume).", file=sys.stderr)
         return 130
     finally:
-        if bars:
-            diffusers_logging.enable_progress_bar()
+        for switch in enabled:
+            switch.enable_progress_bar()
     return 0
 
 
