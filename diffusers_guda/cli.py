@@ -130,26 +130,28 @@ _DEFAULT_RECIPES = {"GUDAStableDiffusionPipeline": "sd-styles", "GUDATextToImage
 def _cannot_load(spec: str, reason: str) -> GUDAError:
     return GUDAError(
         f"Cannot load the base pipeline {spec!r} ({reason}). Pass a directory written by `guda train` (or by a "
-        "DDPMPipeline's or StableDiffusionPipeline's save_pretrained), or a Hub id already in the local cache."
+        "DDPMPipeline's or StableDiffusionPipeline's save_pretrained), or a Hub id (with HF_HUB_OFFLINE=1: one in the local cache)."
     )
 
 
 def _model_index(spec: str) -> dict:
-    """The ``model_index.json`` of the pipeline directory ``spec``, or of the Hub id ``spec`` in the local cache (no network)."""
+    """The ``model_index.json`` of the pipeline directory or Hub id ``spec`` (from the local cache first;
+    downloaded like any ``from_pretrained`` unless ``HF_HUB_OFFLINE=1``)."""
     from diffusers import DiffusionPipeline
-    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
     name = DiffusionPipeline.config_name
+    path = None
     if Path(spec).is_dir():
         path = Path(spec) / name
-    else:
+    elif spec.count("/") == 1 and not Path(spec).exists():  # looks like a Hub id "owner/name"
         try:
             cached = try_to_load_from_cache(spec, name)
-        except ValueError:  # not a valid Hub id either
-            cached = None
-        path = Path(cached) if isinstance(cached, str) else None
+            path = Path(cached if isinstance(cached, str) else hf_hub_download(spec, name))
+        except (OSError, ValueError):  # not a valid Hub id, not on the Hub, or offline and not cached
+            path = None
     if path is None or not path.is_file():
-        where = "no such directory, nor a Hub id in the local cache" if not Path(spec).is_dir() else f"no {name} in it"
+        where = "no such directory, nor a Hub id this machine can reach or has cached" if not Path(spec).is_dir() else f"no {name} in it"
         raise _cannot_load(spec, where)
     try:
         index = json.loads(path.read_text(encoding="utf-8"))

@@ -122,6 +122,7 @@ def test_a_hub_id_is_looked_up_in_the_local_cache(tmp_path, monkeypatch):
     (tmp_path / "models--someone--sd-styles" / "refs").mkdir()
     (tmp_path / "models--someone--sd-styles" / "refs" / "main").write_text("abc123")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # not cached: no download attempt
     assert _unlearn_defaults("someone/sd-styles") == ("sd-styles", "RGB")
     assert _unlearn_defaults("someone/not-cached") == ("digits-ddpm", None)
 
