@@ -264,7 +264,8 @@ def cmd_unlearn(args) -> None:
     rank = config.lora.rank if args.rank is None else args.rank
     alpha = args.alpha if args.alpha is not None else (config.lora.alpha if args.rank is None else args.rank)
     lora = LoRASettings(rank=rank, alpha=alpha, target_modules=config.lora.target_modules)
-    overrides = {k: v for k, v in (("steps", args.steps), ("learning_rate", args.lr), ("seed", args.seed)) if v is not None}
+    overrides = {k: v for k, v in (("steps", args.steps), ("learning_rate", args.lr), ("seed", args.seed),
+                                   ("autocast_dtype", args.autocast)) if v is not None}
     if args.batch_size is not None:
         overrides.update(forget_batch_size=args.batch_size, retain_batch_size=args.batch_size)
     config = replace(config, objective=args.objective or config.objective, objective_options=options, lora=lora, **overrides)
@@ -384,9 +385,10 @@ def cmd_attribute(args) -> None:
     mode = _image_mode(type(pipe).__name__)
     images = to_model_images([q.convert(mode) for q in queries] if mode else queries)
     elbo = None
-    if args.stride is not None or args.draws is not None or args.elbo_seed is not None:
+    flags = {"stride": args.stride, "num_draws": args.draws, "seed": args.elbo_seed, "autocast_dtype": args.autocast}
+    if any(v is not None for v in flags.values()):
         base = dict(pipe.guda_bundle.elbo or {})
-        base.update({k: v for k, v in (("stride", args.stride), ("num_draws", args.draws), ("seed", args.elbo_seed)) if v is not None})
+        base.update({k: v for k, v in flags.items() if v is not None})
         elbo = ELBOConfig(**base)
     result = pipe.attribute(images, prompts=prompts, batch_size=args.batch_size, elbo_config=elbo, strategy=args.strategy,
                             adaptive_z=args.adaptive_z, progress=not args.quiet, process=process)
@@ -500,6 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of the base weights (default float32). Adapters train in float32 either way; in half precision "
                             "scoring keeps the LoRA branch unmerged (slower), and a bundle only loads into a base in the dtype "
                             "it was made with")
+        p.add_argument("--autocast", choices=["bfloat16", "float16"],
+                       help="run the UNet's forwards under this autocast dtype (faster on a GPU; scoring then keeps the LoRA branch unmerged)")
 
     p = common(sub.add_parser("train", help="train the base diffusion model on a grouped dataset"))
     data_args(p)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from diffusers_guda.bundle import AdapterBundle
 from diffusers_guda.cli import _unlearn_defaults
+from diffusers_guda.elbo import ELBOConfig
 from diffusers_guda.pipelines import GUDAStableDiffusionPipeline
 from diffusers_guda.recipes import Recipe
 
@@ -187,10 +188,30 @@ def test_half_precision_base(workspace, tmp_path):
     assert "dtype bfloat16" in line and "same dtype" in line
 
 
+def test_autocast_flags(workspace, tmp_path):
+    bundle, result = tmp_path / "bundle-autocast", tmp_path / "result.json"
+    code, _, err = run("unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", bundle, "--autocast", "bfloat16",
+                       "--groups", "red", "--steps", 1, "--batch-size", 2, "--rank", 2, "--quiet")
+    assert code == 0, err
+    assert AdapterBundle.from_pretrained(bundle).training["autocast_dtype"] == "bfloat16"
+
+    code, _, err = run("attribute", "--base", workspace["base"], "--bundle", workspace["bundle"], "--images", workspace["queries"],
+                       "--prompt", PROMPT, "--autocast", "bfloat16", "--out", result, "--quiet")
+    assert code == 0, err
+    data = json.loads(result.read_text())
+    assert data["metadata"]["strategy"] == "swap"  # under autocast W + ΔW would round ΔW away: not merged
+    pipe = GUDAStableDiffusionPipeline.from_pretrained(workspace["base"])
+    pipe.load_guda_bundle(workspace["bundle"])
+    elbo = ELBOConfig(**{**pipe.guda_bundle.elbo, "autocast_dtype": "bfloat16"})
+    files = sorted(workspace["queries"].glob("*.png"))
+    expected = pipe.attribute([Image.open(f).convert("RGB") for f in files], prompts=PROMPT, elbo_config=elbo, progress=False).scores
+    np.testing.assert_array_equal(np.asarray(data["scores"], dtype=np.float32), expected.numpy())
+
+
 def test_help_names_the_text_options(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")  # argparse wraps help text at hyphens ("sd-" / "styles")
     code, out, _ = run("attribute", "--help")
-    assert code == 0 and "--prompt " in out and "--prompts" in out and "--dtype" in out
+    assert code == 0 and "--prompt " in out and "--prompts" in out and "--dtype" in out and "--autocast" in out
     code, out, _ = run("unlearn", "--help")
     assert code == 0 and "--dtype" in out and "sd-styles" in out and "metadata.jsonl" in out
 
