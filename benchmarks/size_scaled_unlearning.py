@@ -2,9 +2,11 @@
 
 Every adapter of the recipe gets the same number of steps whatever the size of its group, while
 retraining without a 20-image group changes the model far less than without a 180-image one. This
-unlearns each group again with ``steps_k = max(4, round(steps · (n_k / mean n) ** EXPONENT))`` on a
+unlearns each group again with ``steps_k = max(1, round(steps · (n_k / mean n) ** EXPONENT))``
+(``UnlearningConfig.size_exponent``) on a
 finished ``guda evaluate`` directory (its base model, queries and LOGO seed-A scores), scores the
 same queries with the same ELBO draws and prints top-1 / NDCG@3 / Spearman against LOGO seed A.
+``--exponent 0`` gives every group the same budget, to try another ``--steps``.
 
 Usage:
     python benchmarks/size_scaled_unlearning.py --eval-dir guda-eval/digits-contributors \
@@ -29,6 +31,9 @@ def main() -> None:
     parser.add_argument("--benchmark", required=True, help="its benchmark")
     parser.add_argument("--recipe", default="digits-ddpm")
     parser.add_argument("--exponent", type=float, default=1.0, help="steps grow as (group size / mean size) ** exponent")
+    parser.add_argument("--steps", type=int, help="steps of a group of mean size (default: the recipe's)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="objective option override, repeatable")
+    parser.add_argument("--save", help="write the score matrix and the steps per group to this JSON file")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
     if args.threads:
@@ -36,8 +41,8 @@ def main() -> None:
 
     from diffusers_guda import GUDADDPMPipeline
     from diffusers_guda.demo import load_query_images
-    from diffusers_guda.evaluation.benchmarks import load_benchmark
-    from diffusers_guda.evaluation.metrics import summarize
+    from diffusers_guda.evaluation.benchmarks import group_comparisons, load_benchmark
+    from diffusers_guda.evaluation.metrics import group_level_agreement, group_level_comparison, summarize
     from diffusers_guda.recipes import Recipe
 
     out = Path(args.eval_dir)
@@ -45,19 +50,41 @@ def main() -> None:
     dataset = load_benchmark(args.benchmark)
     reference = np.asarray(json.loads((out / "scores" / "logo_seed_a.json").read_text())["scores"])
     queries = load_query_images(sorted((out / "queries").glob("*.png")))
+    base_steps = args.steps or recipe.unlearning.steps
+    options = dict(recipe.unlearning.objective_options)
+    for pair in args.option:
+        key, value = pair.split("=", 1)
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:  # a bare string such as preserve=distill
+            options[key] = value
+    config = replace(recipe.unlearning, objective_options=options, steps=base_steps, size_exponent=args.exponent)
     sizes = dataset.group_sizes()
-    mean = sum(sizes) / len(sizes)
-    columns, start = [], time.perf_counter()
+    columns, budgets, start = [], [], time.perf_counter()
     for k, name in enumerate(dataset.group_names):
-        steps = max(4, round(recipe.unlearning.steps * (sizes[k] / mean) ** args.exponent))
         pipe = GUDADDPMPipeline.from_pretrained(out / "base")
         pipe.set_progress_bar_config(disable=True)
-        pipe.unlearn_groups(dataset, config=replace(recipe.unlearning, steps=steps), groups=[name], progress=False)
+        bundle = pipe.unlearn_groups(dataset, config=config, groups=[name], progress=False)
+        budgets.append(bundle.groups[0].stats["steps"])
         # a group's scores depend on its adapter alone, so one group at a time gives the joint matrix
         columns.append(pipe.attribute(queries, elbo_config=recipe.elbo, progress=False).scores[:, 0].double().numpy())
-        print(f"{name}: {sizes[k]} images, {steps} steps ({time.perf_counter() - start:.0f} s)", flush=True)
-    summary = summarize(np.stack(columns, 1), reference, names=("top1", "ndcg@3", "spearman"))
-    print(f"exponent {args.exponent:g}: " + ", ".join(f"{n} {v['mean']:.3f}" for n, v in summary.items()))
+        print(f"{name}: {sizes[k]} images, {budgets[-1]} steps ({time.perf_counter() - start:.0f} s)", flush=True)
+    scores = np.stack(columns, 1)
+    summary = summarize(scores, reference, names=("top1", "ndcg@3", "spearman"))
+    print(f"steps {base_steps}, exponent {args.exponent:g}: " + ", ".join(f"{n} {v['mean']:.3f}" for n, v in summary.items()))
+    group_level = {}
+    for c in group_comparisons(dataset, queries):
+        ours, logo = group_level_comparison(*c.deltas(scores)), group_level_comparison(*c.deltas(reference))
+        group_level[c.name] = {"guda": ours, "logo_seed_a": logo}
+        print(f"  {c.name}: mean(a) - mean(b) {ours['mean_diff']:+.2f} [{ours['ci_low']:+.2f}, {ours['ci_high']:+.2f}]"
+              f" (LOGO {logo['mean_diff']:+.2f} [{logo['ci_low']:+.2f}, {logo['ci_high']:+.2f}])")
+    if group_level:
+        agreement = group_level_agreement([g["guda"] for g in group_level.values()], [g["logo_seed_a"] for g in group_level.values()])
+        print(f"  group-level agreement {agreement:.2f}")
+    if args.save:
+        record = {"groups": dataset.group_names, "steps": budgets, "exponent": args.exponent, "scores": scores.tolist(),
+                  "summary": summary, "group_level": group_level}
+        Path(args.save).write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

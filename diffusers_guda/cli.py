@@ -264,8 +264,8 @@ def cmd_unlearn(args) -> None:
     rank = config.lora.rank if args.rank is None else args.rank
     alpha = args.alpha if args.alpha is not None else (config.lora.alpha if args.rank is None else args.rank)
     lora = LoRASettings(rank=rank, alpha=alpha, target_modules=config.lora.target_modules)
-    overrides = {k: v for k, v in (("steps", args.steps), ("learning_rate", args.lr), ("seed", args.seed),
-                                   ("autocast_dtype", args.autocast)) if v is not None}
+    overrides = {k: v for k, v in (("steps", args.steps), ("size_exponent", args.size_exponent), ("learning_rate", args.lr),
+                                   ("seed", args.seed), ("autocast_dtype", args.autocast)) if v is not None}
     if args.batch_size is not None:
         overrides.update(forget_batch_size=args.batch_size, retain_batch_size=args.batch_size)
     config = replace(config, objective=args.objective or config.objective, objective_options=options, lora=lora, **overrides)
@@ -529,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="objective option, repeatable (e.g. num_neighbors=5)")
     p.add_argument("--groups", nargs="+", help="unlearn only these groups (names)")
     p.add_argument("--steps", type=int, help="optimiser steps per group")
+    p.add_argument("--size-exponent", type=float, help="scale each group's steps as (group size / mean size) ** this (0: the same for all)")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--batch-size", type=int, help="forget and retain images per step (each)")
     p.add_argument("--rank", type=int, help="LoRA rank")

@@ -39,7 +39,11 @@ class UnlearningConfig:
         objective: Registered objective name (``retrack``, ``gradient_ascent``...).
         objective_options: Options of that objective's config (e.g. ``{"num_neighbors": 10}``).
         lora: Adapter shape.
-        steps: Optimiser steps per group.
+        steps: Optimiser steps per group (of the mean group size, when ``size_exponent`` is not 0).
+        size_exponent: Scales each group's steps with its size: a group of ``n`` images gets
+            ``max(1, round(steps * (n / mean group size) ** size_exponent))`` steps. Retraining
+            without a large group moves the model more than without a small one; 0 gives every
+            group ``steps``.
         learning_rate: AdamW learning rate (constant).
         forget_batch_size: Forget images per step.
         retain_batch_size: Retain images per step.
@@ -54,6 +58,7 @@ class UnlearningConfig:
     objective_options: dict = field(default_factory=dict, metadata={"help": "Options of the objective."})
     lora: LoRASettings = field(default_factory=LoRASettings, metadata={"help": "Adapter shape."})
     steps: int = field(default=40, metadata={"help": "Optimiser steps per group."})
+    size_exponent: float = field(default=0.0, metadata={"help": "Steps scale as (group size / mean size) ** size_exponent."})
     learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate."})
     forget_batch_size: int = field(default=64, metadata={"help": "Forget images per step."})
     retain_batch_size: int = field(default=64, metadata={"help": "Retain images per step."})
@@ -68,11 +73,19 @@ class UnlearningConfig:
             self.lora = LoRASettings.from_dict(self.lora)
         if self.steps < 1 or self.forget_batch_size < 1 or self.retain_batch_size < 1:
             raise ConfigError("steps and batch sizes must be >= 1.")
+        if not self.size_exponent >= 0:
+            raise ConfigError(f"size_exponent must be >= 0, got {self.size_exponent}.")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
         if self.autocast_dtype not in (None, "bfloat16", "float16"):
             raise ConfigError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}.")
         get_objective(self.objective, self.objective_options)  # validate name and options early
+
+    def steps_for(self, group_size: int, mean_group_size: float) -> int:
+        """Optimiser steps of a group of ``group_size`` images (see ``size_exponent``)."""
+        if self.size_exponent == 0:
+            return self.steps
+        return max(1, round(self.steps * (group_size / mean_group_size) ** self.size_exponent))
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -157,6 +170,8 @@ class GroupUnlearner:
         objective.setup(dataset, group, self.schedule)
         self._check_prompts(dataset)
         forget_idx, retain_idx = dataset.forget_indices(group), dataset.retain_indices(group)
+        sizes = dataset.group_sizes()
+        steps = cfg.steps_for(len(forget_idx), sum(sizes) / len(sizes))
         evaluation = self._evaluation_sets(dataset, group, forget_idx, retain_idx)
         before = self._evaluate(evaluation, adapter=None)
 
@@ -172,7 +187,7 @@ class GroupUnlearner:
             model, teacher = self._callables(adapter_name)
             start = time.perf_counter()
             curve = []
-            bar = tqdm(range(cfg.steps), desc=f"unlearn {dataset.group_names[group]}", disable=not progress, leave=False, dynamic_ncols=True)
+            bar = tqdm(range(steps), desc=f"unlearn {dataset.group_names[group]}", disable=not progress, leave=False, dynamic_ncols=True)
             for step in bar:
                 batch = self._batch(dataset, forget_idx, retain_idx, generator, model, teacher)
                 batch.group = group
@@ -206,9 +221,9 @@ class GroupUnlearner:
         passes_per_step = cfg.forget_batch_size + cfg.retain_batch_size + objective.teacher_passes(cfg.forget_batch_size, cfg.retain_batch_size)
         stats = {
             "seed": seed,
-            "steps": cfg.steps,
+            "steps": steps,
             "wall_s": round(wall, 3),
-            "sample_passes": cfg.steps * passes_per_step,
+            "sample_passes": steps * passes_per_step,
             "forget_loss_before": before["forget"],
             "forget_loss_after": after["forget"],
             "retain_loss_before": before["retain"],

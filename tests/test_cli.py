@@ -79,7 +79,7 @@ def workspace(tmp_path_factory):
     [
         ([], ["train", "unlearn", "attribute", "demo"]),
         (["train"], ["--data", "--benchmark", "--out", "--recipe", "--steps", "--batch-size", "--lr", "--seed", "--mode", "--quiet", "--threads"]),
-        (["unlearn"], ["--base", "--data", "--out", "--recipe", "--objective", "--option", "--groups", "--steps", "--lr", "--rank", "--alpha"]),
+        (["unlearn"], ["--base", "--data", "--out", "--recipe", "--objective", "--option", "--groups", "--steps", "--size-exponent", "--lr", "--rank", "--alpha"]),
         (["attribute"], ["--base", "--bundle", "--images", "--out", "--plot", "--top-k", "--batch-size", "--stride", "--draws"]),
         (["demo"], ["--out", "--recipe", "--queries"]),
     ],
@@ -238,11 +238,12 @@ def test_unlearn_a_subset_of_groups(workspace, tmp_path):
     out = tmp_path / "subset"
     code, _, err = run(
         "unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", out, "--recipe", workspace["recipe"],
-        "--steps", 1, "--groups", "right", "left", "--quiet",
+        "--steps", 1, "--size-exponent", 0.5, "--groups", "right", "left", "--quiet",
     )
     assert code == 0, err
     bundle = AdapterBundle.from_pretrained(out)
     assert sorted(bundle.group_names) == ["left", "right"]
+    assert bundle.training["size_exponent"] == 0.5
     code, _, err = run("attribute", "--base", workspace["base"], "--bundle", out, "--images", workspace["queries"],
                        "--out", tmp_path / "r.json", "--stride", 30, "--quiet")
     assert code == 0, err

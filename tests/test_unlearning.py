@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from diffusers_guda import AdapterBundle, GroupUnlearner, LoRASettings, UnlearningConfig
+from diffusers_guda import AdapterBundle, GroupedDataset, GroupUnlearner, LoRASettings, UnlearningConfig
 from diffusers_guda.errors import ConfigError, UnlearningDivergedError
 from diffusers_guda.hashing import base_state_dict, unet_fingerprint
 from diffusers_guda.lora import ADAPTER_WEIGHT_NAME
@@ -316,11 +316,24 @@ def test_unknown_objective_option_is_refused():
 
 @pytest.mark.parametrize(
     "overrides",
-    [dict(learning_rate=0.0), dict(steps=0), dict(forget_batch_size=0), dict(retain_batch_size=0)],
+    [dict(learning_rate=0.0), dict(steps=0), dict(forget_batch_size=0), dict(retain_batch_size=0), dict(size_exponent=-1.0)],
 )
 def test_invalid_numbers_are_refused(overrides):
     with pytest.raises(ConfigError):
         small_config(**overrides)
+
+
+def test_steps_scale_with_group_size(tiny_unet, tiny_scheduler, tiny_dataset):
+    # groups of 12, 12 and 3 images (mean 9): with exponent 1, 4 * 12/9 -> 5 steps and 4 * 3/9 -> 1
+    keep = torch.cat([torch.arange(24), torch.arange(24, 27)])
+    unequal = GroupedDataset(tiny_dataset.images[keep], tiny_dataset.group_ids[keep], tiny_dataset.group_names)
+    scaled = GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=4, size_exponent=1.0)).unlearn(unequal, progress=False)
+    assert [g.stats["steps"] for g in scaled.groups] == [5, 5, 1]
+    assert scaled.groups[2].stats["sample_passes"] == 1 * (4 + 4)
+    assert scaled.training["size_exponent"] == 1.0
+    same = GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=4)).unlearn(unequal, groups=["right"], progress=False)
+    assert same.groups[0].stats["steps"] == 4
+    assert UnlearningConfig(steps=40, size_exponent=0.5).steps_for(36, 9.0) == 80
 
 
 def test_lora_settings_given_as_dict():
