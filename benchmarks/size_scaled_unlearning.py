@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="digits-ddpm")
     parser.add_argument("--exponent", type=float, default=1.0, help="steps grow as (group size / mean size) ** exponent")
     parser.add_argument("--steps", type=int, help="steps of a group of mean size (default: the recipe's)")
+    parser.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="objective option override, repeatable")
     parser.add_argument("--save", help="write the score matrix and the steps per group to this JSON file")
     parser.add_argument("--threads", type=int)
@@ -58,7 +59,8 @@ def main() -> None:
             options[key] = json.loads(value)
         except json.JSONDecodeError:  # a bare string such as preserve=distill
             options[key] = value
-    config = replace(recipe.unlearning, objective_options=options, steps=base_steps, size_exponent=args.exponent)
+    config = replace(recipe.unlearning, objective_options=options, steps=base_steps, size_exponent=args.exponent,
+                     learning_rate=args.lr or recipe.unlearning.learning_rate)
     sizes = dataset.group_sizes()
     columns, budgets, start = [], [], time.perf_counter()
     for k, name in enumerate(dataset.group_names):
@@ -71,7 +73,7 @@ def main() -> None:
         print(f"{name}: {sizes[k]} images, {budgets[-1]} steps ({time.perf_counter() - start:.0f} s)", flush=True)
     scores = np.stack(columns, 1)
     summary = summarize(scores, reference, names=("top1", "ndcg@3", "spearman"))
-    print(f"steps {base_steps}, exponent {args.exponent:g}: " + ", ".join(f"{n} {v['mean']:.3f}" for n, v in summary.items()))
+    print(f"steps {base_steps}, lr {config.learning_rate:g}, exponent {args.exponent:g}: " + ", ".join(f"{n} {v['mean']:.3f}" for n, v in summary.items()))
     group_level = {}
     for c in group_comparisons(dataset, queries):
         ours, logo = group_level_comparison(*c.deltas(scores)), group_level_comparison(*c.deltas(reference))

@@ -115,7 +115,7 @@ def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-d
         log(f"[2/5] adapters: reusing {out / 'bundle'}")
         pipe.load_guda_bundle(bundle)
     else:
-        log(f"[2/5] unlearning {dataset.num_groups} groups ({recipe.unlearning.objective}, {recipe.unlearning.steps} steps each) -> {out / 'bundle'}")
+        log(f"[2/5] unlearning {dataset.num_groups} groups ({recipe.unlearning.objective}, {recipe.unlearning.describe_steps()}) -> {out / 'bundle'}")
         partial = out / ".bundle-partial"
         bundle = pipe.unlearn_groups(dataset, config=recipe.unlearning, checkpoint_dir=partial, progress=progress)
         bundle.elbo = recipe.elbo.to_dict()

@@ -87,6 +87,12 @@ class UnlearningConfig:
             return self.steps
         return max(1, round(self.steps * (group_size / mean_group_size) ** self.size_exponent))
 
+    def describe_steps(self) -> str:
+        """The step budget in words, for logs: ``"40 steps each"`` or ``"120 steps at the mean group size, ∝ size^1"``."""
+        if self.size_exponent == 0:
+            return f"{self.steps} steps each"
+        return f"{self.steps} steps at the mean group size, ∝ size^{self.size_exponent:g}"
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data["lora"] = self.lora.to_dict()

@@ -334,6 +334,8 @@ def test_steps_scale_with_group_size(tiny_unet, tiny_scheduler, tiny_dataset):
     same = GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=4)).unlearn(unequal, groups=["right"], progress=False)
     assert same.groups[0].stats["steps"] == 4
     assert UnlearningConfig(steps=40, size_exponent=0.5).steps_for(36, 9.0) == 80
+    assert UnlearningConfig(steps=40).describe_steps() == "40 steps each"
+    assert UnlearningConfig(steps=120, size_exponent=1.0).describe_steps() == "120 steps at the mean group size, ∝ size^1"
 
 
 def test_lora_settings_given_as_dict():

@@ -196,7 +196,7 @@ def run_evaluation(
         wall = recorded if recorded is not None else round(sum(float(g.stats["wall_s"]) for g in bundle.groups), 3)
         reused = True
     else:
-        log(f"[4/{total}] unlearning {K} groups ({recipe.unlearning.objective}, {recipe.unlearning.steps} steps each) -> {out / 'bundle'}")
+        log(f"[4/{total}] unlearning {K} groups ({recipe.unlearning.objective}, {recipe.unlearning.describe_steps()}) -> {out / 'bundle'}")
         t0 = time.perf_counter()
         partial = out / ".bundle-partial"
         shutil.rmtree(partial, ignore_errors=True)  # a resumed bundle would under-count the wall time
