@@ -46,7 +46,10 @@ def reusable_bundle(path: Path, fingerprint: str, recipe: Recipe) -> AdapterBund
     wanted = recipe.unlearning
     objective = get_objective(wanted.objective, wanted.objective_options)
     same = bundle.objective == {"name": wanted.objective, "config": objective.config.to_dict()} and bundle.lora == wanted.lora.to_dict()
-    same = same and all(bundle.training.get(k) == v for k, v in wanted.to_dict().items() if k in bundle.training)
+    # a bundle made before a setting existed was made with that setting's default
+    defaults = type(wanted)().to_dict()
+    same = same and all(bundle.training.get(k, defaults[k]) == v for k, v in wanted.to_dict().items()
+                        if k not in ("objective", "objective_options", "lora"))
     return bundle if same else None
 
 
