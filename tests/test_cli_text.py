@@ -166,12 +166,17 @@ def test_attribute_scores_equal_the_python_api(workspace, tmp_path, source):
     assert "q0_red.png" in out and "q1_blue.png" in out
 
 
-def test_half_precision_base(workspace, tmp_path):
-    bundle, result = tmp_path / "bundle-bf16", tmp_path / "result.json"
-    code, _, err = run("unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", bundle, "--dtype", "bfloat16",
+def unlearn_red(ws, bundle: Path, *flags) -> AdapterBundle:
+    """``guda unlearn`` of the group ``red`` alone, one small step, with extra ``flags``."""
+    code, _, err = run("unlearn", "--base", ws["base"], "--data", ws["data"], "--out", bundle, *flags,
                        "--groups", "red", "--steps", 1, "--batch-size", 2, "--rank", 2, "--quiet")
     assert code == 0, err
-    made = AdapterBundle.from_pretrained(bundle)
+    return AdapterBundle.from_pretrained(bundle)
+
+
+def test_half_precision_base(workspace, tmp_path):
+    bundle, result = tmp_path / "bundle-bf16", tmp_path / "result.json"
+    made = unlearn_red(workspace, bundle, "--dtype", "bfloat16")
     assert made.base_model["dtype"] == "bfloat16"
     assert all(t.dtype == torch.float32 for t in made.adapters["red"].values())  # adapters train in float32
     code, _, err = run("attribute", "--base", workspace["base"], "--bundle", bundle, "--images", workspace["queries"], "--prompt", PROMPT,
@@ -189,11 +194,8 @@ def test_half_precision_base(workspace, tmp_path):
 
 
 def test_autocast_flags(workspace, tmp_path):
-    bundle, result = tmp_path / "bundle-autocast", tmp_path / "result.json"
-    code, _, err = run("unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", bundle, "--autocast", "bfloat16",
-                       "--groups", "red", "--steps", 1, "--batch-size", 2, "--rank", 2, "--quiet")
-    assert code == 0, err
-    assert AdapterBundle.from_pretrained(bundle).training["autocast_dtype"] == "bfloat16"
+    result = tmp_path / "result.json"
+    assert unlearn_red(workspace, tmp_path / "bundle-autocast", "--autocast", "bfloat16").training["autocast_dtype"] == "bfloat16"
 
     code, _, err = run("attribute", "--base", workspace["base"], "--bundle", workspace["bundle"], "--images", workspace["queries"],
                        "--prompt", PROMPT, "--autocast", "bfloat16", "--out", result, "--quiet")
