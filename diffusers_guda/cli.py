@@ -241,6 +241,7 @@ def cmd_train(args) -> None:
     _one_process_only("train")
     _output_dir(args.out)
     recipe = Recipe.load(args.recipe)
+    recipe.require_train("train")
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("learning_rate", args.lr), ("seed", args.seed)) if v is not None}
     config = replace(recipe.train, **overrides)
     device = _device(args.device) if args.device else _process().device
@@ -415,6 +416,7 @@ def cmd_logo(args) -> None:
 
     _output_dir(args.out)
     recipe = Recipe.load(args.recipe)
+    recipe.require_train("logo")
     config = replace(recipe.train, **({"steps": args.steps} if args.steps is not None else {}))
     dataset = _dataset(args)
     process = _process()

@@ -96,6 +96,7 @@ def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-d
     recipe are reused.
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    recipe.require_train("demo")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     num_queries = num_queries or int(recipe.queries.get("num_queries", 100))

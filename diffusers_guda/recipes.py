@@ -41,6 +41,7 @@ class Recipe:
     unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
     elbo: ELBOConfig = field(default_factory=ELBOConfig)
     queries: dict = field(default_factory=dict)
+    has_train: bool = True  # False for a recipe without a train section (it unlearns a base trained elsewhere)
 
     @classmethod
     def load(cls, name_or_path: str = DEFAULT_RECIPE) -> "Recipe":
@@ -62,9 +63,23 @@ class Recipe:
                 unlearning=UnlearningConfig(**data.get("unlearning", {})),
                 elbo=ELBOConfig(**data.get("elbo", {})),
                 queries=dict(data.get("queries", {})),
+                has_train="train" in data,
             )
         except (json.JSONDecodeError, TypeError) as exc:
             raise ConfigError(f"Recipe {path} is invalid: {exc}.") from exc
+
+    def require_train(self, command: str) -> None:
+        """Refuse to train a base model from a recipe that has no ``train`` section.
+
+        Raises:
+            ConfigError: naming the recipe and what to do instead.
+        """
+        if not self.has_train:
+            raise ConfigError(
+                f"Recipe {self.name!r} has no train section: it unlearns and scores a base model trained elsewhere, so "
+                f"`guda {command}` cannot use it. Use it with guda unlearn/attribute, or pass a recipe with a train section "
+                f"(e.g. --recipe {DEFAULT_RECIPE})."
+            )
 
     def to_dict(self) -> dict:
         return {

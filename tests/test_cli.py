@@ -223,6 +223,15 @@ def test_demo_writes_a_report_and_reuses_finished_stages(tmp_path, tiny_recipe):
 # -- errors -------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("command", ["train", "logo", "demo", "evaluate"])
+def test_a_recipe_without_a_train_section_trains_nothing(command, tmp_path):
+    extra = ["--benchmark", "digits-classes"] if command == "evaluate" else []
+    code, out, err = run(command, *extra, "--recipe", "sd-styles", "--out", tmp_path / "out", "--quiet")
+    line = assert_one_line_error(code, out, err, command)
+    assert "'sd-styles' has no train section" in line and "--recipe digits-ddpm" in line
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 @pytest.mark.parametrize("command", ["train", "unlearn", "logo"])
 def test_data_source_is_a_folder_or_a_benchmark(command, tmp_path):
     extra = ["--base", tmp_path / "base"] if command == "unlearn" else []

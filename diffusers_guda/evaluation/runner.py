@@ -139,6 +139,7 @@ def run_evaluation(
 
     methods = _check_methods(methods)
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
+    recipe.require_train("evaluate")
     conditional = isinstance(recipe.train, TextTrainConfig)
     if conditional and dataset.prompts is None:
         raise ConfigError(f"Recipe {recipe.name!r} trains a text-conditioned model, but the dataset has no prompts; "
