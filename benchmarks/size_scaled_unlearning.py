@@ -25,10 +25,12 @@ import numpy as np
 import torch
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--eval-dir", required=True, help="a finished `guda evaluate` output directory")
-    parser.add_argument("--benchmark", required=True, help="its benchmark")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--benchmark", help="its benchmark")
+    source.add_argument("--data", help="its image folder (one subfolder per group)")
     parser.add_argument("--recipe", default="digits-ddpm")
     parser.add_argument("--exponent", type=float, default=1.0, help="steps grow as (group size / mean size) ** exponent")
     parser.add_argument("--steps", type=int, help="steps of a group of mean size (default: the recipe's)")
@@ -36,11 +38,11 @@ def main() -> None:
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="objective option override, repeatable")
     parser.add_argument("--save", help="write the score matrix and the steps per group to this JSON file")
     parser.add_argument("--threads", type=int)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from diffusers_guda import GUDADDPMPipeline
+    from diffusers_guda import GroupedDataset, GUDADDPMPipeline
     from diffusers_guda.demo import load_query_images
     from diffusers_guda.evaluation.benchmarks import group_comparisons, load_benchmark
     from diffusers_guda.evaluation.metrics import group_level_agreement, group_level_comparison, summarize
@@ -48,7 +50,7 @@ def main() -> None:
 
     out = Path(args.eval_dir)
     recipe = Recipe.load(args.recipe)
-    dataset = load_benchmark(args.benchmark)
+    dataset = load_benchmark(args.benchmark) if args.benchmark else GroupedDataset.from_image_folder(args.data)
     reference = np.asarray(json.loads((out / "scores" / "logo_seed_a.json").read_text())["scores"])
     queries = load_query_images(sorted((out / "queries").glob("*.png")))
     base_steps = args.steps or recipe.unlearning.steps
