@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 import sys
 import warnings
@@ -610,8 +611,22 @@ def _progress_bar_switches() -> list:
     return [*switches, transformers_logging]
 
 
+class _TorchvisionFallbackNotice(logging.Filter):
+    """Drops transformers' notice that it falls back to its PIL image processors without torchvision.
+
+    Importing a Stable Diffusion pipeline prints it (for the safety checker's feature extractor, which
+    guda never runs), and it would turn a one-line error into three lines.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed)" not in record.getMessage()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    notices = logging.getLogger("transformers.utils.import_utils")  # the logger it is emitted on
+    if not any(isinstance(f, _TorchvisionFallbackNotice) for f in notices.filters):
+        notices.addFilter(_TorchvisionFallbackNotice())
     switches = _progress_bar_switches()
     enabled = [s for s in switches if s.is_progress_bar_enabled()]
     if args.quiet:  # also the libraries' own bars ("Loading pipeline components...")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +21,7 @@ from diffusers_guda.pipelines import GUDAStableDiffusionPipeline
 from diffusers_guda.recipes import Recipe
 
 from conftest import write_group_folder
-from test_cli import assert_one_line_error, run
+from test_cli import REPO, assert_one_line_error, run
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
@@ -292,3 +295,15 @@ def test_one_line_errors_leave_nothing_behind(case, workspace, tmp_path, stock_p
     for needle in needles:
         assert needle in line, needle
     assert (tree(tmp_path), tree(workspace["root"])) == before
+
+
+def test_missing_prompt_is_one_line_in_a_real_process(workspace, tmp_path):
+    # importing Stable Diffusion makes transformers log a torchvision fallback notice; the CLI drops it
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run(
+        [sys.executable, "-m", "diffusers_guda.cli", "attribute", "--base", str(workspace["base"]), "--bundle", str(workspace["bundle"]),
+         "--images", str(workspace["queries"]), "--out", str(tmp_path / "r.json"), "--quiet"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )
+    line = assert_one_line_error(done.returncode, done.stdout, done.stderr, "attribute")
+    assert "no prompt" in line and not (tmp_path / "r.json").exists()
