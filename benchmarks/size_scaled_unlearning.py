@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     from diffusers_guda import GroupedDataset, GUDADDPMPipeline
+    from diffusers_guda.cli import _options
     from diffusers_guda.demo import load_query_images
     from diffusers_guda.evaluation.benchmarks import group_comparisons, load_benchmark
     from diffusers_guda.evaluation.metrics import group_level_agreement, group_level_comparison, summarize
@@ -54,13 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     reference = np.asarray(json.loads((out / "scores" / "logo_seed_a.json").read_text())["scores"])
     queries = load_query_images(sorted((out / "queries").glob("*.png")))
     base_steps = args.steps or recipe.unlearning.steps
-    options = dict(recipe.unlearning.objective_options)
-    for pair in args.option:
-        key, value = pair.split("=", 1)
-        try:
-            options[key] = json.loads(value)
-        except json.JSONDecodeError:  # a bare string such as preserve=distill
-            options[key] = value
+    options = {**recipe.unlearning.objective_options, **_options(args.option)}  # parsed as `guda unlearn --option` is
     config = replace(recipe.unlearning, objective_options=options, steps=base_steps, size_exponent=args.exponent,
                      learning_rate=args.lr or recipe.unlearning.learning_rate)
     sizes = dataset.group_sizes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import shutil
@@ -146,11 +147,9 @@ def _model_index(spec: str) -> dict:
     if Path(spec).is_dir():
         path = Path(spec) / name
     elif spec.count("/") == 1 and not Path(spec).exists():  # looks like a Hub id "owner/name"
-        try:
+        with contextlib.suppress(OSError, ValueError):  # not a valid Hub id, not on the Hub, or offline and not cached
             cached = try_to_load_from_cache(spec, name)
             path = Path(cached if isinstance(cached, str) else hf_hub_download(spec, name))
-        except (OSError, ValueError):  # not a valid Hub id, not on the Hub, or offline and not cached
-            path = None
     if path is None or not path.is_file():
         where = "no such directory, nor a Hub id this machine can reach or has cached" if not Path(spec).is_dir() else f"no {name} in it"
         raise _cannot_load(spec, where)

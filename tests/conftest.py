@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -86,6 +87,17 @@ TINY_RECIPE = {
     "elbo": {"stride": 10, "t_min": 10, "seed": 0},
     "queries": {"num_queries": 4, "seed": 0, "num_inference_steps": 5},
 }
+
+
+def write_evaluation_recipe(path: Path) -> Path:
+    """The tiny recipe cut to a few steps and 4 queries, for ``guda evaluate`` runs, written to ``path``."""
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["train"].update(steps=10, batch_size=8, warmup_steps=2)
+    recipe["unlearning"].update(steps=2, forget_batch_size=4, retain_batch_size=4, eval_images=4)
+    recipe["elbo"] = {"stride": 20, "t_min": 10, "seed": 0}
+    recipe["queries"] = {"num_queries": 4, "seed": 0, "num_inference_steps": 3}
+    path.write_text(json.dumps(recipe))
+    return path
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -12,20 +11,14 @@ import pytest
 
 from diffusers_guda.cli import main as guda
 
-from conftest import TINY_RECIPE, write_group_folder
+from conftest import write_evaluation_recipe, write_group_folder
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "size_scaled_unlearning.py"
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
 
 def test_same_budget_reproduces_the_evaluation_scores(tmp_path, capsys):
-    recipe = copy.deepcopy(TINY_RECIPE)
-    recipe["train"].update(steps=10, batch_size=8, warmup_steps=2)
-    recipe["unlearning"].update(steps=2, forget_batch_size=4, retain_batch_size=4, eval_images=4)
-    recipe["elbo"] = {"stride": 20, "t_min": 10, "seed": 0}
-    recipe["queries"] = {"num_queries": 4, "seed": 0, "num_inference_steps": 3}
-    recipe_path = tmp_path / "recipe.json"
-    recipe_path.write_text(json.dumps(recipe))
+    recipe_path = write_evaluation_recipe(tmp_path / "recipe.json")
     data, out = write_group_folder(tmp_path / "data", ["left", "middle", "right"]), tmp_path / "eval"
     assert guda(["evaluate", "--data", str(data), "--out", str(out), "--recipe", str(recipe_path), "--no-ceiling",
                  "--methods", "guda", "--quiet"]) == 0
@@ -44,5 +37,6 @@ def test_same_budget_reproduces_the_evaluation_scores(tmp_path, capsys):
     np.testing.assert_allclose(np.asarray(result["scores"]), expected, rtol=0, atol=1e-6)
     assert f"top1 {result['summary']['top1']['mean']:.3f}" in printed
 
-    module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path), "--steps", "4", "--save", str(saved)])
+    module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path), "--steps", "4", "--option", "preserve=mse",
+                 "--option", "num_neighbors=2", "--save", str(saved)])
     assert json.loads(saved.read_text())["steps"] == [4, 4, 4]  # equal groups: size scaling changes nothing

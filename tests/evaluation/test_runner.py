@@ -16,7 +16,7 @@ from diffusers_guda.cli import main
 from diffusers_guda.evaluation.metrics import METRIC_NAMES
 from diffusers_guda.evaluation.runner import METHODS
 
-from conftest import TINY_RECIPE, write_group_folder
+from conftest import TINY_RECIPE, write_evaluation_recipe, write_group_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -45,13 +45,7 @@ def assert_one_line_error(code, out, err) -> str:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
-    recipe = copy.deepcopy(TINY_RECIPE)
-    recipe["train"].update(steps=10, batch_size=8, warmup_steps=2)
-    recipe["unlearning"].update(steps=2, forget_batch_size=4, retain_batch_size=4, eval_images=4)
-    recipe["elbo"] = {"stride": 20, "t_min": 10, "seed": 0}
-    recipe["queries"] = {"num_queries": 4, "seed": 0, "num_inference_steps": 3}
-    path = root / "recipe.json"
-    path.write_text(json.dumps(recipe))
+    path = write_evaluation_recipe(root / "recipe.json")
     data = write_group_folder(root / "data", ["left", "middle", "right"])
     out = root / "out"
     code, stdout, stderr = run("evaluate", "--data", data, "--out", out, "--recipe", path, "--quiet")
