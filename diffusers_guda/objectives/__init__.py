@@ -12,7 +12,7 @@ from .base import (
 from .anchor import Anchor, AnchorConfig, anchor_distribution, replace_phrases, strip_phrases
 from .esd import ESD, ESDConfig
 from .gradient_ascent import GradientAscent, GradientAscentConfig
-from .retrack import ReTrack, ReTrackConfig, capped_offsets, neighbour_weights
+from .retrack import ReTrack, ReTrackConfig, capped_offsets, neighbour_weights, pool_redirect, pool_weights
 
 __all__ = [
     "Anchor",
@@ -32,6 +32,8 @@ __all__ = [
     "capped_offsets",
     "get_objective",
     "neighbour_weights",
+    "pool_redirect",
+    "pool_weights",
     "register_objective",
     "replace_phrases",
     "strip_phrases",

@@ -97,7 +97,11 @@ class UnlearningBatch:
 
 @dataclass
 class ObjectiveConfig:
-    """Fields every objective has: the weights of L = preserve_weight * L_preserve + forget_weight * L_forget."""
+    """Fields every objective has: the weights of L = preserve_weight * L_preserve + forget_weight * L_forget.
+
+    Options passed by name are checked against the kind of their field's default; a field's
+    ``metadata["words"]`` lists strings it accepts besides (e.g. ``num_neighbors="all"``).
+    """
 
     forget_weight: float = field(default=1.0, metadata={"help": "λ, weight of the forget term."})
     preserve: str = field(default="mse", metadata={"help": "'mse' (ε-MSE on retain images) or 'distill' (match the teacher)."})
@@ -147,9 +151,11 @@ class UnlearningObjective:
             if unknown:
                 raise ConfigError(f"Objective '{self.name}' has no option(s) {unknown}; options: {sorted(known)}.")
             for f in fields(self.config_class):
-                kind = _kind_of(f.default)
-                if f.name in kwargs and kind is not None and not _is_kind(kwargs[f.name], kind):
-                    raise ConfigError(f"Objective '{self.name}' option {f.name} must be {_KIND_NAMES[kind]}, got {kwargs[f.name]!r}.")
+                kind, words = _kind_of(f.default), f.metadata.get("words", ())
+                value = kwargs.get(f.name)
+                if f.name in kwargs and kind is not None and not _is_kind(value, kind) and value not in words:
+                    expected = " or ".join([_KIND_NAMES[kind], *map(repr, words)])
+                    raise ConfigError(f"Objective '{self.name}' option {f.name} must be {expected}, got {value!r}.")
             config = self.config_class(**kwargs)
         elif kwargs:
             raise ConfigError("Pass either a config object or keyword options, not both.")

@@ -15,7 +15,11 @@ TARGETS = ("neighbour", "teacher_neighbour")
 
 @dataclass
 class ReTrackConfig(ObjectiveConfig):
-    num_neighbors: int = field(default=10, metadata={"help": "k nearest retain images per forget image."})
+    # "all" is the exact posterior over the retain set, the optimal denoiser of a model retrained
+    # without the group. k nearest drop the retain set's mass: when another group holds near-copies
+    # of the forget images, all k are copies and the target says nothing changes (digits-contributors).
+    num_neighbors: int = field(default=10, metadata={
+        "help": "k nearest retain images per forget image, or 'all' (every retain image).", "words": ("all",)})
     # The authors' code uses 1.0; on the digits that caps the target shift so hard that nothing is
     # unlearned in 80 steps (forget loss +0.2%), while 10.0 gives +19..50% at +2..4% retain loss.
     kl_cap: float = field(default=10.0, metadata={"help": "Each δ_j is scaled to norm <= sqrt(2 * kl_cap)."})
@@ -25,8 +29,10 @@ class ReTrackConfig(ObjectiveConfig):
         super().__post_init__()
         if self.target not in TARGETS:
             raise ConfigError(f"retrack target must be one of {TARGETS}, got {self.target!r}.")
-        if self.num_neighbors < 1 or self.kl_cap <= 0:
-            raise ConfigError("num_neighbors must be >= 1 and kl_cap > 0.")
+        if self.num_neighbors != "all" and not (isinstance(self.num_neighbors, int) and self.num_neighbors >= 1):
+            raise ConfigError(f"num_neighbors must be an integer >= 1 or 'all', got {self.num_neighbors!r}.")
+        if self.kl_cap <= 0:
+            raise ConfigError(f"kl_cap must be > 0, got {self.kl_cap!r}.")
 
 
 def neighbour_weights(x_t: torch.Tensor, neighbours: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
@@ -62,6 +68,43 @@ def capped_offsets(forget_x0: torch.Tensor, neighbours: torch.Tensor, sqrt_abar:
     return delta * torch.clamp(math.sqrt(2 * kl_cap) / norms.clamp_min(1e-12), max=1.0)
 
 
+def _distances(x: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """``[B, R]`` Euclidean distances between ``[B, *D]`` and ``[R, *D]``, computed difference by
+    difference: the matmul shortcut loses the small distances that decide the weights at small t."""
+    return torch.cdist(x.flatten(1).unsqueeze(0), pool.flatten(1).unsqueeze(0), compute_mode="donot_use_mm_for_euclid_dist")[0]
+
+
+def pool_weights(x_t: torch.Tensor, pool: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
+    """:func:`neighbour_weights` over one pool ``[R, *D]`` shared by the batch (``num_neighbors="all"``).
+
+    Uses ``||x_t - sqrt(abar) a_j|| = sqrt(abar) ||x_t / sqrt(abar) - a_j||`` so that no
+    ``[B, R, *D]`` tensor is built.
+
+    Returns:
+        ``[B, R]`` weights summing to 1 per row.
+    """
+    a = sqrt_abar.view(-1, 1)
+    squared = (_distances(x_t / a.view((-1,) + (1,) * (x_t.dim() - 1)), pool) * a) ** 2
+    return torch.softmax(-squared / (2 * sqrt_one_minus_abar.view(-1, 1) ** 2), dim=1)
+
+
+def pool_redirect(forget_x0: torch.Tensor, pool: torch.Tensor, weights: torch.Tensor, sqrt_abar: torch.Tensor,
+                  sqrt_one_minus_abar: torch.Tensor, kl_cap: float) -> torch.Tensor:
+    """``Σ_j w_j δ_j`` over a shared pool, with the capped offsets of :func:`capped_offsets`.
+
+    ``Σ_j w_j c_j r (a_f - a_j) = r ((Σ_j w_j c_j) a_f - (w ∘ c) @ pool)``, with ``c_j`` the cap
+    factor and ``r = sqrt(abar) / sqrt(1 - abar)``: one ``[B, R] @ [R, D]`` product.
+
+    Returns:
+        ``[B, *D]``.
+    """
+    ratio = (sqrt_abar / sqrt_one_minus_abar).view(-1, 1)
+    norms = ratio * _distances(forget_x0, pool)
+    coefficients = weights * torch.clamp(math.sqrt(2 * kl_cap) / norms.clamp_min(1e-12), max=1.0)
+    shift = ratio * (coefficients.sum(1, keepdim=True) * forget_x0.flatten(1) - coefficients @ pool.flatten(1))
+    return shift.view_as(forget_x0)
+
+
 @register_objective
 class ReTrack(UnlearningObjective):
     """Forget by redirecting: on a noisy forget image, the target is the noise that would send x_t to
@@ -74,6 +117,7 @@ class ReTrack(UnlearningObjective):
         super().__init__(config, **kwargs)
         self._neighbours: torch.Tensor | None = None
         self._images: torch.Tensor | None = None
+        self._pool: torch.Tensor | None = None
 
     def teacher_passes(self, forget_batch_size: int, retain_batch_size: int) -> int:
         extra = forget_batch_size if self.config.target == "teacher_neighbour" else 0
@@ -84,6 +128,10 @@ class ReTrack(UnlearningObjective):
 
         forget = dataset.forget_indices(group)
         retain = dataset.retain_indices(group)
+        self._neighbours, self._pool = None, None
+        if self.config.num_neighbors == "all":
+            self._pool = dataset.images[retain]
+            return
         k = min(self.config.num_neighbors, len(retain))
         features = dataset.images.flatten(1).numpy()
         index = NearestNeighbors(n_neighbors=k).fit(features[retain.numpy()])
@@ -96,19 +144,29 @@ class ReTrack(UnlearningObjective):
     def forget_loss(self, batch: UnlearningBatch) -> torch.Tensor:
         schedule, t = batch.schedule, batch.forget_t
         device = batch.forget_x0.device
-        neighbours = self._images[self._neighbours[batch.forget_index.cpu()]].to(device)
         a, s = schedule.sqrt_abar[t.cpu()].to(device), schedule.sqrt_one_minus_abar[t.cpu()].to(device)
         shape = (-1,) + (1,) * (batch.forget_x0.dim() - 1)
         x_t = a.view(shape) * batch.forget_x0 + s.view(shape) * batch.forget_noise
-        weights = neighbour_weights(x_t, neighbours, a, s)
+        if self._pool is not None:
+            self._pool = self._pool.to(device)  # moved once, kept there
+            weights = pool_weights(x_t, self._pool, a, s)
+        else:
+            neighbours = self._images[self._neighbours[batch.forget_index.cpu()]].to(device)
+            weights = neighbour_weights(x_t, neighbours, a, s)
         eps_hat = schedule.to_epsilon(batch.predict(x_t, t, batch.forget_cond), x_t, t).float()
         if self.config.target == "neighbour":
-            delta = capped_offsets(batch.forget_x0, neighbours, a, s, self.config.kl_cap)
-            target = batch.forget_noise + (weights.view(weights.shape + (1,) * (delta.dim() - 2)) * delta).sum(1)
-            return torch.nn.functional.mse_loss(eps_hat, target)
+            if self._pool is not None:
+                shift = pool_redirect(batch.forget_x0, self._pool, weights, a, s, self.config.kl_cap)
+            else:
+                delta = capped_offsets(batch.forget_x0, neighbours, a, s, self.config.kl_cap)
+                shift = (weights.view(weights.shape + (1,) * (delta.dim() - 2)) * delta).sum(1)
+            return torch.nn.functional.mse_loss(eps_hat, batch.forget_noise + shift)
         # teacher_neighbour: one neighbour per image drawn from the posterior weights
         choice = torch.multinomial(weights.cpu(), 1, generator=batch.generator).squeeze(1).to(device)
-        chosen = neighbours[torch.arange(len(choice), device=device), choice]
+        if self._pool is not None:
+            chosen = self._pool[choice]
+        else:
+            chosen = neighbours[torch.arange(len(choice), device=device), choice]
         x_t_n = a.view(shape) * chosen + s.view(shape) * batch.forget_noise
         teacher_eps = schedule.to_epsilon(batch.teach(x_t_n, t, batch.forget_cond), x_t_n, t).float()
         target = teacher_eps + (x_t - x_t_n) / s.view(shape)

@@ -17,6 +17,8 @@ from diffusers_guda.objectives import (
     capped_offsets,
     get_objective,
     neighbour_weights,
+    pool_redirect,
+    pool_weights,
 )
 
 TIMESTEPS = [1, 10, 100, 500, 999]
@@ -122,6 +124,43 @@ def test_capped_offsets_zero_offset_stays_zero():
     assert torch.equal(out, torch.zeros_like(out))
 
 
+# -- a pool shared by the batch (num_neighbors="all") ---------------------------------------------
+
+
+@pytest.mark.parametrize("kl_cap", [0.01, 10.0, 1e4])
+def test_pool_functions_match_the_gathered_computation_in_3072_dims(schedule_1000, kl_cap):
+    cases = _cifar_like(schedule_1000, k=40)
+    t, forget, neighbours, noise, x_t, a, s = (c.double() for c in cases)  # the formula, exactly
+    pool = neighbours[0]  # every row sees the same 40 images
+    weights = pool_weights(x_t, pool, a, s)
+    torch.testing.assert_close(weights, neighbour_weights(x_t, neighbours, a, s), rtol=1e-9, atol=1e-12)
+    gathered = (weights.view(len(TIMESTEPS), -1, 1, 1, 1) * capped_offsets(forget, neighbours, a, s, kl_cap)).sum(1)
+    shift = pool_redirect(forget, pool, weights, a, s, kl_cap)
+    assert shift.shape == forget.shape
+    torch.testing.assert_close(shift, gathered, rtol=1e-9, atol=1e-10)
+    # in float32 (3072-term sums: a few 1e-6 relative error in logits of ~1500 at t = 999)
+    t, forget, neighbours, noise, x_t, a, s = cases
+    weights32 = pool_weights(x_t, neighbours[0], a, s)
+    torch.testing.assert_close(weights32.double(), weights, rtol=1e-2, atol=1e-6)
+    torch.testing.assert_close(weights32.sum(1), torch.ones(len(TIMESTEPS)), atol=1e-5, rtol=0)
+    shift32 = pool_redirect(forget, neighbours[0], weights32, a, s, kl_cap)
+    torch.testing.assert_close(shift32.double(), shift, rtol=1e-2, atol=1e-4 * max(1.0, math.sqrt(kl_cap)))
+
+
+def test_pool_weights_keep_small_distances_exact_at_small_t(schedule_1000):
+    """At small t the weights hinge on distances far below the images' norms; the matmul shortcut
+    of cdist (|x|^2 + |y|^2 - 2xy) would round them away, the difference-by-difference distance does not."""
+    generator = torch.Generator().manual_seed(4)
+    base = torch.rand((1, 3, 32, 32), generator=generator) * 2 - 1
+    pool = base + 1e-3 * torch.randn((30, 3, 32, 32), generator=generator)  # 30 near-identical images
+    t = torch.tensor([20])  # sqrt(1 - abar) ~ 0.05, about the distances between the images
+    a, s = schedule_1000.sqrt_abar[t], schedule_1000.sqrt_one_minus_abar[t]
+    x_t = a * pool[2:3] + s * 1e-2 * torch.randn((1, 3, 32, 32), generator=generator)
+    expected = neighbour_weights(x_t.double(), pool.double().unsqueeze(0), a.double(), s.double())
+    assert expected.max() < 0.9  # a spread posterior: the distances matter
+    torch.testing.assert_close(pool_weights(x_t, pool, a, s).double(), expected, rtol=1e-3, atol=1e-5)
+
+
 # -- the forget loss, by hand --------------------------------------------------------------------
 
 
@@ -176,10 +215,12 @@ class _Leaf:
 
 
 @pytest.mark.parametrize("kl_cap", [0.05, 1e6])
-def test_retrack_target_is_noise_plus_weighted_offsets(tiny_dataset, tiny_scheduler, kl_cap):
-    group, k = 1, 3
+@pytest.mark.parametrize("num_neighbors", [3, "all"])
+def test_retrack_target_is_noise_plus_weighted_offsets(tiny_dataset, tiny_scheduler, kl_cap, num_neighbors):
+    group = 1
+    k = len(tiny_dataset.retain_indices(group)) if num_neighbors == "all" else num_neighbors
     schedule = NoiseSchedule(tiny_scheduler)
-    objective = ReTrack(num_neighbors=k, kl_cap=kl_cap)
+    objective = ReTrack(num_neighbors=num_neighbors, kl_cap=kl_cap)
     objective.setup(tiny_dataset, group, schedule)
     t = torch.tensor([1, 5, 20, 50, 80, 99])
     model = _Leaf((len(t), 1, 8, 8))
@@ -268,9 +309,10 @@ def test_teacher_neighbour_target_and_per_t_weight(tiny_dataset, tiny_scheduler)
     assert abs(float(unweighted) - float(loss)) > 1e-3 * float(loss)  # the weight made a difference
 
 
-def test_teacher_neighbour_draw_uses_batch_generator(tiny_dataset, tiny_scheduler):
+@pytest.mark.parametrize("num_neighbors", [3, "all"])
+def test_teacher_neighbour_draw_uses_batch_generator(tiny_dataset, tiny_scheduler, num_neighbors):
     schedule = NoiseSchedule(tiny_scheduler)
-    objective = get_objective("retrack", {"num_neighbors": 3, "target": "teacher_neighbour"})
+    objective = get_objective("retrack", {"num_neighbors": num_neighbors, "target": "teacher_neighbour"})
     objective.setup(tiny_dataset, 0, schedule)
     t = torch.full((8,), 99)  # large t: the posterior over neighbours is spread
     model = lambda x, tt: torch.zeros_like(x)  # noqa: E731
@@ -285,7 +327,7 @@ def test_teacher_neighbour_draw_uses_batch_generator(tiny_dataset, tiny_schedule
 
 @pytest.mark.parametrize(
     "options",
-    [{"target": "teacher"}, {"num_neighbors": 0}, {"kl_cap": 0.0}, {"kl_cap": -1.0}, {"nope": 1}, {"preserve": "l1"}],
+    [{"target": "teacher"}, {"num_neighbors": 0}, {"num_neighbors": "every"}, {"num_neighbors": 2.5}, {"kl_cap": 0.0}, {"kl_cap": -1.0}, {"nope": 1}, {"preserve": "l1"}],
 )
 def test_retrack_config_errors(options):
     with pytest.raises(ConfigError):
@@ -297,6 +339,9 @@ def test_retrack_config_direct_and_unknown_option_message():
         ReTrackConfig(target="x")
     with pytest.raises(ConfigError):
         ReTrackConfig(num_neighbors=0)
+    with pytest.raises(ConfigError, match="an integer or 'all'"):
+        get_objective("retrack", {"num_neighbors": "every"})
+    assert get_objective("retrack", {"num_neighbors": "all"}).config.num_neighbors == "all"
     with pytest.raises(ConfigError) as info:
         get_objective("retrack", {"nope": 1})
     assert "nope" in str(info.value) and "num_neighbors" in str(info.value)
