@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers_guda.cli import _options
     from diffusers_guda.demo import load_query_images
     from diffusers_guda.evaluation.benchmarks import group_comparisons, load_benchmark
-    from diffusers_guda.evaluation.metrics import group_level_agreement, group_level_comparison, summarize
+    from diffusers_guda.evaluation.metrics import group_level_agreement, group_level_comparison, pairwise_agreement, summarize
     from diffusers_guda.recipes import Recipe
 
     out = Path(args.eval_dir)
@@ -74,12 +74,14 @@ def main(argv: list[str] | None = None) -> None:
     group_level = {}
     for c in group_comparisons(dataset, queries):
         ours, logo = group_level_comparison(*c.deltas(scores)), group_level_comparison(*c.deltas(reference))
+        ours["pairwise_agreement"] = pairwise_agreement(*c.deltas(scores), *c.deltas(reference))
         group_level[c.name] = {"guda": ours, "logo_seed_a": logo}
         print(f"  {c.name}: mean(a) - mean(b) {ours['mean_diff']:+.2f} [{ours['ci_low']:+.2f}, {ours['ci_high']:+.2f}]"
-              f" (LOGO {logo['mean_diff']:+.2f} [{logo['ci_low']:+.2f}, {logo['ci_high']:+.2f}])")
+              f" (LOGO {logo['mean_diff']:+.2f} [{logo['ci_low']:+.2f}, {logo['ci_high']:+.2f}]), pairwise {ours['pairwise_agreement']:.2f}")
     if group_level:
         agreement = group_level_agreement([g["guda"] for g in group_level.values()], [g["logo_seed_a"] for g in group_level.values()])
-        print(f"  group-level agreement {agreement:.2f}")
+        pairwise = np.mean([g["guda"]["pairwise_agreement"] for g in group_level.values()])
+        print(f"  group-level agreement {agreement:.2f}, pairwise {pairwise:.3f}")
     if args.save:
         record = {"groups": dataset.group_names, "steps": budgets, "exponent": args.exponent, "scores": scores.tolist(),
                   "summary": summary, "group_level": group_level}

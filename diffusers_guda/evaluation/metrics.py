@@ -256,6 +256,27 @@ def group_level_comparison(delta_a, delta_b, confidence: float = 0.95) -> Mappin
             "ci_low": lo, "ci_high": hi, "confidence": float(confidence), "n": int(n), "winner": winner}
 
 
+def pairwise_agreement(pred_a, pred_b, ref_a, ref_b) -> float:
+    """Fraction of queries on which a method orders two groups as the reference does.
+
+    The finer group-level score: where several methods give a comparison's mean difference the
+    reference's sign, it still tells apart how often each one does so query by query. A tie in
+    either ordering counts one half.
+
+    Args:
+        pred_a, pred_b: ``[N]`` the method's scores of group a and group b on the same queries.
+        ref_a, ref_b: ``[N]`` the reference's scores of the same groups on the same queries.
+
+    Returns:
+        The fraction in [0, 1].
+    """
+    arrays = [_array(x, name) for x, name in zip((pred_a, pred_b, ref_a, ref_b), ("pred_a", "pred_b", "ref_a", "ref_b"))]
+    if any(x.ndim != 1 or x.shape != arrays[0].shape for x in arrays) or arrays[0].size == 0:
+        raise ConfigError(f"pred_a, pred_b, ref_a, ref_b must be 1-D of one non-zero length, got {[x.shape for x in arrays]}")
+    pred, ref = np.sign(arrays[0] - arrays[1]), np.sign(arrays[2] - arrays[3])
+    return float(np.mean(np.where((pred == 0) | (ref == 0), 0.5, pred == ref)))
+
+
 def group_level_agreement(pred: Sequence[Mapping], ref: Sequence[Mapping]) -> float | None:
     """Fraction of group-level comparisons on which a method picks the reference's winner.
 

@@ -48,7 +48,7 @@ from .baselines import (
 )
 from .logo import logo_attribution, train_logo_models
 from .benchmarks import group_comparisons
-from .metrics import METRIC_NAMES, group_level_agreement, group_level_comparison, summarize
+from .metrics import METRIC_NAMES, group_level_agreement, group_level_comparison, pairwise_agreement, summarize
 
 METHODS = ("guda", "similarity", "nearest_neighbour", "gradient", "instance_unlearning")
 REFERENCE = "logo_seed_a"
@@ -452,17 +452,23 @@ def _group_level(comparisons, scores: dict[str, np.ndarray], methods: Sequence[s
     if not comparisons:
         return None
     results = {}
+    others = [m for m in methods if m != REFERENCE]
     for c in comparisons:
         entry = {"description": c.description, "n": len(c.queries)}
         entry.update({m: group_level_comparison(*c.deltas(scores[m])) for m in methods})
+        for m in others:
+            entry[m]["pairwise_agreement"] = pairwise_agreement(*c.deltas(scores[m]), *c.deltas(scores[REFERENCE]))
         results[c.name] = entry
     agreement = {
         m: group_level_agreement([results[c.name][m] for c in comparisons], [results[c.name][REFERENCE] for c in comparisons])
-        for m in methods if m != REFERENCE
+        for m in others
     }
-    return {"comparisons": results, "agreement": agreement,
+    pairwise = {m: float(np.mean([results[c.name][m]["pairwise_agreement"] for c in comparisons])) for m in others}
+    return {"comparisons": results, "agreement": agreement, "pairwise_agreement": pairwise,
             "note": f"per comparison: paired 95% interval of mean(a) - mean(b) over its queries; agreement: fraction of the "
-                    f"comparisons {REFERENCE} resolves on which the method's mean difference has its sign"}
+                    f"comparisons {REFERENCE} resolves on which the method's mean difference has its sign; pairwise_agreement: "
+                    f"fraction of a comparison's queries on which the method orders a and b as {REFERENCE} does, "
+                    f"averaged over the comparisons"}
 
 
 # -- formatting ----------------------------------------------------------------------------------
@@ -497,14 +503,22 @@ def format_markdown(report: dict) -> str:
         comparisons = list(gl["comparisons"])
         lines += ["", "## Group level (mean Δ of group a − group b over the comparison's queries, 95% paired interval)", ""]
         lines += [f"- `{name}` ({gl['comparisons'][name]['n']} queries): {gl['comparisons'][name]['description']}" for name in comparisons]
-        lines += ["", "| method | " + " | ".join(comparisons) + " | agreement |", "|---|" + "---|" * (len(comparisons) + 1)]
+        lines += ["", "Agreement: the share of the comparisons the reference resolves on which the method's mean difference has "
+                  "its sign. Pairwise: the share of a comparison's queries on which the method orders a and b as the reference "
+                  "does (in brackets after each interval), averaged over the comparisons.", ""]
+        lines += ["| method | " + " | ".join(comparisons) + " | agreement | pairwise |", "|---|" + "---|" * (len(comparisons) + 2)]
         for m in [report["reference"], *methods]:
             cells = []
             for name in comparisons:
                 r = gl["comparisons"][name][m]
-                cells.append(f"{r['mean_diff']:+.3g} [{r['ci_low']:+.2g}, {r['ci_high']:+.2g}]")
-            agree = gl["agreement"].get(m)
-            lines.append(f"| {m} | " + " | ".join(cells) + f" | {'reference' if m == report['reference'] else 'n/a' if agree is None else f'{agree:.2f}'} |")
+                share = f" ({r['pairwise_agreement']:.2f})" if "pairwise_agreement" in r else ""
+                cells.append(f"{r['mean_diff']:+.3g} [{r['ci_low']:+.2g}, {r['ci_high']:+.2g}]{share}")
+            if m == report["reference"]:
+                lines.append(f"| {m} | " + " | ".join(cells) + " | reference | reference |")
+                continue
+            agree, pairwise = gl["agreement"].get(m), gl.get("pairwise_agreement", {}).get(m)
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {'n/a' if agree is None else f'{agree:.2f}'} | "
+                         f"{'n/a' if pairwise is None else f'{pairwise:.3f}'} |")
     if report.get("prompt_subsets"):
         lines += ["", "## By query prompt (top-1 and Spearman against the reference; label_top1: the group the prompt names)", "",
                   "| subset | n | method | top1 | spearman | label_top1 |", "|---|---|---|---|---|---|"]
@@ -528,9 +542,10 @@ def format_summary(report: dict) -> str:
     for m, res in report["methods"].items():
         lines.append(f"{m:>20} " + " ".join(f"{res[n]['mean']:>7.3f}±{res[n]['std']:<6.3f}" for n in names))
     if report.get("group_level"):
-        agreement = report["group_level"]["agreement"]
-        lines.append("group-level agreement with the reference: " + ", ".join(
-            f"{m} {'n/a' if v is None else f'{v:.2f}'}" for m, v in agreement.items()))
+        agreement, pairwise = report["group_level"]["agreement"], report["group_level"].get("pairwise_agreement", {})
+        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append("group level against the reference (agreement / pairwise): "
+                     + ", ".join(f"{m} {fmt(v)} / {fmt(pairwise.get(m))}" for m, v in agreement.items()))
     ratio = report["cost_ratio_logo_over_guda"]
     if ratio:
         lines.append(f"LOGO/GUDA cost: {ratio:.1f}x wall, {report['cost_ratio_logo_over_guda_passes']:.1f}x sample passes")

@@ -13,6 +13,7 @@ from diffusers_guda.evaluation import (
     METRIC_NAMES,
     group_level_agreement,
     group_level_comparison,
+    pairwise_agreement,
     kendall,
     label_top1,
     mrr,
@@ -179,6 +180,16 @@ def test_group_level_agreement_counts_resolved_reference_comparisons():
         group_level_agreement(pred, ref[:2])
 
 
+def test_pairwise_agreement_by_hand():
+    ref_a, ref_b = [3.0, 1.0, 2.0, 0.0], [1.0, 2.0, 1.0, 5.0]  # reference orders: a, b, a, b
+    pred_a, pred_b = [0.9, 0.1, 0.2, 0.5], [0.1, 0.3, 0.4, 0.5]  # a (agrees), b (agrees), b (wrong), tie (half)
+    assert pairwise_agreement(pred_a, pred_b, ref_a, ref_b) == pytest.approx((1 + 1 + 0 + 0.5) / 4)
+    assert pairwise_agreement(ref_a, ref_b, ref_a, ref_b) == 1.0
+    assert pairwise_agreement(ref_b, ref_a, ref_a, ref_b) == 0.0
+    # scale-free: only each query's order counts
+    assert pairwise_agreement(np.array(ref_a) * 100, np.array(ref_b) * 100 - 1, ref_a, ref_b) == 1.0
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
@@ -198,6 +209,8 @@ def test_group_level_agreement_counts_resolved_reference_comparisons():
         (lambda: group_level_comparison([1.0, 2.0], [1.0]), "equal length"),
         (lambda: group_level_comparison([1.0], [0.0]), "N >= 2"),
         (lambda: group_level_comparison([1.0, 2.0], [0.0, 1.0], confidence=1.5), "confidence"),
+        (lambda: pairwise_agreement([1.0, 2.0], [0.0, 1.0], [1.0], [0.0]), "one non-zero length"),
+        (lambda: pairwise_agreement([], [], [], []), "one non-zero length"),
     ],
 )
 def test_validation_errors(call, match):

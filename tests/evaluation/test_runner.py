@@ -111,10 +111,14 @@ def test_group_level_section(workspace):
     level = _group_level([comparison], scores, methods)
     entry = level["comparisons"]["left-vs-right"]
     assert entry["n"] == 4
-    for m in methods:
-        assert entry[m] == group_level_comparison(scores[m][:, 0], scores[m][:, 2])
     reference = entry["logo_seed_a"]
+    assert reference == group_level_comparison(scores["logo_seed_a"][:, 0], scores["logo_seed_a"][:, 2])
+    ref_order = np.sign(scores["logo_seed_a"][:4, 0] - scores["logo_seed_a"][:4, 2])
     for m in methods[1:]:
+        pairwise = entry[m]["pairwise_agreement"]
+        assert {k: v for k, v in entry[m].items() if k != "pairwise_agreement"} == group_level_comparison(scores[m][:, 0], scores[m][:, 2])
+        assert pairwise == pytest.approx(np.mean(np.sign(scores[m][:4, 0] - scores[m][:4, 2]) == ref_order))
+        assert level["pairwise_agreement"][m] == pairwise  # one comparison: its own share
         expected = None if reference["winner"] == "unresolved" else float((entry[m]["mean_diff"] > 0) == (reference["winner"] == "a"))
         assert level["agreement"][m] == expected
     md = format_markdown(dict(report, group_level=level))
@@ -122,7 +126,8 @@ def test_group_level_section(workspace):
     table = md.split("## Group level")[1].split("## Cost")[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "[" in line]
     assert [r.split(" | ")[0] for r in rows] == ["| logo_seed_a", "| logo_seed_b", *(f"| {m}" for m in METHODS)]
-    assert rows[0].endswith("| reference |")
+    assert rows[0].endswith("| reference | reference |")
+    assert rows[2].endswith(f" | {level['pairwise_agreement'][METHODS[0]]:.3f} |")
 
 
 def test_rerun_reuses_everything(workspace):
