@@ -18,7 +18,7 @@ class ReTrackConfig(ObjectiveConfig):
     # "all" is the exact posterior over the retain set, the optimal denoiser of a model retrained
     # without the group. k nearest drop the retain set's mass: when another group holds near-copies
     # of the forget images, all k are copies and the target says nothing changes (digits-contributors).
-    num_neighbors: int = field(default=10, metadata={
+    num_neighbors: int | str = field(default=10, metadata={
         "help": "k nearest retain images per forget image, or 'all' (every retain image).", "words": ("all",)})
     # The authors' code uses 1.0; on the digits that caps the target shift so hard that nothing is
     # unlearned in 80 steps (forget loss +0.2%), while 10.0 gives +19..50% at +2..4% retain loss.
