@@ -147,6 +147,16 @@ def test_bundle_saves_and_loads(full_bundle, tmp_path):
     assert [g.stats for g in loaded.groups] == json.loads(json.dumps([g.stats for g in full_bundle.groups]))
 
 
+def test_redirect_over_every_retain_image_trains_and_round_trips(tiny_unet, tiny_scheduler, tiny_dataset, tmp_path):
+    config = small_config(objective_options={"num_neighbors": "all", "kl_cap": 20.0})
+    bundle = GroupUnlearner(tiny_unet, tiny_scheduler, config).unlearn(tiny_dataset, groups=[0], progress=False)
+    stats = bundle.groups[0].stats
+    assert stats["forget_loss_after"] != stats["forget_loss_before"]
+    loaded = AdapterBundle.from_pretrained(bundle.save_pretrained(tmp_path / "bundle"))
+    assert loaded.objective["config"]["num_neighbors"] == "all"
+    assert_same_adapters(bundle, loaded)
+
+
 # -- determinism --------------------------------------------------------------------------------
 
 
@@ -216,6 +226,7 @@ def test_resume_skips_finished_groups_and_matches_an_uninterrupted_run(
         dict(steps=4),
         dict(learning_rate=2e-2),
         dict(objective_options={"num_neighbors": 3}),
+        dict(objective_options={"num_neighbors": "all"}),
         dict(lora=LoRASettings(rank=4, alpha=4.0)),
     ],
 )
