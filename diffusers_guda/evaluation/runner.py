@@ -516,9 +516,9 @@ def format_markdown(report: dict) -> str:
             if m == report["reference"]:
                 lines.append(f"| {m} | " + " | ".join(cells) + " | reference | reference |")
                 continue
-            agree, pairwise = gl["agreement"].get(m), gl.get("pairwise_agreement", {}).get(m)
+            agree = gl["agreement"][m]
             lines.append(f"| {m} | " + " | ".join(cells) + f" | {'n/a' if agree is None else f'{agree:.2f}'} | "
-                         f"{'n/a' if pairwise is None else f'{pairwise:.3f}'} |")
+                         f"{gl['pairwise_agreement'][m]:.3f} |")
     if report.get("prompt_subsets"):
         lines += ["", "## By query prompt (top-1 and Spearman against the reference; label_top1: the group the prompt names)", "",
                   "| subset | n | method | top1 | spearman | label_top1 |", "|---|---|---|---|---|---|"]
@@ -542,10 +542,9 @@ def format_summary(report: dict) -> str:
     for m, res in report["methods"].items():
         lines.append(f"{m:>20} " + " ".join(f"{res[n]['mean']:>7.3f}±{res[n]['std']:<6.3f}" for n in names))
     if report.get("group_level"):
-        agreement, pairwise = report["group_level"]["agreement"], report["group_level"].get("pairwise_agreement", {})
-        fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-        lines.append("group level against the reference (agreement / pairwise): "
-                     + ", ".join(f"{m} {fmt(v)} / {fmt(pairwise.get(m))}" for m, v in agreement.items()))
+        agreement, pairwise = report["group_level"]["agreement"], report["group_level"]["pairwise_agreement"]
+        lines.append("group level against the reference (agreement / pairwise): " + ", ".join(
+            f"{m} {'n/a' if v is None else f'{v:.2f}'} / {pairwise[m]:.2f}" for m, v in agreement.items()))
     ratio = report["cost_ratio_logo_over_guda"]
     if ratio:
         lines.append(f"LOGO/GUDA cost: {ratio:.1f}x wall, {report['cost_ratio_logo_over_guda_passes']:.1f}x sample passes")
