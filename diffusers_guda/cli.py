@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         source = p.add_mutually_exclusive_group(required=required)
         # default None (meaning the digits): argparse only sees a conflict with --benchmark when --data differs from its default
         source.add_argument("--data", help=help + ("" if required else "; default: digits"))
-        source.add_argument("--benchmark", help="a named benchmark dataset instead of --data (digits-classes, digits-contributors, digits-styles)")
+        source.add_argument("--benchmark", help="a named benchmark dataset instead of --data (digits-classes, digits-contributors, digits-contributors-hobbyist, digits-styles)")
         p.add_argument("--mode", choices=["L", "RGB"], help="convert --data images to grayscale (L) or RGB")
 
     def device_arg(p):

@@ -25,6 +25,18 @@ looks most similar". Three constructions, each documented with the answer LOGO s
   by the style contributor even when its shape is closest to one digit group's; a thin query by its
   digit group even though thick images overlap its strokes.
 
+``digits-contributors-hobbyist``: the same, with the 7s split replaced by a construction where pixel
+nearest neighbour is wrong by design (the three above mislead mean similarity, not the nearest image):
+
+* **A prolific contributor who holds a minority of everything.** ``hobbyist`` holds a random
+  quarter of every 0, 1, 2, 4 and 7 (222 images, the second-largest contributor); the other three
+  quarters stay with ``zeros``, ``ones``, ``twos``, ``fours``, ``sevens``. For a query of one of
+  these digits the nearest training image is the hobbyist's about a quarter of the time, so nearest
+  neighbour names the hobbyist there; but removing the hobbyist leaves three quarters of the digit,
+  while removing the digit's own contributor leaves only the hobbyist's quarter. Expected: the
+  digit's contributor above ``hobbyist``. The price is smaller effects: with a quarter of a digit
+  left, removing its contributor lowers a query's ELBO by ~5-8 nats instead of ~17-32.
+
 Each construction is also scored at group level (:func:`group_comparisons`): over the queries it
 concerns, does group a have the larger mean Δ than group b, with a paired interval? Per-query ranks
 of small effects drown in LOGO's own seed-to-seed noise; a mean over the query set does not.
@@ -45,10 +57,22 @@ from .digits_styles import digits_styles
 COPY_NOISE = 0.05
 COPIED_FRACTION_INVERSE = 4  # copies of a quarter of the 3s
 SMALL_SEVENS = 20
+HOBBYIST_SHARE_INVERSE = 4  # the hobbyist holds a quarter of each of its digits
+HOBBYIST_DIGITS = {0: "zeros", 1: "ones", 2: "twos", 4: "fours", 7: "sevens"}
+STYLE_DIGITS = {5: "fives", 6: "sixes", 8: "eights", 9: "nines"}
 
 
 def digits_contributors(seed: int = 0) -> GroupedDataset:
     """The ``digits-contributors`` benchmark (13 contributors); see the module docstring."""
+    return _contributors(seed, hobbyist=False)
+
+
+def digits_contributors_hobbyist(seed: int = 0) -> GroupedDataset:
+    """The ``digits-contributors-hobbyist`` benchmark: the 7s split replaced by ``hobbyist``; see the module docstring."""
+    return _contributors(seed, hobbyist=True)
+
+
+def _contributors(seed: int, hobbyist: bool) -> GroupedDataset:
     digits = load_digits()
     generator = torch.Generator().manual_seed(seed)
     images, labels = digits.images, digits.group_ids
@@ -58,17 +82,27 @@ def digits_contributors(seed: int = 0) -> GroupedDataset:
         idx = torch.nonzero(labels == digit).flatten()
         return idx[torch.randperm(len(idx), generator=generator)]
 
-    for digit, name in ((0, "zeros"), (1, "ones"), (2, "twos"), (4, "fours")):
-        groups[name] = [images[shuffled(digit)]]
+    if hobbyist:
+        shares = []
+        for digit, name in HOBBYIST_DIGITS.items():
+            idx = shuffled(digit)
+            share = len(idx) // HOBBYIST_SHARE_INVERSE
+            groups[name] = [images[idx[share:]]]
+            shares.append(images[idx[:share]])
+        groups["hobbyist"] = shares
+    else:
+        for digit, name in ((0, "zeros"), (1, "ones"), (2, "twos"), (4, "fours")):
+            groups[name] = [images[shuffled(digit)]]
     threes = shuffled(3)
     groups["threes"] = [images[threes]]
     originals = images[threes[: len(threes) // COPIED_FRACTION_INVERSE]]
     groups["threes-copies"] = [(originals + COPY_NOISE * torch.randn(originals.shape, generator=generator)).clamp(-1, 1)]
-    sevens = shuffled(7)
-    groups["sevens-large"] = [images[sevens[SMALL_SEVENS:]]]
-    groups["sevens-small"] = [images[sevens[:SMALL_SEVENS]]]
+    if not hobbyist:
+        sevens = shuffled(7)
+        groups["sevens-large"] = [images[sevens[SMALL_SEVENS:]]]
+        groups["sevens-small"] = [images[sevens[:SMALL_SEVENS]]]
     thick = []
-    for digit, name in ((5, "fives"), (6, "sixes"), (8, "eights"), (9, "nines")):
+    for digit, name in STYLE_DIGITS.items():
         idx = shuffled(digit)
         half = len(idx) // 2
         groups[name] = [images[idx[half:]]]
@@ -82,7 +116,8 @@ def digits_contributors(seed: int = 0) -> GroupedDataset:
 
 CONTRIBUTORS = ["zeros", "ones", "twos", "fours", "threes", "threes-copies", "sevens-large", "sevens-small",
                 "fives", "sixes", "eights", "nines", "thick-strokes"]
-STYLE_DIGITS = {5: "fives", 6: "sixes", 8: "eights", 9: "nines"}
+CONTRIBUTORS_HOBBYIST = ["zeros", "ones", "twos", "fours", "sevens", "hobbyist", "threes", "threes-copies",
+                         "fives", "sixes", "eights", "nines", "thick-strokes"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +125,7 @@ class GroupComparison:
     """A group-level question over a subset of the queries: is group a's mean Δ above group b's?
 
     Attributes:
-        name: Short id (``copies``, ``sizes``, ...).
+        name: Short id (``copies``, ``hobbyist``, ...).
         description: What is compared and why the answer is expected.
         queries: Indices of the queries it concerns.
         group_a: Per selected query, the index of group a (the group expected to matter more).
@@ -119,26 +154,33 @@ def _knn(images: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, k: i
 def group_comparisons(dataset: GroupedDataset, queries: torch.Tensor) -> list[GroupComparison]:
     """The group-level comparisons of a benchmark dataset on a query set (``[]`` for other datasets).
 
-    ``digits-contributors`` selects queries by two pixel 5-nearest-neighbour classifiers that look
-    at no attribution score: the digit (trained on the real digits) and, for 5/6/8/9, the stroke
+    ``digits-contributors`` and ``digits-contributors-hobbyist`` select queries by two pixel
+    5-nearest-neighbour classifiers that look at no attribution score: the digit (trained on the real digits) and, for 5/6/8/9, the stroke
     style (trained on ``thick-strokes`` against the thin halves). Comparisons with fewer than two
     selected queries are left out.
     """
-    if list(dataset.group_names) != CONTRIBUTORS or tuple(queries.shape[1:]) != (1, 8, 8):
+    names = list(dataset.group_names)
+    if names not in (CONTRIBUTORS, CONTRIBUTORS_HOBBYIST) or tuple(queries.shape[1:]) != (1, 8, 8):
         return []
     digits = load_digits()
     digit = _knn(digits.images, digits.group_ids, queries)
-    index = {name: dataset.group_index(name) for name in CONTRIBUTORS}
+    index = {name: dataset.group_index(name) for name in names}
     style_groups = [index[name] for name in (*STYLE_DIGITS.values(), "thick-strokes")]
     in_style = torch.isin(dataset.group_ids, torch.tensor(style_groups))
     thick = _knn(dataset.images[in_style], (dataset.group_ids[in_style] == index["thick-strokes"]).long(), queries).astype(bool)
     style = np.isin(digit, list(STYLE_DIGITS))
     own = np.array([index[STYLE_DIGITS.get(int(d), "fives")] for d in digit])
+    if names == CONTRIBUTORS:
+        middle = ("sizes", digit == 7, index["sevens-large"], index["sevens-small"],
+                  f"7-queries: sevens-large above sevens-small (only {SMALL_SEVENS} images; the other sevens stay when they go)")
+    else:
+        own_plain = np.array([index[HOBBYIST_DIGITS.get(int(d), "zeros")] for d in digit])
+        middle = ("hobbyist", np.isin(digit, list(HOBBYIST_DIGITS)), own_plain, index["hobbyist"],
+                  "0/1/2/4/7-queries: the digit's contributor (three quarters of it) above hobbyist (a quarter of every such digit)")
     specs = [
         ("copies", digit == 3, index["threes"], index["threes-copies"],
          "3-queries: threes (all originals) above threes-copies (near-copies of a quarter of them; the originals stay when they go)"),
-        ("sizes", digit == 7, index["sevens-large"], index["sevens-small"],
-         f"7-queries: sevens-large above sevens-small (only {SMALL_SEVENS} images; the other sevens stay when they go)"),
+        middle,
         ("style-thick", style & thick, index["thick-strokes"], own,
          "thick 5/6/8/9-queries: thick-strokes above the query's digit contributor (its thick twins are all in thick-strokes)"),
         ("style-thin", style & ~thick, own, index["thick-strokes"],
@@ -164,6 +206,7 @@ def thicken(images: torch.Tensor) -> torch.Tensor:
 _BENCHMARKS: dict[str, tuple[Callable[[], GroupedDataset], str, str]] = {
     "digits-classes": (load_digits, "scikit-learn digits, groups = the 10 digit classes (easy for similarity: see DESIGN §3)", "digits-ddpm"),
     "digits-contributors": (digits_contributors, "13 overlapping contributors built from the digits: near-copies, very different sizes, a stroke style across digits", "digits-ddpm"),
+    "digits-contributors-hobbyist": (digits_contributors_hobbyist, "digits-contributors with the 7s split replaced by a hobbyist holding a quarter of five digits (pixel nearest neighbour is wrong by design)", "digits-ddpm"),
     "digits-styles": (digits_styles, "text-conditioned digits with prompts; groups = 4 styles (plain, thick, slanted, inverted) applied across all digits", "digits-styles"),
 }
 

@@ -40,6 +40,28 @@ def test_copies_are_light_noise_on_originals():
     assert (nearest < 3 * benchmarks.COPY_NOISE * 8).all() and (nearest > 0).all()
 
 
+def test_hobbyist_variant_holds_a_disjoint_quarter_of_five_digits():
+    data = benchmarks.load_benchmark("digits-contributors-hobbyist")
+    assert data.group_names == ["zeros", "ones", "twos", "fours", "sevens", "hobbyist", "threes", "threes-copies",
+                                "fives", "sixes", "eights", "nines", "thick-strokes"]
+    digits = load_digits()
+    counts = torch.bincount(digits.group_ids, minlength=10)
+    hobbyist = data.images[data.forget_indices(data.group_index("hobbyist"))].flatten(1)
+    label_of = {tuple(image.tolist()): int(label) for image, label in zip(digits.images.flatten(1), digits.group_ids)}
+    labels = torch.tensor([label_of[tuple(image.tolist())] for image in hobbyist])
+    assert set(labels.tolist()) == set(benchmarks.HOBBYIST_DIGITS)
+    for digit, name in benchmarks.HOBBYIST_DIGITS.items():
+        quarter = counts[digit] // benchmarks.HOBBYIST_SHARE_INVERSE
+        own = data.images[data.forget_indices(data.group_index(name))].flatten(1)
+        assert (labels == digit).sum() == quarter and len(own) == counts[digit] - quarter
+        # disjoint real images: no hobbyist image reappears in the digit's own contributor
+        assert torch.cdist(hobbyist[labels == digit], own).min() > 0
+    # the other constructions are those of digits-contributors
+    plain = benchmarks.digits_contributors()
+    for name in ("threes", "threes-copies", "thick-strokes", "fives"):
+        assert len(data.forget_indices(data.group_index(name))) == len(plain.forget_indices(plain.group_index(name)))
+
+
 def test_thicken_adds_stroke_pixels_only():
     image = torch.full((1, 1, 8, 8), -1.0)
     image[0, 0, 3, 2] = 1.0
@@ -74,6 +96,21 @@ def test_group_comparisons_select_queries_by_digit_and_stroke_style():
     a, b = found["style-thin"].deltas(scores)
     assert a.tolist() == [scores[6, idx("fives")], scores[7, idx("nines")]]
     assert b.tolist() == [scores[6, idx("thick-strokes")], scores[7, idx("thick-strokes")]]
+
+
+def test_hobbyist_comparison_pits_each_plain_digit_against_the_hobbyist():
+    data = benchmarks.load_benchmark("digits-contributors-hobbyist")
+    group = lambda name: data.images[data.forget_indices(data.group_index(name))]
+    # a 7, a 0 and a 1 from their own contributors, one of the hobbyist's images, and two 3s
+    queries = torch.cat([group("sevens")[:1], group("zeros")[:1], group("ones")[:1], group("hobbyist")[:1], group("threes")[:2]])
+    found = {c.name: c for c in benchmarks.group_comparisons(data, queries)}
+    assert set(found) == {"copies", "hobbyist"}
+    idx = data.group_index
+    assert found["hobbyist"].queries.tolist() == [0, 1, 2, 3]
+    # the hobbyist's first image is one of its zeros (the shares are stacked digit by digit)
+    assert found["hobbyist"].group_a.tolist() == [idx("sevens"), idx("zeros"), idx("ones"), idx("zeros")]
+    assert set(found["hobbyist"].group_b) == {idx("hobbyist")}
+    assert found["copies"].queries.tolist() == [4, 5]
 
 
 def test_group_comparisons_only_for_the_contributors_benchmark():
