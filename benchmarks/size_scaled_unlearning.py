@@ -59,18 +59,22 @@ def main(argv: list[str] | None = None) -> None:
     config = replace(recipe.unlearning, objective_options=options, steps=base_steps, size_exponent=args.exponent,
                      learning_rate=args.lr or recipe.unlearning.learning_rate)
     sizes = dataset.group_sizes()
-    columns, budgets, start = [], [], time.perf_counter()
+    columns, budgets, loss_changes, start = [], [], [], time.perf_counter()
     for k, name in enumerate(dataset.group_names):
         pipe = GUDADDPMPipeline.from_pretrained(out / "base")
         pipe.set_progress_bar_config(disable=True)
         bundle = pipe.unlearn_groups(dataset, config=config, groups=[name], progress=False)
-        budgets.append(bundle.groups[0].stats["steps"])
+        stats = bundle.groups[0].stats
+        budgets.append(stats["steps"])
+        loss_changes.append((stats["forget_loss_change"], stats["retain_loss_change"]))
         # a group's scores depend on its adapter alone, so one group at a time gives the joint matrix
         columns.append(pipe.attribute(queries, elbo_config=recipe.elbo, progress=False).scores[:, 0].double().numpy())
         print(f"{name}: {sizes[k]} images, {budgets[-1]} steps ({time.perf_counter() - start:.0f} s)", flush=True)
     scores = np.stack(columns, 1)
     summary = summarize(scores, reference, names=("top1", "ndcg@3", "spearman"))
     print(f"steps {base_steps}, lr {config.learning_rate:g}, exponent {args.exponent:g}: " + ", ".join(f"{n} {v['mean']:.3f}" for n, v in summary.items()))
+    forget, retain = (np.array(change) * 100 for change in zip(*loss_changes))
+    print(f"  forget-set loss change min {forget.min():+.1f} %, retain-set loss change max {retain.max():+.1f} %")
     group_level = {}
     for c in group_comparisons(dataset, queries):
         ours, logo = group_level_comparison(*c.deltas(scores)), group_level_comparison(*c.deltas(reference))
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  group-level agreement {agreement:.2f}, pairwise {pairwise:.3f}")
     if args.save:
         record = {"groups": dataset.group_names, "steps": budgets, "exponent": args.exponent, "scores": scores.tolist(),
-                  "summary": summary, "group_level": group_level}
+                  "summary": summary, "group_level": group_level,
+                  "forget_loss_change": forget.tolist(), "retain_loss_change": retain.tolist()}
         Path(args.save).write_text(json.dumps(record, indent=1))
 
 
