@@ -35,7 +35,7 @@ nearest neighbour is wrong by design (the three above mislead mean similarity, n
   neighbour names the hobbyist there; but removing the hobbyist leaves three quarters of the digit,
   while removing the digit's own contributor leaves only the hobbyist's quarter. Expected: the
   digit's contributor above ``hobbyist``. The price is smaller effects: with a quarter of a digit
-  left, removing its contributor lowers a query's ELBO by ~5-8 nats instead of ~17-32.
+  left, removing its contributor lowers a query's ELBO by ~5-9 nats instead of ~17-32.
 
 Each construction is also scored at group level (:func:`group_comparisons`): over the queries it
 concerns, does group a have the larger mean Δ than group b, with a paired interval? Per-query ranks
