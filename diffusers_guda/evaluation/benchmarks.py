@@ -155,9 +155,9 @@ def group_comparisons(dataset: GroupedDataset, queries: torch.Tensor) -> list[Gr
     """The group-level comparisons of a benchmark dataset on a query set (``[]`` for other datasets).
 
     ``digits-contributors`` and ``digits-contributors-hobbyist`` select queries by two pixel
-    5-nearest-neighbour classifiers that look at no attribution score: the digit (trained on the real digits) and, for 5/6/8/9, the stroke
-    style (trained on ``thick-strokes`` against the thin halves). Comparisons with fewer than two
-    selected queries are left out.
+    5-nearest-neighbour classifiers that look at no attribution score: the digit (trained on the
+    real digits) and, for 5/6/8/9, the stroke style (trained on ``thick-strokes`` against the thin
+    halves). Comparisons with fewer than two selected queries are left out.
     """
     names = list(dataset.group_names)
     if names not in (CONTRIBUTORS, CONTRIBUTORS_HOBBYIST) or tuple(queries.shape[1:]) != (1, 8, 8):
