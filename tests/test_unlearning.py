@@ -157,6 +157,16 @@ def test_redirect_over_every_retain_image_trains_and_round_trips(tiny_unet, tiny
     assert_same_adapters(bundle, loaded)
 
 
+def test_teacher_posterior_trains_counts_teacher_passes_and_keeps_far_images(tiny_unet, tiny_scheduler, tiny_dataset):
+    options = {"num_neighbors": "all", "kl_cap": 20.0, "target": "teacher_posterior", "preserve": "teacher_posterior"}
+    config = small_config(objective_options=options, steps=6)
+    bundle = GroupUnlearner(tiny_unet, tiny_scheduler, config).unlearn(tiny_dataset, groups=[0], progress=False)
+    stats = bundle.groups[0].stats
+    assert stats["sample_passes"] == 6 * 2 * (4 + 4)  # student and teacher, forget and retain
+    # the forget images move; the retain images (other bars, far from the group) hardly do
+    assert stats["forget_loss_change"] > 10 * abs(stats["retain_loss_change"])
+
+
 # -- determinism --------------------------------------------------------------------------------
 
 

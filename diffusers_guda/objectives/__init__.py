@@ -12,7 +12,7 @@ from .base import (
 from .anchor import Anchor, AnchorConfig, anchor_distribution, replace_phrases, strip_phrases
 from .esd import ESD, ESDConfig
 from .gradient_ascent import GradientAscent, GradientAscentConfig
-from .retrack import ReTrack, ReTrackConfig, capped_offsets, neighbour_weights, pool_redirect, pool_weights
+from .retrack import ReTrack, ReTrackConfig, capped_offsets, neighbour_weights, pool_redirect, pool_weights, posterior_shift
 
 __all__ = [
     "Anchor",
@@ -34,6 +34,7 @@ __all__ = [
     "neighbour_weights",
     "pool_redirect",
     "pool_weights",
+    "posterior_shift",
     "register_objective",
     "replace_phrases",
     "strip_phrases",

@@ -103,13 +103,15 @@ class ObjectiveConfig:
     ``metadata["words"]`` lists strings it accepts besides (e.g. ``num_neighbors="all"``).
     """
 
+    preserve_modes: ClassVar[tuple[str, ...]] = PRESERVE_MODES  # an objective may add its own
+
     forget_weight: float = field(default=1.0, metadata={"help": "λ, weight of the forget term."})
     preserve: str = field(default="mse", metadata={"help": "'mse' (ε-MSE on retain images) or 'distill' (match the teacher)."})
     preserve_weight: float = field(default=1.0, metadata={"help": "Weight of the preserve term."})
 
     def __post_init__(self):
-        if self.preserve not in PRESERVE_MODES:
-            raise ConfigError(f"preserve must be one of {PRESERVE_MODES}, got {self.preserve!r}.")
+        if self.preserve not in self.preserve_modes:
+            raise ConfigError(f"preserve must be one of {self.preserve_modes}, got {self.preserve!r}.")
 
     def to_dict(self) -> dict:
         return asdict(self)

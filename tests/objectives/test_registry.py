@@ -112,5 +112,7 @@ def test_preserve_mse_vs_distill(prediction_type):
 def test_objective_config_errors():
     with pytest.raises(ConfigError):
         ObjectiveConfig(preserve="kl")
+    with pytest.raises(ConfigError, match="preserve must be one of"):  # retrack's own preserve mode only
+        get_objective("gradient_ascent", {"preserve": "teacher_posterior"})
     with pytest.raises(ConfigError, match="no option"):
         get_objective("gradient_ascent", {"typo": 1})

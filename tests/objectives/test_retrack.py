@@ -19,6 +19,7 @@ from diffusers_guda.objectives import (
     neighbour_weights,
     pool_redirect,
     pool_weights,
+    posterior_shift,
 )
 
 TIMESTEPS = [1, 10, 100, 500, 999]
@@ -322,12 +323,92 @@ def test_teacher_neighbour_draw_uses_batch_generator(tiny_dataset, tiny_schedule
     assert torch.equal(losses[0], losses[1])  # reproducible with the same generator
 
 
+# -- teacher_posterior: the exact change of the optimal denoiser ------------------------------------
+
+
+def _posterior_mean(x_t, pool, a, s):
+    """E[a | x_t] over ``pool`` in float64, by hand."""
+    logits = -(x_t.unsqueeze(1) - a.view(-1, 1, 1, 1, 1) * pool.unsqueeze(0)).flatten(2).pow(2).sum(-1) / (2 * s.view(-1, 1) ** 2)
+    return (torch.softmax(logits, dim=1) @ pool.flatten(1)).view_as(x_t)
+
+
+def test_posterior_shift_is_the_change_of_the_optimal_denoiser(tiny_dataset, tiny_scheduler):
+    group = 1
+    images = tiny_dataset.images.double()
+    retain = images[tiny_dataset.retain_indices(group)]
+    t = torch.tensor([20, 50, 80, 99])  # a spread posterior: no offset reaches the cap below
+    abar = tiny_scheduler.alphas_cumprod.double()[t]
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    x0 = images[tiny_dataset.forget_indices(group)[: len(t)]]
+    x_t = a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    shift = posterior_shift(x0, x_t, retain, images, a, s, kl_cap=1e9)
+    optimal = lambda pool: (x_t - a.view(-1, 1, 1, 1) * _posterior_mean(x_t, pool, a, s)) / s.view(-1, 1, 1, 1)  # noqa: E731
+    torch.testing.assert_close(shift, optimal(retain) - optimal(images), rtol=1e-6, atol=1e-6)
+    assert shift.flatten(1).norm(dim=1).min() > 1e-2  # the group's own images move
+
+
+def test_posterior_shift_vanishes_where_the_group_has_no_mass(tiny_dataset, tiny_scheduler):
+    """Retain images keep the teacher's output: far from the group at moderate t, and all of them at small t."""
+    group = 0
+    images = tiny_dataset.images
+    retain = images[tiny_dataset.retain_indices(group)]
+    abar = tiny_scheduler.alphas_cumprod
+    noise = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+    for index, t, bound in ((tiny_dataset.retain_indices(group)[-4:], 30, 1e-3), (tiny_dataset.retain_indices(group)[:4], 1, 1e-3)):
+        tt = torch.full((4,), t)
+        a, s = abar[tt].sqrt(), (1 - abar[tt]).sqrt()
+        x0 = images[index]
+        x_t = a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise
+        shift = posterior_shift(x0, x_t, retain, images, a, s, kl_cap=20.0)
+        assert shift.abs().max() < bound, (t, shift.abs().max())
+    # while a forget image at the same moderate t is redirected
+    tt = torch.full((4,), 30)
+    a, s = abar[tt].sqrt(), (1 - abar[tt]).sqrt()
+    x0 = images[tiny_dataset.forget_indices(group)[:4]]
+    x_t = a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise
+    assert posterior_shift(x0, x_t, retain, images, a, s, kl_cap=20.0).flatten(1).norm(dim=1).min() > 1.0
+
+
+def test_teacher_posterior_targets_by_hand(tiny_dataset, tiny_scheduler):
+    group = 2
+    schedule = NoiseSchedule(tiny_scheduler)
+    objective = get_objective("retrack", {"num_neighbors": "all", "kl_cap": 20.0, "target": "teacher_posterior", "preserve": "teacher_posterior"})
+    objective.setup(tiny_dataset, group, schedule)
+    assert objective.teacher_passes(64, 32) == 96  # one teacher forward per forget and per retain sample
+    t = torch.tensor([2, 10, 40, 70, 99])
+    teacher_calls = []
+
+    def teacher(x_t, tt):
+        teacher_calls.append(x_t.detach().clone())
+        return 0.1 * x_t
+
+    abar = tiny_scheduler.alphas_cumprod[t]
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    for term in ("forget", "retain"):
+        model = _Leaf((len(t), 1, 8, 8), seed=9)
+        teacher_calls.clear()
+        batch = _batch(tiny_dataset, group, schedule, model, teacher, t)
+        loss = objective.forget_loss(batch) if term == "forget" else objective.preserve_loss(batch)
+        loss.backward()
+        target = model.output.detach() - model.output.grad * model.output.numel() / 2
+        x0, noise = getattr(batch, f"{term}_x0"), getattr(batch, f"{term}_noise")
+        x_t = a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise
+        (seen,) = teacher_calls
+        torch.testing.assert_close(seen, x_t, rtol=1e-5, atol=1e-5)
+        retain = tiny_dataset.images[tiny_dataset.retain_indices(group)]
+        expected = 0.1 * x_t + posterior_shift(x0, x_t, retain, tiny_dataset.images, a, s, 20.0)
+        torch.testing.assert_close(target, expected, rtol=1e-4, atol=1e-4)
+        moved = (target - 0.1 * x_t).flatten(1).norm(dim=1)
+        assert (moved.max() > 0.5) == (term == "forget")  # only the group's images are redirected
+
+
 # -- config --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     "options",
-    [{"target": "teacher"}, {"num_neighbors": 0}, {"num_neighbors": "every"}, {"num_neighbors": 2.5}, {"kl_cap": 0.0}, {"kl_cap": -1.0}, {"nope": 1}, {"preserve": "l1"}],
+    [{"target": "teacher"}, {"num_neighbors": 0}, {"num_neighbors": "every"}, {"num_neighbors": 2.5}, {"kl_cap": 0.0}, {"kl_cap": -1.0}, {"nope": 1}, {"preserve": "l1"},
+     {"target": "teacher_posterior", "num_neighbors": 3}, {"preserve": "teacher_posterior", "num_neighbors": 3}],
 )
 def test_retrack_config_errors(options):
     with pytest.raises(ConfigError):
