@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 from pathlib import Path
 
@@ -98,6 +99,27 @@ def write_evaluation_recipe(path: Path) -> Path:
     recipe["queries"] = {"num_queries": 4, "seed": 0, "num_inference_steps": 3}
     path.write_text(json.dumps(recipe))
     return path
+
+
+def load_benchmark_script(name: str):
+    """The module ``benchmarks/<name>.py`` (the scripts are not a package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tiny_evaluation(tmp_path):
+    """``(recipe, data, out)`` of a finished ``guda evaluate --methods guda --no-ceiling`` on three groups."""
+    from diffusers_guda.cli import main as guda
+
+    recipe = write_evaluation_recipe(tmp_path / "recipe.json")
+    data, out = write_group_folder(tmp_path / "data", ["left", "middle", "right"]), tmp_path / "eval"
+    assert guda(["evaluate", "--data", str(data), "--out", str(out), "--recipe", str(recipe), "--no-ceiling",
+                 "--methods", "guda", "--quiet"]) == 0
+    return recipe, data, out
 
 
 @pytest.fixture

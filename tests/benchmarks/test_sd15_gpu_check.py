@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sd15_gpu_check.py"
+from conftest import load_benchmark_script
 
 
 def test_tiny_run_writes_every_measurement(tmp_path):
-    spec = importlib.util.spec_from_file_location("sd15_gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark_script("sd15_gpu_check")
     out = tmp_path / "check.json"
     module.main(["--tiny", "--device", "cpu", "--warmup", "0", "--iters", "1", "--rows-per-forward", "8", "--batch", "2", "--out", str(out)])
     data = json.loads(out.read_text())

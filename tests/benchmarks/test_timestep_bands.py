@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from diffusers_guda.cli import main as guda
+from conftest import load_benchmark_script
 
-from conftest import write_evaluation_recipe, write_group_folder
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "timestep_bands.py"
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
 
-def test_bands_add_up_to_the_evaluation_scores(tmp_path, capsys):
-    recipe_path = write_evaluation_recipe(tmp_path / "recipe.json")
-    data, out = write_group_folder(tmp_path / "data", ["left", "middle", "right"]), tmp_path / "eval"
-    assert guda(["evaluate", "--data", str(data), "--out", str(out), "--recipe", str(recipe_path), "--no-ceiling",
-                 "--methods", "guda", "--quiet"]) == 0
-
-    spec = importlib.util.spec_from_file_location("timestep_bands", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_bands_add_up_to_the_evaluation_scores(tiny_evaluation, tmp_path, capsys):
+    recipe_path, data, out = tiny_evaluation
+    module = load_benchmark_script("timestep_bands")
     saved = tmp_path / "bands.json"
     capsys.readouterr()
     module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path), "--bands", "0", "40", "100",
