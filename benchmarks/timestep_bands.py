@@ -90,35 +90,29 @@ def main(argv: list[str] | None = None) -> None:
         pipe.unet.delete_adapters(names)
         deltas["guda" if path == out / "bundle" else str(path)] = (torch.stack(parts, 1) - base.unsqueeze(1)) * scale
 
-    timesteps = estimator.row_timesteps
     edges = list(zip(args.bands, args.bands[1:])) + [(args.bands[0], args.bands[-1])]
-    reference = deltas["logo_seed_a"].sum(-1).numpy()
-    top = reference.argmax(1)
+    in_band = [(estimator.row_timesteps >= a) & (estimator.row_timesteps < b) for a, b in edges]
+    band_scores = {method: [delta[:, :, rows].sum(-1).numpy() for rows in in_band] for method, delta in deltas.items()}  # [N, K] each
+    reference = band_scores["logo_seed_a"][-1]
     record = {"bands": edges, "methods": {}}
     print("top-1 / NDCG@3 / Spearman of each band's part against LOGO seed A's full scores")
     print(f"{'method':28s} " + " | ".join(f"t in [{a}, {b})" for a, b in edges))
-    for method, delta in deltas.items():
-        record["methods"][method] = {"metrics": [], "band_scores": []}
-        cells = []
-        for a, b in edges:
-            in_band = (timesteps >= a) & (timesteps < b)
-            scores = delta[:, :, in_band].sum(-1).numpy()
-            summary = summarize(scores, reference, names=("top1", "ndcg@3", "spearman"))
-            record["methods"][method]["metrics"].append({k: v["mean"] for k, v in summary.items()})
-            record["methods"][method]["band_scores"].append(scores.tolist())
-            cells.append("/".join(f"{v['mean']:.2f}" for v in summary.values()))
+    for method, bands in band_scores.items():
+        summaries = [summarize(scores, reference, names=("top1", "ndcg@3", "spearman")) for scores in bands]
+        record["methods"][method] = {"metrics": [{k: v["mean"] for k, v in summary.items()} for summary in summaries],
+                                     "band_scores": [scores.tolist() for scores in bands]}
+        cells = ["/".join(f"{v['mean']:.2f}" for v in summary.values()) for summary in summaries]
         print(f"{method[-28:]:28s} " + " | ".join(f"{c:>14s}" for c in cells))
     if args.strength:
+        top = reference.argmax(1)
         print("\nown-group score per band, mean over the queries whose LOGO-A top group it is (nats): " + ", ".join(deltas))
-        for a, b in edges[:-1]:
-            in_band = (timesteps >= a) & (timesteps < b)
+        for band, (a, b) in enumerate(edges[:-1]):
             print(f"-- t in [{a}, {b})")
             for k, name in enumerate(dataset.group_names):
                 rows = top == k
-                if rows.sum() == 0:
-                    continue
-                values = [delta[rows][:, k][:, in_band].sum(-1).mean().item() for delta in deltas.values()]
-                print(f"  {name:16s} n={int(rows.sum()):3d} " + " ".join(f"{v:8.3f}" for v in values))
+                if rows.any():
+                    values = [bands[band][rows, k].mean() for bands in band_scores.values()]
+                    print(f"  {name:16s} n={int(rows.sum()):3d} " + " ".join(f"{v:8.3f}" for v in values))
     if args.save:
         Path(args.save).write_text(json.dumps(record))
 

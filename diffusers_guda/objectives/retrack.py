@@ -34,13 +34,18 @@ class ReTrackConfig(ObjectiveConfig):
             raise ConfigError(f"retrack target must be one of {TARGETS}, got {self.target!r}.")
         if self.num_neighbors != "all" and not (isinstance(self.num_neighbors, int) and self.num_neighbors >= 1):
             raise ConfigError(f"num_neighbors must be an integer >= 1 or 'all', got {self.num_neighbors!r}.")
-        if POSTERIOR in (self.target, self.preserve) and self.num_neighbors != "all":
+        if self.uses_posterior and self.num_neighbors != "all":
             raise ConfigError(
                 f"'{POSTERIOR}' compares the posterior over every training image with the one over every retain image; "
                 f"set num_neighbors='all' (got {self.num_neighbors!r})."
             )
         if self.kl_cap <= 0:
             raise ConfigError(f"kl_cap must be > 0, got {self.kl_cap!r}.")
+
+    @property
+    def uses_posterior(self) -> bool:
+        """Whether a term regresses on ``teacher + posterior_shift`` (it needs every training image)."""
+        return POSTERIOR in (self.target, self.preserve)
 
 
 def neighbour_weights(x_t: torch.Tensor, neighbours: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
@@ -91,9 +96,14 @@ def pool_weights(x_t: torch.Tensor, pool: torch.Tensor, sqrt_abar: torch.Tensor,
     Returns:
         ``[B, R]`` weights summing to 1 per row.
     """
+    return torch.softmax(_pool_logits(x_t, pool, sqrt_abar, sqrt_one_minus_abar), dim=1)
+
+
+def _pool_logits(x_t: torch.Tensor, pool: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
+    """``[B, R]`` unnormalised log-weights of :func:`pool_weights`."""
     a = sqrt_abar.view(-1, 1)
     squared = (_distances(x_t / a.view((-1,) + (1,) * (x_t.dim() - 1)), pool) * a) ** 2
-    return torch.softmax(-squared / (2 * sqrt_one_minus_abar.view(-1, 1) ** 2), dim=1)
+    return -squared / (2 * sqrt_one_minus_abar.view(-1, 1) ** 2)
 
 
 def pool_redirect(forget_x0: torch.Tensor, pool: torch.Tensor, weights: torch.Tensor, sqrt_abar: torch.Tensor,
@@ -113,23 +123,26 @@ def pool_redirect(forget_x0: torch.Tensor, pool: torch.Tensor, weights: torch.Te
     return shift.view_as(forget_x0)
 
 
-def posterior_shift(x0: torch.Tensor, x_t: torch.Tensor, retain_pool: torch.Tensor, full_pool: torch.Tensor, sqrt_abar: torch.Tensor,
+def posterior_shift(x0: torch.Tensor, x_t: torch.Tensor, pool: torch.Tensor, retained: torch.Tensor, sqrt_abar: torch.Tensor,
                     sqrt_one_minus_abar: torch.Tensor, kl_cap: float) -> torch.Tensor:
     """How the optimal noise prediction at ``x_t`` changes when the group leaves the training set.
 
     The optimal denoiser of a set predicts ``(x_t - sqrt(abar) E[a | x_t]) / sqrt(1 - abar)``, so
     removing the group adds ``r (E_full[a | x_t] - E_retain[a | x_t])`` (``r = sqrt(abar) / sqrt(1 - abar)``):
-    the :func:`pool_redirect` over the retain pool minus the one over the full pool, both with the
-    capped offsets from ``x0``. Where the group has no posterior mass (a retain image far from it, or
-    any image at small t) the two cancel. Unlike ``ε + shift`` it holds no draw of ε, so a target built on it
-    has no noise for the adapter to average out.
+    :func:`pool_redirect` (linear in its weights) with the retain posterior minus the full one, both
+    from one set of distances, with the capped offsets from ``x0``. Where the group has no posterior
+    mass (a retain image far from it, or any image at small t) the two cancel. Unlike ``ε + shift``
+    it holds no draw of ε, so a target built on it has no noise for the adapter to average out.
+
+    Args:
+        pool: ``[R, *D]`` every training image. retained: ``[R]`` bool, which of them are retain images.
 
     Returns:
         ``[B, *D]``.
     """
-    shifts = [pool_redirect(x0, pool, pool_weights(x_t, pool, sqrt_abar, sqrt_one_minus_abar), sqrt_abar, sqrt_one_minus_abar, kl_cap)
-              for pool in (retain_pool, full_pool)]
-    return shifts[0] - shifts[1]
+    logits = _pool_logits(x_t, pool, sqrt_abar, sqrt_one_minus_abar)
+    weights = torch.softmax(logits.masked_fill(~retained, -math.inf), dim=1) - torch.softmax(logits, dim=1)
+    return pool_redirect(x0, pool, weights, sqrt_abar, sqrt_one_minus_abar, kl_cap)
 
 
 @register_objective
@@ -152,6 +165,7 @@ class ReTrack(UnlearningObjective):
         self._images: torch.Tensor | None = None
         self._pool: torch.Tensor | None = None
         self._full_pool: torch.Tensor | None = None
+        self._retained: torch.Tensor | None = None
 
     def teacher_passes(self, forget_batch_size: int, retain_batch_size: int) -> int:
         extra = forget_batch_size if self.config.target in ("teacher_neighbour", POSTERIOR) else 0
@@ -167,8 +181,10 @@ class ReTrack(UnlearningObjective):
         self._neighbours, self._pool, self._full_pool = None, None, None
         if self.config.num_neighbors == "all":
             self._pool = dataset.images[retain]
-            if POSTERIOR in (self.config.target, self.config.preserve):
+            if self.config.uses_posterior:
                 self._full_pool = dataset.images
+                self._retained = torch.zeros(len(dataset), dtype=torch.bool)
+                self._retained[retain] = True
             return
         k = min(self.config.num_neighbors, len(retain))
         features = dataset.images.flatten(1).numpy()
@@ -224,8 +240,8 @@ class ReTrack(UnlearningObjective):
         schedule, device = batch.schedule, x0.device
         a, s = schedule.sqrt_abar[t.cpu()].to(device), schedule.sqrt_one_minus_abar[t.cpu()].to(device)
         x_t = schedule.add_noise(x0, noise, t)
-        self._pool, self._full_pool = self._pool.to(device), self._full_pool.to(device)  # moved once, kept there
-        shift = posterior_shift(x0, x_t, self._pool, self._full_pool, a, s, self.config.kl_cap)
+        self._full_pool, self._retained = self._full_pool.to(device), self._retained.to(device)  # moved once, kept there
+        shift = posterior_shift(x0, x_t, self._full_pool, self._retained, a, s, self.config.kl_cap)
         teacher_eps = schedule.to_epsilon(batch.teach(x_t, t, cond), x_t, t).float()
         eps_hat = schedule.to_epsilon(batch.predict(x_t, t, cond), x_t, t).float()
         return torch.nn.functional.mse_loss(eps_hat, teacher_eps + shift)

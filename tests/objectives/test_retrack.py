@@ -341,7 +341,8 @@ def test_posterior_shift_is_the_change_of_the_optimal_denoiser(tiny_dataset, tin
     a, s = abar.sqrt(), (1 - abar).sqrt()
     x0 = images[tiny_dataset.forget_indices(group)[: len(t)]]
     x_t = a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    shift = posterior_shift(x0, x_t, retain, images, a, s, kl_cap=1e9)
+    retained = tiny_dataset.group_ids != group
+    shift = posterior_shift(x0, x_t, images, retained, a, s, kl_cap=1e9)
     optimal = lambda pool: (x_t - a.view(-1, 1, 1, 1) * _posterior_mean(x_t, pool, a, s)) / s.view(-1, 1, 1, 1)  # noqa: E731
     torch.testing.assert_close(shift, optimal(retain) - optimal(images), rtol=1e-6, atol=1e-6)
     assert shift.flatten(1).norm(dim=1).min() > 1e-2  # the group's own images move
@@ -350,8 +351,7 @@ def test_posterior_shift_is_the_change_of_the_optimal_denoiser(tiny_dataset, tin
 def test_posterior_shift_vanishes_where_the_group_has_no_mass(tiny_dataset, tiny_scheduler):
     """Retain images keep the teacher's output: far from the group at moderate t, and all of them at small t."""
     group = 0
-    images = tiny_dataset.images
-    retain = images[tiny_dataset.retain_indices(group)]
+    images, retained = tiny_dataset.images, tiny_dataset.group_ids != group
     abar = tiny_scheduler.alphas_cumprod
     noise = torch.randn((4, 1, 8, 8), generator=torch.Generator().manual_seed(3))
     for index, t, bound in ((tiny_dataset.retain_indices(group)[-4:], 30, 1e-3), (tiny_dataset.retain_indices(group)[:4], 1, 1e-3)):
@@ -359,14 +359,14 @@ def test_posterior_shift_vanishes_where_the_group_has_no_mass(tiny_dataset, tiny
         a, s = abar[tt].sqrt(), (1 - abar[tt]).sqrt()
         x0 = images[index]
         x_t = a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise
-        shift = posterior_shift(x0, x_t, retain, images, a, s, kl_cap=20.0)
+        shift = posterior_shift(x0, x_t, images, retained, a, s, kl_cap=20.0)
         assert shift.abs().max() < bound, (t, shift.abs().max())
     # while a forget image at the same moderate t is redirected
     tt = torch.full((4,), 30)
     a, s = abar[tt].sqrt(), (1 - abar[tt]).sqrt()
     x0 = images[tiny_dataset.forget_indices(group)[:4]]
     x_t = a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise
-    assert posterior_shift(x0, x_t, retain, images, a, s, kl_cap=20.0).flatten(1).norm(dim=1).min() > 1.0
+    assert posterior_shift(x0, x_t, images, retained, a, s, kl_cap=20.0).flatten(1).norm(dim=1).min() > 1.0
 
 
 def test_teacher_posterior_targets_by_hand(tiny_dataset, tiny_scheduler):
@@ -395,8 +395,7 @@ def test_teacher_posterior_targets_by_hand(tiny_dataset, tiny_scheduler):
         x_t = a.view(-1, 1, 1, 1) * x0 + s.view(-1, 1, 1, 1) * noise
         (seen,) = teacher_calls
         torch.testing.assert_close(seen, x_t, rtol=1e-5, atol=1e-5)
-        retain = tiny_dataset.images[tiny_dataset.retain_indices(group)]
-        expected = 0.1 * x_t + posterior_shift(x0, x_t, retain, tiny_dataset.images, a, s, 20.0)
+        expected = 0.1 * x_t + posterior_shift(x0, x_t, tiny_dataset.images, tiny_dataset.group_ids != group, a, s, 20.0)
         torch.testing.assert_close(target, expected, rtol=1e-4, atol=1e-4)
         moved = (target - 0.1 * x_t).flatten(1).norm(dim=1)
         assert (moved.max() > 0.5) == (term == "forget")  # only the group's images are redirected
