@@ -36,7 +36,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from diffusers_guda import GUDADDPMPipeline
-    from diffusers_guda.demo import load_query_images, run_demo
+    from guda_lab.demo import load_query_images, run_demo
     from diffusers_guda.recipes import Recipe
 
     out = Path(args.out_dir)

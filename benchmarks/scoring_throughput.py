@@ -112,7 +112,7 @@ def main() -> None:
     from diffusers import UNet2DModel
 
     from diffusers_guda import GUDADDPMPipeline
-    from diffusers_guda.demo import load_query_images
+    from guda_lab.demo import load_query_images
     from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
     from diffusers_guda.scoring import _switch, score_models
 

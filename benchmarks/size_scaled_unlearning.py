@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     from diffusers_guda import GroupedDataset, GUDADDPMPipeline
-    from diffusers_guda.cli import _options
-    from diffusers_guda.demo import load_query_images
-    from diffusers_guda.evaluation.benchmarks import group_comparisons, load_benchmark
-    from diffusers_guda.evaluation.metrics import group_level_agreement, group_level_comparison, pairwise_agreement, summarize
+    from diffusers_guda.cli.arguments import parse_options as _options
+    from guda_lab.demo import load_query_images
+    from guda_lab.evaluation.benchmarks import group_comparisons, load_benchmark
+    from guda_lab.evaluation.metrics import group_level_agreement, group_level_comparison, pairwise_agreement, summarize
     from diffusers_guda.recipes import Recipe
 
     out = Path(args.eval_dir)

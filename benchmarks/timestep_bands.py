@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> None:
 
     from diffusers_guda import GroupedDataset, GUDADDPMPipeline
     from diffusers_guda.bundle import unique_slugs
-    from diffusers_guda.demo import load_query_images
+    from guda_lab.demo import load_query_images
     from diffusers_guda.elbo import ELBOEstimator
-    from diffusers_guda.evaluation.benchmarks import load_benchmark
-    from diffusers_guda.evaluation.logo import logo_model_dir
-    from diffusers_guda.evaluation.metrics import summarize
+    from guda_lab.evaluation.benchmarks import load_benchmark
+    from guda_lab.evaluation.logo import logo_model_dir
+    from guda_lab.evaluation.metrics import summarize
     from diffusers_guda.recipes import Recipe
 
     out = Path(args.eval_dir)

@@ -38,11 +38,11 @@ def main() -> None:
 
     from diffusers_guda import GUDADDPMPipeline
     from diffusers_guda.data import GroupedDataset, load_digits
-    from diffusers_guda.demo import load_query_images
-    from diffusers_guda.evaluation.benchmarks import load_benchmark
-    from diffusers_guda.evaluation.metrics import summarize
+    from guda_lab.demo import load_query_images
+    from guda_lab.evaluation.benchmarks import load_benchmark
+    from guda_lab.evaluation.metrics import summarize
     from diffusers_guda.recipes import Recipe
-    from diffusers_guda.training import TRAIN_LOG_NAME
+    from guda_lab.training import TRAIN_LOG_NAME
 
     out = Path(args.eval_dir)
     recipe = Recipe.load(args.recipe)

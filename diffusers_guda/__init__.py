@@ -17,14 +17,15 @@ from .lora import LoRASettings
 from .models import GUDAUNet2DModel
 from .objectives import available_objectives, get_objective, register_objective
 from .pipelines import (
+    GUDAAutoPipeline,
     GUDADDPMPipeline,
     GUDAPipelineMixin,
     attribute,
     load_guda_bundle,
     unlearn_groups,
 )
+from .recipes import Recipe, available_recipes, default_recipe
 from .scoring import AttributionResult, AttributionScorer
-from .training import TrainConfig, train_base_model
 from .unlearning import GroupUnlearner, UnlearningConfig
 
 __version__ = "0.1.0"
@@ -49,6 +50,7 @@ __all__ = [
     "DistributedError",
     "ELBOConfig",
     "ELBOEstimator",
+    "GUDAAutoPipeline",
     "GUDADDPMPipeline",
     "GUDAError",
     "GUDAPipelineMixin",
@@ -58,15 +60,16 @@ __all__ = [
     "GroupUnlearner",
     "GroupedDataset",
     "LoRASettings",
-    "TrainConfig",
+    "Recipe",
     "UnlearningConfig",
     "UnlearningDivergedError",
     "attribute",
     "available_objectives",
+    "available_recipes",
+    "default_recipe",
     "get_objective",
     "load_digits",
     "load_guda_bundle",
     "register_objective",
-    "train_base_model",
     "unlearn_groups",
 ]

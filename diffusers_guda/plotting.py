@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,7 +27,7 @@ def _as_display(image: torch.Tensor) -> tuple[np.ndarray, str | None]:
 
 def plot_query_grid(images: torch.Tensor, path: str | Path, titles: Sequence[str] | None = None, columns: int = 10):
     """Grid of query images with an optional title each."""
-    plt = _pyplot()
+    plt = pyplot()
     n = images.shape[0]
     rows = (n + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.0, rows * 1.15), squeeze=False)
@@ -46,7 +46,7 @@ def plot_query_grid(images: torch.Tensor, path: str | Path, titles: Sequence[str
 
 def plot_attribution_bars(result, path: str | Path, images: torch.Tensor | None = None, max_queries: int = 8, top_k: int | None = None, titles: Sequence[str] | None = None):
     """One row per query: the image (if given) and its group scores with ±2 standard-error bars."""
-    plt = _pyplot()
+    plt = pyplot()
     n = min(max_queries, len(result))
     k = min(top_k or len(result.groups), len(result.groups))
     with_images = images is not None
@@ -76,7 +76,7 @@ def plot_attribution_bars(result, path: str | Path, images: torch.Tensor | None 
 
 def plot_label_heatmap(true_labels: Sequence[int], attributed: Sequence[int], group_names: Sequence[str], path: str | Path, title: str = ""):
     """Counts of (true label, top attributed group), rows normalised, with the counts written in."""
-    plt = _pyplot()
+    plt = pyplot()
     k = len(group_names)
     counts = np.zeros((k, k), dtype=int)
     for t, a in zip(true_labels, attributed):
@@ -102,7 +102,7 @@ def plot_label_heatmap(true_labels: Sequence[int], attributed: Sequence[int], gr
 
 def plot_unlearning_losses(groups: Sequence, path: str | Path):
     """Forget- and retain-set loss change per group (percent), with the 15% / 5% acceptance lines."""
-    plt = _pyplot()
+    plt = pyplot()
     names = [g.name for g in groups]
     forget = [100 * g.stats["forget_loss_change"] for g in groups]
     retain = [100 * g.stats["retain_loss_change"] for g in groups]

@@ -1,95 +1,151 @@
-"""Recipes: named JSON files in the repository's ``adapters/`` folder, one per supported setting.
+"""Recipes: the recommended settings of one model family, as named JSON files.
 
-A recipe holds the base-model training config (a :class:`TrainConfig`, or a
-:class:`~diffusers_guda.text_model.TextTrainConfig` when its ``train`` section has
-``"conditioning": "text"``), the unlearning config, the ELBO config and the query settings of one
-setting (e.g. ``digits-ddpm``, ``digits-styles``). Source checkouts read ``adapters/`` beside the
-package; wheels install the same files under ``<prefix>/share/diffusers-guda/adapters``.
+A recipe holds how groups are unlearned (an :class:`UnlearningConfig`) and scored (an
+:class:`ELBOConfig`) for one setting, e.g. ``sd-styles`` for style or artist groups of a fine-tuned
+Stable Diffusion. The files live in the repository's ``adapters/`` folder and are installed as this
+package's own data (``diffusers_guda.recipe_data``). :func:`default_recipe` maps each GUDA pipeline
+family to its recipe; ``pipe.unlearn_groups``, ``pipe.attribute``, the CLI and the examples all go
+through it. The ``train`` and ``queries`` sections are read by the lab (toy base models and generated
+queries) and kept here as plain dicts. The format is described in ``docs/formats.md#recipes``.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from importlib import resources
 from pathlib import Path
 
 from .elbo import ELBOConfig
 from .errors import ConfigError
-from .text_model import train_config_class
-from .training import TrainConfig
+from .lora import LoRASettings
 from .unlearning import UnlearningConfig
 
 DEFAULT_RECIPE = "digits-ddpm"
-_SECTIONS = {"train": TrainConfig, "unlearning": UnlearningConfig, "elbo": ELBOConfig, "queries": None}
+RECIPE_PACKAGE = "diffusers_guda.recipe_data"
+
+# The recommended recipe of each pipeline family, by pipeline class name: the GUDA pipelines inherit
+# the entry of the diffusers class they extend, and a stock pipeline passed to the functional API
+# (``diffusers_guda.unlearn_groups(pipe, ...)``) finds its own. The one table that says which
+# settings a family gets.
+FAMILY_RECIPES = {
+    "StableDiffusionPipeline": "sd-styles",
+    "TextToImageDDPMPipeline": "digits-styles",
+    "DDPMPipeline": "digits-ddpm",
+    "DDIMPipeline": "digits-ddpm",
+}
+
+_SECTIONS = {"train": None, "unlearning": UnlearningConfig, "elbo": ELBOConfig, "queries": None}
 
 
-def recipe_dirs() -> list[Path]:
-    return [
-        Path(__file__).resolve().parent.parent / "adapters",
-        Path(sys.prefix) / "share" / "diffusers-guda" / "adapters",
-    ]
+def available_recipes() -> list[str]:
+    """Names of the recipes shipped with the package."""
+    return sorted(Path(p.name).stem for p in resources.files(RECIPE_PACKAGE).iterdir() if p.name.endswith(".json"))
+
+
+def default_recipe(pipe) -> "Recipe":
+    """The recommended recipe of ``pipe``'s family (a pipeline or a pipeline class).
+
+    Raises:
+        ConfigError: for a pipeline class no recipe is known for.
+    """
+    cls = pipe if isinstance(pipe, type) else type(pipe)
+    for klass in cls.__mro__:
+        if klass.__name__ in FAMILY_RECIPES:
+            return Recipe.load(FAMILY_RECIPES[klass.__name__])
+    raise ConfigError(
+        f"No recipe is known for {cls.__name__}; pass recipe= (one of {available_recipes()} or a JSON path) or config=."
+    )
 
 
 @dataclass
 class Recipe:
-    """A named setting: how to train the base model, unlearn groups, score and make queries."""
+    """A named setting: how to unlearn groups and score images (and, for the lab, how to train a toy base).
+
+    Args:
+        name: The recipe's name.
+        description: What the recipe is for.
+        unlearning: The unlearning settings.
+        elbo: The ELBO estimator's settings; bundles made with the recipe record them.
+        train: The lab's base-model training section (``None``: the base is trained elsewhere).
+        queries: The lab's query-generation settings.
+    """
 
     name: str
     description: str = ""
-    train: TrainConfig = field(default_factory=TrainConfig)
     unlearning: UnlearningConfig = field(default_factory=UnlearningConfig)
     elbo: ELBOConfig = field(default_factory=ELBOConfig)
+    train: dict | None = None
     queries: dict = field(default_factory=dict)
-    has_train: bool = True  # False for a recipe without a train section (it unlearns a base trained elsewhere)
 
     @classmethod
-    def load(cls, name_or_path: str = DEFAULT_RECIPE) -> "Recipe":
-        """Load a recipe by name (``adapters/<name>.json``) or from a JSON file path."""
+    def load(cls, name_or_path: "str | Path | Recipe" = DEFAULT_RECIPE) -> "Recipe":
+        """Load a shipped recipe by name (see :func:`available_recipes`) or a recipe JSON file by path.
+
+        Raises:
+            ConfigError: an unknown name, or a file that is not a valid recipe.
+        """
+        if isinstance(name_or_path, Recipe):
+            return name_or_path
         path = Path(name_or_path)
-        if not path.is_file():
-            candidates = [d / f"{name_or_path}.json" for d in recipe_dirs()]
-            path = next((c for c in candidates if c.is_file()), None)
-            if path is None:
-                known = sorted({p.stem for d in recipe_dirs() if d.is_dir() for p in d.glob("*.json")})
-                raise ConfigError(f"Unknown recipe {name_or_path!r}; known recipes: {known}. Or pass a path to a recipe JSON file.")
+        if path.is_file():
+            text = path.read_text()
+        else:
+            shipped = resources.files(RECIPE_PACKAGE) / f"{name_or_path}.json"
+            if not shipped.is_file():
+                raise ConfigError(
+                    f"Unknown recipe {str(name_or_path)!r}; known recipes: {available_recipes()}. Or pass a path to a recipe JSON file."
+                )
+            text = shipped.read_text()
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(text)
             _check_layout(data, path)
             return cls(
                 name=data.get("name", path.stem),
                 description=data.get("description", ""),
-                train=train_config_class(data.get("train", {}))(**data.get("train", {})),
                 unlearning=UnlearningConfig(**data.get("unlearning", {})),
                 elbo=ELBOConfig(**data.get("elbo", {})),
+                train=dict(data["train"]) if "train" in data else None,
                 queries=dict(data.get("queries", {})),
-                has_train="train" in data,
             )
         except (json.JSONDecodeError, TypeError) as exc:
             raise ConfigError(f"Recipe {path} is invalid: {exc}.") from exc
 
-    def require_train(self, command: str) -> None:
-        """Refuse to train a base model from a recipe that has no ``train`` section.
+    def unlearning_with(self, **settings) -> UnlearningConfig:
+        """The recipe's unlearning settings with ``settings`` overriding them.
+
+        Args:
+            **settings: Any :class:`UnlearningConfig` field (``steps``, ``learning_rate``, ``seed``...),
+                ``batch_size`` (forget and retain batch alike), ``lora_rank`` and ``lora_alpha`` (alpha
+                follows a new rank unless given), ``objective`` (another objective starts from its own
+                defaults, not this recipe's options), ``objective_options`` (merged into the recipe's)
+                and any option of the objective by name (e.g. ``num_neighbors=10``).
 
         Raises:
-            ConfigError: naming the recipe and what to do instead.
+            ConfigError: a setting that is neither a field nor an option of the objective.
         """
-        if not self.has_train:
-            raise ConfigError(
-                f"Recipe {self.name!r} has no train section: it unlearns and scores a base model trained elsewhere, so "
-                f"`guda {command}` cannot use it. Use it with guda unlearn/attribute, or pass a recipe with a train section "
-                f"(e.g. --recipe {DEFAULT_RECIPE})."
-            )
+        base = self.unlearning
+        objective = settings.pop("objective", None) or base.objective
+        options = dict(base.objective_options) if objective == base.objective else {}
+        options.update(settings.pop("objective_options", None) or {})
+        rank, alpha = settings.pop("lora_rank", None), settings.pop("lora_alpha", None)
+        lora = base.lora
+        if rank is not None or alpha is not None:
+            new_rank = lora.rank if rank is None else rank
+            new_alpha = alpha if alpha is not None else (lora.alpha if rank is None else new_rank)
+            lora = LoRASettings(rank=new_rank, alpha=float(new_alpha), target_modules=lora.target_modules)
+        batch_size = settings.pop("batch_size", None)
+        if batch_size is not None:
+            settings.update(forget_batch_size=batch_size, retain_batch_size=batch_size)
+        known = {f.name for f in fields(UnlearningConfig)} - {"objective", "objective_options", "lora"}
+        options.update({k: settings.pop(k) for k in list(settings) if k not in known})
+        return replace(base, objective=objective, objective_options=options, lora=lora, **settings)
 
     def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "description": self.description,
-            "train": self.train.to_dict(),
-            "unlearning": self.unlearning.to_dict(),
-            "elbo": self.elbo.to_dict(),
-            "queries": self.queries,
-        }
+        data = {"name": self.name, "description": self.description, "unlearning": self.unlearning.to_dict(), "elbo": self.elbo.to_dict()}
+        if self.train is not None:
+            data["train"] = dict(self.train)
+        return {**data, "queries": self.queries}
 
 
 def _check_layout(data, path: Path) -> None:
@@ -103,8 +159,6 @@ def _check_layout(data, path: Path) -> None:
         section = data.get(key, {})
         if not isinstance(section, dict):
             raise ConfigError(f"Recipe {path}: '{key}' must be a JSON object, got {section!r}.")
-        if key == "train":
-            config_class = train_config_class(section)
         known = {f.name for f in fields(config_class)} if config_class is not None else set(section)
         if set(section) - known:
             raise ConfigError(f"Recipe {path}: '{key}' has unknown field(s) {sorted(set(section) - known)}; known: {sorted(known)}.")

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .bundle import AdapterBundle, GroupRecord, unique_slugs
 from .data import GroupedDataset
 from .distributed import ProcessInfo, current_process
+from .elbo import ELBOConfig
 from .errors import ConfigError, DataError, UnlearningDivergedError
 from .hashing import derive_seed, unet_fingerprint
 from .io_utils import atomic_directory, write_json_atomic
@@ -113,6 +114,8 @@ class GroupUnlearner:
             one prompt per image. Its images are the model's inputs (VAE latents for latent models).
         base_model_extra: Further fields recorded in the bundle's ``base_model`` (e.g. the VAE's
             scaling factor of a latent model).
+        elbo_config: How the bundle's adapters are to be scored; recorded in the bundle, and used by
+            ``attribute`` unless it is given another (default: :class:`ELBOConfig`'s defaults).
     """
 
     def __init__(
@@ -124,8 +127,10 @@ class GroupUnlearner:
         base_model_revision: str | None = None,
         encode_prompts: Callable[[list[str]], torch.Tensor] | None = None,
         base_model_extra: dict | None = None,
+        elbo_config: ELBOConfig | None = None,
     ):
         self.unet = with_adapter_support(unet)
+        self.elbo_config = elbo_config or ELBOConfig()
         self.conditional = is_conditional(self.unet)
         if self.conditional and encode_prompts is None:
             raise ConfigError(
@@ -417,7 +422,8 @@ class GroupUnlearner:
             lora=self.config.lora.to_dict(),
             base_model=self._base_model_record(),
             objective={"name": self.config.objective, "config": get_objective(self.config.objective, self.config.objective_options).config.to_dict()},
-            seeds={"unlearning": self.config.seed},
+            elbo=self.elbo_config.to_dict(),
+            seeds={"unlearning": self.config.seed, "elbo": self.elbo_config.seed},
             training={k: v for k, v in self.config.to_dict().items() if k not in ("objective", "objective_options", "lora")},
         )
 

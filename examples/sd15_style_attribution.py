@@ -54,7 +54,7 @@ def write_tiny_example(out: Path) -> tuple[str, str, list[str]]:
     import numpy as np
     from PIL import Image
 
-    from diffusers_guda.tiny_sd import tiny_stable_diffusion
+    from diffusers_guda.testing import tiny_stable_diffusion
 
     styles = {"red": ["red", "warm"], "green": ["green", "leafy"], "blue": ["blue", "cold"]}
     words = ["a", "square", "stripe", "in", "style"] + [w for phrases in styles.values() for w in phrases]

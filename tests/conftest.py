@@ -188,7 +188,7 @@ def make_sd_dataset(per_group: int = 6, size: int = 16) -> GroupedDataset:
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A stock StableDiffusionPipeline directory of the tiny offline Stable Diffusion."""
-    from diffusers_guda.tiny_sd import tiny_stable_diffusion
+    from diffusers_guda.testing import tiny_stable_diffusion
 
     path = tmp_path_factory.mktemp("tiny-sd") / "base"
     tiny_stable_diffusion(words=SD_WORDS, seed=0).save_pretrained(path)

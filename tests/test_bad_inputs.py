@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 from diffusers_guda import GroupedDataset, GUDADDPMPipeline
 from diffusers_guda.bundle import MANIFEST_NAME, AdapterBundle
 from diffusers_guda.errors import DataError
-from diffusers_guda.evaluation.logo import train_logo_models
+from guda_lab import training_config
+from guda_lab.evaluation.logo import train_logo_models
 from diffusers_guda.recipes import Recipe
 
 from conftest import TINY_RECIPE, make_tiny_dataset, write_group_folder
@@ -449,7 +450,7 @@ def test_hostile_group_names_stay_inside_every_output_directory(workspace, tmp_p
     pipe = GUDADDPMPipeline.from_pretrained(workspace["base"])
     bundle = pipe.unlearn_groups(dataset, config=replace(recipe.unlearning, steps=1), checkpoint_dir=out / "checkpoint", progress=False)
     bundle.save_pretrained(out / "bundle")
-    train_logo_models(dataset, replace(recipe.train, steps=1), out / "logo", progress=False, log=lambda *a: None)
+    train_logo_models(dataset, replace(training_config(recipe, "logo"), steps=1), out / "logo", progress=False, log=lambda *a: None)
 
     allowed = {out / "checkpoint", out / "bundle", out / "logo"}
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and not allowed.intersection(p.parents)]

@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 
 from diffusers_guda.bundle import AdapterBundle
-from diffusers_guda.cli import _unlearn_defaults
+from diffusers_guda import GUDAError, default_recipe
+from diffusers_guda.cli.arguments import image_mode
+from diffusers_guda.pipelines import pipeline_class_for
 from diffusers_guda.elbo import ELBOConfig
 from diffusers_guda.pipelines import GUDAStableDiffusionPipeline
 from diffusers_guda.recipes import Recipe
@@ -102,19 +104,29 @@ def test_unlearn_uses_the_sd_recipe_and_writes_a_loadable_bundle(workspace):
     assert pipe.load_guda_bundle(workspace["bundle"]).group_names == ["blue", "red"]
 
 
+def _defaults(spec: str) -> tuple[str, str | None]:
+    """The recipe and training-image mode the base ``spec`` gets."""
+    pipeline_class = pipeline_class_for(spec)
+    return default_recipe(pipeline_class).name, image_mode(pipeline_class)
+
+
 @pytest.mark.parametrize(
     "class_name, recipe, mode",
     [
         ("StableDiffusionPipeline", "sd-styles", "RGB"),
         ("TextToImageDDPMPipeline", "digits-styles", None),
         ("DDPMPipeline", "digits-ddpm", None),
-        (None, "digits-ddpm", None),  # no model_index.json: loading the base reports it later
+        ("DDIMPipeline", "digits-ddpm", None),
     ],
 )
 def test_the_default_recipe_follows_the_base_pipeline(tmp_path, class_name, recipe, mode):
-    if class_name is not None:
-        (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
-    assert _unlearn_defaults(str(tmp_path)) == (recipe, mode)
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name}))
+    assert _defaults(str(tmp_path)) == (recipe, mode)
+
+
+def test_a_directory_without_model_index_is_named_in_one_error(tmp_path):
+    with pytest.raises(GUDAError, match="no model_index.json in it"):
+        pipeline_class_for(tmp_path)
 
 
 def test_a_hub_id_is_looked_up_in_the_local_cache(tmp_path, monkeypatch):
@@ -127,8 +139,9 @@ def test_a_hub_id_is_looked_up_in_the_local_cache(tmp_path, monkeypatch):
     (tmp_path / "models--someone--sd-styles" / "refs" / "main").write_text("abc123")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # not cached: no download attempt
-    assert _unlearn_defaults("someone/sd-styles") == ("sd-styles", "RGB")
-    assert _unlearn_defaults("someone/not-cached") == ("digits-ddpm", None)
+    assert _defaults("someone/sd-styles") == ("sd-styles", "RGB")
+    with pytest.raises(GUDAError, match="nor a Hub id this machine can reach or has cached"):
+        pipeline_class_for("someone/not-cached")
 
 
 # -- attribute ------------------------------------------------------------------------------------

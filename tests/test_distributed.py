@@ -30,7 +30,7 @@ from diffusers_guda.errors import DistributedError
 from diffusers_guda.lora import ADAPTER_WEIGHT_NAME, load_adapter_file
 from diffusers_guda.pipelines import to_model_images
 from diffusers_guda.scoring import _concatenate
-from diffusers_guda.training import TRAIN_LOG_NAME
+from guda_lab.training import TRAIN_LOG_NAME
 
 from conftest import TINY_RECIPE, assert_bit_identical, drop_timing, write_group_folder
 

@@ -34,7 +34,7 @@ from safetensors.torch import load_file
 from diffusers_guda.bundle import CARD_NAME, MANIFEST_NAME, AdapterBundle, unique_slugs
 from diffusers_guda.cli import main
 from diffusers_guda.lora import ADAPTER_WEIGHT_NAME, load_adapter_file
-from diffusers_guda.training import TRAIN_LOG_NAME
+from guda_lab.training import TRAIN_LOG_NAME
 from diffusers_guda.unlearning import RUN_NAME, STATS_NAME
 
 from conftest import TINY_RECIPE, assert_bit_identical, drop_timing, write_group_folder

@@ -106,7 +106,7 @@ def test_bundle_contents(full_bundle, tiny_dataset):
     assert bundle.objective["name"] == "retrack"
     assert bundle.objective["config"]["num_neighbors"] == 2
     assert bundle.lora == LoRASettings(rank=2, alpha=2.0).to_dict()
-    assert bundle.seeds == {"unlearning": 0}
+    assert bundle.seeds == {"unlearning": 0, "elbo": 0}
     assert bundle.training["steps"] == 3 and bundle.training["learning_rate"] == 1e-2
     assert bundle.base_model["class_name"] == "GUDAUNet2DModel"
     assert bundle.base_model["conditional"] is False

@@ -4,6 +4,7 @@
 they need ``transformers`` (the ``sd`` extra), which the unconditional pipelines do not.
 """
 
+from .auto import GUDAAutoPipeline, pipeline_class_for, read_model_index
 from .attribution import attribute, load_guda_bundle, model_inputs, to_model_images, unlearn_groups
 from .ddpm import GUDADDPMPipeline
 from .mixin import GUDAPipelineMixin
@@ -25,6 +26,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "GUDAAutoPipeline",
     "GUDADDPMPipeline",
     "GUDAPipelineMixin",
     "GUDAStableDiffusionOutput",
@@ -34,6 +36,8 @@ __all__ = [
     "attribute",
     "load_guda_bundle",
     "model_inputs",
+    "pipeline_class_for",
+    "read_model_index",
     "to_model_images",
     "unlearn_groups",
 ]

@@ -22,8 +22,8 @@ from ..data import GroupedDataset
 from ..distributed import ProcessInfo
 from ..elbo import ELBOConfig, ELBOEstimator
 from ..errors import ConfigError, DataError
-from ..lora import LoRASettings
 from ..models import is_conditional, with_adapter_support
+from ..recipes import Recipe, default_recipe
 from ..scoring import AttributionResult, AttributionScorer
 from ..unlearning import GroupUnlearner, UnlearningConfig
 from .conditioning import check_pixel_images, encode_latents, is_latent, prompt_encoder, prompt_list
@@ -83,42 +83,51 @@ def unlearn_groups(
     pipe,
     dataset: GroupedDataset,
     *,
-    objective: str | None = None,
-    lora_rank: int = 8,
-    lora_alpha: float | None = None,
-    steps: int = 40,
-    learning_rate: float = 2e-3,
-    batch_size: int = 64,
-    seed: int = 0,
+    recipe: str | Recipe | None = None,
+    config: UnlearningConfig | None = None,
+    elbo_config: ELBOConfig | None = None,
     groups: Sequence[int | str] | None = None,
     checkpoint_dir: str | None = None,
-    config: UnlearningConfig | None = None,
+    base_model_id: str | None = None,
     progress: bool = True,
     process: ProcessInfo | None = None,
-    **objective_options,
+    **settings,
 ) -> AdapterBundle:
     """Train one unlearning adapter per group and load the resulting bundle into the pipeline.
+
+    The settings are the recommended recipe of the pipeline's family (see
+    :func:`~diffusers_guda.recipes.default_recipe`: ``sd-styles`` for Stable Diffusion, ``digits-ddpm``
+    for unconditional DDPM...), another ``recipe``, or a complete ``config``; keyword ``settings``
+    override single values of the recipe. The bundle records the settings, the base model's identity
+    and the ELBO configuration it is to be scored with.
 
     Args:
         pipe: The full model's pipeline.
         dataset: The grouped training set the model was trained on: images in [-1, 1] (pixels; a latent
             pipeline encodes them with its VAE) and, for a text-conditioned UNet, one prompt per image.
-        objective: Registered objective name; default ``"anchor"`` for text-conditioned UNets
-            (GUDA-C), ``"retrack"`` otherwise.
-        lora_rank: LoRA rank (alpha defaults to the rank).
-        lora_alpha: LoRA alpha.
-        steps: Optimiser steps per group.
-        learning_rate: AdamW learning rate.
-        batch_size: Forget and retain images per step (each).
-        seed: Base seed of the run.
+        recipe: A recipe name, JSON path or :class:`~diffusers_guda.recipes.Recipe` (default: the family's).
+        config: A complete :class:`UnlearningConfig` instead of a recipe and settings.
+        elbo_config: How the bundle is to be scored (default: the recipe's ELBO settings).
         groups: Subset of groups (ids or names); default all.
         checkpoint_dir: Resume directory (finished groups are kept and skipped).
-        config: A full :class:`UnlearningConfig` (overrides the arguments above).
+        base_model_id: Name recorded for the base model (default: the name it was loaded from).
         progress: Show progress bars.
         process: This process of a ``torchrun``/``accelerate launch`` run (default: detected); the
             processes share the groups and all return the same bundle (see :meth:`GroupUnlearner.unlearn`).
-        **objective_options: Options of the objective (e.g. ``num_neighbors=10``).
+        **settings: Overrides of the recipe's unlearning settings, e.g. ``steps=200``,
+            ``learning_rate=5e-5``, ``batch_size=2``, ``lora_rank=4``, ``objective="esd"`` or an
+            objective option such as ``num_neighbors=10`` (see :meth:`Recipe.unlearning_with`).
+
+    Raises:
+        ConfigError: ``config`` given together with ``recipe`` or keyword settings.
+        DataError: a text-conditioned pipeline and a dataset without prompts.
     """
+    if config is not None and (recipe is not None or settings):
+        given = ["recipe"] * (recipe is not None) + sorted(settings)
+        raise ConfigError(
+            f"Pass either config= (a complete UnlearningConfig) or a recipe with keyword settings, not both (got config= and {given}); "
+            "to change one value of a config, use dataclasses.replace(config, ...)."
+        )
     _ensure_adapter_unet(pipe)
     conditional = is_conditional(pipe.unet)
     if conditional and dataset.prompts is None:
@@ -126,35 +135,19 @@ def unlearn_groups(
             "This pipeline's UNet is text-conditioned, but the dataset has no prompts. Give every image its caption "
             "(metadata.jsonl with a 'text' field, or GroupedDataset(..., prompts=[...]))."
         )
-    if objective is None:
-        objective = default_objective(pipe)
+    chosen = Recipe.load(recipe) if recipe is not None else default_recipe(pipe)
     if config is None:
-        config = UnlearningConfig(
-            objective=objective,
-            objective_options=objective_options,
-            lora=LoRASettings(rank=lora_rank, alpha=float(lora_alpha or lora_rank)),
-            steps=steps,
-            learning_rate=learning_rate,
-            forget_batch_size=batch_size,
-            retain_batch_size=batch_size,
-            seed=seed,
-        )
+        config = chosen.unlearning_with(**settings)
     unlearner = GroupUnlearner(
-        pipe.unet, _training_scheduler(pipe), config, base_model_id=_model_id(pipe),
+        pipe.unet, _training_scheduler(pipe), config, base_model_id=base_model_id or _model_id(pipe),
         encode_prompts=prompt_encoder(pipe) if conditional else None, base_model_extra=_base_model_extra(pipe),
+        elbo_config=elbo_config or chosen.elbo,
     )
     bundle = unlearner.unlearn(
         model_dataset(pipe, dataset, progress=progress), groups=groups, checkpoint_dir=checkpoint_dir, progress=progress,
         process=process,
     )
     return load_guda_bundle(pipe, bundle)
-
-
-def default_objective(pipe) -> str:
-    """``"anchor"`` (GUDA-C) for text-conditioned UNets, ``"retrack"`` (GUDA-U) otherwise."""
-    from ..objectives import available_objectives
-
-    return "anchor" if is_conditional(pipe.unet) and "anchor" in available_objectives() else "retrack"
 
 
 def model_dataset(pipe, dataset: GroupedDataset, progress: bool = False) -> GroupedDataset:
@@ -203,7 +196,9 @@ def attribute(
         prompt_embeds: Instead of ``prompts``: the text embeddings ``[N, L, D]`` (or ``[1, L, D]`` for all).
         bundle: Bundle to load first (object, directory or Hub id).
         batch_size: Images whose rows share forwards (speed and memory only; scores do not depend on it).
-        elbo_config: Estimator settings; default: the bundle's recorded ELBO settings.
+        elbo_config: Estimator settings; default: the ones the bundle records (a bundle that records
+            none is scored with the recipe of the pipeline's family). The settings used are in
+            ``metadata["elbo"]``.
         strategy: ``"auto"`` (default: ``"merged"`` for plain LoRA adapters), ``"merged"`` (each
             adapter merged into the weights in turn), ``"swap"`` (each adapter's LoRA branch switched
             on in turn) or ``"mixed"`` (the base and all adapters in one forward, one adapter per
@@ -221,7 +216,7 @@ def attribute(
         raise ConfigError("No GUDA bundle is loaded; call pipe.load_guda_bundle(path_or_repo_id) or pipe.unlearn_groups(dataset) first.")
     x0, unet_kwargs, used_prompts = model_inputs(pipe, images, prompts=prompts, prompt_embeds=prompt_embeds)
     if elbo_config is None:
-        elbo_config = ELBOConfig(**loaded.elbo) if loaded.elbo else ELBOConfig()
+        elbo_config = ELBOConfig(**loaded.elbo) if loaded.elbo else default_recipe(pipe).elbo
     estimator = ELBOEstimator(_training_scheduler(pipe), elbo_config)
     device = pipe.unet.device
     scorer = AttributionScorer(pipe.unet, estimator, [loaded.adapter_name(s) for s in loaded.slugs], loaded.group_names)

@@ -26,7 +26,7 @@ DESCRIPTORS = {"red": ["red", "warm"], "green": ["green", "leafy"], "blue": ["bl
 
 @pytest.fixture(scope="module")
 def tiny_sd():
-    from diffusers_guda.tiny_sd import tiny_stable_diffusion
+    from diffusers_guda.testing import tiny_stable_diffusion
 
     return tiny_stable_diffusion(words=SD_WORDS + ["warm", "leafy", "cold", "deep"], seed=0, pipeline_class=GUDAStableDiffusionPipeline)
 
@@ -176,6 +176,7 @@ def test_unlearn_groups_with_text_objectives(tiny_sd_dir, objective):
 
 
 def test_anchor_is_the_default_for_text_to_image(tiny_sd_dir):
-    from diffusers_guda.pipelines.attribution import default_objective
+    from diffusers_guda import default_recipe
 
-    assert default_objective(GUDAStableDiffusionPipeline.from_pretrained(tiny_sd_dir)) == "anchor"
+    recipe = default_recipe(GUDAStableDiffusionPipeline.from_pretrained(tiny_sd_dir))
+    assert recipe.name == "sd-styles" and recipe.unlearning.objective == "anchor"

@@ -12,12 +12,13 @@ import diffusers_guda
 from diffusers_guda import AdapterBundle, AttributionResult, ELBOConfig, GUDADDPMPipeline, GUDAUNet2DModel
 from diffusers_guda.errors import BaseModelMismatchError, ConfigError, DataError
 from diffusers_guda.hashing import unet_fingerprint
+from diffusers_guda.recipes import Recipe
 
 from conftest import make_tiny_dataset, tiny_unet_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
-UNLEARN = dict(steps=2, batch_size=4, lora_rank=2, num_neighbors=2, progress=False)
+UNLEARN = dict(steps=2, batch_size=4, lora_rank=2, progress=False)  # over the digits-ddpm recipe
 
 
 def load(path) -> GUDADDPMPipeline:
@@ -97,7 +98,7 @@ def test_unlearn_groups_and_attribute(stock_pipeline_dir, tiny_dataset, shared_b
     assert bundle.base_model["fingerprint"] == unet_fingerprint(DDPMPipeline.from_pretrained(stock_pipeline_dir).unet)
     assert bundle.base_model["id"] == str(stock_pipeline_dir)
     assert all(g.stats["steps"] == 2 for g in bundle.groups)
-    assert bundle.lora["rank"] == 2 and bundle.objective["config"]["num_neighbors"] == 2
+    assert bundle.lora["rank"] == 2 and bundle.objective["config"]["num_neighbors"] == "all"  # the recipe's
     # the same data, settings and base weights give the same adapters (here: as the shared bundle)
     for slug in bundle.slugs:
         assert all(torch.equal(v, shared_bundle.adapters[slug][k]) for k, v in bundle.adapters[slug].items())
@@ -112,7 +113,10 @@ def test_unlearn_groups_and_attribute(stock_pipeline_dir, tiny_dataset, shared_b
     assert (result.scores != 0).any()
     assert result.neg_elbo.shape == (4,)
     assert result.metadata["base_model"] == str(stock_pipeline_dir)
-    assert result.metadata["num_rows"] == 99  # no recorded ELBO settings: the default grid, stride T // 100
+    # scored with the ELBO settings the bundle recorded when it was made (the digits-ddpm recipe's:
+    # stride 10 from t = 10 on this 100-step schedule), and the result says so
+    assert bundle.elbo == Recipe.load("digits-ddpm").elbo.to_dict()
+    assert result.metadata["elbo"] == bundle.elbo and result.metadata["num_rows"] == 9
     assert len(result.top_groups()) == 4
 
 

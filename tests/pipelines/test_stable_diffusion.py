@@ -33,7 +33,7 @@ def load(path) -> GUDAStableDiffusionPipeline:
 @pytest.fixture(scope="module")
 def sd_bundle(tiny_sd_dir):
     pipe = load(tiny_sd_dir)
-    bundle = pipe.unlearn_groups(make_sd_dataset(), objective="retrack", config=UnlearningConfig(objective="retrack", **UNLEARN_CONFIG), progress=False)
+    bundle = pipe.unlearn_groups(make_sd_dataset(), config=UnlearningConfig(objective="retrack", **UNLEARN_CONFIG), progress=False)
     bundle.elbo = ELBOConfig(stride=100).to_dict()
     return bundle
 
@@ -183,7 +183,7 @@ def test_dataset_without_prompts_is_refused(tiny_sd_dir):
 
 
 def test_bundles_of_other_bases_or_unconditional_unets_are_refused(tiny_sd_dir, sd_bundle):
-    from diffusers_guda.tiny_sd import tiny_stable_diffusion
+    from diffusers_guda.testing import tiny_stable_diffusion
 
     other = tiny_stable_diffusion(words=SD_WORDS, seed=1, pipeline_class=GUDAStableDiffusionPipeline)
     with pytest.raises(BaseModelMismatchError, match="fingerprint"):

@@ -9,7 +9,7 @@ from conftest import tiny_unet_config
 
 from diffusers_guda import GroupedDataset, GUDAUNet2DModel
 from diffusers_guda.errors import ConfigError, DataError
-from diffusers_guda.evaluation.baselines import (
+from guda_lab.evaluation.baselines import (
     GradientConfig,
     InstanceUnlearningConfig,
     default_timesteps,

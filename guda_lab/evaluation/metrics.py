@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy import stats
 
-from ..errors import ConfigError
+from diffusers_guda.errors import ConfigError
 
 METRIC_NAMES = ("top1", "top3", "mrr", "ndcg@3", "rbo", "spearman", "kendall")
 _NDCG = re.compile(r"^ndcg@([1-9][0-9]*)$")

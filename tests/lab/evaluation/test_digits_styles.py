@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from diffusers_guda import load_digits
-from diffusers_guda.evaluation.benchmarks import available_benchmarks, benchmark_recipe, load_benchmark
-from diffusers_guda.evaluation.digits_styles import STYLES, apply_style, digits_styles, slant, thicken_2x2
+from guda_lab.evaluation.benchmarks import available_benchmarks, benchmark_recipe, load_benchmark
+from guda_lab.evaluation.digits_styles import STYLES, apply_style, digits_styles, slant, thicken_2x2
 from diffusers_guda.recipes import Recipe
-from diffusers_guda.text_model import TextTrainConfig
+from guda_lab import training_config
+from guda_lab.text_model import TextTrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +71,7 @@ def test_registered_with_its_recipe():
     assert torch.equal(load_benchmark("digits-styles").images, digits_styles().images)
     assert benchmark_recipe("digits-styles") == "digits-styles" and benchmark_recipe("digits-classes") == "digits-ddpm"
     recipe = Recipe.load("digits-styles")
-    assert isinstance(recipe.train, TextTrainConfig)
-    assert set(STYLES) <= set(recipe.train.vocabulary)
+    train = training_config(recipe, "evaluate")
+    assert isinstance(train, TextTrainConfig)
+    assert set(STYLES) <= set(train.vocabulary)
     assert recipe.unlearning.objective == "anchor"

@@ -50,8 +50,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..data import GroupedDataset, load_digits
-from ..errors import ConfigError
+from diffusers_guda.data import GroupedDataset, load_digits
+from diffusers_guda.errors import ConfigError
 from .digits_styles import digits_styles
 
 COPY_NOISE = 0.05

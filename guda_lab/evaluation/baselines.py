@@ -21,10 +21,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data import GroupedDataset
-from ..errors import ConfigError, DataError, UnlearningDivergedError
-from ..hashing import derive_seed, image_content_hash
-from ..objectives.base import NoiseSchedule
+from diffusers_guda.data import GroupedDataset
+from diffusers_guda.errors import ConfigError, DataError, UnlearningDivergedError
+from diffusers_guda.hashing import derive_seed, image_content_hash
+from diffusers_guda.objectives.base import NoiseSchedule
 
 AGGREGATES = ("sum", "mean")
 OPTIMIZERS = ("sgd", "adam")
@@ -236,7 +236,7 @@ class _GradientsOn:
 
 def _check_conditioning(unet, query_conditioning, train_conditioning, num_queries: int, num_train: int):
     """Refuse conditioning missing for a text-conditioned UNet, given to an unconditional one, or miscounted."""
-    from ..models import is_conditional
+    from diffusers_guda.models import is_conditional
 
     given = query_conditioning is not None, train_conditioning is not None
     if is_conditional(unet) and not all(given):

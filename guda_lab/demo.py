@@ -16,23 +16,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .bundle import MANIFEST_NAME, AdapterBundle
-from .data import GroupedDataset, load_digits
-from .errors import BundleError
-from .hashing import unet_fingerprint
-from .io_utils import atomic_directory, write_json_atomic
-from .objectives import get_objective
-from .pipelines import GUDADDPMPipeline
-from .pipelines.attribution import to_model_images
-from .plotting import plot_attribution_bars, plot_label_heatmap, plot_query_grid, plot_unlearning_losses
-from .recipes import Recipe
-from .training import TRAIN_LOG_NAME, train_base_model
+from diffusers_guda.bundle import MANIFEST_NAME, AdapterBundle
+from diffusers_guda.data import GroupedDataset, load_digits
+from diffusers_guda.errors import BundleError
+from diffusers_guda.hashing import unet_fingerprint
+from diffusers_guda.io_utils import atomic_directory, write_json_atomic
+from diffusers_guda.objectives import get_objective
+from diffusers_guda.pipelines import GUDADDPMPipeline
+from diffusers_guda.pipelines.attribution import to_model_images
+from diffusers_guda.plotting import plot_attribution_bars, plot_label_heatmap, plot_query_grid, plot_unlearning_losses
+from diffusers_guda.recipes import Recipe
+from .recipes import training_config
+from .training import TRAIN_LOG_NAME, TrainConfig, train_base_model
 
 
-def reusable_base(path: Path, recipe: Recipe) -> bool:
-    """Whether ``path`` holds a base model trained with ``recipe.train``."""
+def reusable_base(path: Path, train: TrainConfig) -> bool:
+    """Whether ``path`` holds a base model trained with ``train``."""
     log = path / TRAIN_LOG_NAME
-    return log.is_file() and json.loads(log.read_text()).get("config") == recipe.train.to_dict()
+    return log.is_file() and json.loads(log.read_text()).get("config") == train.to_dict()
 
 
 def reusable_bundle(path: Path, fingerprint: str, recipe: Recipe) -> AdapterBundle | None:
@@ -96,7 +97,7 @@ def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-d
     recipe are reused.
     """
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
-    recipe.require_train("demo")
+    train = training_config(recipe, "demo")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     num_queries = num_queries or int(recipe.queries.get("num_queries", 100))
@@ -104,11 +105,11 @@ def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-d
     dataset = load_digits()
 
     t0 = time.perf_counter()
-    if reusable_base(out / "base", recipe):
+    if reusable_base(out / "base", train):
         log(f"[1/5] base model: reusing {out / 'base'}")
     else:
-        log(f"[1/5] training the base model ({recipe.train.steps} steps) -> {out / 'base'}")
-        train_base_model(dataset, recipe.train, output_dir=out / "base", progress=progress)
+        log(f"[1/5] training the base model ({train.steps} steps) -> {out / 'base'}")
+        train_base_model(dataset, train, output_dir=out / "base", progress=progress)
     wall["train_base"] = time.perf_counter() - t0
 
     pipe = GUDADDPMPipeline.from_pretrained(out / "base")
@@ -171,7 +172,7 @@ def _report(recipe, bundle, result, paths, out, digit, confidence, hits, wall, n
     return {
         "recipe": recipe.to_dict(),
         "seeds": {
-            "train": recipe.train.seed,
+            "train": int(recipe.train.get("seed", 0)),
             "unlearning": recipe.unlearning.seed,
             "elbo": recipe.elbo.seed,
             "queries": int(recipe.queries.get("seed", 0)),

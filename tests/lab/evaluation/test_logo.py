@@ -8,11 +8,12 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
-from diffusers_guda import ELBOConfig, TrainConfig
+from diffusers_guda import ELBOConfig
+from guda_lab import TrainConfig
 from diffusers_guda.cli import main
 from diffusers_guda.errors import ConfigError
-from diffusers_guda.evaluation import logo
-from diffusers_guda.training import TRAIN_LOG_NAME
+from guda_lab.evaluation import logo
+from guda_lab.training import TRAIN_LOG_NAME
 
 TINY = TrainConfig(block_out_channels=(16, 32), norm_num_groups=8, num_train_timesteps=100, steps=4, batch_size=8, warmup_steps=1)
 

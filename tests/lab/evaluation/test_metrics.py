@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from diffusers_guda.errors import ConfigError
-from diffusers_guda.evaluation import (
+from guda_lab.evaluation import (
     METRIC_NAMES,
     group_level_agreement,
     group_level_comparison,

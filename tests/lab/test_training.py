@@ -1,4 +1,4 @@
-"""Tests of diffusers_guda.training: a stock DDPMPipeline directory, reproducibility, learning, config errors."""
+"""Tests of guda_lab.training: a stock DDPMPipeline directory, reproducibility, learning, config errors."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
 
-from diffusers_guda import GroupedDataset, TrainConfig, train_base_model
+from diffusers_guda import GroupedDataset
+from guda_lab import TrainConfig, train_base_model
 from diffusers_guda.errors import ConfigError
-from diffusers_guda.training import TRAIN_LOG_NAME
+from guda_lab.training import TRAIN_LOG_NAME
 
 
 def tiny_config(**overrides) -> TrainConfig:

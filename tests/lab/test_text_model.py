@@ -9,12 +9,13 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from diffusers_guda import ConfigError, DataError, GroupedDataset
-from diffusers_guda.evaluation.baselines import GradientConfig, gradient_scores
-from diffusers_guda.evaluation.digits_styles import digits_styles
+from guda_lab.evaluation.baselines import GradientConfig, gradient_scores
+from guda_lab.evaluation.digits_styles import digits_styles
 from diffusers_guda.pipelines.text_to_image import GUDATextToImagePipeline
 from diffusers_guda.recipes import Recipe
-from diffusers_guda.text_model import TextTrainConfig
-from diffusers_guda.training import TRAIN_LOG_NAME, train_base_model
+from guda_lab import training_config
+from guda_lab.text_model import TextTrainConfig
+from guda_lab.training import TRAIN_LOG_NAME, train_base_model
 
 VOCAB = ("digit", "plain", "thick", "slanted", "inverted")
 
@@ -84,8 +85,9 @@ def test_recipe_section_selects_the_class(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps(recipe))
     with pytest.raises(ConfigError, match="typo"):
-        Recipe.load(path)
-    assert not isinstance(Recipe.load("digits-ddpm").train, TextTrainConfig)
+        training_config(Recipe.load(path), "train")
+    assert isinstance(training_config(Recipe.load("digits-styles"), "train"), TextTrainConfig)
+    assert not isinstance(training_config(Recipe.load("digits-ddpm"), "train"), TextTrainConfig)
 
 
 def test_loss_baselines_need_conditioning_for_a_conditional_unet(trained, data):

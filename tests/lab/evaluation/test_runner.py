@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from diffusers_guda.cli import main
-from diffusers_guda.evaluation.metrics import METRIC_NAMES
-from diffusers_guda.evaluation.runner import METHODS
+from guda_lab.evaluation.metrics import METRIC_NAMES
+from guda_lab.evaluation.runner import METHODS
 
 from conftest import TINY_RECIPE, write_evaluation_recipe, write_group_folder
 
@@ -99,9 +99,9 @@ def test_artifacts(workspace):
 
 
 def test_group_level_section(workspace):
-    from diffusers_guda.evaluation.benchmarks import GroupComparison
-    from diffusers_guda.evaluation.metrics import group_level_comparison
-    from diffusers_guda.evaluation.runner import _group_level, format_markdown
+    from guda_lab.evaluation.benchmarks import GroupComparison
+    from guda_lab.evaluation.metrics import group_level_comparison
+    from guda_lab.evaluation.runner import _group_level, format_markdown
 
     report = workspace["report"]
     assert report["group_level"] is None  # a user's folder defines no comparisons
@@ -187,8 +187,8 @@ def _micro_recipe(tmp_path):
 
 def test_digits_label_top1(tmp_path):
     """On the digits classes the report adds label_top1 (queries judged by demo.digit_classifier)."""
-    from diffusers_guda.evaluation.benchmarks import load_benchmark
-    from diffusers_guda.evaluation.runner import run_evaluation
+    from guda_lab.evaluation.benchmarks import load_benchmark
+    from guda_lab.evaluation.runner import run_evaluation
 
     lines = []
     report = run_evaluation(tmp_path / "out", load_benchmark("digits-classes"), _micro_recipe(tmp_path), num_queries=2,
@@ -204,9 +204,9 @@ def test_digits_label_top1(tmp_path):
 
 def test_contributors_without_ceiling(tmp_path):
     """--no-ceiling skips LOGO seed B; digits-contributors adds its group-level comparisons."""
-    from diffusers_guda.evaluation.benchmarks import group_comparisons, load_benchmark
-    from diffusers_guda.demo import load_query_images
-    from diffusers_guda.evaluation.runner import _group_level, run_evaluation
+    from guda_lab.evaluation.benchmarks import group_comparisons, load_benchmark
+    from guda_lab.demo import load_query_images
+    from guda_lab.evaluation.runner import _group_level, run_evaluation
 
     dataset = load_benchmark("digits-contributors")
     report = run_evaluation(tmp_path / "out", dataset, _micro_recipe(tmp_path), num_queries=12, methods=["similarity", "guda"],

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from diffusers_guda.errors import ConfigError
-from diffusers_guda.evaluation import benchmarks
+from guda_lab.evaluation import benchmarks
 from diffusers_guda.data import load_digits
 
 

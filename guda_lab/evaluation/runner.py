@@ -29,13 +29,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..data import GroupedDataset
-from ..elbo import ELBOEstimator
-from ..errors import ConfigError
-from ..hashing import image_content_hash, unet_fingerprint
-from ..io_utils import write_json_atomic
-from ..recipes import Recipe
+from diffusers_guda.data import GroupedDataset
+from diffusers_guda.elbo import ELBOEstimator
+from diffusers_guda.errors import ConfigError
+from diffusers_guda.hashing import image_content_hash, unet_fingerprint
+from diffusers_guda.io_utils import write_json_atomic
+from diffusers_guda.recipes import Recipe
 from ..text_model import TextTrainConfig
+from ..recipes import training_config
 from ..training import TRAIN_LOG_NAME, train_base_model
 from .baselines import (
     GradientConfig,
@@ -139,13 +140,13 @@ def run_evaluation(
 
     methods = _check_methods(methods)
     recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
-    recipe.require_train("evaluate")
-    conditional = isinstance(recipe.train, TextTrainConfig)
+    train = training_config(recipe, "evaluate")
+    conditional = isinstance(train, TextTrainConfig)
     if conditional and dataset.prompts is None:
         raise ConfigError(f"Recipe {recipe.name!r} trains a text-conditioned model, but the dataset has no prompts; "
                           "use a captioned dataset (metadata.jsonl) or benchmark, or an unconditional recipe.")
     pipeline_class, unet_class = _model_classes(conditional)
-    seed_a = recipe.train.seed
+    seed_a = train.seed
     seed_b = seed_a + 1 if seed_b is None else int(seed_b)
     if ceiling and seed_b == seed_a:
         raise ConfigError(f"seed B must differ from seed A ({seed_a}): the ceiling compares two training seeds.")
@@ -163,25 +164,25 @@ def run_evaluation(
     K = dataset.num_groups
 
     # 1. base model
-    if reusable_base(out / "base", recipe):
+    if reusable_base(out / "base", train):
         log(f"[1/{total}] base model: reusing {out / 'base'}")
         reused = True
     else:
-        log(f"[1/{total}] training the base model ({recipe.train.steps} steps) -> {out / 'base'}")
-        train_base_model(dataset, recipe.train, output_dir=out / "base", progress=progress)
+        log(f"[1/{total}] training the base model ({train.steps} steps) -> {out / 'base'}")
+        train_base_model(dataset, train, output_dir=out / "base", progress=progress)
         reused = False
-    cost["base"] = _training_cost([out / "base"], recipe.train) | {"reused": reused}
+    cost["base"] = _training_cost([out / "base"], train) | {"reused": reused}
 
     # 2-3. LOGO models, seed A and seed B
     logo_paths = {}
     logo_sets = ((REFERENCE, seed_a), (CEILING, seed_b)) if ceiling else ((REFERENCE, seed_a),)
     for step, (key, seed) in enumerate(logo_sets, start=2):
-        config = replace(recipe.train, seed=seed)
+        config = replace(train, seed=seed)
         root = out / "logo" / f"seed_{seed}"
         done = root.is_dir() and sum((p / TRAIN_LOG_NAME).is_file() for p in root.iterdir() if p.is_dir()) == K
         log(f"[{step}/{total}] LOGO models, seed {seed} ({K} groups, {config.steps} steps each): "
             f"{'reusing' if done else 'training'} -> {root}")
-        paths = train_logo_models(dataset, recipe.train, out / "logo", seed=seed, progress=progress, log=lambda msg: None)
+        paths = train_logo_models(dataset, train, out / "logo", seed=seed, progress=progress, log=lambda msg: None)
         logo_paths[key] = paths
         cost[key] = _training_cost(list(paths.values()), config) | {"reused": done}
 
@@ -252,8 +253,8 @@ def run_evaluation(
         return {"forwards": N * rows * models, "backwards": 0}
 
     specs = {
-        REFERENCE: ({"elbo": recipe.elbo.to_dict(), "train": recipe.train.to_dict(), "seed": seed_a}, elbo_cost(K + 1)),
-        CEILING: ({"elbo": recipe.elbo.to_dict(), "train": recipe.train.to_dict(), "seed": seed_b}, elbo_cost(K + 1)),
+        REFERENCE: ({"elbo": recipe.elbo.to_dict(), "train": train.to_dict(), "seed": seed_a}, elbo_cost(K + 1)),
+        CEILING: ({"elbo": recipe.elbo.to_dict(), "train": train.to_dict(), "seed": seed_b}, elbo_cost(K + 1)),
         "guda": ({"elbo": recipe.elbo.to_dict(), "unlearning": recipe.unlearning.to_dict()}, elbo_cost(K + 1)),
         "similarity": ({"features": "pixels"}, {"forwards": 0, "backwards": 0, "note": "pixel cosines, no UNet passes"}),
         "nearest_neighbour": ({"features": "pixels"}, {"forwards": 0, "backwards": 0, "note": "pixel cosines, no UNet passes"}),
@@ -379,12 +380,12 @@ def _model_classes(conditional: bool):
     if conditional:
         from diffusers import UNet2DConditionModel
 
-        from ..pipelines.text_to_image import GUDATextToImagePipeline
+        from diffusers_guda.pipelines.text_to_image import GUDATextToImagePipeline
 
         return GUDATextToImagePipeline, UNet2DConditionModel
     from diffusers import UNet2DModel
 
-    from ..pipelines import GUDADDPMPipeline
+    from diffusers_guda.pipelines import GUDADDPMPipeline
 
     return GUDADDPMPipeline, UNet2DModel
 
@@ -403,7 +404,7 @@ class _Conditioning:
     """
 
     def __init__(self, pipe, dataset: GroupedDataset, prompts: list[str]):
-        from ..pipelines.conditioning import prompt_encoder
+        from diffusers_guda.pipelines.conditioning import prompt_encoder
 
         self.encode, self.dataset, self.prompts = prompt_encoder(pipe), dataset, prompts
         self._train = None
@@ -425,7 +426,7 @@ def _prompt_subsets(dataset: GroupedDataset, prompts: list[str], scores: dict[st
     """
     import re
 
-    from ..objectives.anchor import group_descriptors
+    from diffusers_guda.objectives.anchor import group_descriptors
 
     named = np.full(len(prompts), -1, dtype=np.int64)
     for k in range(dataset.num_groups):
@@ -556,9 +557,9 @@ def format_summary(report: dict) -> str:
 
 def plot_metrics(report: dict, path: str | Path):
     """Grouped bars: one group per metric, one bar per method (mean, ± standard error)."""
-    from ..plotting import _pyplot
+    from diffusers_guda.plotting import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     names = report["metric_names"]
     methods = list(report["methods"])
     x = np.arange(len(names))
@@ -583,9 +584,9 @@ def plot_metrics(report: dict, path: str | Path):
 
 def plot_score_heatmaps(scores: dict[str, np.ndarray], groups: Sequence[str], path: str | Path, max_queries: int = 4):
     """Per query (first ``max_queries``), an image: a row per method, a column per group, z-scored scores."""
-    from ..plotting import _pyplot
+    from diffusers_guda.plotting import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     methods = list(scores)
     n = min(max_queries, next(iter(scores.values())).shape[0])
     fig, axes = plt.subplots(1, n, figsize=(max(3, 0.45 * len(groups) + 1.5) * n, 0.45 * len(methods) + 1.4), squeeze=False)

@@ -15,12 +15,12 @@ from typing import Sequence
 
 import torch
 
-from ..bundle import unique_slugs
-from ..data import GroupedDataset
-from ..distributed import ProcessInfo, current_process
-from ..elbo import ELBOConfig, ELBOEstimator
-from ..errors import ConfigError
-from ..scoring import AttributionResult, score_models
+from diffusers_guda.bundle import unique_slugs
+from diffusers_guda.data import GroupedDataset
+from diffusers_guda.distributed import ProcessInfo, current_process
+from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
+from diffusers_guda.errors import ConfigError
+from diffusers_guda.scoring import AttributionResult, score_models
 from ..training import TRAIN_LOG_NAME, TrainConfig, train_base_model
 
 EXCLUDED_KEY = "excluded_group"

@@ -7,7 +7,7 @@ the same text encoder and tokenizer whatever their training seed: only the UNet 
 frozen encoder is enough here because the UNet learns what each embedding means; what matters is that
 distinct prompts get distinct, fixed embeddings.
 
-The tokenizer is :func:`~diffusers_guda.tiny_sd.tiny_clip_tokenizer` over the recipe's
+The tokenizer is :func:`~diffusers_guda.testing.tiny_clip_tokenizer` over the recipe's
 ``vocabulary``; its vocabulary is part of the recipe, never taken from the data (a model trained
 without a group would otherwise get another tokenizer).
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import GroupedDataset
-from .errors import ConfigError, DataError
+from diffusers_guda.data import GroupedDataset
+from diffusers_guda.errors import ConfigError, DataError
 from .training import TrainConfig
 
 
@@ -55,7 +55,7 @@ class TextTrainConfig(TrainConfig):
         return data
 
     def build_tokenizer(self):
-        from .tiny_sd import tiny_clip_tokenizer
+        from diffusers_guda.testing import tiny_clip_tokenizer
 
         try:
             return tiny_clip_tokenizer(self.vocabulary, max_length=self.max_length)
@@ -90,7 +90,7 @@ class TextTrainConfig(TrainConfig):
 
     def build_pipeline(self, image_shape: tuple[int, int, int]):
         """The untrained :class:`~diffusers_guda.pipelines.text_to_image.TextToImageDDPMPipeline`."""
-        from .pipelines.text_to_image import TextToImageDDPMPipeline
+        from diffusers_guda.pipelines.text_to_image import TextToImageDDPMPipeline
 
         tokenizer = self.build_tokenizer()
         text_encoder = self.build_text_encoder(len(tokenizer.get_vocab()))

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from diffusers_guda import GroupUnlearner
 from diffusers_guda.bundle import MANIFEST_NAME
-from diffusers_guda.demo import reusable_bundle
+from guda_lab.demo import reusable_bundle
 from diffusers_guda.hashing import unet_fingerprint
 from diffusers_guda.recipes import Recipe
 

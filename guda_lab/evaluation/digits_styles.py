@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from ..data import GroupedDataset, load_digits
+from diffusers_guda.data import GroupedDataset, load_digits
 
 STYLES = ("plain", "thick", "slanted", "inverted")
 SHEAR = 0.5

@@ -17,9 +17,9 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from tqdm.auto import tqdm
 
-from .data import GroupedDataset
-from .errors import ConfigError
-from .io_utils import atomic_directory
+from diffusers_guda.data import GroupedDataset
+from diffusers_guda.errors import ConfigError
+from diffusers_guda.io_utils import atomic_directory
 
 TRAIN_LOG_NAME = "guda_train.json"
 

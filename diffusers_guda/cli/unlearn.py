@@ -1,0 +1,69 @@
+"""``guda unlearn``: one unlearning LoRA adapter per group, into a bundle."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from ..errors import GUDAError
+from .arguments import add_common, add_data, add_dtype, add_recipe, check_output_dir, image_mode, launched_process, load_base, load_dataset, parse_options
+
+# flag -> unlearn_groups setting
+_SETTINGS = {"steps": "steps", "size_exponent": "size_exponent", "lr": "learning_rate", "seed": "seed", "autocast": "autocast_dtype",
+             "batch_size": "batch_size", "rank": "lora_rank", "alpha": "lora_alpha", "objective": "objective"}
+
+
+def register(subparsers) -> None:
+    p = add_common(subparsers.add_parser("unlearn", help="train one unlearning LoRA adapter per group into a bundle"))
+    p.add_argument("--base", required=True, help="base pipeline directory or Hub id")
+    p.add_argument("--base-id", help="name recorded for the base model in the bundle (default: --base)")
+    add_data(p, help="the training set of the base model ('digits', an image folder with one subfolder per group, or a folder "
+                     "of captioned images with metadata.jsonl (file_name, text, group) for a text-conditioned base)")
+    p.add_argument("--out", required=True, help="bundle directory to write (a killed run resumes from <out>-partial)")
+    add_recipe(p, default=None, help="recipe name in adapters/ or a JSON path (default: the recipe of the base's family: sd-styles "
+                                     "for Stable Diffusion, digits-styles for a TextToImageDDPMPipeline, else digits-ddpm)")
+    add_dtype(p)
+    p.add_argument("--objective", help="objective name (retrack, gradient_ascent; anchor, esd for text-conditioned bases)")
+    p.add_argument("--option", action="append", metavar="KEY=VALUE", help="objective option, repeatable (e.g. num_neighbors=5)")
+    p.add_argument("--groups", nargs="+", help="unlearn only these groups (names)")
+    p.add_argument("--steps", type=int, help="optimiser steps per group")
+    p.add_argument("--size-exponent", type=float, help="scale each group's steps as (group size / mean size) ** this (0: the same for all)")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--batch-size", type=int, help="forget and retain images per step (each)")
+    p.add_argument("--rank", type=int, help="LoRA rank")
+    p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
+    p.add_argument("--seed", type=int, help="base seed (each group's seed derives from it)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> None:
+    from ..pipelines import pipeline_class_for
+    from ..recipes import DEFAULT_RECIPE, Recipe, default_recipe
+
+    check_output_dir(args.out)
+    try:
+        pipeline_class = pipeline_class_for(args.base)
+    except GUDAError:  # loading the base reports it, after the cheaper checks of the other flags
+        pipeline_class = None
+    settings = {setting: getattr(args, flag) for flag, setting in _SETTINGS.items() if getattr(args, flag) is not None}
+    settings["objective_options"] = parse_options(args.option)
+    recipe = Recipe.load(args.recipe or DEFAULT_RECIPE) if args.recipe or pipeline_class is None else default_recipe(pipeline_class)
+    recipe.unlearning_with(**settings)  # refuse bad settings before any data or weights are read
+    dataset = load_dataset(args, mode=image_mode(pipeline_class))
+    out = Path(args.out)
+    partial = out.parent / f".{out.name}-partial"
+    process = launched_process()
+    pipe = load_base(args.base, args.dtype).to(process.device)
+    # each process unlearns its share of the groups into the shared checkpoint; all get the whole bundle
+    bundle = pipe.unlearn_groups(dataset, recipe=recipe, groups=args.groups, checkpoint_dir=partial, base_model_id=args.base_id or args.base,
+                                 progress=not args.quiet, process=process, **settings)
+    if process.is_main:
+        bundle.save_pretrained(out)
+        shutil.rmtree(partial, ignore_errors=True)
+        for g in bundle.groups:
+            s = g.stats
+            print(f"{g.name}: forget loss {s['forget_loss_before']:.4f} -> {s['forget_loss_after']:.4f} ({100 * s['forget_loss_change']:+.1f}%), "
+                  f"retain loss {s['retain_loss_before']:.4f} -> {s['retain_loss_after']:.4f} ({100 * s['retain_loss_change']:+.1f}%)")
+        shared = f" (groups shared by {process.world_size} processes)" if process.is_distributed else ""
+        print(f"saved the adapter bundle to {out}{shared}")
+    process.barrier()  # every process ends once the bundle is on disk

@@ -1,0 +1,139 @@
+"""``GUDAAutoPipeline``: the right GUDA pipeline class for any supported pipeline directory or Hub id.
+
+The class is chosen from the ``_class_name`` of the model's ``model_index.json`` (read alone, before
+any weights), the way diffusers' auto pipelines choose theirs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import warnings
+from pathlib import Path
+
+from ..errors import ConfigError, GUDAError
+
+# the GUDA pipeline that loads each pipeline class a model_index.json may name
+SUPPORTED_PIPELINES = {
+    "DDPMPipeline": "GUDADDPMPipeline",
+    "DDIMPipeline": "GUDADDPMPipeline",  # the same components: a UNet2DModel and a DDPM-family scheduler
+    "GUDADDPMPipeline": "GUDADDPMPipeline",
+    "StableDiffusionPipeline": "GUDAStableDiffusionPipeline",
+    "GUDAStableDiffusionPipeline": "GUDAStableDiffusionPipeline",
+    "TextToImageDDPMPipeline": "GUDATextToImagePipeline",
+    "GUDATextToImagePipeline": "GUDATextToImagePipeline",
+}
+
+
+def _cannot_load(spec: str, reason: str) -> GUDAError:
+    return GUDAError(
+        f"Cannot load the base pipeline {spec!r} ({reason}). Pass a directory written by `guda train` (or by a "
+        "DDPMPipeline's or StableDiffusionPipeline's save_pretrained), or a Hub id (with HF_HUB_OFFLINE=1: one in the local cache)."
+    )
+
+
+def read_model_index(spec: str | Path) -> dict:
+    """The ``model_index.json`` of the pipeline directory or Hub id ``spec``.
+
+    A Hub id is read from the local cache first, else downloaded like any ``from_pretrained`` (unless
+    ``HF_HUB_OFFLINE=1``).
+
+    Raises:
+        GUDAError: ``spec`` is neither a pipeline directory nor a reachable or cached Hub id, or its
+            ``model_index.json`` is unreadable.
+    """
+    from diffusers import DiffusionPipeline
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    spec, name, path = str(spec), DiffusionPipeline.config_name, None
+    if Path(spec).is_dir():
+        path = Path(spec) / name
+    elif spec.count("/") == 1 and not Path(spec).exists():  # looks like a Hub id "owner/name"
+        with contextlib.suppress(OSError, ValueError):  # not a valid Hub id, not on the Hub, or offline and not cached
+            cached = try_to_load_from_cache(spec, name)
+            path = Path(cached if isinstance(cached, str) else hf_hub_download(spec, name))
+    if path is None or not path.is_file():
+        where = "no such directory, nor a Hub id this machine can reach or has cached" if not Path(spec).is_dir() else f"no {name} in it"
+        raise _cannot_load(spec, where)
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _cannot_load(spec, f"{path} is not readable JSON: {exc}") from exc
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise _cannot_load(spec, f"{path} names no pipeline _class_name")
+    return index
+
+
+def pipeline_class_for(spec: str | Path) -> type:
+    """The GUDA pipeline class that loads ``spec`` (read from its ``model_index.json``, no weights).
+
+    Raises:
+        GUDAError: ``spec`` cannot be read (see :func:`read_model_index`).
+        ConfigError: its pipeline class is not supported, or needs ``transformers`` and it is missing.
+    """
+    from .. import pipelines
+
+    name = read_model_index(spec)["_class_name"]
+    if name not in SUPPORTED_PIPELINES:
+        supported = "DDPMPipeline, DDIMPipeline, StableDiffusionPipeline (Stable Diffusion 1.x/2.x) and TextToImageDDPMPipeline"
+        raise ConfigError(f"The base {str(spec)!r} is a {name}, which guda does not support yet; it supports {supported}.")
+    try:
+        return getattr(pipelines, SUPPORTED_PIPELINES[name])
+    except ImportError as exc:  # the text-conditioned pipelines need transformers
+        raise ConfigError(
+            f"The base {str(spec)!r} needs {SUPPORTED_PIPELINES[name]}, which needs transformers ({exc}); pip install 'diffusers-guda[sd]'."
+        ) from exc
+
+
+class GUDAAutoPipeline:
+    """Loads any supported pipeline as its GUDA pipeline class.
+
+    Example:
+        ```py
+        >>> from diffusers_guda import GUDAAutoPipeline
+        >>> pipe = GUDAAutoPipeline.from_pretrained("path/to/fine-tuned-sd15")  # a GUDAStableDiffusionPipeline
+        >>> bundle = pipe.unlearn_groups(dataset)  # the recipe of its family
+        ```
+    """
+
+    def __init__(self, *args, **kwargs):
+        raise EnvironmentError("GUDAAutoPipeline is not instantiated; use GUDAAutoPipeline.from_pretrained(...) or from_pipe(...).")
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs):
+        """Load ``pretrained_model_name_or_path`` with the GUDA pipeline class of its family.
+
+        Args:
+            pretrained_model_name_or_path: A pipeline directory or Hub id.
+            **kwargs: ``from_pretrained`` arguments (``torch_dtype``, ``revision``, ...). Stable
+                Diffusion is loaded without its safety checker unless ``safety_checker`` is given.
+
+        Raises:
+            GUDAError: one line, when the model cannot be found or read, or its family is not supported.
+        """
+        spec = str(pretrained_model_name_or_path)
+        pipeline_class = pipeline_class_for(spec)
+        if pipeline_class.__name__ == "GUDAStableDiffusionPipeline" and "safety_checker" not in kwargs:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)  # attribution never needs it
+        try:
+            with warnings.catch_warnings():
+                # diffusers >= 0.42 renames torch_dtype to dtype (with a FutureWarning); older ones know only torch_dtype
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+                return pipeline_class.from_pretrained(spec, **kwargs)
+        except (OSError, ValueError) as exc:
+            message = str(exc).strip()
+            raise _cannot_load(spec, message.splitlines()[0] if message else type(exc).__name__) from exc
+
+    @classmethod
+    def from_pipe(cls, pipe, **kwargs):
+        """The GUDA pipeline of ``pipe``'s family, sharing its components (no copy).
+
+        Raises:
+            ConfigError: ``pipe``'s class is not supported.
+        """
+        from .. import pipelines
+
+        name = type(pipe).__name__
+        if name not in SUPPORTED_PIPELINES:
+            raise ConfigError(f"{name} is not supported; guda supports {sorted(set(SUPPORTED_PIPELINES))}.")
+        return getattr(pipelines, SUPPORTED_PIPELINES[name]).from_pipe(pipe, **kwargs)

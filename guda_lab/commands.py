@@ -1,0 +1,142 @@
+"""The lab's ``guda`` commands: ``train``, ``logo``, ``demo`` and ``evaluate``.
+
+Registered through the ``diffusers_guda.commands`` entry point (see :mod:`diffusers_guda.cli`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+
+from diffusers_guda.cli.arguments import (
+    add_common,
+    add_data,
+    add_device,
+    add_recipe,
+    check_output_dir,
+    launched_process,
+    load_dataset,
+    one_process_only,
+    parse_options,
+    require_positive,
+    torch_device,
+)
+from diffusers_guda.errors import ConfigError
+from diffusers_guda.recipes import DEFAULT_RECIPE, Recipe
+
+from .recipes import training_config
+
+
+def register(subparsers) -> None:
+    p = add_common(subparsers.add_parser("train", help="train the base diffusion model on a grouped dataset"))
+    add_data(p)
+    p.add_argument("--out", required=True, help="output pipeline directory")
+    add_recipe(p)
+    p.add_argument("--steps", type=int, help="optimiser steps (default: the recipe's)")
+    p.add_argument("--batch-size", type=int, help="images per step")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--seed", type=int, help="training seed (recorded in guda_train.json)")
+    add_device(p)
+    p.set_defaults(func=train)
+
+    p = add_common(subparsers.add_parser("logo", help="retrain the base recipe once without each group (ground truth; resumable)"))
+    add_data(p, help="the base model's training set ('digits' or an image folder)")
+    p.add_argument("--out", required=True, help="root directory; models go to <out>/seed_<seed>/<group>/")
+    add_recipe(p, help="recipe name in adapters/ or a JSON path (the base model's recipe)")
+    p.add_argument("--seed", type=int, help="training seed (default: the recipe's; another seed gives the LOGO noise floor)")
+    p.add_argument("--groups", nargs="+", help="leave out only these groups (names)")
+    p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    add_device(p)
+    p.set_defaults(func=logo)
+
+    p = add_common(subparsers.add_parser("demo", help="train, unlearn, generate and attribute on the embedded digits"))
+    p.add_argument("--out", default="guda-demo", help="output directory (default guda-demo)")
+    add_recipe(p)
+    p.add_argument("--queries", type=int, help="number of generated query images (default from the recipe: 100)")
+    p.set_defaults(func=demo)
+
+    p = add_common(subparsers.add_parser("evaluate", help="GUDA and baselines against LOGO ground truth, with the LOGO ceiling and costs"))
+    add_data(p, required=True)
+    p.add_argument("--out", required=True, help="output directory (finished stages in it are reused)")
+    add_recipe(p, help="recipe name in adapters/ or a JSON path (default: the benchmark's, e.g. digits-styles; else digits-ddpm)", default=None)
+    p.add_argument("--queries", type=int, help="number of generated query images (default from the recipe)")
+    p.add_argument("--methods", nargs="+", help="methods to score (default: guda similarity nearest_neighbour gradient instance_unlearning)")
+    p.add_argument("--seed-b", type=int, help="training seed of the second LOGO set, the ceiling (default: the recipe's seed + 1)")
+    p.add_argument("--gradient-option", action="append", metavar="KEY=VALUE",
+                   help="gradient baseline setting, repeatable (e.g. projection_dim=1024, timesteps=[50,200,500])")
+    p.add_argument("--instance-option", action="append", metavar="KEY=VALUE",
+                   help="instance-unlearning baseline setting, repeatable (e.g. steps=10, learning_rate=0.003)")
+    p.add_argument("--no-ceiling", action="store_true",
+                   help="skip LOGO seed B (half the LOGO cost; the report then has no ceiling and no fractions of it)")
+    p.set_defaults(func=evaluate)
+
+
+def train(args) -> None:
+    from .training import train_base_model
+
+    one_process_only("train")
+    check_output_dir(args.out)
+    config = training_config(Recipe.load(args.recipe), "train")
+    overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("learning_rate", args.lr), ("seed", args.seed)) if v is not None}
+    config = replace(config, **overrides)
+    device = torch_device(args.device) if args.device else launched_process().device
+    dataset = load_dataset(args)
+    train_base_model(dataset, config, output_dir=args.out, progress=not args.quiet, device=device)
+    print(f"saved the base pipeline to {args.out} (load it with diffusers.DDPMPipeline.from_pretrained)")
+
+
+def logo(args) -> None:
+    from .evaluation.logo import train_logo_models
+
+    check_output_dir(args.out)
+    config = training_config(Recipe.load(args.recipe), "logo")
+    config = replace(config, **({"steps": args.steps} if args.steps is not None else {}))
+    dataset = load_dataset(args)
+    process = launched_process()
+    paths = train_logo_models(
+        dataset, config, args.out, groups=args.groups, seed=args.seed, progress=not args.quiet, process=process,
+        device=torch_device(args.device) if args.device else None,
+    )
+    if process.is_main:
+        print(f"{len(paths)} leave-one-group-out models under {Path(args.out) / f'seed_{args.seed if args.seed is not None else config.seed}'}")
+
+
+def demo(args) -> None:
+    from .demo import run_demo
+
+    one_process_only("demo")
+    check_output_dir(args.out)
+    require_positive(queries=args.queries)
+    run_demo(args.out, recipe=args.recipe, num_queries=args.queries, progress=not args.quiet)
+    print(f"\nartifacts in {args.out}: base/ bundle/ queries/ report.json queries.png attribution_bars.png label_heatmap.png unlearning.png")
+
+
+def _baseline_config(config_class, pairs, flag):
+    """A baseline's settings from ``KEY=VALUE`` pairs (unknown keys named in a one-line error)."""
+    options = parse_options(pairs, flag)
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"{flag}: unknown setting(s) {unknown}; known: {sorted(known)}.")
+    try:
+        return config_class(**options)
+    except TypeError as exc:
+        raise ConfigError(f"{flag}: {exc}") from exc
+
+
+def evaluate(args) -> None:
+    from .evaluation.baselines import GradientConfig, InstanceUnlearningConfig
+    from .evaluation.benchmarks import benchmark_recipe
+    from .evaluation.runner import METHODS, run_evaluation
+
+    one_process_only("evaluate")
+    check_output_dir(args.out)
+    require_positive(queries=args.queries)
+    gradient = _baseline_config(GradientConfig, args.gradient_option, "--gradient-option")
+    instance = _baseline_config(InstanceUnlearningConfig, args.instance_option, "--instance-option")
+    dataset = load_dataset(args)
+    recipe = args.recipe or (benchmark_recipe(args.benchmark) if args.benchmark else DEFAULT_RECIPE)
+    run_evaluation(args.out, dataset, recipe, num_queries=args.queries, methods=args.methods or METHODS,
+                   seed_b=args.seed_b, ceiling=not args.no_ceiling, gradient_config=gradient,
+                   instance_config=instance, progress=not args.quiet)
+    print(f"\nartifacts in {args.out}: report.json report.md metrics.png score_heatmaps.png scores/ base/ logo/ bundle/ queries/")
