@@ -36,8 +36,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from diffusers_guda import GUDADDPMPipeline
-    from guda_lab.demo import load_query_images, run_demo
-    from diffusers_guda.recipes import Recipe
+    from guda_lab.demo import run_demo
+    from guda_lab.queries import load_query_images
 
     out = Path(args.out_dir)
     load = os.getloadavg()[0]
@@ -45,15 +45,15 @@ def main() -> None:
     report = run_demo(out, num_queries=args.queries, progress=False, log=lambda *_: None)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
 
-    recipe = Recipe.load("digits-ddpm")
     pipe = GUDADDPMPipeline.from_pretrained(out / "base")
     pipe.load_guda_bundle(out / "bundle")
     files = sorted((out / "queries").glob("*.png"))[: args.invariance_queries]
     images = load_query_images(files)
-    reference = pipe.attribute(images, batch_size=1, elbo_config=recipe.elbo, progress=False)
-    batched = pipe.attribute(images, batch_size=32, elbo_config=recipe.elbo, progress=False)
+    # the demo's bundle records its recipe's ELBO settings
+    reference = pipe.attribute(images, batch_size=1, progress=False)
+    batched = pipe.attribute(images, batch_size=32, progress=False)
     perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    shuffled = pipe.attribute(images[perm], batch_size=7, elbo_config=recipe.elbo, progress=False)
+    shuffled = pipe.attribute(images[perm], batch_size=7, progress=False)
     inverse = torch.argsort(perm)
     invariance = max(
         (reference.scores - batched.scores).abs().max().item(),

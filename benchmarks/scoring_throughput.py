@@ -91,6 +91,83 @@ def measure(methods, repeats):
     return {m: statistics.median(t) for m, t in timings.items()}, results
 
 
+def scoring_methods(pipe, estimator, images, full_models: list[Path], adaptive_z: list[float]) -> dict:
+    """The methods compared, each a call that scores ``images`` against every group of the loaded bundle."""
+    from diffusers import UNet2DModel
+
+    from diffusers_guda.adapter_state import use_adapters
+    from diffusers_guda.scoring import score_models
+
+    loaded, unet = pipe.guda_bundle, pipe.unet
+    adapters = [loaded.adapter_name(s) for s in loaded.slugs]
+
+    def select(adapter):
+        return lambda: use_adapters(unet, adapter)
+
+    def load(path):
+        return lambda: UNet2DModel.from_pretrained(path).eval()
+
+    methods = {
+        "sequential": lambda: score_models(estimator, select(None), [select(a) for a in adapters], loaded.group_names,
+                                           images, progress=False),
+        "reload": lambda: score_models(estimator, select(None), [load(p) for p in full_models], loaded.group_names,
+                                       images, batch_size=len(images), progress=False),
+        "mixed": lambda: pipe.attribute(images, strategy="mixed", progress=False),
+        "merged": lambda: pipe.attribute(images, strategy="merged", progress=False),
+    }
+    for z in adaptive_z:
+        methods[f"merged+adaptive(z={z:g})"] = lambda z=z: pipe.attribute(images, strategy="merged", adaptive_z=z, progress=False)
+    return methods
+
+
+def summarise(walls: dict, results: dict, default_forwards: int) -> dict:
+    """Per method: wall time, forwards, agreement with and speed-up over ``sequential`` (the full grid)."""
+    reference = results["sequential"].scores
+    entry = {}
+    for name, result in results.items():
+        forwards = result.metadata.get("row_forwards", default_forwards)
+        entry[name] = {
+            "wall_s": round(walls[name], 3),
+            "forwards": int(forwards),
+            "top1_agreement": float((result.scores.argmax(1) == reference.argmax(1)).float().mean()),
+            "speedup_vs_sequential": walls["sequential"] / walls[name],
+            "max_abs_score_diff_vs_sequential": float((result.scores - reference).abs().max()),
+        }
+    return entry
+
+
+def print_table(entry: dict, k: int, n: int, rows: int, repeats: int) -> None:
+    print(f"\nK = {k}: {n} queries x {k} groups, {rows} rows per query, {torch.get_num_threads()} threads, "
+          f"load {os.getloadavg()[0]:.2f}, median of {repeats}")
+    print("| method | wall (s) | forwards | speed-up vs sequential | top-1 = full grid | max abs score diff |")
+    print("|---|---|---|---|---|---|")
+    for name, e in entry.items():
+        print(f"| {name} | {e['wall_s']:.2f} | {e['forwards']:,} | {e['speedup_vs_sequential']:.2f}x | "
+              f"{e['top1_agreement']:.0%} | {e['max_abs_score_diff_vs_sequential']:.1e} |", flush=True)
+
+
+def benchmark_k(k: int, args, images, work: Path) -> dict:
+    """Every method on the K-group bundle: the summary of :func:`summarise`, also printed as a table."""
+    from diffusers_guda import GUDADDPMPipeline
+    from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
+
+    pipe = GUDADDPMPipeline.from_pretrained(args.base)
+    pipe.set_progress_bar_config(disable=True)
+    bundle = args.bundle if k == 10 else build_k50_bundle(args.base, work, args.recipe, args.k50_steps)
+    pipe.load_guda_bundle(bundle)
+    loaded = pipe.guda_bundle
+    if len(loaded.groups) != k:
+        raise SystemExit(f"the K={k} bundle has {len(loaded.groups)} groups")
+    estimator = ELBOEstimator(pipe.scheduler, ELBOConfig(**loaded.elbo) if loaded.elbo else ELBOConfig())
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
+        full_models = save_full_models(pipe, Path(tmp))
+        walls, results = measure(scoring_methods(pipe, estimator, images, full_models, args.adaptive_z), args.repeats)
+    n, rows = len(images), estimator.num_rows
+    entry = summarise(walls, results, default_forwards=n * rows * (k + 1))
+    print_table(entry, k, n, rows, args.repeats)
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="guda-demo/base")
@@ -109,12 +186,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from diffusers import UNet2DModel
-
-    from diffusers_guda import GUDADDPMPipeline
-    from guda_lab.demo import load_query_images
-    from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
-    from diffusers_guda.scoring import _switch, score_models
+    from guda_lab.queries import load_query_images
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -122,62 +194,7 @@ def main() -> None:
     report = {"num_queries": len(images), "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0],
               "repeats": args.repeats, "adaptive_z": args.adaptive_z}
     for k in args.ks:
-        pipe = GUDADDPMPipeline.from_pretrained(args.base)
-        pipe.set_progress_bar_config(disable=True)
-        bundle = args.bundle if k == 10 else build_k50_bundle(args.base, work, args.recipe, args.k50_steps)
-        pipe.load_guda_bundle(bundle)
-        loaded = pipe.guda_bundle
-        if len(loaded.groups) != k:
-            raise SystemExit(f"the K={k} bundle has {len(loaded.groups)} groups")
-        estimator = ELBOEstimator(pipe.scheduler, ELBOConfig(**loaded.elbo) if loaded.elbo else ELBOConfig())
-        adapters = [loaded.adapter_name(s) for s in loaded.slugs]
-        rows = estimator.num_rows
-        n = len(images)
-        with tempfile.TemporaryDirectory(dir=work) as tmp:
-            full_models = save_full_models(pipe, Path(tmp))
-            unet = pipe.unet
-
-            def select(adapter):
-                return lambda: (_switch(unet, adapter), unet)[1]
-
-            def load(path):
-                return lambda: UNet2DModel.from_pretrained(path).eval()
-
-            def reference():
-                unet.disable_adapters()
-                return unet
-
-            methods = {
-                "sequential": lambda: score_models(estimator, select(None), [select(a) for a in adapters], loaded.group_names,
-                                                   images, progress=False),
-                "reload": lambda: score_models(estimator, reference, [load(p) for p in full_models], loaded.group_names,
-                                               images, batch_size=n, progress=False),
-                "mixed": lambda: pipe.attribute(images, strategy="mixed", progress=False),
-                "merged": lambda: pipe.attribute(images, strategy="merged", progress=False),
-            }
-            for z in args.adaptive_z:
-                methods[f"merged+adaptive(z={z:g})"] = (
-                    lambda z=z: pipe.attribute(images, strategy="merged", adaptive_z=z, progress=False))
-            walls, results = measure(methods, args.repeats)
-        full = results["sequential"].scores.argmax(1)
-        entry = {}
-        for name, result in results.items():
-            forwards = result.metadata.get("row_forwards", n * rows * (k + 1))
-            entry[name] = {
-                "wall_s": round(walls[name], 3),
-                "forwards": int(forwards),
-                "top1_agreement": float((result.scores.argmax(1) == full).float().mean()),
-                "speedup_vs_sequential": walls["sequential"] / walls[name],
-                "max_abs_score_diff_vs_sequential": float((result.scores - results["sequential"].scores).abs().max()),
-            }
-        report[f"k{k}"] = entry
-        print(f"\nK = {k}: {n} queries x {k} groups, {rows} rows per query, {torch.get_num_threads()} threads, "
-              f"load {os.getloadavg()[0]:.2f}, median of {args.repeats}")
-        print("| method | wall (s) | forwards | speed-up vs sequential | top-1 = full grid | max abs score diff |")
-        print("|---|---|---|---|---|---|")
-        for name, e in entry.items():
-            print(f"| {name} | {e['wall_s']:.2f} | {e['forwards']:,} | {e['speedup_vs_sequential']:.2f}x | "
-                  f"{e['top1_agreement']:.0%} | {e['max_abs_score_diff_vs_sequential']:.1e} |", flush=True)
+        report[f"k{k}"] = benchmark_k(k, args, images, work)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -44,31 +43,33 @@ def main(argv: list[str] | None = None) -> None:
 
     from diffusers_guda import GroupedDataset, GUDADDPMPipeline
     from diffusers_guda.cli.arguments import parse_options as _options
-    from guda_lab.demo import load_query_images
-    from guda_lab.evaluation.benchmarks import group_comparisons, load_benchmark
+    from guda_lab.evaluation.benchmarks import get_benchmark
     from guda_lab.evaluation.metrics import group_level_agreement, group_level_comparison, pairwise_agreement, summarize
     from diffusers_guda.recipes import Recipe
+    from guda_lab.queries import load_query_images
 
     out = Path(args.eval_dir)
     recipe = Recipe.load(args.recipe)
-    dataset = load_benchmark(args.benchmark) if args.benchmark else GroupedDataset.from_image_folder(args.data)
+    benchmark = get_benchmark(args.benchmark) if args.benchmark else None
+    dataset = benchmark.load() if benchmark else GroupedDataset.from_image_folder(args.data)
     reference = np.asarray(json.loads((out / "scores" / "logo_seed_a.json").read_text())["scores"])
     queries = load_query_images(sorted((out / "queries").glob("*.png")))
     base_steps = args.steps or recipe.unlearning.steps
-    options = {**recipe.unlearning.objective_options, **_options(args.option)}  # parsed as `guda unlearn --option` is
-    config = replace(recipe.unlearning, objective_options=options, steps=base_steps, size_exponent=args.exponent,
-                     learning_rate=args.lr or recipe.unlearning.learning_rate)
+    options = _options(args.option)  # parsed as `guda unlearn --option` is; merged into the recipe's options
+    settings = dict(objective_options=options, steps=base_steps, size_exponent=args.exponent,
+                    learning_rate=args.lr or recipe.unlearning.learning_rate)
+    config = recipe.unlearning_with(**settings)
     sizes = dataset.group_sizes()
     columns, budgets, loss_changes, start = [], [], [], time.perf_counter()
     for k, name in enumerate(dataset.group_names):
         pipe = GUDADDPMPipeline.from_pretrained(out / "base")
         pipe.set_progress_bar_config(disable=True)
-        bundle = pipe.unlearn_groups(dataset, config=config, groups=[name], progress=False)
+        bundle = pipe.unlearn_groups(dataset, recipe=recipe, groups=[name], progress=False, **settings)
         stats = bundle.groups[0].stats
         budgets.append(stats["steps"])
         loss_changes.append((stats["forget_loss_change"], stats["retain_loss_change"]))
         # a group's scores depend on its adapter alone, so one group at a time gives the joint matrix
-        columns.append(pipe.attribute(queries, elbo_config=recipe.elbo, progress=False).scores[:, 0].double().numpy())
+        columns.append(pipe.attribute(queries, progress=False).scores[:, 0].double().numpy())  # the bundle records recipe.elbo
         print(f"{name}: {sizes[k]} images, {budgets[-1]} steps ({time.perf_counter() - start:.0f} s)", flush=True)
     scores = np.stack(columns, 1)
     summary = summarize(scores, reference, names=("top1", "ndcg@3", "spearman"))
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     forget, retain = (np.array(change) * 100 for change in zip(*loss_changes))
     print(f"  forget-set loss change min {forget.min():+.1f} %, retain-set loss change max {retain.max():+.1f} %")
     group_level = {}
-    for c in group_comparisons(dataset, queries):
+    for c in benchmark.group_comparisons(dataset, queries) if benchmark else []:
         ours, logo = group_level_comparison(*c.deltas(scores)), group_level_comparison(*c.deltas(reference))
         ours["pairwise_agreement"] = pairwise_agreement(*c.deltas(scores), *c.deltas(reference))
         group_level[c.name] = {"guda": ours, "logo_seed_a": logo}

@@ -53,12 +53,12 @@ def main(argv: list[str] | None = None) -> None:
 
     from diffusers_guda import GroupedDataset, GUDADDPMPipeline
     from diffusers_guda.bundle import unique_slugs
-    from guda_lab.demo import load_query_images
     from diffusers_guda.elbo import ELBOEstimator
+    from diffusers_guda.recipes import Recipe
     from guda_lab.evaluation.benchmarks import load_benchmark
     from guda_lab.evaluation.logo import logo_model_dir
     from guda_lab.evaluation.metrics import summarize
-    from diffusers_guda.recipes import Recipe
+    from guda_lab.queries import load_query_images
 
     out = Path(args.eval_dir)
     recipe = Recipe.load(args.recipe)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +37,10 @@ def main() -> None:
 
     from diffusers_guda import GUDADDPMPipeline
     from diffusers_guda.data import GroupedDataset, load_digits
-    from guda_lab.demo import load_query_images
+    from diffusers_guda.recipes import Recipe
     from guda_lab.evaluation.benchmarks import load_benchmark
     from guda_lab.evaluation.metrics import summarize
-    from diffusers_guda.recipes import Recipe
+    from guda_lab.queries import load_query_images
     from guda_lab.training import TRAIN_LOG_NAME
 
     out = Path(args.eval_dir)
@@ -64,13 +63,12 @@ def main() -> None:
     rows = []
     for setting in args.settings:
         steps, lr = setting.split(":")
-        config = replace(recipe.unlearning, steps=int(steps), learning_rate=float(lr))
         pipe = GUDADDPMPipeline.from_pretrained(out / "base")
         pipe.set_progress_bar_config(disable=True)
         t0 = time.perf_counter()
-        bundle = pipe.unlearn_groups(dataset, config=config, progress=False)
+        bundle = pipe.unlearn_groups(dataset, recipe=recipe, steps=int(steps), learning_rate=float(lr), progress=False)
         total_wall = time.perf_counter() - t0
-        scores = pipe.attribute(queries, elbo_config=recipe.elbo, progress=False).scores.double().numpy()
+        scores = pipe.attribute(queries, progress=False).scores.double().numpy()  # the bundle records recipe.elbo
         summary = summarize(scores, reference, names=names)
         loop_wall = sum(float(g.stats["wall_s"]) for g in bundle.groups)
         passes = sum(int(g.stats["sample_passes"]) for g in bundle.groups)

@@ -74,13 +74,7 @@ class GroupedDataset:
         if array.dtype == torch.uint8:
             array = array.float() / 127.5 - 1.0
         else:
-            array = array.float()
-            lo, hi = float(array.min()), float(array.max())
-            if lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
-                raise DataError(
-                    f"float images must lie in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}]. "
-                    "Pass uint8 images in [0, 255] or rescale with x * 2 - 1 for [0, 1] data."
-                )
+            array = check_pixel_range(array.float(), "float images")
         return cls(array.contiguous(), torch.as_tensor(np.asarray(group_ids)), list(group_names), list(prompts) if prompts is not None else None)
 
     @classmethod
@@ -203,6 +197,18 @@ class GroupedDataset:
             raise DataError(f"Unknown group {name_or_id!r}; groups are {self.group_names}.")
         return self.group_names.index(name_or_id)
 
+    def require_prompts(self) -> None:
+        """Refuse a dataset without captions for a text-conditioned model.
+
+        Raises:
+            DataError: naming how to give every image its caption.
+        """
+        if self.prompts is None:
+            raise DataError(
+                "The model is text-conditioned, but the dataset has no prompts. Give every image its caption "
+                "(metadata.jsonl with a 'text' field, or GroupedDataset(..., prompts=[...]))."
+            )
+
     def with_images(self, images: torch.Tensor) -> "GroupedDataset":
         """The same groups and prompts over other images of the same count (e.g. their VAE latents)."""
         if images.shape[0] != len(self):
@@ -322,6 +328,23 @@ def _check_descriptors(data, names: list[str], where: str) -> dict[str, list[str
         if not isinstance(phrases, list) or not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
             raise DataError(f"{where}: group {name!r} needs a non-empty list of non-empty phrases; got {phrases!r}.")
     return {name: list(data[name]) for name in names if name in data}
+
+
+def check_pixel_range(images: torch.Tensor, what: str = "Images") -> torch.Tensor:
+    """Refuse pixels that are not finite or lie outside [-1, 1] (the range every model here takes); return them.
+
+    Raises:
+        DataError: naming the range found and how to rescale.
+    """
+    finite = bool(torch.isfinite(images).all())
+    lo, hi = (float(images.min()), float(images.max())) if images.numel() else (0.0, 0.0)
+    if not finite or lo < -1.0 - 1e-4 or hi > 1.0 + 1e-4:
+        found = "NaN or infinite values" if not finite else f"values in [{lo:.3g}, {hi:.3g}]"
+        raise DataError(
+            f"{what} must be finite and lie in [-1, 1]; got {found}. "
+            "Pass uint8 images in [0, 255] or rescale with x * 2 - 1 for [0, 1] data."
+        )
+    return images
 
 
 def _validate(images, group_ids, group_names, prompts) -> None:

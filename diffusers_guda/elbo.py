@@ -1,4 +1,4 @@
-"""The ELBO estimator shared by every score (DESIGN §1.1).
+"""The ELBO estimator shared by every score (docs/method.md#the-elbo-estimator).
 
 For a DDPM-family model, ``-ELBO(x0) = L_T + sum_t L_{t-1} + L_0``. We estimate the middle sum on a
 deterministic timestep grid with the Gaussian KL between the true posterior ``q(x_{t-1} | x_t, x0)``
@@ -7,19 +7,17 @@ and the model's posterior, both with the fixed variance ``beta_tilde_t``:
     KL_t = c_t^2 * ||x0 - x0_hat||^2 / (2 * beta_tilde_t),   c_t = sqrt(abar_{t-1}) * beta_t / (1 - abar_t)
 
 summed over dimensions, in nats. ``x0_hat`` is recovered from the model output for any
-``prediction_type`` and is not clamped. ``-ELBO ~ T * mean_{t, draw} KL_t``.
+``prediction_type`` (:func:`~diffusers_guda.diffusion.x0_from_output`) and is not clamped.
+``-ELBO ~ T * mean_{t, draw} KL_t``. The prior term ``L_T`` and the decoder term ``L_0`` are left
+out on purpose (the grid starts at ``t_min > 0``).
 
-Left out, on purpose: the prior term ``L_T`` (it has no parameters, so it is identical for every
-model compared and cancels in every score) and the decoder term ``L_0`` (as in the authors'
-reference implementation; the grid starts at ``t_min > 0``).
-
-Common random numbers: the noise for (image, t, draw) is a pure function of (seed, content hash of
-the image, t, draw). It never depends on the batch size, the batch order, the other images in the
-batch or the process rank, and every model compared sees the same ``(t, noise)``. :meth:`terms`
-evaluates one image's rows in forwards of a fixed chunking; :meth:`packed_terms` packs rows of many
-images into forwards of one fixed size (padding the last), and a row's output does not depend on the
-other rows of a forward of that size (per-sample layers only; the tests check it on CPU), so either
-way a score is bit-identical whatever the batch it was computed in.
+Every model compared sees the same ``(t, noise)`` rows of an image: the common random numbers of
+:func:`~diffusers_guda.diffusion.common_noise` (docs/method.md#common-random-numbers).
+:meth:`ELBOEstimator.terms` evaluates one image's rows in forwards of a fixed chunking;
+:meth:`ELBOEstimator.packed_terms` packs rows of many images into forwards of one fixed size
+(padding the last), and a row's output does not depend on the other rows of a forward of that size
+(per-sample layers only; the tests check it on CPU), so either way a score is bit-identical whatever
+the batch it was computed in.
 """
 
 from __future__ import annotations
@@ -29,8 +27,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .diffusion import NoiseSchedule, common_noise, epsilon_from_x0, x0_from_output
 from .errors import ConfigError
-from .hashing import derive_seed, image_content_hash
+from .hashing import image_content_hash
 
 WEIGHTINGS = ("kl", "simple")
 
@@ -81,34 +80,29 @@ class ELBOEstimator:
         scheduler: A DDPM-family scheduler with ``alphas_cumprod`` and ``betas`` (its
             ``prediction_type`` decides how the model output is read).
         config: Estimator settings.
+
+    Attributes:
+        schedule: The scheduler's :class:`~diffusers_guda.diffusion.NoiseSchedule`, its coefficients
+            computed in float64.
+        timesteps: The grid; ``row_timesteps`` and ``row_draws`` give each row's ``(t, draw)``.
+
+    Raises:
+        ConfigError: an unsupported ``prediction_type`` or a grid outside ``[0, T)``.
     """
 
     def __init__(self, scheduler, config: ELBOConfig | None = None):
         self.config = config or ELBOConfig()
-        self.prediction_type = scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise ConfigError(f"Unsupported prediction_type {self.prediction_type!r}.")
-        alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
-        betas = scheduler.betas.to(torch.float64)
-        self.num_train_timesteps = T = len(alphas_cumprod)
+        # float64 coefficients rounded to float32: 1 - abar_t stays exact where abar_t is small
+        self.schedule = NoiseSchedule(scheduler, dtype=torch.float64)
+        self.prediction_type = self.schedule.prediction_type
+        self.num_train_timesteps = T = self.schedule.num_train_timesteps
         stride = self.config.stride or max(1, T // 100)
         t_min = stride if self.config.t_min is None else self.config.t_min
         t_max = T if self.config.t_max is None else self.config.t_max
         if not 0 <= t_min < t_max <= T:
             raise ConfigError(f"Need 0 <= t_min < t_max <= T={T}; got t_min={t_min}, t_max={t_max}.")
         self.timesteps = torch.arange(t_min, t_max, stride, dtype=torch.long)
-        # KL weights from a float64 cumprod of the betas: the scheduler's float32 alphas_cumprod
-        # loses ~5e-4 relative precision in 1 - abar_t at the smallest t.
-        abar64 = torch.cumprod(1 - betas, 0)
-        if not torch.allclose(abar64, alphas_cumprod, rtol=1e-4, atol=1e-6):  # a scheduler that edits abar
-            abar64 = alphas_cumprod
-        prev = torch.cat([torch.ones(1, dtype=torch.float64), abar64[:-1]])
-        beta_tilde = betas * (1 - prev) / (1 - abar64)
-        beta_tilde[0] = beta_tilde[1]
-        coef = prev.sqrt() * betas / (1 - abar64)
-        self._kl_weight = (coef**2 / (2 * beta_tilde)).to(torch.float32)
-        self._sqrt_abar = alphas_cumprod.sqrt().to(torch.float32)
-        self._sqrt_one_minus_abar = (1 - alphas_cumprod).sqrt().to(torch.float32)
+        self._kl_weight = _kl_weights(scheduler)
         # rows of one image: all (t, draw) pairs, t-major
         self.row_timesteps = self.timesteps.repeat_interleave(self.config.num_draws)
         self.row_draws = torch.arange(self.config.num_draws).repeat(len(self.timesteps))
@@ -124,19 +118,20 @@ class ELBOEstimator:
         return float(self.num_train_timesteps)
 
     def image_hashes(self, images: torch.Tensor) -> list[int]:
+        """The content hash of each image of ``images`` ``[N, ...]`` (the key of its common random numbers)."""
         return [image_content_hash(image) for image in images]
 
     def noise(self, image: torch.Tensor, image_hash: int | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The noise of one image's rows ``[R, *image.shape]``, a pure function of (seed, hash, t, draw)."""
+        """The noise of one image's rows ``[R, *image.shape]``, a pure function of (seed, hash, t, draw).
+
+        Args:
+            image: One clean sample (its content hash keys the noise unless ``image_hash`` is given).
+            image_hash: Its content hash, if already known.
+            rows: Which rows (default all).
+        """
         image_hash = image_content_hash(image) if image_hash is None else image_hash
         rows = torch.arange(self.num_rows) if rows is None else rows
-        out = torch.empty((len(rows), *image.shape), dtype=torch.float32)
-        generator = torch.Generator()
-        for i, r in enumerate(rows.tolist()):
-            t, d = int(self.row_timesteps[r]), int(self.row_draws[r])
-            generator.manual_seed(derive_seed("guda-elbo", self.config.seed, image_hash, t, d))
-            out[i] = torch.randn(image.shape, generator=generator)
-        return out
+        return common_noise(image.shape, self.config.seed, image_hash, self.row_timesteps[rows].tolist(), self.row_draws[rows].tolist())
 
     def _autocast(self, device: torch.device):
         if self.config.autocast_dtype is None:
@@ -230,7 +225,7 @@ class ELBOEstimator:
         dtype = next(unet.parameters()).dtype
         eps = eps.to(torch.float32)
         shape = [-1, *[1] * (eps.dim() - 1)]
-        a, s = self._sqrt_abar[t].view(shape), self._sqrt_one_minus_abar[t].view(shape)
+        a, s = self.schedule.sqrt_abar[t].view(shape), self.schedule.sqrt_one_minus_abar[t].view(shape)
         x0 = x0.expand_as(eps)
         x_t = a * x0 + s * eps
         if not per_row_kwargs:
@@ -240,16 +235,24 @@ class ELBOEstimator:
         with self._autocast(device):
             output = unet(x_t.to(device, dtype), t.to(device), **kwargs).sample
         output = output.to("cpu", torch.float32)
-        x0_hat = self.predict_x0(output, x_t, a, s)
+        x0_hat = x0_from_output(self.prediction_type, output, x_t, a, s)
         if self.config.weighting == "kl":
             return self._kl_weight[t] * (x0 - x0_hat).flatten(1).pow(2).sum(1)
-        eps_hat = (x_t - a * x0_hat) / s
+        eps_hat = epsilon_from_x0(x0_hat, x_t, a, s)
         return (eps - eps_hat).flatten(1).pow(2).mean(1)
 
-    def predict_x0(self, output: torch.Tensor, x_t: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
-        """``x0_hat`` from the model output, for the scheduler's ``prediction_type`` (not clamped)."""
-        if self.prediction_type == "epsilon":
-            return (x_t - sqrt_one_minus_abar * output) / sqrt_abar
-        if self.prediction_type == "v_prediction":
-            return sqrt_abar * x_t - sqrt_one_minus_abar * output
-        return output
+
+def _kl_weights(scheduler) -> torch.Tensor:
+    """``[T]`` float32 ``c_t^2 / (2 beta_tilde_t)``, computed in float64 (``beta_tilde_0 := beta_tilde_1``)."""
+    alphas_cumprod = scheduler.alphas_cumprod.to(torch.float64)
+    betas = scheduler.betas.to(torch.float64)
+    # from a float64 cumprod of the betas: the scheduler's float32 alphas_cumprod loses ~5e-4
+    # relative precision in 1 - abar_t at the smallest t
+    abar64 = torch.cumprod(1 - betas, 0)
+    if not torch.allclose(abar64, alphas_cumprod, rtol=1e-4, atol=1e-6):  # a scheduler that edits abar
+        abar64 = alphas_cumprod
+    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar64[:-1]])
+    beta_tilde = betas * (1 - prev) / (1 - abar64)
+    beta_tilde[0] = beta_tilde[1]
+    coef = prev.sqrt() * betas / (1 - abar64)
+    return (coef**2 / (2 * beta_tilde)).to(torch.float32)

@@ -22,6 +22,12 @@ def image_content_hash(image: torch.Tensor) -> int:
 
     Two images with the same pixels get the same hash wherever they sit in a batch, so the noise
     drawn for them (see :mod:`diffusers_guda.elbo`) does not depend on the batch.
+
+    Args:
+        image: One image (any shape, any dtype; hashed as float32 on the CPU).
+
+    Returns:
+        A non-negative int below ``2**63``.
     """
     image = image.detach().to("cpu", torch.float32).contiguous()
     digest = hashlib.sha256()
@@ -31,13 +37,27 @@ def image_content_hash(image: torch.Tensor) -> int:
 
 
 def derive_seed(*parts: int | str) -> int:
-    """A 63-bit seed that is a pure function of ``parts`` (unlike Python's salted ``hash``)."""
+    """A 63-bit seed that is a pure function of ``parts`` (unlike Python's salted ``hash``).
+
+    Args:
+        *parts: Ints and strings, e.g. ``("guda-unlearn", seed, group, name)``; their ``str`` forms are hashed.
+
+    Returns:
+        A non-negative int below ``2**63``, usable with ``torch.Generator().manual_seed``.
+    """
     digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode())
     return int.from_bytes(digest.digest()[:8], "little") >> 1
 
 
 def base_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's own weights, with peft's LoRA tensors removed and wrapper names undone."""
+    """The model's own weights, with peft's LoRA tensors removed and wrapper names undone.
+
+    Args:
+        model: A model, with or without peft LoRA layers.
+
+    Returns:
+        Its state dict as it would be without LoRA layers (the tensors themselves, not copies).
+    """
     state = {}
     for key, value in model.state_dict().items():
         if any(marker in key for marker in _LORA_MARKERS):
@@ -52,6 +72,12 @@ def unet_fingerprint(model: torch.nn.Module) -> str:
     The fingerprint identifies the exact weights an adapter bundle was trained against. It depends
     on the dtype the weights are held in: a model loaded in float16 has another fingerprint than the
     same model in float32.
+
+    Args:
+        model: The UNet (LoRA layers, if any, are ignored).
+
+    Returns:
+        The 64-digit hex digest.
     """
     digest = hashlib.sha256()
     for key, value in sorted(base_state_dict(model).items()):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,7 +55,11 @@ class LoRASettings:
             raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha}.")
 
     def to_peft(self, model: torch.nn.Module | None = None) -> LoraConfig:
-        """The peft ``LoraConfig``; with ``model``, restricted to the target names it contains."""
+        """The peft ``LoraConfig``; with ``model``, restricted to the target names it contains.
+
+        Raises:
+            ConfigError: if ``model`` contains none of the target modules.
+        """
         targets = list(self.target_modules)
         if model is not None:
             names = {name for name, _ in model.named_modules()}
@@ -72,23 +77,38 @@ class LoRASettings:
         )
 
     def to_dict(self) -> dict:
+        """The settings as a JSON-able dict (as recorded in a bundle's ``lora`` field)."""
         data = asdict(self)
         data["target_modules"] = list(self.target_modules)
         return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "LoRASettings":
+        """The settings of a dict written by :meth:`to_dict`."""
         return cls(**data)
 
 
 def adapter_state_dict(unet: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """One adapter's tensors in diffusers' key format, prefixed with ``unet.``, copied to CPU."""
+    """One adapter's tensors in diffusers' key format, prefixed with ``unet.``, copied to CPU.
+
+    Args:
+        unet: The UNet holding the adapter.
+        adapter_name: The peft adapter name.
+
+    Returns:
+        Key -> contiguous CPU copy of the tensor.
+    """
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
     return {f"{UNET_PREFIX}.{k}": v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
 def peft_config_metadata(unet: torch.nn.Module, adapter_name: str) -> dict:
-    """The adapter's ``LoraConfig`` as a JSON-able dict with ``unet.``-prefixed keys (diffusers' layout)."""
+    """The adapter's ``LoraConfig`` as a JSON-able dict with ``unet.``-prefixed keys (diffusers' layout).
+
+    Args:
+        unet: The UNet holding the adapter.
+        adapter_name: The peft adapter name.
+    """
     config = unet.peft_config[adapter_name].to_dict()
     out = {}
     for key, value in config.items():
@@ -99,7 +119,13 @@ def peft_config_metadata(unet: torch.nn.Module, adapter_name: str) -> dict:
 
 
 def save_adapter_file(path: str | os.PathLike, state_dict: dict[str, torch.Tensor], config_metadata: dict) -> None:
-    """Write one adapter as a diffusers LoRA safetensors file."""
+    """Write one adapter as a diffusers LoRA safetensors file.
+
+    Args:
+        path: The ``.safetensors`` file to write.
+        state_dict: The adapter's tensors (:func:`adapter_state_dict`).
+        config_metadata: Its config (:func:`peft_config_metadata`), stored as JSON in the file's metadata.
+    """
     metadata = {"format": "pt", LORA_METADATA_KEY: json.dumps(config_metadata, indent=2, sort_keys=True, default=list)}
     save_file(state_dict, str(path), metadata=metadata)
 
@@ -140,14 +166,28 @@ def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 def load_adapter_into(unet: torch.nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], config_metadata: dict) -> None:
     """Add ``state_dict`` to ``unet`` as adapter ``adapter_name`` through diffusers' own loader.
 
+    An adapter already loaded under ``adapter_name`` is replaced. Loading leaves whether adapters are
+    enabled as it was, and makes the new adapter the active one (diffusers' behaviour).
+
+    Args:
+        unet: A UNet with diffusers' ``PeftAdapterMixin``.
+        adapter_name: The peft adapter name to load it under.
+        state_dict: The adapter's tensors, keys prefixed with ``unet.`` (:func:`load_adapter_file`).
+        config_metadata: Its ``LoraConfig`` metadata, keys prefixed with ``unet.``.
+
     Raises:
         BundleError: if a tensor names a layer the UNet does not have or has a shape that does not fit it
-            (an adapter made for another architecture), before anything is added to the UNet.
+            (an adapter made for another architecture), before anything is added to or removed from the UNet.
     """
     _check_fits(unet, adapter_name, state_dict, config_metadata)
-    unet.load_lora_adapter(
-        dict(state_dict), adapter_name=adapter_name, prefix=UNET_PREFIX, metadata=dict(config_metadata)
-    )
+    if adapter_name in (getattr(unet, "peft_config", None) or {}):
+        unet.delete_adapters(adapter_name)
+    with warnings.catch_warnings():
+        # peft warns whenever a model that already holds adapters gets another one
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        unet.load_lora_adapter(
+            dict(state_dict), adapter_name=adapter_name, prefix=UNET_PREFIX, metadata=dict(config_metadata)
+        )
 
 
 def _check_fits(unet: torch.nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], config_metadata: dict) -> None:

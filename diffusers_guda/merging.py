@@ -1,7 +1,7 @@
 """Run a UNet with one LoRA adapter merged into its weights, without touching the original weights.
 
 An unmerged LoRA layer runs the base layer plus the low-rank branch on every forward; on a small
-UNet the branch costs about as much as the layer itself (peft API notes §9), and peft's wrappers
+UNet the branch costs about as much as the layer itself (docs/method.md#scoring-strategies), and peft's wrappers
 add per-forward Python overhead. :class:`MergedAdapterRunner` keeps a *plain* copy of the UNet
 (no peft layers) whose tensors are the peft model's base weights, shared, not copied. To run
 adapter k it points each targeted layer of the plain copy at a new tensor ``W + ΔW_k``, and points

@@ -1,6 +1,6 @@
-"""A tiny Stable Diffusion pipeline built entirely offline, from configs in code.
+"""Testing utilities: a tiny Stable Diffusion pipeline built entirely offline, from configs in code.
 
-Tests, the ``digits-styles`` benchmark and the README's Stable Diffusion section use it: every
+The tests, the examples' ``--tiny`` runs and the lab's text model use it: every
 component of a real ``StableDiffusionPipeline`` (a ``UNet2DConditionModel``, an ``AutoencoderKL``, a
 ``CLIPTextModel`` and a ``CLIPTokenizer``) at a size that runs in milliseconds on one CPU core, with
 nothing downloaded. The tokenizer is a byte-pair encoder whose vocabulary and merges are written
@@ -8,7 +8,7 @@ here: every lowercase letter and digit is a token, and each word of ``words`` is
 
 Example:
     ```py
-    >>> from diffusers_guda.tiny_sd import tiny_stable_diffusion
+    >>> from diffusers_guda.testing import tiny_stable_diffusion
     >>> pipe = tiny_stable_diffusion(words=["a", "thick", "digit"])
     >>> image = pipe("a thick digit", num_inference_steps=2, output_type="np").images[0]
     >>> image.shape
@@ -113,50 +113,15 @@ def tiny_stable_diffusion(
     Returns:
         The pipeline, on CPU, in float32, with the progress bar disabled.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     tokenizer = tiny_clip_tokenizer(words, max_length=max_length)
     generator_state = torch.random.get_rng_state()
     try:
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=image_size // 2,
-            in_channels=4,
-            out_channels=4,
-            block_out_channels=tuple(unet_channels),
-            layers_per_block=1,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=text_dim,
-            attention_head_dim=8,
-            norm_num_groups=8,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(16, 32),
-            latent_channels=4,
-            layers_per_block=1,
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            norm_num_groups=8,
-            sample_size=image_size,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer.get_vocab()),
-                hidden_size=text_dim,
-                intermediate_size=2 * text_dim,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=max_length,
-                projection_dim=text_dim,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
-            )
-        )
+        torch.manual_seed(seed)  # one stream for the three models, built in this order
+        unet = _tiny_unet(image_size, unet_channels, text_dim)
+        vae = _tiny_vae(image_size)
+        text_encoder = _tiny_text_encoder(len(tokenizer.get_vocab()), text_dim, max_length)
     finally:
         torch.random.set_rng_state(generator_state)
     scheduler = DDIMScheduler(
@@ -170,3 +135,33 @@ def tiny_stable_diffusion(
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _tiny_unet(image_size: int, channels: tuple[int, int], text_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=image_size // 2, in_channels=4, out_channels=4, block_out_channels=tuple(channels), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8,
+    )
+
+
+def _tiny_vae(image_size: int):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=image_size,
+    )
+
+
+def _tiny_text_encoder(vocab_size: int, text_dim: int, max_length: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=max_length, projection_dim=text_dim,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))

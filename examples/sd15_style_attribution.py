@@ -38,15 +38,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from diffusers_guda import ELBOConfig, GroupedDataset, LoRASettings, UnlearningConfig
+from diffusers_guda import GroupedDataset, Recipe
 from diffusers_guda.pipelines import GUDAStableDiffusionPipeline
-
-# attention projections of the UNet's transformer blocks: where style lives in SD, and cheap to adapt
-SD_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
 
 
 def write_tiny_example(out: Path) -> tuple[str, str, list[str]]:
@@ -85,13 +83,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--prompt", action="append", default=[], help="Prompt to generate and attribute (repeatable).")
     parser.add_argument("--out", default="runs/sd15-styles")
     parser.add_argument("--images-per-prompt", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=400, help="Unlearning steps per group.")
-    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate of the adapters.")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank.")
-    parser.add_argument("--batch", type=int, default=4, help="Forget and retain images per step (each).")
-    parser.add_argument("--objective", default="anchor", choices=["anchor", "esd"])
-    parser.add_argument("--stride", type=int, default=10, help="ELBO grid stride (1000 / stride timesteps).")
-    parser.add_argument("--rows-per-forward", type=int, default=64, help="ELBO rows per UNet forward (memory).")
+    parser.add_argument("--recipe", default="sd-styles", help="Unlearning and scoring settings (adapters/sd-styles.json).")
+    parser.add_argument("--steps", type=int, help="Unlearning steps per group (default: the recipe's).")
+    parser.add_argument("--batch", type=int, help="Forget and retain images per step, each (default: the recipe's).")
+    parser.add_argument("--rows-per-forward", type=int, help="ELBO rows per UNet forward (memory; default: the recipe's).")
     parser.add_argument("--inference-steps", type=int, default=30)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--seed", type=int, default=0)
@@ -100,11 +95,14 @@ def main(argv=None) -> dict:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.tiny:
+    settings = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch)) if v is not None}
+    recipe = Recipe.load(args.recipe)
+    elbo = recipe.elbo if args.rows_per_forward is None else replace(recipe.elbo, rows_per_forward=args.rows_per_forward)
+    if args.tiny:  # a few steps of a random model: only shows that every stage runs
         args.base, args.data, tiny_prompts = write_tiny_example(out)
         args.prompt = args.prompt or tiny_prompts
-        args.steps, args.lr, args.batch, args.rank = min(args.steps, 5), 1e-3, 2, 2
-        args.stride, args.inference_steps = 100, 4
+        settings.update(steps=min(args.steps or 5, 5), learning_rate=1e-3, batch_size=2, lora_rank=2)
+        elbo, args.inference_steps = replace(elbo, stride=100), 4
     if not (args.base and args.data and args.prompt):
         parser.error("--base, --data and at least one --prompt are needed (or --tiny).")
 
@@ -119,23 +117,12 @@ def main(argv=None) -> dict:
     dataset = GroupedDataset.from_metadata(args.data, mode="RGB")
     print(f"{len(dataset)} images in {dataset.num_groups} groups: {dict(zip(dataset.group_names, dataset.group_sizes()))}")
 
-    # 1. one adapter per group (resumable: finished groups in OUT/checkpoints are skipped)
-    config = UnlearningConfig(
-        objective=args.objective,
-        lora=LoRASettings(rank=args.rank, alpha=float(args.rank), target_modules=SD_LORA_TARGETS),
-        steps=args.steps,
-        learning_rate=args.lr,
-        forget_batch_size=args.batch,
-        retain_batch_size=args.batch,
-        eval_images=16,
-        eval_draws=2,
-        autocast_dtype=autocast,
-        seed=args.seed,
-    )
-    bundle = pipe.unlearn_groups(dataset, config=config, checkpoint_dir=str(out / "checkpoints"))
-    elbo = ELBOConfig(stride=args.stride, rows_per_forward=args.rows_per_forward, autocast_dtype=autocast, seed=args.seed)
-    bundle.elbo = elbo.to_dict()
+    # 1. one adapter per group with the recipe's settings (resumable: finished groups in OUT/checkpoints
+    #    are skipped); the bundle records the ELBO settings it is scored with
+    bundle = pipe.unlearn_groups(dataset, recipe=recipe, elbo_config=elbo, checkpoint_dir=str(out / "checkpoints"),
+                                 autocast_dtype=autocast, seed=args.seed, **settings)
     bundle.save_pretrained(out / "bundle")
+    scoring = {"elbo_config": replace(elbo, autocast_dtype=autocast), "batch_size": 4}  # the bundle's grid, on this device
 
     # 2. generate with classifier-free guidance and attribute each image given its prompt
     images, results = [], []
@@ -143,7 +130,7 @@ def main(argv=None) -> dict:
         generated = pipe(
             prompt, num_images_per_prompt=args.images_per_prompt, num_inference_steps=args.inference_steps,
             guidance_scale=args.guidance_scale, generator=torch.Generator().manual_seed(args.seed + i),
-            output_type="pt", return_attribution=True, attribution_kwargs={"elbo_config": elbo, "batch_size": 4},
+            output_type="pt", return_attribution=True, attribution_kwargs=scoring,
         )
         images.append(generated.images.cpu())
         results.append(generated.attribution)
@@ -158,7 +145,7 @@ def main(argv=None) -> dict:
         "scores": torch.cat([r.scores for r in results]).tolist(),
         "stderr": torch.cat([r.stderr for r in results]).tolist(),
         "top_group": [g for r in results for g in r.top_groups()],
-        "elbo": elbo.to_dict(),
+        "elbo": results[0].metadata["elbo"],
         "strategy": results[0].metadata["strategy"],
     }
     (out / "attribution.json").write_text(json.dumps(report, indent=2) + "\n")

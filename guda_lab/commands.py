@@ -26,6 +26,9 @@ from diffusers_guda.recipes import DEFAULT_RECIPE, Recipe
 
 from .recipes import training_config
 
+#: The benchmark whose dataset ``--data digits`` loads.
+DIGITS_BENCHMARK = "digits-classes"
+
 
 def register(subparsers) -> None:
     p = add_common(subparsers.add_parser("train", help="train the base diffusion model on a grouped dataset"))
@@ -125,8 +128,9 @@ def _baseline_config(config_class, pairs, flag):
 
 
 def evaluate(args) -> None:
-    from .evaluation.baselines import GradientConfig, InstanceUnlearningConfig
-    from .evaluation.benchmarks import benchmark_recipe
+    from .evaluation.benchmarks import get_benchmark
+    from .evaluation.gradient import GradientConfig
+    from .evaluation.instance_unlearning import InstanceUnlearningConfig
     from .evaluation.runner import METHODS, run_evaluation
 
     one_process_only("evaluate")
@@ -135,8 +139,11 @@ def evaluate(args) -> None:
     gradient = _baseline_config(GradientConfig, args.gradient_option, "--gradient-option")
     instance = _baseline_config(InstanceUnlearningConfig, args.instance_option, "--instance-option")
     dataset = load_dataset(args)
-    recipe = args.recipe or (benchmark_recipe(args.benchmark) if args.benchmark else DEFAULT_RECIPE)
+    # the embedded digits (--data digits) are the digits-classes benchmark's dataset
+    name = args.benchmark or (DIGITS_BENCHMARK if args.data == "digits" else None)
+    benchmark = get_benchmark(name) if name else None
+    recipe = args.recipe or (benchmark.recipe if benchmark else DEFAULT_RECIPE)
     run_evaluation(args.out, dataset, recipe, num_queries=args.queries, methods=args.methods or METHODS,
                    seed_b=args.seed_b, ceiling=not args.no_ceiling, gradient_config=gradient,
-                   instance_config=instance, progress=not args.quiet)
+                   instance_config=instance, progress=not args.quiet, benchmark=benchmark)
     print(f"\nartifacts in {args.out}: report.json report.md metrics.png score_heatmaps.png scores/ base/ logo/ bundle/ queries/")

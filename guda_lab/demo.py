@@ -8,84 +8,24 @@ the image shows.
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from diffusers_guda.bundle import MANIFEST_NAME, AdapterBundle
-from diffusers_guda.data import GroupedDataset, load_digits
-from diffusers_guda.errors import BundleError
+from diffusers_guda.data import load_digits
 from diffusers_guda.hashing import unet_fingerprint
-from diffusers_guda.io_utils import atomic_directory, write_json_atomic
-from diffusers_guda.objectives import get_objective
+from diffusers_guda.io_utils import write_json_atomic
 from diffusers_guda.pipelines import GUDADDPMPipeline
-from diffusers_guda.pipelines.attribution import to_model_images
 from diffusers_guda.plotting import plot_attribution_bars, plot_label_heatmap, plot_query_grid, plot_unlearning_losses
 from diffusers_guda.recipes import Recipe
+from .queries import digit_classifier, generate_queries, load_query_images
 from .recipes import training_config
-from .training import TRAIN_LOG_NAME, TrainConfig, train_base_model
+from .reuse import reusable_base, reusable_bundle, unlearn_bundle
+from .training import train_base_model
 
-
-def reusable_base(path: Path, train: TrainConfig) -> bool:
-    """Whether ``path`` holds a base model trained with ``train``."""
-    log = path / TRAIN_LOG_NAME
-    return log.is_file() and json.loads(log.read_text()).get("config") == train.to_dict()
-
-
-def reusable_bundle(path: Path, fingerprint: str, recipe: Recipe) -> AdapterBundle | None:
-    """The bundle at ``path`` if it was unlearned from this base with ``recipe.unlearning``, else ``None``."""
-    if not (path / MANIFEST_NAME).is_file():
-        return None
-    try:
-        bundle = AdapterBundle.from_pretrained(path, expected_fingerprint=fingerprint)
-    except BundleError:
-        return None
-    wanted = recipe.unlearning
-    objective = get_objective(wanted.objective, wanted.objective_options)
-    same = bundle.objective == {"name": wanted.objective, "config": objective.config.to_dict()} and bundle.lora == wanted.lora.to_dict()
-    # a bundle made before a setting existed was made with that setting's default
-    defaults = type(wanted)().to_dict()
-    same = same and all(bundle.training.get(k, defaults[k]) == v for k, v in wanted.to_dict().items()
-                        if k not in ("objective", "objective_options", "lora"))
-    return bundle if same else None
-
-
-def generate_queries(pipe, num_queries: int, seed: int, num_inference_steps: int, out_dir: Path, batch_size: int = 100,
-                     prompts: list[str] | None = None) -> list[Path]:
-    """Sample ``num_queries`` images, query ``i`` from seed ``seed + i`` (and from ``prompts[i]`` for a
-    text-to-image pipeline), and save them as PNG."""
-    from PIL import Image
-
-    paths = []
-    with atomic_directory(out_dir) as tmp:
-        for start in range(0, num_queries, batch_size):
-            seeds = range(seed + start, seed + min(num_queries, start + batch_size))
-            generators = [torch.Generator().manual_seed(s) for s in seeds]
-            inputs = {"batch_size": len(generators)} if prompts is None else {"prompt": prompts[start : start + len(generators)]}
-            images = pipe(**inputs, generator=generators, num_inference_steps=num_inference_steps, output_type="np").images
-            for s, image in zip(seeds, images):
-                array = np.round(image * 255).astype(np.uint8)
-                name = f"query_{s - seed:04d}.png"
-                Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp / name)
-                paths.append(out_dir / name)
-    return paths
-
-
-def load_query_images(paths) -> torch.Tensor:
-    from PIL import Image
-
-    return to_model_images([Image.open(p) for p in paths])
-
-
-def digit_classifier(dataset: GroupedDataset):
-    """A 5-nearest-neighbour classifier on the real digits (pixels in [-1, 1])."""
-    from sklearn.neighbors import KNeighborsClassifier
-
-    return KNeighborsClassifier(n_neighbors=5).fit(dataset.images.flatten(1).numpy(), dataset.group_ids.numpy())
+__all__ = ["format_table", "run_demo"]
 
 
 def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-ddpm", num_queries: int | None = None, progress: bool = True, log=print) -> dict:
@@ -121,12 +61,7 @@ def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-d
         pipe.load_guda_bundle(bundle)
     else:
         log(f"[2/5] unlearning {dataset.num_groups} groups ({recipe.unlearning.objective}, {recipe.unlearning.describe_steps()}) -> {out / 'bundle'}")
-        partial = out / ".bundle-partial"
-        bundle = pipe.unlearn_groups(dataset, config=recipe.unlearning, checkpoint_dir=partial, progress=progress)
-        bundle.elbo = recipe.elbo.to_dict()
-        bundle.base_model["id"] = str(out / "base")
-        bundle.save_pretrained(out / "bundle")
-        shutil.rmtree(partial, ignore_errors=True)
+        bundle = unlearn_bundle(pipe, dataset, recipe, out, progress=progress)
     wall["unlearn"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -139,10 +74,18 @@ def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-d
 
     t0 = time.perf_counter()
     log(f"[4/5] attributing {num_queries} queries to {bundle.num_groups} groups")
+    # a reused bundle may record other ELBO settings than this recipe's
     result = pipe.attribute(queries, elbo_config=recipe.elbo, progress=progress)
     wall["attribute"] = time.perf_counter() - t0
 
     log("[5/5] report")
+    report = _judge_and_report(recipe, dataset, bundle, result, queries, paths, out, wall, num_queries)
+    log(format_table(report))
+    return report
+
+
+def _judge_and_report(recipe, dataset, bundle, result, queries, paths, out, wall, num_queries) -> dict:
+    """Judge each query's digit, write ``report.json`` and the plots; returns the report."""
     classifier = digit_classifier(dataset)
     features = queries.flatten(1).numpy()
     digit = classifier.predict(features)
@@ -158,7 +101,6 @@ def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-d
     plot_attribution_bars(result, out / "attribution_bars.png", images=queries, max_queries=10, titles=titles)
     plot_label_heatmap(digit_group, top, result.groups, out / "label_heatmap.png", title=f"label_top1 = {hits.mean():.2f} ({num_queries} queries)")
     plot_unlearning_losses(bundle.groups, out / "unlearning.png")
-    log(format_table(report))
     return report
 
 

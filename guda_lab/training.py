@@ -18,6 +18,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DMode
 from tqdm.auto import tqdm
 
 from diffusers_guda.data import GroupedDataset
+from diffusers_guda.diffusion import NoiseSchedule
 from diffusers_guda.errors import ConfigError
 from diffusers_guda.io_utils import atomic_directory
 
@@ -28,7 +29,7 @@ TRAIN_LOG_NAME = "guda_train.json"
 class TrainConfig:
     """Recipe of the base model: a small ``UNet2DModel`` with a DDPM scheduler, trained on ε-MSE.
 
-    The defaults are the digits recipe of DESIGN §3.
+    The defaults are the digits recipe (`digits-ddpm`, see docs/formats.md#recipes).
     """
 
     block_out_channels: tuple[int, ...] = field(default=(32, 64, 64), metadata={"help": "Channels per UNet level."})
@@ -108,18 +109,6 @@ class TrainConfig:
         return data
 
 
-def diffusion_target(scheduler: DDPMScheduler, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The regression target of the scheduler's ``prediction_type``."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(x0, noise, t)
-    if kind == "sample":
-        return x0
-    raise ConfigError(f"Unsupported prediction_type {kind!r}.")
-
-
 def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
@@ -162,20 +151,39 @@ def train_base_model(
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     pipeline = config.build_pipeline(dataset.image_shape)
+    start = time.perf_counter()
+    losses = _fit(pipeline, dataset, config, generator, device, progress, description)
+    if output_dir is not None:
+        log = {
+            "config": config.to_dict(),
+            "seed": config.seed,
+            "num_images": len(dataset),
+            "groups": dataset.group_names,
+            "wall_s": time.perf_counter() - start,
+            "loss_every_50_steps": [sum(losses[i : i + 50]) / len(losses[i : i + 50]) for i in range(0, len(losses), 50)],
+            "final_loss": sum(losses[-100:]) / len(losses[-100:]),
+            **(extra_log or {}),
+        }
+        with atomic_directory(output_dir) as tmp:
+            pipeline.save_pretrained(tmp)
+            (tmp / TRAIN_LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
+    return pipeline
+
+
+def _fit(pipeline, dataset: GroupedDataset, config: TrainConfig, generator, device, progress: bool, description: str) -> list[float]:
+    """Train ``pipeline.unet`` in place on ε-MSE (or its prediction type's target); return the loss of every step."""
     conditioning = config.training_conditioning(pipeline, dataset)
     if conditioning is not None:
         table, prompt_index = conditioning[0].to(device), conditioning[1]
     unet = pipeline.unet.to(device)
     scheduler = pipeline.scheduler
+    noise_schedule = NoiseSchedule(scheduler, device=device)  # the regression target of its prediction_type
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps)
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps))
     images = dataset.images
     params = list(unet.parameters())
     ema = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
     losses = []
-    start = time.perf_counter()
     unet.train()
     bar = tqdm(range(config.steps), desc=description, disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -186,7 +194,7 @@ def train_base_model(
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
         kwargs = {} if conditioning is None else {"encoder_hidden_states": table[prompt_index[idx].to(device)]}
         pred = unet(scheduler.add_noise(x0, noise, t), t, **kwargs).sample
-        loss = torch.nn.functional.mse_loss(pred, diffusion_target(scheduler, x0, noise, t))
+        loss = torch.nn.functional.mse_loss(pred, noise_schedule.target(x0, noise, t))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -204,18 +212,4 @@ def train_base_model(
             for p, e in zip(params, ema):
                 p.copy_(e)
     unet.eval()
-    if output_dir is not None:
-        log = {
-            "config": config.to_dict(),
-            "seed": config.seed,
-            "num_images": len(dataset),
-            "groups": dataset.group_names,
-            "wall_s": time.perf_counter() - start,
-            "loss_every_50_steps": [sum(losses[i : i + 50]) / len(losses[i : i + 50]) for i in range(0, len(losses), 50)],
-            "final_loss": sum(losses[-100:]) / len(losses[-100:]),
-            **(extra_log or {}),
-        }
-        with atomic_directory(output_dir) as tmp:
-            pipeline.save_pretrained(tmp)
-            (tmp / TRAIN_LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
-    return pipeline
+    return losses

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from diffusers_guda.bundle import AdapterBundle
-from diffusers_guda import GUDAError, default_recipe
+from diffusers_guda import GroupedDataset, GUDAError, default_recipe
 from diffusers_guda.cli.arguments import image_mode
 from diffusers_guda.pipelines import pipeline_class_for
 from diffusers_guda.elbo import ELBOConfig
@@ -98,6 +98,30 @@ def test_unlearn_uses_the_sd_recipe_and_writes_a_loadable_bundle(workspace):
     assert bundle.base_model["conditional"] is True and bundle.base_model["dtype"] == "float32"
     assert all((workspace["bundle"] / g.adapter_file).is_file() for g in bundle.groups)
     assert "red: forget loss" in out and "saved the adapter bundle" in out
+
+
+def test_the_python_api_makes_the_bundle_guda_unlearn_makes(workspace, tmp_path):
+    """Same base, data and settings: tensor for tensor and field for field (times and versions aside) the same bundle."""
+    from safetensors.torch import load_file
+
+    pipe = GUDAStableDiffusionPipeline.from_pretrained(workspace["base"])
+    dataset = GroupedDataset.from_metadata(workspace["data"], mode="RGB")
+    pipe.unlearn_groups(dataset, steps=2, batch_size=2, lora_rank=2, progress=False).save_pretrained(tmp_path / "api")
+
+    def manifest(path: Path) -> dict:
+        data = json.loads((path / "guda_bundle.json").read_text())
+        for key in ("software", "library_version"):
+            data.pop(key)
+        for group in data["groups"]:
+            group["stats"].pop("wall_s")
+        return data
+
+    cli, api = manifest(workspace["bundle"]), manifest(tmp_path / "api")
+    assert api == cli and api["elbo"] == Recipe.load("sd-styles").elbo.to_dict()
+    for group in api["groups"]:
+        cli_tensors, api_tensors = (load_file(root / group["adapter_file"]) for root in (workspace["bundle"], tmp_path / "api"))
+        assert cli_tensors.keys() == api_tensors.keys()
+        assert all(torch.equal(cli_tensors[k], api_tensors[k]) for k in cli_tensors), group["name"]
     assert not [p.name for p in workspace["root"].iterdir() if "partial" in p.name], "checkpoint left behind"
 
     pipe = GUDAStableDiffusionPipeline.from_pretrained(workspace["base"])

@@ -29,7 +29,7 @@ from diffusers_guda.distributed import SINGLE_PROCESS, ProcessInfo, detect_proce
 from diffusers_guda.errors import DistributedError
 from diffusers_guda.lora import ADAPTER_WEIGHT_NAME, load_adapter_file
 from diffusers_guda.pipelines import to_model_images
-from diffusers_guda.scoring import _concatenate
+from diffusers_guda.scoring import concatenate_results
 from guda_lab.training import TRAIN_LOG_NAME
 
 from conftest import TINY_RECIPE, assert_bit_identical, drop_timing, write_group_folder
@@ -203,7 +203,7 @@ def test_score_shards_join_into_the_one_process_result(inputs, num_images, adapt
     parts = [pipe.attribute(images, batch_size=2, adaptive_z=adaptive_z, progress=False, process=AloneInLaunch(rank=r, world_size=2))
              for r in range(2)]
     assert [len(p) for p in parts] == [num_images // 2, num_images - num_images // 2]  # one image: rank 0 has none
-    joined = _concatenate(parts)
+    joined = concatenate_results(parts)
     for key in ("scores", "stderr", "neg_elbo"):
         assert torch.equal(getattr(joined, key), getattr(whole, key)), key
     assert joined.image_hashes == whole.image_hashes

@@ -1,7 +1,7 @@
-"""Unlearning objectives (DESIGN §1.2): a registry of forget/preserve losses."""
+"""Unlearning objectives (docs/method.md#objectives): a registry of forget/preserve losses."""
 
+from ..diffusion import NoiseSchedule
 from .base import (
-    NoiseSchedule,
     ObjectiveConfig,
     UnlearningBatch,
     UnlearningObjective,

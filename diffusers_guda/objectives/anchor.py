@@ -1,4 +1,4 @@
-"""Anchor redirection for text-to-image models (GUDA-C, DESIGN §1.2).
+"""Anchor redirection for text-to-image models (GUDA-C, docs/method.md#objectives).
 
 On a noisy forget latent ``z_t`` (the forget image's latent with its own noise and timestep), the
 student conditioned on the forget prompt ``c_f`` is trained to predict what the frozen teacher
@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..diffusion import NoiseSchedule
 from ..errors import ConfigError, DataError
-from .base import NoiseSchedule, ObjectiveConfig, UnlearningBatch, UnlearningObjective, register_objective
+from .base import ObjectiveConfig, UnlearningBatch, UnlearningObjective, register_objective
 
 STRATEGIES = ("awss", "uniform", "style_removed")
 

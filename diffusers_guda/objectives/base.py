@@ -1,4 +1,8 @@
-"""Shared machinery of unlearning objectives: config base class, batch, noise schedule, registry."""
+"""Shared machinery of unlearning objectives: config base class, batch, registry.
+
+The noise schedule they read (:class:`~diffusers_guda.diffusion.NoiseSchedule`) lives in
+:mod:`diffusers_guda.diffusion` and is re-exported here and by :mod:`diffusers_guda.objectives`.
+"""
 
 from __future__ import annotations
 
@@ -8,47 +12,10 @@ from typing import Callable, ClassVar
 
 import torch
 
+from ..diffusion import NoiseSchedule
 from ..errors import ConfigError
 
 PRESERVE_MODES = ("mse", "distill")
-
-
-class NoiseSchedule:
-    """``sqrt(abar_t)`` and ``sqrt(1 - abar_t)`` of a scheduler, and conversions between parametrisations."""
-
-    def __init__(self, scheduler):
-        abar = scheduler.alphas_cumprod.to(torch.float32)
-        self.num_train_timesteps = len(abar)
-        self.sqrt_abar = abar.sqrt()
-        self.sqrt_one_minus_abar = (1 - abar).sqrt()
-        self.prediction_type = scheduler.config.prediction_type
-
-    def coefficients(self, t: torch.Tensor, ndim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (-1,) + (1,) * (ndim - 1)
-        t = t.cpu()
-        return self.sqrt_abar[t].view(shape).to(device), self.sqrt_one_minus_abar[t].view(shape).to(device)
-
-    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        a, s = self.coefficients(t, x0.dim(), x0.device)
-        return a * x0 + s * noise
-
-    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The regression target of the model's ``prediction_type``."""
-        if self.prediction_type == "epsilon":
-            return noise
-        a, s = self.coefficients(t, x0.dim(), x0.device)
-        if self.prediction_type == "v_prediction":
-            return a * noise - s * x0
-        return x0
-
-    def to_epsilon(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Read a model output as a noise prediction ε̂, whatever the ``prediction_type``."""
-        if self.prediction_type == "epsilon":
-            return output
-        a, s = self.coefficients(t, x_t.dim(), x_t.device)
-        if self.prediction_type == "v_prediction":
-            return s * x_t + a * output
-        return (x_t - a * output) / s
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""ESD: erase a group by negative guidance from the teacher (conditional models, DESIGN §1.2).
+"""ESD: erase a group by negative guidance from the teacher (conditional models, docs/method.md#objectives).
 
 On a noisy forget latent, the student conditioned on the forget prompt is trained toward
 ``ε_u − w (ε_c − ε_u)``, where ``ε_c`` and ``ε_u`` are the teacher's predictions with the forget
@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..diffusion import NoiseSchedule
 from ..errors import ConfigError, DataError
-from .base import NoiseSchedule, ObjectiveConfig, UnlearningBatch, UnlearningObjective, register_objective
+from .base import ObjectiveConfig, UnlearningBatch, UnlearningObjective, register_objective
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Bounded gradient ascent on the forget set: a simple baseline objective.
 
 It raises the forget images' denoising loss until it reaches ``max_loss`` per sample. It tends to
-damage the rest of the model (DESIGN §1.2); keep it for comparisons.
+damage the rest of the model (docs/method.md#objectives); keep it for comparisons.
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..diffusion import NoiseSchedule
 from ..errors import ConfigError
-from .base import PRESERVE_MODES, NoiseSchedule, ObjectiveConfig, UnlearningBatch, UnlearningObjective, register_objective
+from .base import PRESERVE_MODES, ObjectiveConfig, UnlearningBatch, UnlearningObjective, register_objective
 
 TARGETS = ("neighbour", "teacher_neighbour", "teacher_posterior")
 POSTERIOR = "teacher_posterior"
@@ -200,9 +201,9 @@ class ReTrack(UnlearningObjective):
             return self._posterior_loss(batch, batch.forget_x0, batch.forget_noise, batch.forget_t, batch.forget_cond)
         schedule, t = batch.schedule, batch.forget_t
         device = batch.forget_x0.device
-        a, s = schedule.sqrt_abar[t.cpu()].to(device), schedule.sqrt_one_minus_abar[t.cpu()].to(device)
+        a, s = schedule.coefficients(t, 1, device)
         shape = (-1,) + (1,) * (batch.forget_x0.dim() - 1)
-        x_t = a.view(shape) * batch.forget_x0 + s.view(shape) * batch.forget_noise
+        x_t = schedule.add_noise(batch.forget_x0, batch.forget_noise, t)
         if self._pool is not None:
             self._pool = self._pool.to(device)  # moved once, kept there
             weights = pool_weights(x_t, self._pool, a, s)
@@ -223,7 +224,7 @@ class ReTrack(UnlearningObjective):
             chosen = self._pool[choice]
         else:
             chosen = neighbours[torch.arange(len(choice), device=device), choice]
-        x_t_n = a.view(shape) * chosen + s.view(shape) * batch.forget_noise
+        x_t_n = schedule.add_noise(chosen, batch.forget_noise, t)
         teacher_eps = schedule.to_epsilon(batch.teach(x_t_n, t, batch.forget_cond), x_t_n, t).float()
         target = teacher_eps + (x_t - x_t_n) / s.view(shape)
         per_t = torch.clamp((s / a) ** 2, max=1.0)
@@ -238,7 +239,7 @@ class ReTrack(UnlearningObjective):
     def _posterior_loss(self, batch: UnlearningBatch, x0, noise, t, cond) -> torch.Tensor:
         """ε-MSE between the student and ``teacher + posterior_shift`` at ``x0`` noised with ``(t, noise)``."""
         schedule, device = batch.schedule, x0.device
-        a, s = schedule.sqrt_abar[t.cpu()].to(device), schedule.sqrt_one_minus_abar[t.cpu()].to(device)
+        a, s = schedule.coefficients(t, 1, device)
         x_t = schedule.add_noise(x0, noise, t)
         self._full_pool, self._retained = self._full_pool.to(device), self._retained.to(device)  # moved once, kept there
         shift = posterior_shift(x0, x_t, self._full_pool, self._retained, a, s, self.config.kl_cap)

@@ -5,7 +5,7 @@ they need ``transformers`` (the ``sd`` extra), which the unconditional pipelines
 """
 
 from .auto import GUDAAutoPipeline, pipeline_class_for, read_model_index
-from .attribution import attribute, load_guda_bundle, model_inputs, to_model_images, unlearn_groups
+from .attribution import attribute, load_guda_bundle, model_inputs, to_model_images, unlearn_groups, unload_guda_bundle
 from .ddpm import GUDADDPMPipeline
 from .mixin import GUDAPipelineMixin
 
@@ -40,4 +40,5 @@ __all__ = [
     "read_model_index",
     "to_model_images",
     "unlearn_groups",
+    "unload_guda_bundle",
 ]

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
+from ..adapter_state import switch_adapters
 from ..bundle import AdapterBundle
-from ..data import GroupedDataset
+from ..data import GroupedDataset, check_pixel_range
 from ..distributed import ProcessInfo
 from ..elbo import ELBOConfig, ELBOEstimator
 from ..errors import ConfigError, DataError
@@ -73,10 +74,23 @@ def load_guda_bundle(
             f"This bundle was made for {kind} UNet ({bundle.base_model.get('id')!r}), but this {type(pipe).__name__}'s "
             "UNet is not one; load it into the pipeline of the base model it was made for."
         )
+    unload_guda_bundle(pipe)  # a pipeline holds one bundle: a new one replaces it
     bundle.load_into(pipe.unet)
-    pipe.unet.disable_adapters()  # the pipeline keeps generating with the full model; scoring switches adapters on
+    switch_adapters(pipe.unet, None)  # the pipeline keeps generating with the full model; scoring switches adapters on
     pipe._guda_bundle = bundle
     return bundle
+
+
+def unload_guda_bundle(pipe) -> None:
+    """Remove the loaded bundle's adapters from ``pipe.unet``; the pipeline is then as before any bundle."""
+    bundle = getattr(pipe, "_guda_bundle", None)
+    if bundle is None:
+        return
+    loaded = set(getattr(pipe.unet, "peft_config", None) or {})
+    names = [bundle.adapter_name(slug) for slug in bundle.slugs if bundle.adapter_name(slug) in loaded]
+    if names:
+        pipe.unet.delete_adapters(names)
+    pipe._guda_bundle = None
 
 
 def unlearn_groups(
@@ -122,32 +136,34 @@ def unlearn_groups(
         ConfigError: ``config`` given together with ``recipe`` or keyword settings.
         DataError: a text-conditioned pipeline and a dataset without prompts.
     """
-    if config is not None and (recipe is not None or settings):
-        given = ["recipe"] * (recipe is not None) + sorted(settings)
-        raise ConfigError(
-            f"Pass either config= (a complete UnlearningConfig) or a recipe with keyword settings, not both (got config= and {given}); "
-            "to change one value of a config, use dataclasses.replace(config, ...)."
-        )
+    config, elbo_config = _settings(pipe, recipe, config, elbo_config, settings)
     _ensure_adapter_unet(pipe)
     conditional = is_conditional(pipe.unet)
-    if conditional and dataset.prompts is None:
-        raise DataError(
-            "This pipeline's UNet is text-conditioned, but the dataset has no prompts. Give every image its caption "
-            "(metadata.jsonl with a 'text' field, or GroupedDataset(..., prompts=[...]))."
-        )
-    chosen = Recipe.load(recipe) if recipe is not None else default_recipe(pipe)
-    if config is None:
-        config = chosen.unlearning_with(**settings)
+    if conditional:
+        dataset.require_prompts()
+    unload_guda_bundle(pipe)  # the new bundle replaces the loaded one (their adapters share names)
     unlearner = GroupUnlearner(
         pipe.unet, _training_scheduler(pipe), config, base_model_id=base_model_id or _model_id(pipe),
         encode_prompts=prompt_encoder(pipe) if conditional else None, base_model_extra=_base_model_extra(pipe),
-        elbo_config=elbo_config or chosen.elbo,
+        elbo_config=elbo_config,
     )
     bundle = unlearner.unlearn(
         model_dataset(pipe, dataset, progress=progress), groups=groups, checkpoint_dir=checkpoint_dir, progress=progress,
         process=process,
     )
     return load_guda_bundle(pipe, bundle)
+
+
+def _settings(pipe, recipe, config, elbo_config, settings) -> tuple[UnlearningConfig, ELBOConfig]:
+    """The unlearning and ELBO settings of :func:`unlearn_groups` (see there)."""
+    if config is not None and (recipe is not None or settings):
+        given = ["recipe"] * (recipe is not None) + sorted(settings)
+        raise ConfigError(
+            f"Pass either config= (a complete UnlearningConfig) or a recipe with keyword settings, not both (got config= and {given}); "
+            "to change one value of a config, use dataclasses.replace(config, ...)."
+        )
+    chosen = Recipe.load(recipe) if recipe is not None else default_recipe(pipe)
+    return config or chosen.unlearning_with(**settings), elbo_config or chosen.elbo
 
 
 def model_dataset(pipe, dataset: GroupedDataset, progress: bool = False) -> GroupedDataset:
@@ -305,6 +321,4 @@ def _check_images(pipe, images: torch.Tensor) -> torch.Tensor:
             f"(channels, height, width). Resize/convert the images to {config.sample_size}x{config.sample_size} "
             f"with {config.in_channels} channel(s)."
         )
-    if not torch.isfinite(images).all() or images.min() < -1.0 - 1e-4 or images.max() > 1.0 + 1e-4:
-        raise DataError("Query images must be finite and lie in [-1, 1].")
-    return images
+    return check_pixel_range(images)

@@ -1,4 +1,4 @@
-"""Model inputs of latent, text-conditioned pipelines (DESIGN §1.1): VAE latents and prompt embeddings.
+"""Model inputs of latent, text-conditioned pipelines: VAE latents and prompt embeddings (docs/method.md#latent-and-text-conditioned-models).
 
 For a pipeline with a VAE (Stable Diffusion 1.x/2.x) the ELBO is that of the latent
 ``z0 = (E(x).mean - shift) * scaling_factor``: the VAE posterior *mean*, deterministic (never a
@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 
+from ..data import check_pixel_range
 from ..errors import ConfigError, DataError
 from ..models import is_conditional
 
@@ -56,9 +57,7 @@ def check_pixel_images(pipe, images: torch.Tensor) -> torch.Tensor:
             f"Images of size {w}x{h} cannot go through this VAE, which downsamples by {factor}: height and width must be "
             f"multiples of {factor}. Resize them (e.g. to {max(factor, h // factor * factor)}x{max(factor, h // factor * factor)})."
         )
-    if not torch.isfinite(images).all() or images.min() < -1.0 - 1e-4 or images.max() > 1.0 + 1e-4:
-        raise DataError("Images must be finite and lie in [-1, 1].")
-    return images
+    return check_pixel_range(images)
 
 
 @torch.no_grad()

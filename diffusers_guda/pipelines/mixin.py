@@ -18,6 +18,10 @@ class GUDAPipelineMixin:
         """Load an adapter bundle (object, directory or Hub repo id); see :func:`~diffusers_guda.load_guda_bundle`."""
         return ops.load_guda_bundle(self, bundle, **kwargs)
 
+    def unload_guda_bundle(self) -> None:
+        """Remove the loaded bundle's adapters; see :func:`~diffusers_guda.pipelines.unload_guda_bundle`."""
+        ops.unload_guda_bundle(self)
+
     def unlearn_groups(self, dataset, **kwargs):
         """Unlearn every group of ``dataset`` into a bundle; see :func:`~diffusers_guda.unlearn_groups`."""
         return ops.unlearn_groups(self, dataset, **kwargs)

@@ -1,15 +1,12 @@
-"""Evaluation: LOGO ground truth, baselines and the metrics of DESIGN §1.4."""
+"""Evaluation: LOGO ground truth (docs/evaluation.md#ground-truth), baselines
+(docs/evaluation.md#baselines), benchmarks (docs/evaluation.md#benchmarks), the metrics
+(docs/evaluation.md#metrics) and the runner of ``guda evaluate``."""
 
-from .baselines import (
-    GradientConfig,
-    InstanceUnlearningConfig,
-    gradient_scores,
-    instance_unlearning_scores,
-    nearest_neighbour_scores,
-    similarity_scores,
-)
-from .benchmarks import GroupComparison, available_benchmarks, group_comparisons, load_benchmark
-from .runner import run_evaluation
+from .benchmarks import BENCHMARKS, Benchmark, GroupComparison, available_benchmarks, get_benchmark, load_benchmark
+from .gradient import GradientConfig, gradient_scores
+from .instance_unlearning import InstanceUnlearningConfig, instance_unlearning_scores
+from .runner import Evaluation, run_evaluation
+from .similarity import nearest_neighbour_scores, similarity_scores
 from .logo import logo_attribution, logo_model_dir, train_logo_models
 from .metrics import (
     METRIC_NAMES,
@@ -31,9 +28,12 @@ from .metrics import (
 
 __all__ = [
     "run_evaluation",
+    "Evaluation",
+    "BENCHMARKS",
+    "Benchmark",
     "GroupComparison",
     "available_benchmarks",
-    "group_comparisons",
+    "get_benchmark",
     "load_benchmark",
     "GradientConfig",
     "InstanceUnlearningConfig",

@@ -3,8 +3,12 @@
 ``digits-styles`` (text-conditioned, groups = styles across all digits) is built in
 :mod:`.digits_styles`.
 
-``digits-classes``: the 10 digits are the groups. Easy for visual similarity (DESIGN §3): the
-nearest pixels usually name the same group as leave-one-group-out retraining.
+Each benchmark is declared as a :class:`Benchmark` in :data:`BENCHMARKS`: its loader, description,
+default recipe, group-level comparisons and whether ``label_top1`` applies. The evaluation asks the
+benchmark; it never recognises one by its group names. See docs/evaluation.md#benchmarks.
+
+``digits-classes``: the 10 digits are the groups. Easy for visual similarity: the nearest pixels
+usually name the same group as leave-one-group-out retraining.
 
 ``digits-contributors``: groups are *data contributors* whose content overlaps, built so that the
 counterfactual answer ("whose removal makes this image less likely?") differs from "which group
@@ -13,8 +17,8 @@ looks most similar". Three constructions, each documented with the answer LOGO s
 * **Re-uploaded near-copies.** ``threes`` holds every 3; ``threes-copies`` holds near-copies (light
   Gaussian noise, σ = 0.05 in [-1, 1] units, no shift) of a random quarter of them. The copies look
   as similar to a generated 3 as the originals do, but removing them changes nothing the model needs
-  (the originals stay), while removing ``threes`` leaves only the copied quarter. (DESIGN §3: with
-  copies of *half* the 3s, removing either group barely mattered and LOGO's Δs drowned in noise.)
+  (the originals stay), while removing ``threes`` leaves only the copied quarter. (With copies of
+  *half* the 3s, removing either group barely mattered and LOGO's Δs drowned in noise.)
   Expected: ``threes`` above ``threes-copies`` for 3-queries; mean similarity scores them alike.
 * **Very different sizes.** The 7s are split into ``sevens-large`` (~160 images) and
   ``sevens-small`` (20). Mean similarity is the same for both; removing the large share costs far
@@ -37,7 +41,7 @@ nearest neighbour is wrong by design (the three above mislead mean similarity, n
   digit's contributor above ``hobbyist``. The price is smaller effects: with a quarter of a digit
   left, removing its contributor lowers a query's ELBO by ~5-9 nats instead of ~17-32.
 
-Each construction is also scored at group level (:func:`group_comparisons`): over the queries it
+Each construction is also scored at group level (:meth:`Benchmark.group_comparisons`): over the queries it
 concerns, does group a have the larger mean Δ than group b, with a paired interval? Per-query ranks
 of small effects drown in LOGO's own seed-to-seed noise; a mean over the query set does not.
 """
@@ -114,12 +118,6 @@ def _contributors(seed: int, hobbyist: bool) -> GroupedDataset:
     return GroupedDataset(torch.cat(tensors), ids, names)
 
 
-CONTRIBUTORS = ["zeros", "ones", "twos", "fours", "threes", "threes-copies", "sevens-large", "sevens-small",
-                "fives", "sixes", "eights", "nines", "thick-strokes"]
-CONTRIBUTORS_HOBBYIST = ["zeros", "ones", "twos", "fours", "sevens", "hobbyist", "threes", "threes-copies",
-                         "fives", "sixes", "eights", "nines", "thick-strokes"]
-
-
 @dataclass(frozen=True)
 class GroupComparison:
     """A group-level question over a subset of the queries: is group a's mean Δ above group b's?
@@ -151,17 +149,29 @@ def _knn(images: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, k: i
     return model.predict(queries.flatten(1).numpy())
 
 
-def group_comparisons(dataset: GroupedDataset, queries: torch.Tensor) -> list[GroupComparison]:
-    """The group-level comparisons of a benchmark dataset on a query set (``[]`` for other datasets).
+def contributors_comparisons(dataset: GroupedDataset, queries: torch.Tensor) -> list[GroupComparison]:
+    """The group-level comparisons of ``digits-contributors`` on a query set: ``copies``, ``sizes``,
+    ``style-thick`` and ``style-thin`` (see :func:`_contributor_comparisons`)."""
+    return _contributor_comparisons(dataset, queries, hobbyist=False)
 
-    ``digits-contributors`` and ``digits-contributors-hobbyist`` select queries by two pixel
-    5-nearest-neighbour classifiers that look at no attribution score: the digit (trained on the
-    real digits) and, for 5/6/8/9, the stroke style (trained on ``thick-strokes`` against the thin
-    halves). Comparisons with fewer than two selected queries are left out.
+
+def hobbyist_comparisons(dataset: GroupedDataset, queries: torch.Tensor) -> list[GroupComparison]:
+    """The group-level comparisons of ``digits-contributors-hobbyist`` on a query set: ``copies``,
+    ``hobbyist``, ``style-thick`` and ``style-thin`` (see :func:`_contributor_comparisons`)."""
+    return _contributor_comparisons(dataset, queries, hobbyist=True)
+
+
+def _contributor_comparisons(dataset: GroupedDataset, queries: torch.Tensor, hobbyist: bool) -> list[GroupComparison]:
+    """The group-level comparisons of a contributors benchmark (``[]`` for queries that are not 8x8 grayscale).
+
+    The queries are selected by two pixel 5-nearest-neighbour classifiers that look at no
+    attribution score: the digit (trained on the real digits) and, for 5/6/8/9, the stroke style
+    (trained on ``thick-strokes`` against the thin halves). Comparisons with fewer than two selected
+    queries are left out.
     """
-    names = list(dataset.group_names)
-    if names not in (CONTRIBUTORS, CONTRIBUTORS_HOBBYIST) or tuple(queries.shape[1:]) != (1, 8, 8):
+    if tuple(queries.shape[1:]) != (1, 8, 8):
         return []
+    names = list(dataset.group_names)
     digits = load_digits()
     digit = _knn(digits.images, digits.group_ids, queries)
     index = {name: dataset.group_index(name) for name in names}
@@ -170,7 +180,7 @@ def group_comparisons(dataset: GroupedDataset, queries: torch.Tensor) -> list[Gr
     thick = _knn(dataset.images[in_style], (dataset.group_ids[in_style] == index["thick-strokes"]).long(), queries).astype(bool)
     style = np.isin(digit, list(STYLE_DIGITS))
     own = np.array([index[STYLE_DIGITS.get(int(d), "fives")] for d in digit])
-    if names == CONTRIBUTORS:
+    if not hobbyist:
         middle = ("sizes", digit == 7, index["sevens-large"], index["sevens-small"],
                   f"7-queries: sevens-large above sevens-small (only {SMALL_SEVENS} images; the other sevens stay when they go)")
     else:
@@ -203,23 +213,69 @@ def thicken(images: torch.Tensor) -> torch.Tensor:
     return torch.maximum(images, shifted)
 
 
-_BENCHMARKS: dict[str, tuple[Callable[[], GroupedDataset], str, str]] = {
-    "digits-classes": (load_digits, "scikit-learn digits, groups = the 10 digit classes (easy for similarity: see DESIGN §3)", "digits-ddpm"),
-    "digits-contributors": (digits_contributors, "13 overlapping contributors built from the digits: near-copies, very different sizes, a stroke style across digits", "digits-ddpm"),
-    "digits-contributors-hobbyist": (digits_contributors_hobbyist, "digits-contributors with the 7s split replaced by a hobbyist holding a quarter of five digits (pixel nearest neighbour is wrong by design)", "digits-ddpm"),
-    "digits-styles": (digits_styles, "text-conditioned digits with prompts; groups = 4 styles (plain, thick, slanted, inverted) applied across all digits", "digits-styles"),
-}
+@dataclass(frozen=True)
+class Benchmark:
+    """A named benchmark: how its dataset is built and what the evaluation reads from it.
+
+    Attributes:
+        name: Its ``--benchmark`` name (also its ``diffusers_guda.datasets`` entry point).
+        loader: Builds the grouped training set, deterministically.
+        description: One line for listings.
+        recipe: The recipe it is evaluated with by default (``digits-styles`` needs a text-conditioned one).
+        comparisons: Its group-level comparisons on a query set, ``(dataset, queries) -> [GroupComparison]``;
+            ``None``: it has none.
+        label_top1: Its groups are classes a query can be judged by: the evaluation adds ``label_top1``,
+            agreement of the top group with a 5-nearest-neighbour pixel classifier fitted on the dataset.
+    """
+
+    name: str
+    loader: Callable[[], GroupedDataset]
+    description: str
+    recipe: str = "digits-ddpm"
+    comparisons: Callable[[GroupedDataset, torch.Tensor], list[GroupComparison]] | None = None
+    label_top1: bool = False
+
+    def load(self) -> GroupedDataset:
+        """The benchmark's grouped training set."""
+        return self.loader()
+
+    def group_comparisons(self, dataset: GroupedDataset, queries: torch.Tensor) -> list[GroupComparison]:
+        """Its group-level comparisons on ``queries`` (``[]`` when it declares none)."""
+        return [] if self.comparisons is None else self.comparisons(dataset, queries)
+
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    Benchmark("digits-classes", load_digits, "scikit-learn digits, groups = the 10 digit classes (easy for similarity: "
+              "see docs/evaluation.md#benchmarks)", label_top1=True),
+    Benchmark("digits-contributors", digits_contributors, "13 overlapping contributors built from the digits: near-copies, "
+              "very different sizes, a stroke style across digits", comparisons=contributors_comparisons),
+    Benchmark("digits-contributors-hobbyist", digits_contributors_hobbyist, "digits-contributors with the 7s split replaced "
+              "by a hobbyist holding a quarter of five digits (pixel nearest neighbour is wrong by design)",
+              comparisons=hobbyist_comparisons),
+    Benchmark("digits-styles", digits_styles, "text-conditioned digits with prompts; groups = 4 styles (plain, thick, "
+              "slanted, inverted) applied across all digits", recipe="digits-styles"),
+)}
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The benchmark named ``name``.
+
+    Raises:
+        ConfigError: for an unknown name (the message lists the known ones).
+    """
+    if name not in BENCHMARKS:
+        raise ConfigError(f"Unknown benchmark {name!r}; available: {', '.join(sorted(BENCHMARKS))}. Or pass --data DIR.")
+    return BENCHMARKS[name]
 
 
 def available_benchmarks() -> dict[str, str]:
     """Benchmark name -> one-line description."""
-    return {name: description for name, (_, description, _) in _BENCHMARKS.items()}
+    return {name: b.description for name, b in BENCHMARKS.items()}
 
 
 def benchmark_recipe(name: str) -> str:
     """The recipe a named benchmark is evaluated with by default (``digits-styles`` needs a text-conditioned one)."""
-    load_benchmark(name)  # the error for an unknown name
-    return _BENCHMARKS[name][2]
+    return get_benchmark(name).recipe
 
 
 def load_benchmark(name: str) -> GroupedDataset:
@@ -228,6 +284,4 @@ def load_benchmark(name: str) -> GroupedDataset:
     Raises:
         ConfigError: for an unknown name (the message lists the known ones).
     """
-    if name not in _BENCHMARKS:
-        raise ConfigError(f"Unknown benchmark {name!r}; available: {', '.join(sorted(_BENCHMARKS))}. Or pass --data DIR.")
-    return _BENCHMARKS[name][0]()
+    return get_benchmark(name).load()

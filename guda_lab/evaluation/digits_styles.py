@@ -17,7 +17,7 @@ style word, the caption format of text-to-image style fine-tunes); the other qua
 and ``p(x | digit)``, a mixture of the four styles. Each group's descriptor is its style word
 (``group_descriptors``), which the ``anchor`` objective swaps for another group's.
 
-Why LOGO's answer is well defined here (DESIGN §3: effects must be large against LOGO's
+Why LOGO's answer is well defined here (docs/evaluation.md#benchmarks: effects must be large against LOGO's
 seed-to-seed noise). Removing group ``k`` removes *every* image in style ``k``, of every digit:
 
 * for a query generated from ``"digit 3, thick"``, the model without ``thick`` has never seen the

@@ -1,4 +1,4 @@
-"""Ranking metrics of DESIGN §1.4: agreement of predicted group scores with a reference (e.g. LOGO).
+"""Ranking metrics (docs/evaluation.md#metrics): agreement of predicted group scores with a reference (e.g. LOGO).
 
 Per query, ``s`` is the predicted score vector over K groups and ``g`` the reference score vector
 (higher = more important in both). The definitions follow the GUDA paper's evaluation code so numbers

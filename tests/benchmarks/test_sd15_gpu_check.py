@@ -18,5 +18,14 @@ def test_tiny_run_writes_every_measurement(tmp_path):
     }
     assert all(entry["rows_per_s"] > 0 and entry["rows"] == 16 for entry in data["elbo"].values())
     assert data["unlearning_step"]["steps_per_s"] > 0 and data["lora_parameters"] > 0
-    # the full configuration is SD 1.5's UNet (checked without building it)
-    assert module.SD15_UNET["block_out_channels"] == (320, 640, 1280, 1280) and module.SD15_UNET["cross_attention_dim"] == 768
+
+
+def test_the_full_configuration_is_stable_diffusion_15s_unet():
+    """Built on the meta device (no memory), the script's full UNet has SD 1.5's 859,520,964 parameters."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    module = load_benchmark_script("sd15_gpu_check")
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**module.SD15_UNET)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964

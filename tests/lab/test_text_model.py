@@ -9,7 +9,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from diffusers_guda import ConfigError, DataError, GroupedDataset
-from guda_lab.evaluation.baselines import GradientConfig, gradient_scores
+from guda_lab.evaluation.gradient import GradientConfig, gradient_scores
 from guda_lab.evaluation.digits_styles import digits_styles
 from diffusers_guda.pipelines.text_to_image import GUDATextToImagePipeline
 from diffusers_guda.recipes import Recipe

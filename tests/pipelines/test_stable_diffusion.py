@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from diffusers_guda import AdapterBundle, ELBOConfig, ELBOEstimator, GroupUnlearner, UnlearningConfig
 from diffusers_guda.errors import BaseModelMismatchError, ConfigError, DataError
 from diffusers_guda.hashing import unet_fingerprint
 from diffusers_guda.pipelines import GUDAStableDiffusionPipeline
-from diffusers_guda.pipelines.attribution import _training_scheduler
 
 from conftest import SD_WORDS, make_sd_dataset, make_tiny_dataset, tiny_unet_config
 
@@ -100,7 +99,7 @@ def test_conditional_elbo_matches_a_direct_computation(sd_pipe):
     assert (result.scores != 0).all() and (result.stderr > 0).all()
     assert result.metadata["prompts"] == prompts and result.metadata["num_rows"] == 9
     # the full model's -ELBO of the latent given its prompt, computed by hand with the same draws
-    estimator = ELBOEstimator(_training_scheduler(sd_pipe), ELBOConfig(stride=100))
+    estimator = ELBOEstimator(DDPMScheduler.from_config(sd_pipe.scheduler.config), ELBOConfig(stride=100))
     latents = sd_pipe.encode_latents(images)
     sd_pipe.unet.disable_adapters()
     for i, prompt in enumerate(prompts):

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import configparser
+import importlib
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
+from diffusers_guda.data import load_digits
 from diffusers_guda.errors import ConfigError
 from guda_lab.evaluation import benchmarks
-from diffusers_guda.data import load_digits
+
+SETUP_CFG = Path(__file__).resolve().parents[3] / "setup.cfg"
 
 
 def test_digits_classes_is_the_digits():
@@ -81,7 +87,7 @@ def test_group_comparisons_select_queries_by_digit_and_stroke_style():
     # queries: two 3s, two 7s, two thick 5/6, two thin 5/9, one 0 (concerns no comparison)
     queries = torch.cat([group("threes")[:2], group("sevens-large")[:2], group("thick-strokes")[[0, -30]],
                          group("fives")[:1], group("nines")[:1], group("zeros")[:1]])
-    found = {c.name: c for c in benchmarks.group_comparisons(data, queries)}
+    found = {c.name: c for c in benchmarks.get_benchmark("digits-contributors").group_comparisons(data, queries)}
     assert set(found) == {"copies", "sizes", "style-thick", "style-thin"}
     idx = data.group_index
     assert found["copies"].queries.tolist() == [0, 1]
@@ -103,7 +109,7 @@ def test_hobbyist_comparison_pits_each_plain_digit_against_the_hobbyist():
     group = lambda name: data.images[data.forget_indices(data.group_index(name))]
     # a 7, a 0 and a 1 from their own contributors, one of the hobbyist's images, and two 3s
     queries = torch.cat([group("sevens")[:1], group("zeros")[:1], group("ones")[:1], group("hobbyist")[:1], group("threes")[:2]])
-    found = {c.name: c for c in benchmarks.group_comparisons(data, queries)}
+    found = {c.name: c for c in benchmarks.get_benchmark("digits-contributors-hobbyist").group_comparisons(data, queries)}
     assert set(found) == {"copies", "hobbyist"}
     idx = data.group_index
     assert found["hobbyist"].queries.tolist() == [0, 1, 2, 3]
@@ -115,9 +121,49 @@ def test_hobbyist_comparison_pits_each_plain_digit_against_the_hobbyist():
 
 def test_group_comparisons_only_for_the_contributors_benchmark():
     data = benchmarks.load_benchmark("digits-classes")
-    assert benchmarks.group_comparisons(data, data.images[:10]) == []
+    assert benchmarks.get_benchmark("digits-classes").group_comparisons(data, data.images[:10]) == []
     contributors = benchmarks.digits_contributors()
     # a single 3 is too few for a paired interval: that comparison is left out
     one_three = torch.cat([contributors.images[contributors.forget_indices(contributors.group_index("threes"))][:1],
                            contributors.images[contributors.forget_indices(contributors.group_index("sevens-large"))][:2]])
-    assert [c.name for c in benchmarks.group_comparisons(contributors, one_three)] == ["sizes"]
+    assert [c.name for c in benchmarks.get_benchmark("digits-contributors").group_comparisons(contributors, one_three)] == ["sizes"]
+    # queries that are not 8x8 grayscale digits concern no comparison
+    assert benchmarks.get_benchmark("digits-contributors").group_comparisons(contributors, torch.zeros(4, 3, 8, 8)) == []
+
+
+def test_each_benchmark_declares_its_recipe_comparisons_and_labels():
+    declared = {name: (b.recipe, b.comparisons, b.label_top1) for name, b in benchmarks.BENCHMARKS.items()}
+    assert declared == {
+        "digits-classes": ("digits-ddpm", None, True),
+        "digits-contributors": ("digits-ddpm", benchmarks.contributors_comparisons, False),
+        "digits-contributors-hobbyist": ("digits-ddpm", benchmarks.hobbyist_comparisons, False),
+        "digits-styles": ("digits-styles", None, False),
+    }
+    assert all(b.name == name for name, b in benchmarks.BENCHMARKS.items())
+    assert benchmarks.available_benchmarks() == {name: b.description for name, b in benchmarks.BENCHMARKS.items()}
+    assert all(benchmarks.benchmark_recipe(name) == b.recipe for name, b in benchmarks.BENCHMARKS.items())
+
+
+def test_a_benchmark_loads_its_dataset_and_asks_its_comparisons():
+    contributors = benchmarks.get_benchmark("digits-contributors")
+    a, b = contributors.load(), benchmarks.digits_contributors()
+    assert a.group_names == b.group_names and torch.equal(a.images, b.images)
+    seen = []
+    custom = benchmarks.Benchmark("custom", lambda: a, "one comparison", comparisons=lambda ds, q: seen.append((ds, q)) or ["c"])
+    queries = a.images[:2]
+    assert custom.group_comparisons(a, queries) == ["c"] and seen[0][0] is a and seen[0][1] is queries
+    assert benchmarks.Benchmark("none", lambda: a, "no comparisons").group_comparisons(a, queries) == []
+    with pytest.raises(ConfigError, match="digits-classes"):
+        benchmarks.get_benchmark("nope")
+
+
+def test_the_dataset_entry_points_name_the_benchmarks_loaders():
+    """setup.cfg registers every benchmark under ``diffusers_guda.datasets``, each target its benchmark's loader."""
+    config = configparser.ConfigParser()
+    config.read(SETUP_CFG)
+    lines = [line.strip() for line in config["options.entry_points"]["diffusers_guda.datasets"].splitlines() if line.strip()]
+    targets = dict(tuple(part.strip() for part in line.split("=")) for line in lines)
+    assert set(targets) == set(benchmarks.BENCHMARKS)
+    for name, target in targets.items():
+        module, attribute = target.split(":")
+        assert getattr(importlib.import_module(module), attribute) is benchmarks.BENCHMARKS[name].loader, name

@@ -1,4 +1,4 @@
-"""Ranking metrics (DESIGN §1.4) against values computed by hand on small examples."""
+"""Ranking metrics (docs/evaluation.md#metrics) against values computed by hand on small examples."""
 
 from __future__ import annotations
 

@@ -6,15 +6,17 @@ import contextlib
 import copy
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from diffusers_guda.cli import main
+from diffusers_guda.errors import ConfigError
+from guda_lab.evaluation.benchmarks import Benchmark, GroupComparison, get_benchmark, load_benchmark
 from guda_lab.evaluation.metrics import METRIC_NAMES
-from guda_lab.evaluation.runner import METHODS
+from guda_lab.evaluation.report import format_markdown, group_level
+from guda_lab.evaluation.runner import METHODS, Evaluation, run_evaluation
+from guda_lab.queries import load_query_images
 
 from conftest import TINY_RECIPE, write_evaluation_recipe, write_group_folder
 
@@ -99,16 +101,14 @@ def test_artifacts(workspace):
 
 
 def test_group_level_section(workspace):
-    from guda_lab.evaluation.benchmarks import GroupComparison
     from guda_lab.evaluation.metrics import group_level_comparison
-    from guda_lab.evaluation.runner import _group_level, format_markdown
 
     report = workspace["report"]
     assert report["group_level"] is None  # a user's folder defines no comparisons
     scores = {p.stem: np.asarray(json.loads(p.read_text())["scores"]) for p in (workspace["out"] / "scores").glob("*.json")}
     comparison = GroupComparison("left-vs-right", "every query: left above right", np.arange(4), np.zeros(4, int), np.full(4, 2))
     methods = ["logo_seed_a", "logo_seed_b", *METHODS]
-    level = _group_level([comparison], scores, methods)
+    level = group_level([comparison], scores, methods)
     entry = level["comparisons"]["left-vs-right"]
     assert entry["n"] == 4
     reference = entry["logo_seed_a"]
@@ -186,13 +186,10 @@ def _micro_recipe(tmp_path):
 
 
 def test_digits_label_top1(tmp_path):
-    """On the digits classes the report adds label_top1 (queries judged by demo.digit_classifier)."""
-    from guda_lab.evaluation.benchmarks import load_benchmark
-    from guda_lab.evaluation.runner import run_evaluation
-
+    """On the digits classes the report adds label_top1 (queries judged by guda_lab.queries.digit_classifier)."""
     lines = []
     report = run_evaluation(tmp_path / "out", load_benchmark("digits-classes"), _micro_recipe(tmp_path), num_queries=2,
-                            methods=["similarity", "guda"], seed_b=5, progress=False, log=lines.append)
+                            methods=["similarity", "guda"], seed_b=5, progress=False, log=lines.append, benchmark="digits-classes")
     assert report["seeds"]["logo_seed_b"] == 5 and report["groups"] == [str(d) for d in range(10)]
     assert "label_top1" in report["metric_names"]
     for method in ("logo_seed_b", "similarity", "guda"):
@@ -204,20 +201,17 @@ def test_digits_label_top1(tmp_path):
 
 def test_contributors_without_ceiling(tmp_path):
     """--no-ceiling skips LOGO seed B; digits-contributors adds its group-level comparisons."""
-    from guda_lab.evaluation.benchmarks import group_comparisons, load_benchmark
-    from guda_lab.demo import load_query_images
-    from guda_lab.evaluation.runner import _group_level, run_evaluation
-
-    dataset = load_benchmark("digits-contributors")
+    benchmark = get_benchmark("digits-contributors")
+    dataset = benchmark.load()
     report = run_evaluation(tmp_path / "out", dataset, _micro_recipe(tmp_path), num_queries=12, methods=["similarity", "guda"],
-                            ceiling=False, progress=False, log=lambda line: None)
+                            ceiling=False, progress=False, log=lambda line: None, benchmark=benchmark)
     assert report["ceiling"] is None and report["seeds"]["logo_seed_b"] is None and report["fraction_of_ceiling"] is None
     assert set(report["methods"]) == {"similarity", "guda"} and "logo_seed_b" not in report["cost"]
     assert not (tmp_path / "out" / "logo" / "seed_1").exists()
     queries = load_query_images(sorted((tmp_path / "out" / "queries").glob("*.png")))
     scores = {m: np.asarray(json.loads((tmp_path / "out" / "scores" / f"{m}.json").read_text())["scores"])
               for m in ("logo_seed_a", "similarity", "guda")}
-    expected = _group_level(group_comparisons(dataset, queries), scores, list(scores))
+    expected = group_level(benchmark.group_comparisons(dataset, queries), scores, list(scores))
     assert expected is not None and report["group_level"] == json.loads(json.dumps(expected))
     md = (tmp_path / "out" / "report.md").read_text()
     assert "no ceiling" in md and "Fraction of the ceiling" not in md and "## Group level" in md
@@ -234,3 +228,44 @@ def test_baseline_options(workspace, tmp_path):
     assert "gradient: 4 queries" in stdout and "guda: cached" in stdout  # only the changed baseline is recomputed
     report = json.loads((workspace["out"] / "report.json").read_text())
     assert report["baseline_settings"]["gradient"]["projection_dim"] == 8
+
+
+def _synthetic_scores(num_queries: int, num_groups: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {m: rng.normal(size=(num_queries, num_groups)) for m in ("logo_seed_a", "logo_seed_b", "guda")}
+
+
+def test_the_benchmark_decides_labels_and_comparisons(tmp_path):
+    """The metrics stage asks the benchmark: the same digits get label_top1 only as the digits-classes benchmark."""
+    dataset = load_benchmark("digits-classes")
+    queries = dataset.images[[0, 1, 400, 900, 1500]]
+    scores, methods = _synthetic_scores(5, 10), ["logo_seed_a", "logo_seed_b", "guda"]
+    recipe = _micro_recipe(tmp_path)
+    plain = Evaluation(tmp_path / "a", dataset, recipe, methods=["guda"], log=lambda line: None)
+    sections = plain.compute_metrics(scores, methods, queries, None)
+    assert sections["labels"] is None and "label_top1" not in sections["metric_names"] and sections["group_level"] is None
+    classes = Evaluation(tmp_path / "b", dataset, recipe, methods=["guda"], log=lambda line: None, benchmark="digits-classes")
+    sections = classes.compute_metrics(scores, methods, queries, None)
+    assert "label_top1" in sections["metric_names"] and "label_top1" in sections["methods"]["guda"]
+    # training images of the digits are labelled with their own digit by the 5-nearest-neighbour classifier
+    expected = np.bincount(dataset.group_ids[[0, 1, 400, 900, 1500]].numpy(), minlength=10).tolist()
+    assert sections["labels"]["counts"] == expected
+    assert sections["group_level"] is None  # digits-classes declares no comparisons
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # stages write, the constructor does not
+
+
+def test_the_runner_reports_the_comparisons_a_benchmark_declares(tmp_path):
+    dataset = load_benchmark("digits-classes")
+    every_query = GroupComparison("zero-vs-one", "every query: 0 above 1", np.arange(4), np.zeros(4, int), np.ones(4, int))
+    mine = Benchmark("mine", lambda: dataset, "the digits with one comparison", comparisons=lambda ds, q: [every_query])
+    evaluation = Evaluation(tmp_path / "o", dataset, _micro_recipe(tmp_path), methods=["guda"], log=lambda line: None, benchmark=mine)
+    scores, methods = _synthetic_scores(4, 10), ["logo_seed_a", "logo_seed_b", "guda"]
+    sections = evaluation.compute_metrics(scores, methods, dataset.images[:4], None)
+    assert sections["group_level"] == group_level([every_query], scores, methods)
+    assert list(sections["group_level"]["comparisons"]) == ["zero-vs-one"] and sections["labels"] is None
+
+
+def test_unknown_benchmark_name_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ConfigError, match="digits-contributors"):
+        Evaluation(tmp_path / "o", load_benchmark("digits-classes"), _micro_recipe(tmp_path), benchmark="nope")
+    assert not (tmp_path / "o").exists()

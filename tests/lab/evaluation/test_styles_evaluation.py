@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from diffusers_guda.cli import main
-from guda_lab.evaluation.baselines import GradientConfig, InstanceUnlearningConfig
+from guda_lab.evaluation import GradientConfig, InstanceUnlearningConfig
 from guda_lab.evaluation.digits_styles import STYLES, digits_styles
 from guda_lab.evaluation.runner import METHODS, run_evaluation
 from diffusers_guda.models import is_conditional

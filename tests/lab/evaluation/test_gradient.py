@@ -1,4 +1,4 @@
-"""Baselines of DESIGN §1.3: similarity, nearest neighbour, gradient, instance unlearning."""
+"""The gradient baseline (docs/evaluation.md#baselines): projected gradients of the denoising loss."""
 
 from __future__ import annotations
 
@@ -9,19 +9,9 @@ from conftest import tiny_unet_config
 
 from diffusers_guda import GroupedDataset, GUDAUNet2DModel
 from diffusers_guda.errors import ConfigError, DataError
-from guda_lab.evaluation.baselines import (
-    GradientConfig,
-    InstanceUnlearningConfig,
-    default_timesteps,
-    gradient_scores,
-    instance_unlearning_scores,
-    nearest_neighbour_scores,
-    projected_gradients,
-    projection_blocks,
-    similarity_scores,
-)
 from diffusers_guda.hashing import derive_seed, image_content_hash
 from diffusers_guda.objectives.base import NoiseSchedule
+from guda_lab.evaluation.gradient import GradientConfig, gradient_scores, projected_gradients, projection_blocks
 
 
 def _small_dataset(tiny_dataset: GroupedDataset, per_group: int = 3) -> GroupedDataset:
@@ -37,85 +27,7 @@ def _same_state(unet, state) -> bool:
     return all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
 
 
-# -- similarity ----------------------------------------------------------------------------------
-
-
-def test_similarity_copy_of_training_image_scores_its_group_highest(tiny_dataset):
-    queries = tiny_dataset.images[[0, 12, 24]]  # one image of each group
-    scores = similarity_scores(queries, tiny_dataset)
-    assert scores.shape == (3, 3) and scores.dtype == torch.float64
-    assert scores.argmax(1).tolist() == [0, 1, 2]
-
-
-def test_similarity_equals_hand_computation():
-    images = torch.tensor(
-        [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, -0.5, 0.0], [0.0, 1.0, 0.0, 0.0], [-1.0, 0.2, 0.3, 0.9], [0.1, 0.1, 0.9, -0.4]]
-    ).view(5, 1, 2, 2)
-    dataset = GroupedDataset(images, torch.tensor([0, 0, 1, 1, 1]), ["a", "b"])
-    queries = torch.tensor([[0.3, -0.2, 0.8, 0.1], [-0.6, 0.9, 0.0, 0.4]]).view(2, 1, 2, 2)
-    q = queries.view(2, -1).numpy().astype(np.float64)
-    x = images.view(5, -1).numpy().astype(np.float64)
-    cos = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (x / np.linalg.norm(x, axis=1, keepdims=True)).T
-    expected = np.stack([cos[:, :2].mean(1), cos[:, 2:].mean(1)], axis=1)
-    np.testing.assert_allclose(similarity_scores(queries, dataset).numpy(), expected, atol=1e-6)
-    np.testing.assert_allclose(
-        nearest_neighbour_scores(queries, dataset).numpy(), np.stack([cos[:, :2].max(1), cos[:, 2:].max(1)], axis=1), atol=1e-6
-    )
-
-
-def test_similarity_uses_feature_fn(tiny_dataset):
-    queries = tiny_dataset.images[[0, 30]]
-    constant = similarity_scores(queries, tiny_dataset, feature_fn=lambda x: torch.ones(len(x), 4))
-    assert torch.allclose(constant, torch.ones_like(constant))
-    calls = []
-
-    def column_means(x):
-        calls.append(len(x))
-        return x.mean(dim=(1, 2))  # [B, W]: column profile, where the bars are
-
-    scores = similarity_scores(queries, tiny_dataset, feature_fn=column_means, batch_size=10)
-    assert calls and max(calls) <= 10
-    assert scores.argmax(1).tolist() == [0, 2]
-    assert not torch.allclose(scores, similarity_scores(queries, tiny_dataset))
-
-
-def test_similarity_independent_of_batch_size(tiny_dataset):
-    queries = tiny_dataset.images[[1, 13, 25]] * 0.7
-    reference = similarity_scores(queries, tiny_dataset, batch_size=256)
-    for batch_size in (1, 5, 17):
-        assert torch.allclose(similarity_scores(queries, tiny_dataset, batch_size=batch_size), reference, atol=1e-12)
-    assert torch.allclose(
-        nearest_neighbour_scores(queries, tiny_dataset, batch_size=4), nearest_neighbour_scores(queries, tiny_dataset), atol=1e-12
-    )
-
-
-def test_similarity_shape_errors(tiny_dataset):
-    with pytest.raises(DataError, match="shape"):
-        similarity_scores(torch.zeros(2, 3, 8, 8), tiny_dataset)
-    with pytest.raises(DataError, match="shape"):
-        similarity_scores(torch.zeros(1, 8, 8), tiny_dataset)
-    with pytest.raises(ConfigError, match="2-D"):
-        similarity_scores(tiny_dataset.images[:1], tiny_dataset, feature_fn=lambda x: x)
-    with pytest.raises(ConfigError, match="one row per image"):
-        similarity_scores(tiny_dataset.images[:1], tiny_dataset, feature_fn=lambda x: torch.ones(3, 2))
-
-
-def test_nearest_neighbour_exact_copy_is_one(tiny_dataset):
-    scores = nearest_neighbour_scores(tiny_dataset.images[[5, 20]], tiny_dataset)
-    assert scores[0, 0].item() == pytest.approx(1.0, abs=1e-12)
-    assert scores[1, 1].item() == pytest.approx(1.0, abs=1e-12)
-    assert (scores[0, 1:] < 1 - 1e-6).all() and scores.argmax(1).tolist() == [0, 1]
-
-
-# -- gradient ------------------------------------------------------------------------------------
-
-
 FAST_GRAD = dict(projection_dim=32, timesteps=(10, 50, 90))
-
-
-def test_default_timesteps():
-    steps = default_timesteps(100)
-    assert len(steps) == 10 and steps[0] == 5 and steps[-1] == 99 and list(steps) == sorted(set(steps))
 
 
 def test_gradient_shape_determinism_and_model_untouched(tiny_unet, tiny_scheduler, tiny_dataset):
@@ -160,7 +72,7 @@ def _full_gradient(unet, scheduler, image, config, names):
     x0 = image.unsqueeze(0).expand_as(noise)
     for p in unet.parameters():
         p.requires_grad_(True)
-    x_t = schedule.add_noise(x0, noise, t).requires_grad_(True)  # see _denoising_loss: avoids a torch segfault
+    x_t = schedule.add_noise(x0, noise, t).requires_grad_(True)  # see denoising_loss: avoids a torch segfault
     loss = torch.nn.functional.mse_loss(unet(x_t, t).sample, noise)
     grads = torch.autograd.grad(loss, [params[n] for n in names] + [x_t])[:-1]
     for p in unet.parameters():
@@ -207,50 +119,6 @@ def test_gradient_depends_on_seed(tiny_unet, tiny_scheduler, tiny_dataset):
     a = gradient_scores(tiny_unet, tiny_scheduler, queries, data, GradientConfig(**FAST_GRAD, seed=0))
     b = gradient_scores(tiny_unet, tiny_scheduler, queries, data, GradientConfig(**FAST_GRAD, seed=1))
     assert not torch.equal(a, b)
-
-
-# -- instance unlearning -------------------------------------------------------------------------
-
-
-def test_instance_unlearning_shape_determinism_and_model_untouched(tiny_unet, tiny_scheduler, tiny_dataset):
-    data = _small_dataset(tiny_dataset, 2)
-    queries = tiny_dataset.images[[0, 30]]
-    flags = {n: p.requires_grad for n, p in tiny_unet.named_parameters()}
-    state = _state(tiny_unet)
-    config = InstanceUnlearningConfig(steps=2, learning_rate=1e-2, timesteps=(20, 60))
-    first = instance_unlearning_scores(tiny_unet, tiny_scheduler, queries, data, config)
-    assert first.shape == (2, 3) and first.dtype == torch.float64 and torch.isfinite(first).all()
-    assert (first != 0).any()
-    assert torch.equal(first, instance_unlearning_scores(tiny_unet, tiny_scheduler, queries, data, config))
-    assert _same_state(tiny_unet, state)
-    assert flags == {n: p.requires_grad for n, p in tiny_unet.named_parameters()}
-    tiny_unet.train()
-    assert torch.equal(first, instance_unlearning_scores(tiny_unet, tiny_scheduler, queries, data, config))
-    assert tiny_unet.training and _same_state(tiny_unet, state)
-    tiny_unet.eval()
-    # ascent on the query raises the query's own loss: a training copy of it increases most in its group
-    self_data = GroupedDataset(torch.cat([queries[:1], data.images[2:]]), torch.cat([torch.tensor([0]), data.group_ids[2:]]), data.group_names)
-    mean = instance_unlearning_scores(tiny_unet, tiny_scheduler, queries[:1], self_data, InstanceUnlearningConfig(steps=2, learning_rate=1e-2, timesteps=(20, 60), aggregate="mean"))
-    assert mean[0, 0] > 0
-    with pytest.raises(DataError):
-        instance_unlearning_scores(tiny_unet, tiny_scheduler, torch.zeros(1, 1, 4, 4), data, config)
-
-
-def test_instance_unlearning_adam_runs(tiny_unet, tiny_scheduler, tiny_dataset):
-    data = _small_dataset(tiny_dataset, 1)
-    scores = instance_unlearning_scores(
-        tiny_unet, tiny_scheduler, tiny_dataset.images[:1], data, InstanceUnlearningConfig(steps=1, optimizer="adam", timesteps=(50,), param_filter="up_blocks")
-    )
-    assert scores.shape == (1, 3) and torch.isfinite(scores).all()
-
-
-@pytest.mark.parametrize(
-    "kwargs",
-    [dict(steps=0), dict(learning_rate=0.0), dict(optimizer="lbfgs"), dict(aggregate="max")],
-)
-def test_instance_unlearning_config_errors(kwargs):
-    with pytest.raises(ConfigError):
-        InstanceUnlearningConfig(**kwargs)
 
 
 def test_gradient_config_errors(tiny_unet, tiny_scheduler, tiny_dataset):

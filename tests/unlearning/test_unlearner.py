@@ -1,58 +1,25 @@
-"""Tests of diffusers_guda.unlearning: frozen base, bundle contents, determinism, resume, divergence."""
+"""Tests of diffusers_guda.unlearning.unlearner: frozen base, bundle contents, determinism, divergence,
+the objectives, and the UNet's adapter state around unlearning."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from diffusers_guda import AdapterBundle, GroupedDataset, GroupUnlearner, LoRASettings, UnlearningConfig
-from diffusers_guda.errors import ConfigError, UnlearningDivergedError
+from diffusers_guda import AdapterBundle, GroupedDataset, GroupUnlearner, LoRASettings
+from diffusers_guda.adapter_state import adapter_state
+from diffusers_guda.elbo import ELBOConfig
+from diffusers_guda.errors import UnlearningDivergedError
 from diffusers_guda.hashing import base_state_dict, unet_fingerprint
 from diffusers_guda.lora import ADAPTER_WEIGHT_NAME
-from diffusers_guda.objectives import ReTrack, register_objective
-from diffusers_guda.objectives import base as objectives_base
-from diffusers_guda.unlearning import RUN_NAME, STATS_NAME
+
+from unlearning_helpers import assert_same_adapters, has_adapters, small_config
+
+pytest_plugins = ["unlearning_helpers"]  # its fixtures
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
-
-
-def small_config(**overrides) -> UnlearningConfig:
-    values = dict(
-        objective="retrack",
-        objective_options={"num_neighbors": 2},
-        lora=LoRASettings(rank=2, alpha=2.0),
-        steps=3,
-        learning_rate=1e-2,
-        forget_batch_size=4,
-        retain_batch_size=4,
-        eval_images=4,
-        eval_draws=1,
-        seed=0,
-    )
-    values.update(overrides)
-    return UnlearningConfig(**values)
-
-
-def has_adapters(unet) -> bool:
-    return bool(getattr(unet, "peft_config", None))
-
-
-def assert_same_adapters(a: AdapterBundle, b: AdapterBundle, slugs=None):
-    for slug in slugs or a.slugs:
-        sa, sb = a.adapters[slug], b.adapters[slug]
-        assert sa.keys() == sb.keys(), slug
-        for key in sa:
-            assert torch.equal(sa[key], sb[key]), (slug, key)
-        assert a.adapter_configs[slug] == b.adapter_configs[slug]
-
-
-@pytest.fixture
-def full_bundle(tiny_unet, tiny_scheduler, tiny_dataset):
-    """An uninterrupted run over all three groups, without checkpoints."""
-    return GroupUnlearner(tiny_unet, tiny_scheduler, small_config()).unlearn(tiny_dataset, progress=False)
 
 
 # -- the base model is never changed ------------------------------------------------------------
@@ -191,82 +158,6 @@ def test_two_runs_are_identical_and_the_seed_matters(full_bundle, tiny_unet, tin
     assert any(not torch.equal(state[k], other_state[k]) for k in state)
 
 
-# -- resume -------------------------------------------------------------------------------------
-
-
-def test_resume_skips_finished_groups_and_matches_an_uninterrupted_run(
-    full_bundle, tiny_unet, tiny_scheduler, tiny_dataset, tmp_path, monkeypatch
-):
-    checkpoint = tmp_path / "ckpt"
-    first = GroupUnlearner(tiny_unet, tiny_scheduler, small_config()).unlearn(tiny_dataset, checkpoint_dir=checkpoint, progress=False)
-    assert (checkpoint / RUN_NAME).is_file()
-    for slug in first.slugs:
-        assert (checkpoint / slug / ADAPTER_WEIGHT_NAME).is_file()
-        assert (checkpoint / slug / STATS_NAME).is_file()
-    assert_same_adapters(full_bundle, first)
-
-    # a crash while the middle group was being trained: its folder never appeared
-    shutil.rmtree(checkpoint / "middle")
-    calls = []
-    original = GroupUnlearner.unlearn_group
-
-    def counting(self, dataset, group, *args, **kwargs):
-        calls.append(group)
-        return original(self, dataset, group, *args, **kwargs)
-
-    monkeypatch.setattr(GroupUnlearner, "unlearn_group", counting)
-    resumed = GroupUnlearner(tiny_unet, tiny_scheduler, small_config()).unlearn(tiny_dataset, checkpoint_dir=checkpoint, progress=False)
-    assert calls == [1], "only the missing group is retrained"
-    assert resumed.group_names == ["left", "middle", "right"]
-    assert_same_adapters(full_bundle, resumed)
-    assert [g.stats["seed"] for g in resumed.groups] == [g.stats["seed"] for g in full_bundle.groups]
-    assert (checkpoint / "middle" / STATS_NAME).is_file()
-
-    # a complete checkpoint: nothing is retrained
-    calls.clear()
-    again = GroupUnlearner(tiny_unet, tiny_scheduler, small_config()).unlearn(tiny_dataset, checkpoint_dir=checkpoint, progress=False)
-    assert calls == []
-    assert_same_adapters(full_bundle, again)
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        dict(seed=1),
-        dict(steps=4),
-        dict(learning_rate=2e-2),
-        dict(objective_options={"num_neighbors": 3}),
-        dict(objective_options={"num_neighbors": "all"}),
-        dict(lora=LoRASettings(rank=4, alpha=4.0)),
-    ],
-)
-def test_checkpoint_from_other_settings_is_refused(change, tiny_unet, tiny_scheduler, tiny_dataset, tmp_path, monkeypatch):
-    checkpoint = tmp_path / "ckpt"
-    GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=1)).unlearn(
-        tiny_dataset, groups=[0], checkpoint_dir=checkpoint, progress=False
-    )
-    before = {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()}
-    calls = []
-    monkeypatch.setattr(GroupUnlearner, "unlearn_group", lambda *a, **k: calls.append(1))
-    settings = dict(steps=1)
-    settings.update(change)
-    with pytest.raises(ConfigError, match="other settings"):
-        GroupUnlearner(tiny_unet, tiny_scheduler, small_config(**settings)).unlearn(tiny_dataset, checkpoint_dir=checkpoint, progress=False)
-    assert calls == []
-    assert {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()} == before
-
-
-def test_checkpoint_of_another_base_model_is_refused(tiny_unet, tiny_scheduler, tiny_dataset, tmp_path):
-    checkpoint = tmp_path / "ckpt"
-    GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=1)).unlearn(
-        tiny_dataset, groups=[0], checkpoint_dir=checkpoint, progress=False
-    )
-    with torch.no_grad():
-        tiny_unet.conv_in.bias.add_(0.01)
-    with pytest.raises(ConfigError, match="other settings"):
-        GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=1)).unlearn(tiny_dataset, checkpoint_dir=checkpoint, progress=False)
-
-
 # -- divergence ---------------------------------------------------------------------------------
 
 
@@ -290,58 +181,7 @@ def test_huge_learning_rate_raises_a_helpful_error(overrides, tiny_unet, tiny_sc
     assert unet_fingerprint(tiny_unet) == fingerprint
 
 
-class _NaNOnMiddle(ReTrack):
-    """A test objective that diverges on the group named 'middle' only."""
-
-    name = "_test_nan_on_middle"
-
-    def setup(self, dataset, group, schedule):
-        super().setup(dataset, group, schedule)
-        self._diverge = dataset.group_names[group] == "middle"
-
-    def forget_loss(self, batch):
-        loss = super().forget_loss(batch)
-        return loss * float("inf") if self._diverge else loss
-
-
-def test_divergence_keeps_groups_finished_before(tiny_unet, tiny_scheduler, tiny_dataset, tmp_path, monkeypatch):
-    monkeypatch.setattr(objectives_base, "_REGISTRY", dict(objectives_base._REGISTRY))  # keep the registry clean
-    register_objective(_NaNOnMiddle)
-    checkpoint = tmp_path / "ckpt"
-    config = small_config(objective="_test_nan_on_middle")
-    with pytest.raises(UnlearningDivergedError, match="'middle'"):
-        GroupUnlearner(tiny_unet, tiny_scheduler, config).unlearn(tiny_dataset, checkpoint_dir=checkpoint, progress=False)
-    assert (checkpoint / "left" / ADAPTER_WEIGHT_NAME).is_file()
-    assert (checkpoint / "left" / STATS_NAME).is_file()
-    assert not (checkpoint / "middle").exists()
-    assert not (checkpoint / "right").exists()
-    assert not [p.name for p in checkpoint.iterdir() if p.name.startswith(".")], "no half-written group folders"
-    assert not has_adapters(tiny_unet)
-
-
 # -- objectives ---------------------------------------------------------------------------------
-
-
-def test_unknown_objective_lists_the_available_ones():
-    with pytest.raises(ConfigError) as info:
-        small_config(objective="nope", objective_options={})
-    message = str(info.value)
-    assert "'nope'" in message
-    assert "retrack" in message and "gradient_ascent" in message
-
-
-def test_unknown_objective_option_is_refused():
-    with pytest.raises(ConfigError, match="no option"):
-        small_config(objective_options={"num_neighbours_typo": 2})
-
-
-@pytest.mark.parametrize(
-    "overrides",
-    [dict(learning_rate=0.0), dict(steps=0), dict(forget_batch_size=0), dict(retain_batch_size=0), dict(size_exponent=-1.0)],
-)
-def test_invalid_numbers_are_refused(overrides):
-    with pytest.raises(ConfigError):
-        small_config(**overrides)
 
 
 def test_steps_scale_with_group_size(tiny_unet, tiny_scheduler, tiny_dataset):
@@ -354,14 +194,6 @@ def test_steps_scale_with_group_size(tiny_unet, tiny_scheduler, tiny_dataset):
     assert scaled.training["size_exponent"] == 1.0
     same = GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=4)).unlearn(unequal, groups=["right"], progress=False)
     assert same.groups[0].stats["steps"] == 4
-    assert UnlearningConfig(steps=40, size_exponent=0.5).steps_for(36, 9.0) == 80
-    assert UnlearningConfig(steps=40).describe_steps() == "40 steps each"
-    assert UnlearningConfig(steps=120, size_exponent=1.0).describe_steps() == "120 steps at the mean group size, ∝ size^1"
-
-
-def test_lora_settings_given_as_dict():
-    config = small_config(lora={"rank": 3, "alpha": 6.0})
-    assert isinstance(config.lora, LoRASettings) and config.lora.rank == 3
 
 
 def test_distill_preserve_mode_runs(tiny_unet, tiny_scheduler, tiny_dataset):
@@ -396,3 +228,68 @@ def test_unknown_group_is_refused(tiny_unet, tiny_scheduler, tiny_dataset):
 
     with pytest.raises(DataError, match="nope"):
         GroupUnlearner(tiny_unet, tiny_scheduler, small_config()).unlearn(tiny_dataset, groups=["nope"], progress=False)
+
+
+# -- what the bundle records --------------------------------------------------------------------
+
+
+def test_bundle_records_its_elbo_config_and_seeds(full_bundle, tiny_unet, tiny_scheduler, tiny_dataset, tmp_path):
+    assert full_bundle.elbo == ELBOConfig().to_dict()
+    elbo = ELBOConfig(stride=5, seed=7)
+    unlearner = GroupUnlearner(tiny_unet, tiny_scheduler, small_config(seed=3, steps=1), elbo_config=elbo)
+    bundle = unlearner.unlearn(tiny_dataset, groups=[0], progress=False)
+    assert bundle.elbo == elbo.to_dict() and bundle.elbo["stride"] == 5
+    assert bundle.seeds == {"unlearning": 3, "elbo": 7}
+    loaded = AdapterBundle.from_pretrained(bundle.save_pretrained(tmp_path / "bundle"))
+    assert ELBOConfig(**loaded.elbo) == elbo and loaded.seeds == bundle.seeds
+
+
+def test_bundle_records_the_base_model(tiny_unet, tiny_scheduler, tiny_dataset):
+    unlearner = GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=1), base_model_id="org/tiny",
+                               base_model_revision="v1", base_model_extra={"pipeline_class": "X"})
+    base = unlearner.unlearn(tiny_dataset, groups=[0], progress=False).base_model
+    assert base == {"id": "org/tiny", "revision": "v1", "fingerprint": unet_fingerprint(tiny_unet),
+                    "class_name": "GUDAUNet2DModel", "dtype": "float32", "sample_size": 8, "in_channels": 1,
+                    "conditional": False, "pipeline_class": "X"}
+    assert list(base)[:3] == ["id", "revision", "fingerprint"]
+
+
+# -- the UNet's adapters around unlearning ------------------------------------------------------
+
+
+@torch.no_grad()
+def _output(unet) -> torch.Tensor:
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    return unet(x, torch.tensor([3, 70])).sample
+
+
+@pytest.mark.parametrize("disabled", [True, False], ids=["bundle-disabled", "bundle-active"])
+def test_unlearning_a_unet_that_holds_a_bundle(disabled, full_bundle, tiny_unet, tiny_scheduler, tiny_dataset):
+    """The new group's adapter is the one a bare UNet gives, and the UNet's adapter state is kept."""
+    base = _output(tiny_unet)
+    full_bundle.load_into(tiny_unet, groups=["left", "right"])
+    tiny_unet.set_adapter("guda_right")  # not the first: peft falls back to the first when the active one is deleted
+    if disabled:  # as pipe.load_guda_bundle leaves it
+        tiny_unet.disable_adapters()
+    before_state, before_output = adapter_state(tiny_unet), _output(tiny_unet)
+    assert torch.equal(before_output, base) == disabled
+
+    again = GroupUnlearner(tiny_unet, tiny_scheduler, small_config()).unlearn(tiny_dataset, groups=["middle"], progress=False)
+    assert_same_adapters(full_bundle, again, ["middle"])
+    assert again.groups[0].stats == {**full_bundle.group("middle").stats, "wall_s": again.groups[0].stats["wall_s"]}
+    assert adapter_state(tiny_unet) == before_state == (["guda_right"], disabled)
+    assert sorted(tiny_unet.peft_config) == ["guda_left", "guda_right"]
+    assert torch.equal(_output(tiny_unet), before_output)
+
+
+def test_a_bundle_loaded_after_unlearning_runs_its_adapters(full_bundle, tiny_unet):
+    """Unlearning leaves LoRA layers without adapters behind; they must not stay switched off."""
+    fresh = type(tiny_unet).from_config(tiny_unet.config)
+    fresh.load_state_dict(base_state_dict(tiny_unet))
+    assert [n for n, _ in tiny_unet.named_modules() if n.endswith("conv1.lora_A")], "unlearning left LoRA layers"
+    base = _output(tiny_unet)
+    for unet in (tiny_unet, fresh):
+        names = full_bundle.load_into(unet)
+        unet.set_adapter(names[1])  # the model card's usage
+    assert not torch.equal(_output(tiny_unet), base)
+    assert torch.equal(_output(tiny_unet), _output(fresh))

@@ -1,0 +1,172 @@
+"""The diffusion math shared by scoring, unlearning and training.
+
+* The forward process ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) ε`` of a DDPM-family scheduler
+  (:class:`NoiseSchedule`).
+* What a model output means for each ``prediction_type``: the regression target
+  (:func:`prediction_target`) and the clean sample or the noise read back from an output
+  (:func:`x0_from_output`, :func:`epsilon_from_output`); see docs/method.md#the-elbo-estimator.
+* The common random numbers: the noise of one (image, t, draw) row is a pure function of the
+  seed, the image's content hash, t and the draw (:func:`common_noise`); see
+  docs/method.md#common-random-numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .errors import ConfigError
+from .hashing import derive_seed
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def check_prediction_type(prediction_type: str) -> str:
+    """``prediction_type`` itself if it is one of :data:`PREDICTION_TYPES`.
+
+    Raises:
+        ConfigError: for any other prediction type.
+    """
+    if prediction_type not in PREDICTION_TYPES:
+        raise ConfigError(f"Unsupported prediction_type {prediction_type!r}.")
+    return prediction_type
+
+
+def prediction_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, sqrt_abar: torch.Tensor,
+                      sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
+    """What a model of ``prediction_type`` regresses on: ``ε``, ``v = sqrt(abar) ε - sqrt(1 - abar) x0`` or ``x0``.
+
+    Args:
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        x0: Clean samples.
+        noise: Their noise ``ε``.
+        sqrt_abar: ``sqrt(abar_t)``, broadcastable to ``x0``.
+        sqrt_one_minus_abar: ``sqrt(1 - abar_t)``, broadcastable to ``x0``.
+    """
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return sqrt_abar * noise - sqrt_one_minus_abar * x0
+    return x0
+
+
+def x0_from_epsilon(epsilon: torch.Tensor, x_t: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
+    """The clean sample ``(x_t - sqrt(1 - abar) ε) / sqrt(abar)`` that ``x_t`` and ``ε`` imply."""
+    return (x_t - sqrt_one_minus_abar * epsilon) / sqrt_abar
+
+
+def epsilon_from_x0(x0: torch.Tensor, x_t: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
+    """The noise ``(x_t - sqrt(abar) x0) / sqrt(1 - abar)`` that ``x_t`` and ``x0`` imply."""
+    return (x_t - sqrt_abar * x0) / sqrt_one_minus_abar
+
+
+def x0_from_output(prediction_type: str, output: torch.Tensor, x_t: torch.Tensor, sqrt_abar: torch.Tensor,
+                   sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
+    """The clean sample ``x̂0`` a model output predicts at ``x_t`` (not clamped).
+
+    Args:
+        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        output: The raw model output.
+        x_t: The noisy input it was computed on.
+        sqrt_abar: ``sqrt(abar_t)``, broadcastable to ``x_t``.
+        sqrt_one_minus_abar: ``sqrt(1 - abar_t)``, broadcastable to ``x_t``.
+    """
+    if prediction_type == "epsilon":
+        return x0_from_epsilon(output, x_t, sqrt_abar, sqrt_one_minus_abar)
+    if prediction_type == "v_prediction":
+        return sqrt_abar * x_t - sqrt_one_minus_abar * output
+    return output
+
+
+def epsilon_from_output(prediction_type: str, output: torch.Tensor, x_t: torch.Tensor, sqrt_abar: torch.Tensor,
+                        sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
+    """The noise ``ε̂`` a model output predicts at ``x_t``. Arguments as in :func:`x0_from_output`."""
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return sqrt_one_minus_abar * x_t + sqrt_abar * output
+    return epsilon_from_x0(output, x_t, sqrt_abar, sqrt_one_minus_abar)
+
+
+class NoiseSchedule:
+    """The forward process of a DDPM-family scheduler and the conversions of its ``prediction_type``.
+
+    Args:
+        scheduler: A scheduler with ``alphas_cumprod`` and ``config.prediction_type``.
+        dtype: Precision ``sqrt(abar_t)`` and ``sqrt(1 - abar_t)`` are computed in before they are
+            stored in float32 (float64 keeps ``1 - abar_t`` exact where ``abar_t`` is small).
+        device: Where they are computed and kept. CPU and CUDA square roots may differ in the last
+            bit, so a loop that must match diffusers' own ``add_noise``/``get_velocity`` on a device
+            computes them there.
+
+    Attributes:
+        sqrt_abar: ``[T]`` float32 ``sqrt(abar_t)``.
+        sqrt_one_minus_abar: ``[T]`` float32 ``sqrt(1 - abar_t)``.
+        prediction_type: How the model output is read.
+        num_train_timesteps: ``T``.
+
+    Raises:
+        ConfigError: for a ``prediction_type`` other than epsilon, v_prediction or sample.
+    """
+
+    def __init__(self, scheduler, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.prediction_type = check_prediction_type(scheduler.config.prediction_type)
+        abar = scheduler.alphas_cumprod.to(device, dtype)
+        self.num_train_timesteps = len(abar)
+        self.sqrt_abar = abar.sqrt().to(torch.float32)
+        self.sqrt_one_minus_abar = (1 - abar).sqrt().to(torch.float32)
+
+    def coefficients(self, t: torch.Tensor, ndim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``sqrt(abar_t)`` and ``sqrt(1 - abar_t)`` of timesteps ``t`` ``[B]``, shaped ``[B, 1, ...]`` to
+        broadcast against ``ndim``-dimensional samples, on ``device``."""
+        shape = (-1,) + (1,) * (ndim - 1)
+        t = t.cpu()
+        return self.sqrt_abar[t].view(shape).to(device), self.sqrt_one_minus_abar[t].view(shape).to(device)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``."""
+        a, s = self.coefficients(t, x0.dim(), x0.device)
+        return a * x0 + s * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The regression target of the model's ``prediction_type`` (see :func:`prediction_target`)."""
+        if self.prediction_type == "epsilon":  # no coefficients needed
+            return noise
+        return prediction_target(self.prediction_type, x0, noise, *self.coefficients(t, x0.dim(), x0.device))
+
+    def to_epsilon(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Read a model output as a noise prediction ε̂ (see :func:`epsilon_from_output`)."""
+        if self.prediction_type == "epsilon":  # no coefficients needed
+            return output
+        return epsilon_from_output(self.prediction_type, output, x_t, *self.coefficients(t, x_t.dim(), x_t.device))
+
+    def to_x0(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Read a model output as a clean-sample prediction x̂0 (see :func:`x0_from_output`)."""
+        return x0_from_output(self.prediction_type, output, x_t, *self.coefficients(t, x_t.dim(), x_t.device))
+
+
+def noise_seed(seed: int, image_hash: int, t: int, draw: int) -> int:
+    """The seed of the noise of row ``(t, draw)`` of the image with content hash ``image_hash``."""
+    return derive_seed("guda-elbo", seed, image_hash, t, draw)
+
+
+def common_noise(shape: Sequence[int], seed: int, image_hash: int, timesteps: Sequence[int], draws: Sequence[int]) -> torch.Tensor:
+    """The common random numbers of one image's rows, ``[R, *shape]`` float32 on the CPU.
+
+    Row ``i`` is ``randn(shape)`` seeded by :func:`noise_seed` of ``(seed, image_hash, timesteps[i],
+    draws[i])``: it does not depend on the batch, the other rows or the process that draws it.
+
+    Args:
+        shape: Shape of the image (pixels or latents).
+        seed: Seed of the common random numbers (``ELBOConfig.seed``).
+        image_hash: The image's content hash (:func:`~diffusers_guda.hashing.image_content_hash`).
+        timesteps: ``t`` of each row.
+        draws: Draw index of each row.
+    """
+    out = torch.empty((len(timesteps), *shape), dtype=torch.float32)
+    generator = torch.Generator()
+    for i, (t, d) in enumerate(zip(timesteps, draws)):
+        generator.manual_seed(noise_seed(seed, image_hash, int(t), int(d)))
+        out[i] = torch.randn(tuple(shape), generator=generator)
+    return out

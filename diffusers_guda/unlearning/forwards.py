@@ -1,0 +1,99 @@
+"""How the unlearner runs the UNet: inputs in the UNet's dtype, text conditioning, autocast, and as
+which model (the base, or base plus one adapter)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager
+
+import torch
+
+from ..adapter_state import use_adapters
+from ..data import GroupedDataset
+from ..errors import ConfigError, DataError
+
+Forward = Callable[..., torch.Tensor]
+
+
+class UNetForwards:
+    """The forwards of one UNet during unlearning.
+
+    Args:
+        unet: The UNet (with adapter support).
+        conditional: Whether it is text-conditioned.
+        encode_prompts: For a conditional UNet: maps prompts to the text embeddings ``[B, L, D]``.
+        autocast_dtype: ``"bfloat16"``/``"float16"`` to autocast the training forwards, or ``None``.
+    """
+
+    def __init__(
+        self,
+        unet: torch.nn.Module,
+        conditional: bool,
+        encode_prompts: Callable[[list[str]], torch.Tensor] | None = None,
+        autocast_dtype: str | None = None,
+    ):
+        self.unet, self.conditional = unet, conditional
+        self.encode_prompts, self.autocast_dtype = encode_prompts, autocast_dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the UNet's weights."""
+        return next(self.unet.parameters()).device
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's prediction for ``x_t`` at ``t`` (given the text embeddings ``cond``), as it is set up now."""
+        return self.unet(x_t.to(self.unet.dtype), t, **self.inputs(cond)).sample
+
+    def inputs(self, cond: torch.Tensor | None) -> dict:
+        """The UNet's conditioning keyword arguments for the text embeddings ``cond``.
+
+        Raises:
+            ConfigError: for a text-conditioned UNet and no ``cond``.
+        """
+        if cond is None:
+            if self.conditional:
+                raise ConfigError("This UNet is text-conditioned; the objective must pass the text embeddings (cond).")
+            return {}
+        return {"encoder_hidden_states": cond.to(self.device, self.unet.dtype)}
+
+    def check_prompts(self, dataset: GroupedDataset) -> None:
+        """Check that a conditional UNet's dataset has prompts.
+
+        Raises:
+            DataError: if the UNet is text-conditioned and ``dataset`` has no prompts.
+        """
+        if self.conditional and dataset.prompts is None:
+            raise DataError(
+                "This UNet is text-conditioned, but the dataset has no prompts. Give every image its caption "
+                "(metadata.jsonl with a 'text' field, or GroupedDataset(..., prompts=[...]))."
+            )
+
+    def cond(self, dataset: GroupedDataset, index: torch.Tensor) -> torch.Tensor | None:
+        """Text embeddings of the images ``index`` (their own prompts), or ``None`` for unconditional UNets."""
+        if not self.conditional:
+            return None
+        return self.encode_prompts([dataset.prompts[i] for i in index.tolist()]).to(self.device)
+
+    def autocast(self) -> ContextManager:
+        """The autocast context of the training forwards (a no-op without ``autocast_dtype``)."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, self.autocast_dtype))
+
+    def running(self, adapter: str | None) -> ContextManager:
+        """Run the UNet as the base model (``None``) or with one adapter, restoring its adapter state after.
+
+        See :func:`~diffusers_guda.adapter_state.use_adapters`.
+        """
+        return use_adapters(self.unet, adapter)
+
+    def teacher(self) -> Forward:
+        """The objective's ``teacher``: the base model, without gradients. Whatever adapter is active
+        (the one being trained) is active again afterwards; the objective's ``model`` is this object."""
+
+        @torch.no_grad()
+        def teacher(x_t, t, cond=None):
+            with self.running(None):
+                return self(x_t, t, cond)
+
+        return teacher

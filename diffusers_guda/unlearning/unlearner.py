@@ -1,0 +1,286 @@
+"""Train one LoRA adapter per group that unlearns it from the frozen base UNet (see
+docs/method.md#unlearning-one-group).
+
+The base UNet is never modified: each group's counterfactual is ``base + LoRA_k``, and the teacher
+(the full model) is the same UNet run without adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..adapter_state import adapter_state, restore_adapter_state
+from ..bundle import AdapterBundle, GroupRecord, adapter_file_for, unique_slugs
+from ..data import GroupedDataset
+from ..distributed import ProcessInfo, current_process
+from ..elbo import ELBOConfig
+from ..errors import ConfigError, UnlearningDivergedError
+from ..hashing import derive_seed, unet_fingerprint
+from ..lora import adapter_state_dict, peft_config_metadata
+from ..models import is_conditional, with_adapter_support
+from ..objectives import NoiseSchedule, get_objective
+from .base_model import base_model_identity, base_model_record
+from .batches import draw_batch
+from .checkpoint import UnlearningCheckpoint
+from .config import UnlearningConfig
+from .evaluation import EvaluationSets, evaluation_sets, mean_losses
+from .forwards import UNetForwards
+from .training import optimise, run_statistics
+
+GroupResult = tuple[dict[str, torch.Tensor], dict, dict]  # (state_dict, config_metadata, stats) of one adapter
+
+
+class GroupUnlearner:
+    """Trains the per-group adapters on one shared UNet and packs them into an :class:`AdapterBundle`.
+
+    Args:
+        unet: The full model's UNet (frozen; a ``UNet2DModel`` gets adapter support added).
+        scheduler: Its training scheduler (``alphas_cumprod``, ``prediction_type``).
+        config: Unlearning settings.
+        base_model_id: Name recorded in the bundle (a Hub id or a path); default: where the UNet was
+            loaded from (the Hub repo, for a UNet from the Hub cache).
+        base_model_revision: Revision recorded in the bundle; default: the commit of a UNet loaded
+            from the Hub cache.
+        encode_prompts: For a text-conditioned UNet: maps a list of prompts to the text embeddings
+            ``[B, L, D]`` it is conditioned on (a pipeline's text encoder); the dataset then needs
+            one prompt per image. Its images are the model's inputs (VAE latents for latent models).
+        base_model_extra: Further fields recorded in the bundle's ``base_model`` (e.g. the VAE's
+            scaling factor of a latent model).
+        elbo_config: How the bundle's adapters are to be scored; recorded in the bundle, and used by
+            ``attribute`` unless it is given another (default: :class:`ELBOConfig`'s defaults).
+    """
+
+    def __init__(
+        self,
+        unet,
+        scheduler,
+        config: UnlearningConfig | None = None,
+        base_model_id: str | None = None,
+        base_model_revision: str | None = None,
+        encode_prompts: Callable[[list[str]], torch.Tensor] | None = None,
+        base_model_extra: dict | None = None,
+        elbo_config: ELBOConfig | None = None,
+    ):
+        self.base_model_id, self.base_model_revision = base_model_identity(unet, base_model_id, base_model_revision)
+        self.unet = with_adapter_support(unet)
+        self.elbo_config = elbo_config or ELBOConfig()
+        self.conditional = is_conditional(self.unet)
+        if self.conditional and encode_prompts is None:
+            raise ConfigError(
+                f"This {type(self.unet).__name__} is text-conditioned; pass encode_prompts (the pipeline's text "
+                "encoder, as pipe.unlearn_groups does) so that each image is conditioned on its prompt."
+            )
+        self.encode_prompts = encode_prompts
+        self.base_model_extra = dict(base_model_extra or {})
+        self.unet.requires_grad_(False)
+        self.scheduler = scheduler
+        self.schedule = NoiseSchedule(scheduler)
+        self.config = config or UnlearningConfig()
+        if get_objective(self.config.objective, self.config.objective_options).needs_text and not self.conditional:
+            raise ConfigError(
+                f"The {self.config.objective} objective conditions on prompts, but this {type(self.unet).__name__} is "
+                "unconditional; use an objective for unconditional models (e.g. retrack, their default)."
+            )
+        self.forwards = UNetForwards(self.unet, self.conditional, encode_prompts, self.config.autocast_dtype)
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        """:func:`~diffusers_guda.hashing.unet_fingerprint` of the base UNet (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = unet_fingerprint(self.unet)
+        return self._fingerprint
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the UNet's weights."""
+        return self.forwards.device
+
+    # -- one group ------------------------------------------------------------------------------
+
+    def unlearn_group(self, dataset: GroupedDataset, group: int, adapter_name: str, progress: bool = True) -> GroupResult:
+        """Train the adapter of ``group`` and remove it from the UNet again.
+
+        The adapter depends on ``config.seed`` and the group alone. The UNet's adapter state (which
+        adapters are loaded, active and enabled) is the same afterwards.
+
+        Args:
+            dataset: The grouped training set.
+            group: The group's id in ``dataset``.
+            adapter_name: The peft name the adapter is trained under.
+            progress: Show a progress bar of the steps.
+
+        Returns:
+            ``(state_dict, config_metadata, stats)`` of the adapter, in diffusers' LoRA format.
+
+        Raises:
+            UnlearningDivergedError: if a loss becomes NaN or infinite.
+        """
+        cfg, name = self.config, dataset.group_names[group]
+        seed = derive_seed("guda-unlearn", cfg.seed, group, name)
+        generator = torch.Generator().manual_seed(seed)
+        objective = get_objective(cfg.objective, cfg.objective_options)
+        objective.setup(dataset, group, self.schedule)
+        self.forwards.check_prompts(dataset)
+        forget_idx, retain_idx = dataset.forget_indices(group), dataset.retain_indices(group)
+        sizes = dataset.group_sizes()
+        steps = cfg.steps_for(len(forget_idx), sum(sizes) / len(sizes))
+        evaluation = evaluation_sets(dataset, group, forget_idx, retain_idx, cfg, self.schedule, self.forwards)
+        before = self._evaluate(evaluation, adapter=None)
+        with self._new_adapter(adapter_name, seed) as params:
+            start = time.perf_counter()
+            bar = tqdm(range(steps), desc=f"unlearn {name}", disable=not progress, leave=False, dynamic_ncols=True)
+            teacher = self.forwards.teacher()
+            batches = partial(draw_batch, dataset, group, forget_idx, retain_idx, generator, cfg, self.schedule, self.forwards, teacher)
+            curve = optimise(objective, batches, params, cfg, self.forwards.autocast, bar, name)
+            wall = time.perf_counter() - start
+            after = self._evaluate(evaluation, adapter=adapter_name)
+            if not all(math.isfinite(v) for v in after.values()):
+                raise UnlearningDivergedError(
+                    f"Unlearning group '{name}' produced non-finite outputs; lower the learning rate."
+                )
+            state = adapter_state_dict(self.unet, adapter_name)
+            metadata = peft_config_metadata(self.unet, adapter_name)
+        # teacher forwards count as passes too
+        batch_size = cfg.forget_batch_size + cfg.retain_batch_size
+        passes_per_step = batch_size + objective.teacher_passes(cfg.forget_batch_size, cfg.retain_batch_size)
+        stats = run_statistics(seed, steps, wall, steps * passes_per_step, before, after, curve)
+        return state, metadata, stats
+
+    @contextlib.contextmanager
+    def _new_adapter(self, adapter_name: str, seed: int) -> Iterator[list[torch.nn.Parameter]]:
+        """Add a fresh adapter, run the block with it active (yielding its trainable parameters), delete it."""
+        unet = self.unet
+        previous = adapter_state(unet)
+        torch.manual_seed(seed)  # peft initialises lora_A from the global generator
+        unet.add_adapter(self.config.lora.to_peft(unet), adapter_name=adapter_name)
+        try:
+            params = [p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+            for p in params:
+                if p.dtype != torch.float32:  # a half-precision base: train the adapter in float32
+                    p.data = p.data.float()
+                p.requires_grad_(True)
+            with self.forwards.running(adapter_name):
+                yield params
+        finally:
+            restore_adapter_state(unet, previous)  # first, so that the adapter is deleted while inactive
+            unet.delete_adapters(adapter_name)
+
+    def _evaluate(self, sets: EvaluationSets, adapter: str | None) -> dict[str, float]:
+        with self.forwards.running(adapter):
+            return mean_losses(self.forwards, self.schedule, sets)
+
+    # -- all groups -----------------------------------------------------------------------------
+
+    def unlearn(
+        self,
+        dataset: GroupedDataset,
+        groups: Sequence[int | str] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        progress: bool = True,
+        process: ProcessInfo | None = None,
+    ) -> AdapterBundle:
+        """Unlearn each group and return the bundle of adapters.
+
+        Under ``torchrun`` or ``accelerate launch``, each process unlearns a contiguous share of the
+        groups still to do and every process returns the complete bundle; a group's adapter does
+        not depend on the process that trained it, so the bundle equals a one-process run's.
+
+        Args:
+            dataset: The grouped training set of the base model.
+            groups: Group ids or names (default: all).
+            checkpoint_dir: If given, each finished group is written there atomically and a rerun
+                with the same settings (and any number of processes) skips it (resume after a crash
+                or a kill; see docs/formats.md#checkpoints-and-resume).
+            progress: Show progress bars (on the main process only).
+            process: This process of a launch; default :func:`~diffusers_guda.distributed.current_process`
+                (pass :data:`~diffusers_guda.distributed.SINGLE_PROCESS` to unlearn every group here).
+
+        Returns:
+            The bundle: the adapters, the base model's identity and fingerprint, the settings, the ELBO
+            configuration (``elbo_config``) and the seeds.
+
+        Raises:
+            DistributedError: if the processes of a launch were given other data, settings or base model.
+            ConfigError: if ``checkpoint_dir`` holds groups unlearned with other settings, data or base model.
+        """
+        process = current_process() if process is None else process
+        group_ids = [dataset.group_index(g) for g in (groups if groups is not None else range(dataset.num_groups))]
+        slugs = unique_slugs(dataset.group_names)
+        checkpoint = UnlearningCheckpoint(checkpoint_dir) if checkpoint_dir is not None else None
+        process.check_same((self._run_record(dataset), group_ids), "data, unlearning settings or base model")
+        if checkpoint is not None:
+            checkpoint.check_run(self._run_record(dataset))
+        # what the main process finds finished, so that every process shards the same pending list
+        finished = process.broadcast([gid for gid in group_ids if checkpoint is not None and checkpoint.is_finished(slugs[gid])])
+        results = {gid: checkpoint.load(slugs[gid]) for gid in finished}
+        mine = process.shard([gid for gid in group_ids if gid not in finished])
+        trained = self._unlearn_groups(dataset, mine, slugs, checkpoint, progress, process)
+        for part in process.gather(trained):
+            results.update(part)
+        return self._bundle(dataset, group_ids, slugs, results)
+
+    def _unlearn_groups(
+        self, dataset: GroupedDataset, group_ids: list[int], slugs: list[str], checkpoint: UnlearningCheckpoint | None,
+        progress: bool, process: ProcessInfo,
+    ) -> dict[int, GroupResult]:
+        """Unlearn ``group_ids`` here, one after the other, checkpointing each."""
+        trained = {}
+        desc = f"groups (process 0 of {process.world_size})" if process.is_distributed else "groups"
+        outer = tqdm(group_ids, desc=desc, disable=not (progress and process.is_main), dynamic_ncols=True)
+        for gid in outer:
+            slug = slugs[gid]
+            outer.set_postfix(group=dataset.group_names[gid])
+            trained[gid] = self.unlearn_group(dataset, gid, AdapterBundle.adapter_name(slug), progress=progress and process.is_main)
+            if checkpoint is not None:
+                checkpoint.save(slug, *trained[gid])
+        return trained
+
+    def _bundle(self, dataset: GroupedDataset, group_ids: list[int], slugs: list[str], results: dict[int, GroupResult]) -> AdapterBundle:
+        """The bundle of the groups ``group_ids``, in that order, from their results."""
+        records, adapters, configs = [], {}, {}
+        for gid in group_ids:
+            slug = slugs[gid]
+            adapters[slug], configs[slug], stats = results[gid]
+            records.append(
+                GroupRecord(
+                    id=len(records),  # bundle ids are 0..K-1 even when only some groups are unlearned
+                    name=dataset.group_names[gid],
+                    slug=slug,
+                    num_images=int((dataset.group_ids == gid).sum()),
+                    adapter_file=adapter_file_for(slug),
+                    stats=stats,
+                )
+            )
+        objective = get_objective(self.config.objective, self.config.objective_options)
+        return AdapterBundle(
+            groups=records,
+            adapters=adapters,
+            adapter_configs=configs,
+            lora=self.config.lora.to_dict(),
+            base_model=base_model_record(
+                self.unet, model_id=self.base_model_id, revision=self.base_model_revision, fingerprint=self.fingerprint,
+                conditional=self.conditional, extra=self.base_model_extra,
+            ),
+            objective={"name": self.config.objective, "config": objective.config.to_dict()},
+            elbo=self.elbo_config.to_dict(),
+            seeds={"unlearning": self.config.seed, "elbo": self.elbo_config.seed},
+            training={k: v for k, v in self.config.to_dict().items() if k not in ("objective", "objective_options", "lora")},
+        )
+
+    def _run_record(self, dataset: GroupedDataset) -> dict:
+        """What a checkpoint's groups depend on: base model, settings and data."""
+        return {
+            "fingerprint": self.fingerprint,
+            "config": self.config.to_dict(),
+            "groups": dataset.group_names,
+            "group_sizes": dataset.group_sizes(),
+        }

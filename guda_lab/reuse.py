@@ -1,0 +1,64 @@
+"""Finished stages of the demo and the evaluation, found in their output directory and reused: the
+base model (same training config) and the adapter bundle (same base, same unlearning settings)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from diffusers_guda.bundle import MANIFEST_NAME, AdapterBundle
+from diffusers_guda.data import GroupedDataset
+from diffusers_guda.errors import BundleError
+from diffusers_guda.objectives import get_objective
+from diffusers_guda.recipes import Recipe
+from .training import TRAIN_LOG_NAME, TrainConfig
+
+#: Where the finished groups of an unfinished bundle wait, next to ``bundle/``.
+PARTIAL_BUNDLE = ".bundle-partial"
+
+
+def reusable_base(path: Path, train: TrainConfig) -> bool:
+    """Whether ``path`` holds a base model trained with ``train``."""
+    log = path / TRAIN_LOG_NAME
+    return log.is_file() and json.loads(log.read_text()).get("config") == train.to_dict()
+
+
+def reusable_bundle(path: Path, fingerprint: str, recipe: Recipe) -> AdapterBundle | None:
+    """The bundle at ``path`` if it was unlearned from this base with ``recipe.unlearning``, else ``None``.
+
+    The ELBO settings are not compared: a reused bundle may record other ones than ``recipe.elbo``,
+    so its scores are computed with ``elbo_config=recipe.elbo``.
+    """
+    if not (path / MANIFEST_NAME).is_file():
+        return None
+    try:
+        bundle = AdapterBundle.from_pretrained(path, expected_fingerprint=fingerprint)
+    except BundleError:
+        return None
+    wanted = recipe.unlearning
+    objective = get_objective(wanted.objective, wanted.objective_options)
+    same = bundle.objective == {"name": wanted.objective, "config": objective.config.to_dict()} and bundle.lora == wanted.lora.to_dict()
+    # a bundle made before a setting existed was made with that setting's default
+    defaults = type(wanted)().to_dict()
+    same = same and all(bundle.training.get(k, defaults[k]) == v for k, v in wanted.to_dict().items()
+                        if k not in ("objective", "objective_options", "lora"))
+    return bundle if same else None
+
+
+def unlearn_bundle(pipe, dataset: GroupedDataset, recipe: Recipe, out_dir: Path, *, resume: bool = True,
+                   progress: bool = True) -> AdapterBundle:
+    """Unlearn every group of ``dataset`` with ``recipe`` from the base at ``out_dir/base`` and save the
+    bundle to ``out_dir/bundle`` (it records ``recipe.elbo``).
+
+    The finished groups wait in ``out_dir/.bundle-partial`` meanwhile; an interrupted run resumes from
+    them, unless ``resume`` is ``False`` (then every group is unlearned in this call, so its wall time
+    covers them all).
+    """
+    partial = out_dir / PARTIAL_BUNDLE
+    if not resume:
+        shutil.rmtree(partial, ignore_errors=True)
+    bundle = pipe.unlearn_groups(dataset, recipe=recipe, checkpoint_dir=partial, base_model_id=str(out_dir / "base"), progress=progress)
+    bundle.save_pretrained(out_dir / "bundle")
+    shutil.rmtree(partial, ignore_errors=True)
+    return bundle

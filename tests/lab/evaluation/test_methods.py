@@ -1,0 +1,58 @@
+"""The evaluation's methods on one base: the settings that key their cached scores, their sample passes."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import UNet2DModel
+
+from diffusers_guda.elbo import ELBOEstimator
+from diffusers_guda.pipelines import GUDADDPMPipeline
+from diffusers_guda.recipes import Recipe
+from guda_lab import training_config
+from guda_lab.evaluation.gradient import GradientConfig
+from guda_lab.evaluation.instance_unlearning import InstanceUnlearningConfig
+from guda_lab.evaluation.methods import METHODS, MethodScorer, model_classes
+from guda_lab.evaluation.report import CEILING, REFERENCE
+from guda_lab.evaluation.similarity import nearest_neighbour_scores, similarity_scores
+
+
+def _scorer(stock_pipeline_dir, tiny_dataset, tiny_recipe) -> MethodScorer:
+    recipe = Recipe.load(str(tiny_recipe))
+    pipe = GUDADDPMPipeline.from_pretrained(stock_pipeline_dir)
+    logo = {REFERENCE: (0, {}), CEILING: (7, {})}
+    return MethodScorer(stock_pipeline_dir, pipe, tiny_dataset, recipe, training_config(recipe, "evaluate"), logo,
+                        tiny_dataset.images[[0, 20]], None, GradientConfig(timesteps=(10, 50), num_draws=3),
+                        InstanceUnlearningConfig(timesteps=(30,), steps=4), progress=False)
+
+
+def test_settings_key_each_method_by_what_its_scores_depend_on(stock_pipeline_dir, tiny_dataset, tiny_recipe):
+    scorer = _scorer(stock_pipeline_dir, tiny_dataset, tiny_recipe)
+    recipe = scorer.recipe
+    assert scorer.settings(REFERENCE) == {"elbo": recipe.elbo.to_dict(), "train": scorer.train.to_dict(), "seed": 0}
+    assert scorer.settings(CEILING)["seed"] == 7
+    assert scorer.settings("guda") == {"elbo": recipe.elbo.to_dict(), "unlearning": recipe.unlearning.to_dict()}
+    assert scorer.settings("similarity") == scorer.settings("nearest_neighbour") == {"features": "pixels"}
+    assert scorer.settings("gradient") == GradientConfig(timesteps=(10, 50), num_draws=3).to_dict()
+    assert scorer.settings("instance_unlearning")["steps"] == 4
+
+
+def test_passes_count_sample_passes(stock_pipeline_dir, tiny_dataset, tiny_recipe):
+    scorer = _scorer(stock_pipeline_dir, tiny_dataset, tiny_recipe)
+    n, m, k = 2, len(tiny_dataset), 3
+    rows = ELBOEstimator(scorer.scheduler, scorer.recipe.elbo).num_rows
+    for method in (REFERENCE, CEILING, "guda"):
+        assert scorer.passes(method) == {"forwards": n * rows * (k + 1), "backwards": 0}
+    assert scorer.passes("similarity")["forwards"] == scorer.passes("nearest_neighbour")["backwards"] == 0
+    gradient = scorer.passes("gradient")  # 2 timesteps x 3 draws per image
+    assert gradient["forwards"] == gradient["backwards"] == (n + m) * 6
+    instance = scorer.passes("instance_unlearning")  # 1 timestep x 1 draw, 4 ascent steps
+    assert instance["forwards"] == m + n * (4 + m) and instance["backwards"] == n * 4
+
+
+def test_similarity_methods_compute_the_baselines(stock_pipeline_dir, tiny_dataset, tiny_recipe):
+    scorer = _scorer(stock_pipeline_dir, tiny_dataset, tiny_recipe)
+    assert torch.equal(scorer.compute("similarity"), similarity_scores(scorer.queries, tiny_dataset))
+    assert torch.equal(scorer.compute("nearest_neighbour"), nearest_neighbour_scores(scorer.queries, tiny_dataset))
+    assert set(METHODS) == {"guda", "similarity", "nearest_neighbour", "gradient", "instance_unlearning"}
+    assert model_classes(False) == (GUDADDPMPipeline, UNet2DModel)
+    assert type(scorer.full_unet) is UNet2DModel and not scorer.full_unet.training

@@ -1,0 +1,72 @@
+"""Finished stages the demo and the evaluation reuse: the base (same training config) and the bundle
+(same base, same unlearning settings); a bundle made here records the recipe's ELBO settings."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from diffusers_guda import GroupUnlearner, GUDADDPMPipeline
+from diffusers_guda.bundle import MANIFEST_NAME
+from diffusers_guda.hashing import unet_fingerprint
+from diffusers_guda.recipes import Recipe
+from guda_lab import training_config
+from guda_lab.reuse import PARTIAL_BUNDLE, reusable_base, reusable_bundle, unlearn_bundle
+from guda_lab.training import TRAIN_LOG_NAME
+
+pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
+
+
+def test_a_bundle_is_reused_only_with_the_same_unlearning_settings(tiny_unet, tiny_scheduler, tiny_dataset, tiny_recipe, tmp_path):
+    recipe = Recipe.load(str(tiny_recipe))
+    config = replace(recipe.unlearning, steps=1)
+    recipe = replace(recipe, unlearning=config)
+    path = tmp_path / "bundle"
+    GroupUnlearner(tiny_unet, tiny_scheduler, config).unlearn(tiny_dataset, groups=[0], progress=False).save_pretrained(path)
+    fingerprint = unet_fingerprint(tiny_unet)
+
+    assert reusable_bundle(path, fingerprint, recipe) is not None
+    assert reusable_bundle(path, fingerprint, replace(recipe, unlearning=replace(config, size_exponent=1.0))) is None
+    assert reusable_bundle(path, fingerprint, replace(recipe, unlearning=replace(config, steps=2))) is None
+
+    # a bundle written before size_exponent existed was made with its default, 0
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    del manifest["training"]["size_exponent"]
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert reusable_bundle(path, fingerprint, recipe) is not None
+    assert reusable_bundle(path, fingerprint, replace(recipe, unlearning=replace(config, size_exponent=1.0))) is None
+    # another base model (fingerprint) or no bundle at all: nothing to reuse
+    assert reusable_bundle(path, "0" * len(fingerprint), recipe) is None
+    assert reusable_bundle(tmp_path / "missing", fingerprint, recipe) is None
+
+
+def test_a_base_is_reused_only_with_the_same_training_config(tiny_recipe, tmp_path):
+    train = training_config(Recipe.load(str(tiny_recipe)), "demo")
+    base = tmp_path / "base"
+    assert not reusable_base(base, train)
+    base.mkdir()
+    (base / TRAIN_LOG_NAME).write_text(json.dumps({"config": train.to_dict()}))
+    assert reusable_base(base, train)
+    assert not reusable_base(base, replace(train, steps=train.steps + 1))
+
+
+def test_unlearn_bundle_records_the_recipe_and_leaves_no_partial_bundle(stock_pipeline_dir, tiny_dataset, tiny_recipe, tmp_path):
+    recipe = Recipe.load(str(tiny_recipe))
+    # ELBO settings unlike any shipped recipe's, so the manifest can only have them from this recipe
+    recipe = replace(recipe, unlearning=replace(recipe.unlearning, steps=1), elbo=replace(recipe.elbo, stride=30, t_min=7))
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "base").symlink_to(stock_pipeline_dir, target_is_directory=True)
+    stale = out / PARTIAL_BUNDLE / "stale"
+    stale.mkdir(parents=True)  # left by an interrupted run; not resumed
+    pipe = GUDADDPMPipeline.from_pretrained(out / "base")
+    pipe.set_progress_bar_config(disable=True)
+    bundle = unlearn_bundle(pipe, tiny_dataset, recipe, out, resume=False, progress=False)
+    assert not (out / PARTIAL_BUNDLE).exists()
+    manifest = json.loads((out / "bundle" / MANIFEST_NAME).read_text())
+    assert manifest["elbo"] == recipe.elbo.to_dict() == bundle.elbo
+    assert manifest["base_model"]["id"] == str(out / "base")
+    assert [g["name"] for g in manifest["groups"]] == tiny_dataset.group_names
+    assert reusable_bundle(out / "bundle", unet_fingerprint(pipe.unet), recipe) is not None

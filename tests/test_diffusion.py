@@ -1,0 +1,107 @@
+"""Tests of diffusers_guda.diffusion: the forward process, prediction-type conversions, common random numbers."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffusers_guda.diffusion import (
+    PREDICTION_TYPES,
+    NoiseSchedule,
+    check_prediction_type,
+    common_noise,
+    epsilon_from_output,
+    epsilon_from_x0,
+    noise_seed,
+    prediction_target,
+    x0_from_epsilon,
+    x0_from_output,
+)
+from diffusers_guda.errors import ConfigError
+from diffusers_guda.hashing import derive_seed
+
+
+def _draws(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(4, 1, 8, 8, generator=generator) * 2 - 1
+    noise = torch.randn(4, 1, 8, 8, generator=generator)
+    return x0, noise, torch.tensor([0, 10, 55, 99])
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_the_target_read_back_gives_x0_and_the_noise(prediction_type):
+    """A model that outputs its exact target predicts x0 and ε exactly (up to float32 rounding)."""
+    schedule = NoiseSchedule(DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type))
+    x0, noise, t = _draws()
+    x_t = schedule.add_noise(x0, noise, t)
+    target = schedule.target(x0, noise, t)
+    torch.testing.assert_close(schedule.to_x0(target, x_t, t), x0, rtol=0, atol=2e-4)
+    torch.testing.assert_close(schedule.to_epsilon(target, x_t, t), noise, rtol=0, atol=2e-4)
+    a, s = schedule.coefficients(t, x0.dim(), x0.device)
+    assert torch.equal(x0_from_output(prediction_type, target, x_t, a, s), schedule.to_x0(target, x_t, t))
+    assert torch.equal(epsilon_from_output(prediction_type, target, x_t, a, s), schedule.to_epsilon(target, x_t, t))
+    assert torch.equal(prediction_target(prediction_type, x0, noise, a, s), target)
+
+
+def test_targets_of_each_prediction_type():
+    x0, noise, t = _draws(1)
+    a, s = torch.full((4, 1, 1, 1), 0.6), torch.full((4, 1, 1, 1), 0.8)
+    assert prediction_target("epsilon", x0, noise, a, s) is noise
+    assert prediction_target("sample", x0, noise, a, s) is x0
+    assert torch.equal(prediction_target("v_prediction", x0, noise, a, s), 0.6 * noise - 0.8 * x0)
+    x_t = a * x0 + s * noise
+    torch.testing.assert_close(x0_from_epsilon(noise, x_t, a, s), x0)
+    torch.testing.assert_close(epsilon_from_x0(x0, x_t, a, s), noise)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_the_schedule_is_the_schedulers_own_forward_process(prediction_type):
+    """add_noise and the v target are diffusers' own, bit for bit (training relies on it)."""
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
+    schedule = NoiseSchedule(scheduler)
+    x0, noise, t = _draws(2)
+    assert schedule.num_train_timesteps == 100 and schedule.prediction_type == prediction_type
+    assert torch.equal(schedule.add_noise(x0, noise, t), scheduler.add_noise(x0, noise, t))
+    expected = {"epsilon": noise, "v_prediction": scheduler.get_velocity(x0, noise, t), "sample": x0}[prediction_type]
+    assert torch.equal(schedule.target(x0, noise, t), expected)
+
+
+def test_coefficients_in_float64_then_rounded():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    single, double = NoiseSchedule(scheduler), NoiseSchedule(scheduler, dtype=torch.float64)
+    abar = scheduler.alphas_cumprod.double()
+    assert single.sqrt_abar.dtype == double.sqrt_abar.dtype == torch.float32
+    assert torch.equal(double.sqrt_abar, abar.sqrt().float())
+    assert torch.equal(double.sqrt_one_minus_abar, (1 - abar).sqrt().float())
+    assert torch.equal(single.sqrt_one_minus_abar, (1 - scheduler.alphas_cumprod).sqrt())
+    torch.testing.assert_close(single.sqrt_abar, double.sqrt_abar)  # the same schedule, to the last bits
+    a, s = single.coefficients(torch.tensor([3, 700]), ndim=4, device="cpu")
+    assert a.shape == s.shape == (2, 1, 1, 1) and torch.equal(a.flatten(), single.sqrt_abar[[3, 700]])
+    flat, _ = single.coefficients(torch.tensor([3, 700]), ndim=1, device="cpu")
+    assert flat.shape == (2,)
+
+
+def test_unsupported_prediction_types_are_refused():
+    assert check_prediction_type("v_prediction") == "v_prediction"
+    with pytest.raises(ConfigError, match="prediction_type 'flow'"):
+        check_prediction_type("flow")
+    fake = SimpleNamespace(config=SimpleNamespace(prediction_type="flow"), alphas_cumprod=torch.linspace(0.99, 0.1, 10))
+    with pytest.raises(ConfigError, match="prediction_type"):
+        NoiseSchedule(fake)
+
+
+def test_common_noise_is_a_function_of_seed_hash_t_and_draw():
+    shape, timesteps, draws = (1, 4, 4), [10, 10, 20, 30], [0, 1, 0, 0]
+    noise = common_noise(shape, seed=5, image_hash=123, timesteps=timesteps, draws=draws)
+    assert noise.shape == (4, 1, 4, 4) and noise.dtype == torch.float32
+    for row, (t, d) in enumerate(zip(timesteps, draws)):
+        assert noise_seed(5, 123, t, d) == derive_seed("guda-elbo", 5, 123, t, d)
+        assert torch.equal(noise[row], torch.randn(shape, generator=torch.Generator().manual_seed(noise_seed(5, 123, t, d))))
+    # a row does not depend on the other rows asked for, nor on their order
+    assert torch.equal(common_noise(shape, 5, 123, [30, 10], [0, 1]), noise[[3, 1]])
+    assert not torch.equal(noise[0], noise[1])  # another draw
+    assert not torch.equal(common_noise(shape, 6, 123, [10], [0])[0], noise[0])  # another seed
+    assert not torch.equal(common_noise(shape, 5, 124, [10], [0])[0], noise[0])  # another image
