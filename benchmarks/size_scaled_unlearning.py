@@ -43,9 +43,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from diffusers_guda import GroupedDataset, GUDADDPMPipeline
     from diffusers_guda.cli.arguments import parse_options as _options
+    from diffusers_guda.recipes import Recipe
     from guda_lab.evaluation.benchmarks import get_benchmark
     from guda_lab.evaluation.metrics import group_level_agreement, group_level_comparison, pairwise_agreement, summarize
-    from diffusers_guda.recipes import Recipe
     from guda_lab.queries import load_query_images
 
     out = Path(args.eval_dir)

@@ -23,6 +23,7 @@ from .pipelines import (
     attribute,
     load_guda_bundle,
     unlearn_groups,
+    unload_guda_bundle,
 )
 from .recipes import Recipe, available_recipes, default_recipe
 from .scoring import AttributionResult, AttributionScorer
@@ -72,4 +73,5 @@ __all__ = [
     "load_guda_bundle",
     "register_objective",
     "unlearn_groups",
+    "unload_guda_bundle",
 ]

@@ -20,6 +20,7 @@ from diffusers_guda.io_utils import write_json_atomic
 from diffusers_guda.pipelines import GUDADDPMPipeline
 from diffusers_guda.plotting import plot_attribution_bars, plot_label_heatmap, plot_query_grid, plot_unlearning_losses
 from diffusers_guda.recipes import Recipe
+
 from .queries import digit_classifier, generate_queries, load_query_images
 from .recipes import training_config
 from .reuse import reusable_base, reusable_bundle, unlearn_bundle

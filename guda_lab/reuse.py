@@ -12,6 +12,7 @@ from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import BundleError
 from diffusers_guda.objectives import get_objective
 from diffusers_guda.recipes import Recipe
+
 from .training import TRAIN_LOG_NAME, TrainConfig
 
 #: Where the finished groups of an unfinished bundle wait, next to ``bundle/``.

@@ -20,6 +20,7 @@ import torch
 
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import ConfigError, DataError
+
 from .training import TrainConfig
 
 

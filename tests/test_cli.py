@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from diffusers import DDPMPipeline, UNet2DModel
-from PIL import Image
 
 from diffusers_guda.bundle import MANIFEST_NAME, AdapterBundle
 from diffusers_guda.cli import main

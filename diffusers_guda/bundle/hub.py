@@ -88,21 +88,8 @@ def upload_bundle(
 ) -> str:
     """Upload a bundle to a Hub model repo in one commit, creating the repo (and branch) if needed.
 
-    Adapter files in the repo that the bundle no longer has are deleted in the same commit.
-
-    Args:
-        write: Writes the bundle's files into the given folder, for the given repo id (the model
-            card's usage snippets name it).
-        repo_id: Target repo, ``"user/name"``.
-        token: Hub token with write access.
-        private: Visibility of a newly created repo.
-        revision: Branch to push to (created if missing).
-        commit_message: Commit message.
-        create_pr: Open a pull request instead of pushing to the branch.
-        endpoint: Hub endpoint; defaults to ``HF_ENDPOINT``.
-
-    Returns:
-        The URL of the commit (or of the pull request with ``create_pr=True``).
+    ``write(folder, repo_id)`` writes the bundle's files (the model card's usage snippets name the
+    repo); the other arguments and the return value are those of :meth:`AdapterBundle.push_to_hub`.
     """
     api = HfApi(endpoint=endpoint, token=token)
     repo_id = api.create_repo(repo_id, exist_ok=True, private=private).repo_id

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .arguments import add_common, add_dtype, check_output_file, check_plot_format, image_mode, launched_process, load_base, require_positive
+from .arguments import (
+    add_common,
+    add_dtype,
+    check_output_file,
+    check_plot_format,
+    image_mode,
+    launched_process,
+    load_base,
+    require_positive,
+)
 
 
 def register(subparsers) -> None:
@@ -37,10 +46,10 @@ def run(args) -> None:
     from dataclasses import replace
 
     from ..elbo import ELBOConfig
+    from ..errors import ConfigError
     from ..models import is_conditional
     from ..pipelines import to_model_images
     from ..queries import open_query_image, query_files, query_prompts
-    from ..errors import ConfigError
 
     require_positive(top_k=args.top_k)
     check_output_file(args.out, "--out")

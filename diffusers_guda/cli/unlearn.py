@@ -6,7 +6,18 @@ import shutil
 from pathlib import Path
 
 from ..errors import GUDAError
-from .arguments import add_common, add_data, add_dtype, add_recipe, check_output_dir, image_mode, launched_process, load_base, load_dataset, parse_options
+from .arguments import (
+    add_common,
+    add_data,
+    add_dtype,
+    add_recipe,
+    check_output_dir,
+    image_mode,
+    launched_process,
+    load_base,
+    load_dataset,
+    parse_options,
+)
 
 # flag -> unlearn_groups setting
 _SETTINGS = {"steps": "steps", "size_exponent": "size_exponent", "lr": "learning_rate", "seed": "seed", "autocast": "autocast_dtype",

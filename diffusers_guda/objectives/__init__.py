@@ -1,6 +1,7 @@
 """Unlearning objectives (docs/method.md#objectives): a registry of forget/preserve losses."""
 
 from ..diffusion import NoiseSchedule
+from .anchor import Anchor, AnchorConfig, anchor_distribution, replace_phrases, strip_phrases
 from .base import (
     ObjectiveConfig,
     UnlearningBatch,
@@ -9,7 +10,6 @@ from .base import (
     get_objective,
     register_objective,
 )
-from .anchor import Anchor, AnchorConfig, anchor_distribution, replace_phrases, strip_phrases
 from .esd import ESD, ESDConfig
 from .gradient_ascent import GradientAscent, GradientAscentConfig
 from .retrack import ReTrack, ReTrackConfig, capped_offsets, neighbour_weights, pool_redirect, pool_weights, posterior_shift

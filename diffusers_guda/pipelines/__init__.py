@@ -4,8 +4,8 @@
 they need ``transformers`` (the ``sd`` extra), which the unconditional pipelines do not.
 """
 
-from .auto import GUDAAutoPipeline, pipeline_class_for, read_model_index
 from .attribution import attribute, load_guda_bundle, model_inputs, to_model_images, unlearn_groups, unload_guda_bundle
+from .auto import GUDAAutoPipeline, pipeline_class_for, read_model_index
 from .ddpm import GUDADDPMPipeline
 from .mixin import GUDAPipelineMixin
 

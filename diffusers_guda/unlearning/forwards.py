@@ -10,7 +10,7 @@ import torch
 
 from ..adapter_state import use_adapters
 from ..data import GroupedDataset
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError
 
 Forward = Callable[..., torch.Tensor]
 
@@ -62,11 +62,8 @@ class UNetForwards:
         Raises:
             DataError: if the UNet is text-conditioned and ``dataset`` has no prompts.
         """
-        if self.conditional and dataset.prompts is None:
-            raise DataError(
-                "This UNet is text-conditioned, but the dataset has no prompts. Give every image its caption "
-                "(metadata.jsonl with a 'text' field, or GroupedDataset(..., prompts=[...]))."
-            )
+        if self.conditional:
+            dataset.require_prompts()
 
     def cond(self, dataset: GroupedDataset, index: torch.Tensor) -> torch.Tensor | None:
         """Text embeddings of the images ``index`` (their own prompts), or ``None`` for unconditional UNets."""

@@ -5,8 +5,6 @@
 from .benchmarks import BENCHMARKS, Benchmark, GroupComparison, available_benchmarks, get_benchmark, load_benchmark
 from .gradient import GradientConfig, gradient_scores
 from .instance_unlearning import InstanceUnlearningConfig, instance_unlearning_scores
-from .runner import Evaluation, run_evaluation
-from .similarity import nearest_neighbour_scores, similarity_scores
 from .logo import logo_attribution, logo_model_dir, train_logo_models
 from .metrics import (
     METRIC_NAMES,
@@ -25,6 +23,8 @@ from .metrics import (
     top1,
     top3,
 )
+from .runner import Evaluation, run_evaluation
+from .similarity import nearest_neighbour_scores, similarity_scores
 
 __all__ = [
     "run_evaluation",

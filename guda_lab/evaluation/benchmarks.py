@@ -56,6 +56,7 @@ import torch
 
 from diffusers_guda.data import GroupedDataset, load_digits
 from diffusers_guda.errors import ConfigError
+
 from .digits_styles import digits_styles
 
 COPY_NOISE = 0.05

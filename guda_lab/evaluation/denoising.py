@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from diffusers_guda.errors import ConfigError
 from diffusers_guda.hashing import derive_seed, image_content_hash
 from diffusers_guda.objectives.base import NoiseSchedule
+
 from .aggregation import AGGREGATES
 
 __all__ = [

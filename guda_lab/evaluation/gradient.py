@@ -14,6 +14,7 @@ from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import ConfigError
 from diffusers_guda.hashing import derive_seed
 from diffusers_guda.objectives.base import NoiseSchedule
+
 from .aggregation import check_queries, group_reduce
 from .denoising import (
     DenoisingLossConfig,

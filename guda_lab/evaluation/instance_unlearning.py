@@ -12,6 +12,7 @@ import torch
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import ConfigError, UnlearningDivergedError
 from diffusers_guda.objectives.base import NoiseSchedule
+
 from .aggregation import check_queries, group_reduce
 from .denoising import (
     DenoisingLossConfig,

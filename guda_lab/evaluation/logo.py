@@ -21,6 +21,7 @@ from diffusers_guda.distributed import ProcessInfo, current_process
 from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
 from diffusers_guda.errors import ConfigError
 from diffusers_guda.scoring import AttributionResult, score_models
+
 from ..training import TRAIN_LOG_NAME, TrainConfig, train_base_model
 
 EXCLUDED_KEY = "excluded_group"

@@ -12,6 +12,7 @@ import torch
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.elbo import ELBOEstimator
 from diffusers_guda.recipes import Recipe
+
 from .denoising import resolve_timesteps
 from .gradient import GradientConfig, gradient_scores
 from .instance_unlearning import InstanceUnlearningConfig, instance_unlearning_scores

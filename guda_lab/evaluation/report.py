@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from diffusers_guda.data import GroupedDataset
+
 from .metrics import METRIC_NAMES, group_level_agreement, group_level_comparison, pairwise_agreement, summarize
 
 #: The reference every method is compared with (LOGO, the recipe's training seed), and the ceiling

@@ -35,6 +35,7 @@ from diffusers_guda.errors import ConfigError
 from diffusers_guda.hashing import image_content_hash, unet_fingerprint
 from diffusers_guda.io_utils import write_json_atomic
 from diffusers_guda.recipes import Recipe
+
 from ..queries import digit_classifier, generate_queries, load_query_images, query_prompts
 from ..recipes import training_config
 from ..reuse import reusable_base, reusable_bundle, unlearn_bundle

@@ -13,6 +13,7 @@ import torch
 
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import ConfigError
+
 from .aggregation import check_queries, group_reduce
 
 __all__ = ["nearest_neighbour_scores", "similarity_scores"]
