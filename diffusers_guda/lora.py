@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open, save
 
 from .errors import BundleError, ConfigError
 
@@ -127,7 +128,19 @@ def save_adapter_file(path: str | os.PathLike, state_dict: dict[str, torch.Tenso
         config_metadata: Its config (:func:`peft_config_metadata`), stored as JSON in the file's metadata.
     """
     metadata = {"format": "pt", LORA_METADATA_KEY: json.dumps(config_metadata, indent=2, sort_keys=True, default=list)}
-    save_file(state_dict, str(path), metadata=metadata)
+    Path(path).write_bytes(canonical_safetensors(save(state_dict, metadata=metadata)))
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """A safetensors file with its JSON header written in sorted key order.
+
+    safetensors writes the metadata in hash order, which varies from run to run; with a canonical
+    header, equal tensors and metadata give equal bytes, so artifacts can be compared by hash.
+    """
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the tensor data stays 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(header)) + header + data[8 + size :]
 
 
 def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:

@@ -47,3 +47,12 @@ def test_no_private_names_cross_a_module_boundary(path):
 def test_library_modules_stay_small():
     sizes = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in python_files("diffusers_guda")}
     assert not {name: n for name, n in sizes.items() if n > 400}
+
+
+def test_every_package_is_installed():
+    """setup.cfg lists the packages by name: a new subpackage must be added there, or a wheel lacks it."""
+    from setuptools.config.setupcfg import read_configuration
+
+    listed = set(read_configuration(REPO / "setup.cfg")["options"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in python_files("diffusers_guda", "guda_lab") if p.name == "__init__.py"}
+    assert found | {"diffusers_guda.recipe_data"} == listed
