@@ -12,7 +12,17 @@ from diffusers import ModelMixin, SchedulerMixin  # noqa: F401
 from .bundle import AdapterBundle, GroupRecord
 from .data import GroupedDataset, load_digits
 from .elbo import ELBOConfig, ELBOEstimator
-from .errors import BaseModelMismatchError, BundleError, ConfigError, DataError, DistributedError, GUDAError, UnlearningDivergedError
+from .errors import (
+    BaseModelMismatchError,
+    BundleError,
+    ConfigError,
+    DataError,
+    DistributedError,
+    GUDAError,
+    OutputError,
+    ScoringError,
+    UnlearningDivergedError,
+)
 from .lora import LoRASettings
 from .models import GUDAUNet2DModel
 from .objectives import available_objectives, get_objective, register_objective
@@ -61,7 +71,9 @@ __all__ = [
     "GroupUnlearner",
     "GroupedDataset",
     "LoRASettings",
+    "OutputError",
     "Recipe",
+    "ScoringError",
     "UnlearningConfig",
     "UnlearningDivergedError",
     "attribute",

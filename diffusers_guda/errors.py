@@ -31,3 +31,11 @@ class UnlearningDivergedError(GUDAError, RuntimeError):
 
 class DistributedError(GUDAError, RuntimeError):
     """A multi-process launch is misconfigured, or its processes were given different inputs."""
+
+
+class OutputError(GUDAError, OSError):
+    """An output could not be written (a full or read-only disk, no permission); the previous one is unchanged."""
+
+
+class ScoringError(GUDAError, RuntimeError):
+    """Scoring produced values that are not finite (a broken adapter or a base model that overflows)."""

@@ -1,8 +1,14 @@
-"""Atomic writes: a finished artifact is either complete on disk or not there at all."""
+"""Atomic writes: a finished artifact is either complete on disk or not there at all.
+
+Every output is written beside its final path and renamed into place, so a write that fails (a
+full or read-only disk, a kill) leaves the previous output as it was. Outputs get the permissions
+the user's umask gives a new file or folder, not the private ones of temporary files.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -10,7 +16,29 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import ConfigError
+from .errors import ConfigError, OutputError
+
+# write failures that are the disk's or the user's to fix, reported as one line (others stay tracebacks)
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _reported(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _OUTPUT_ERRNOS or isinstance(exc, OutputError):
+            raise
+        raise OutputError(
+            f"Cannot write {path}: {exc.strerror or exc}; the previous output there is unchanged. "
+            "Free some space, or choose an output path on a writable disk."
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -26,32 +54,58 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another path.")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-        os.replace(path, old / "content")
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    with _reported(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            yield tmp
+            tmp.chmod(0o777 & ~_umask())
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent)) if path.exists() else None
+        try:
+            if old is not None:
+                os.replace(path, old / "content")
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None and (old / "content").exists():
+                os.replace(old / "content", path)  # the previous output goes back where it was
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            if old is not None and path.exists():  # else the previous output is still in `old`: keep it
+                shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path (same suffix) that replaces ``path`` only if the block finishes.
+
+    Raises:
+        OutputError: the disk is full or read-only, or the folder is not writable.
+    """
+    path = Path(path)
+    with _reported(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            tmp.chmod(0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+            raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename (see :func:`atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

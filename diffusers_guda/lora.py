@@ -150,7 +150,8 @@ def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         ``(state_dict, config_metadata)``.
 
     Raises:
-        BundleError: if the file is not a readable safetensors file or lacks the LoRA metadata.
+        BundleError: if the file is not a readable safetensors file, lacks the LoRA metadata, or holds
+            integer or non-finite weights.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -173,7 +174,19 @@ def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     bad = [k for k in state if not k.startswith(UNET_PREFIX + ".") or "lora_" not in k]
     if bad:
         raise BundleError(f"Adapter file {path} holds tensors that are not UNet LoRA weights (e.g. {bad[0]!r}).")
+    _check_values(path, state)
     return state, config
+
+
+def _check_values(path: Path, state: dict[str, torch.Tensor]) -> None:
+    """Refuse integer or non-finite adapter weights: they would score 0 or NaN without a word."""
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            raise BundleError(f"Adapter file {path}: {key} holds {tensor.dtype} values, not floating point; the file was altered. "
+                              "Re-download the bundle or re-run `guda unlearn` for this group.")
+        if not torch.isfinite(tensor).all():
+            raise BundleError(f"Adapter file {path}: {key} holds NaN or infinite values; the file is corrupted. "
+                              "Re-download the bundle or re-run `guda unlearn` for this group.")
 
 
 def load_adapter_into(unet: torch.nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], config_metadata: dict) -> None:

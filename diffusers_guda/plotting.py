@@ -8,6 +8,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .io_utils import atomic_file
+
+
+def save_figure(fig, path: str | Path, **kwargs) -> None:
+    """Write ``fig`` to ``path`` atomically (the format from its suffix)."""
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=110, **kwargs)
+
 
 def pyplot():
     import matplotlib
@@ -39,7 +47,7 @@ def plot_query_grid(images: torch.Tensor, path: str | Path, titles: Sequence[str
             if titles is not None:
                 ax.set_title(titles[i], fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return fig
 
@@ -69,7 +77,7 @@ def plot_attribution_bars(result, path: str | Path, images: torch.Tensor | None 
             axes[row, 0].imshow(array, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
             axes[row, 0].axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return fig
 
@@ -95,7 +103,7 @@ def plot_label_heatmap(true_labels: Sequence[int], attributed: Sequence[int], gr
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of row")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return fig
 
@@ -117,6 +125,6 @@ def plot_unlearning_losses(groups: Sequence, path: str | Path):
     ax.set_xlabel("unlearned group")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return fig

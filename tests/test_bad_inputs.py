@@ -7,6 +7,7 @@ only the Python API can express follow the table.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from diffusers_guda import GroupedDataset, GUDADDPMPipeline
 from diffusers_guda.bundle import MANIFEST_NAME, AdapterBundle
-from diffusers_guda.errors import DataError
+from diffusers_guda.errors import DataError, ScoringError
 from guda_lab import training_config
 from guda_lab.evaluation.logo import train_logo_models
 from diffusers_guda.recipes import Recipe
@@ -151,6 +152,14 @@ def edit_tensors(edit: Callable[[str, torch.Tensor], tuple[str, torch.Tensor]]) 
         save_file(tensors, str(path), metadata=metadata)
 
     return apply
+
+
+def nan_lora_b(key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+    return key, torch.full_like(tensor, float("nan")) if "lora_B" in key else tensor
+
+
+def integer_weights(key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
+    return key, tensor.round().to(torch.int32)
 
 
 def wider_inputs(key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -329,6 +338,18 @@ CASES = [
     Case("adapter-layers-of-another-architecture", "attribute",
          lambda ws, t: attribute_args(ws, t, bundle=bundle_copy(ws, t, adapter=edit_tensors(renamed_layers))),
          ("'guda_middle' does not fit", "extra_block", "names no layer")),
+    Case("adapter-nan-weights", "attribute",
+         lambda ws, t: attribute_args(ws, t, bundle=bundle_copy(ws, t, adapter=edit_tensors(nan_lora_b))),
+         ("middle", "NaN or infinite", "guda unlearn")),
+    Case("adapter-integer-weights", "attribute",
+         lambda ws, t: attribute_args(ws, t, bundle=bundle_copy(ws, t, adapter=edit_tensors(integer_weights))),
+         ("middle", "torch.int32", "not floating point")),
+    Case("manifest-elbo-wrong-type", "attribute",
+         lambda ws, t: attribute_args(ws, t, bundle=bundle_copy(ws, t, lambda m: m["elbo"].update(stride="ten"))),
+         ("malformed ELBO settings", "re-run `guda unlearn`")),
+    Case("manifest-elbo-unknown-field", "attribute",
+         lambda ws, t: attribute_args(ws, t, bundle=bundle_copy(ws, t, lambda m: m["elbo"].update(strides=5))),
+         ("malformed ELBO settings", "strides")),
     # -- attribute: the queries and the outputs
     Case("query-wrong-size", "attribute",
          lambda ws, t: attribute_args(ws, t, images=[png(t / "big.png", size=9)]),
@@ -459,3 +480,41 @@ def test_hostile_group_names_stay_inside_every_output_directory(workspace, tmp_p
     for slug in bundle.slugs:
         assert (out / "checkpoint" / slug).is_dir() and (out / "logo" / "seed_0" / slug).is_dir(), slug
     assert AdapterBundle.from_pretrained(out / "bundle").group_names == names
+
+
+def test_a_result_written_onto_a_full_disk_leaves_the_previous_one(workspace, tmp_path, monkeypatch):
+    out = tmp_path / "result.json"
+    args = ["attribute", "--base", workspace["base"], "--bundle", workspace["bundle"], "--images", workspace["queries"], "--out", out]
+    code, _, err = run(*args, "--quiet")
+    assert code == 0, err
+    previous = out.read_bytes()
+    real = os.replace
+
+    def full_disk(src, dst, *args, **kwargs):
+        if str(dst) == str(out):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    code, out_text, err = run(*args, "--stride", 20, "--quiet")
+    line = assert_one_line_error(code, out_text, err, "attribute")
+    assert "No space left on device" in line and "unchanged" in line
+    assert out.read_bytes() == previous and sorted(p.name for p in tmp_path.iterdir()) == ["result.json"]
+
+
+def test_an_empty_batch_is_refused(workspace):
+    pipe = GUDADDPMPipeline.from_pretrained(workspace["base"])
+    pipe.load_guda_bundle(workspace["bundle"])
+    with pytest.raises(DataError, match="No query images"):
+        pipe.attribute(torch.zeros(0, 1, 8, 8), progress=False)
+
+
+def test_scores_that_are_not_finite_name_the_group(workspace):
+    bundle = AdapterBundle.from_pretrained(workspace["bundle"])
+    for key, tensor in bundle.adapters["middle"].items():
+        if "lora_B" in key:
+            tensor.fill_(1e38)  # finite weights whose outputs overflow
+    pipe = GUDADDPMPipeline.from_pretrained(workspace["base"])
+    pipe.load_guda_bundle(bundle)
+    with pytest.raises(ScoringError, match=r"group\(s\) \['middle'\] are not finite"):
+        pipe.attribute(make_tiny_dataset().images[:1], progress=False)

@@ -94,3 +94,11 @@ def test_unlearn_groups_records_the_recipe_it_used(pipe):
     # a second run replaces the loaded bundle instead of clashing with its adapter names
     again = pipe.unlearn_groups(make_tiny_dataset(), steps=1, batch_size=2, groups=["left"], progress=False)
     assert pipe.guda_bundle is again and all(torch.equal(again.adapters["left"][k], t) for k, t in bundle.adapters["left"].items())
+
+
+def test_a_bundle_that_records_no_elbo_settings_is_scored_with_the_familys(pipe):
+    """Bundles made before bundles recorded their ELBO settings (``"elbo": null``)."""
+    bundle = pipe.unlearn_groups(make_tiny_dataset(), steps=1, batch_size=2, progress=False)
+    bundle.elbo = None
+    result = pipe.attribute(make_tiny_dataset().images[:1], progress=False)
+    assert result.metadata["elbo"] == Recipe.load("digits-ddpm").elbo.to_dict()

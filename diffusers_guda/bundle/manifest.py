@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..elbo import ELBOConfig
 from ..errors import BundleError
 from .layout import MANIFEST_NAME, adapter_file_for
 from .slugs import slugify
@@ -97,6 +98,21 @@ def build_manifest(bundle: AdapterBundle) -> dict:
     }
 
 
+def check_elbo(elbo: dict, where: str) -> None:
+    """Refuse recorded ELBO settings that :class:`~diffusers_guda.elbo.ELBOConfig` does not accept.
+
+    Raises:
+        BundleError: naming the field and what to do.
+    """
+    try:
+        ELBOConfig(**elbo)
+    except (TypeError, ValueError) as exc:  # unknown or missing fields, wrong types or values
+        raise BundleError(
+            f"{where} has malformed ELBO settings ('elbo': {exc}). Fix or remove the field (null scores with the "
+            "recipe of the model's family), or re-run `guda unlearn`."
+        ) from exc
+
+
 def read_manifest(path: Path) -> dict:
     """Read a manifest file as a JSON object, without validating its fields (see :func:`check_manifest`).
 
@@ -141,6 +157,8 @@ def check_manifest(manifest: dict, path: Path) -> None:
     for key in ("elbo", "seeds", "training"):
         if not isinstance(manifest.get(key), (dict, type(None))):
             raise BundleError(f"The bundle manifest {path} has a '{key}' that is not an object or null.")
+    if manifest.get("elbo") is not None:
+        check_elbo(manifest["elbo"], f"The bundle manifest {path}")
     if not isinstance(manifest["objective"].get("name"), str):
         raise BundleError(f"The bundle manifest {path} has no objective name (objective.name must be a string).")
     check_groups(manifest["groups"], f"The bundle manifest {path}")

@@ -22,7 +22,7 @@ from ..bundle import AdapterBundle
 from ..data import GroupedDataset, check_pixel_range
 from ..distributed import ProcessInfo
 from ..elbo import ELBOConfig, ELBOEstimator
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, ScoringError
 from ..models import is_conditional, with_adapter_support
 from ..recipes import Recipe, default_recipe
 from ..scoring import AttributionResult, AttributionScorer
@@ -232,17 +232,38 @@ def attribute(
         raise ConfigError("No GUDA bundle is loaded; call pipe.load_guda_bundle(path_or_repo_id) or pipe.unlearn_groups(dataset) first.")
     x0, unet_kwargs, used_prompts = model_inputs(pipe, images, prompts=prompts, prompt_embeds=prompt_embeds)
     if elbo_config is None:
-        elbo_config = ELBOConfig(**loaded.elbo) if loaded.elbo else default_recipe(pipe).elbo
+        elbo_config = ELBOConfig(**loaded.elbo) if loaded.elbo else _family_elbo(pipe)
     estimator = ELBOEstimator(_training_scheduler(pipe), elbo_config)
     device = pipe.unet.device
     scorer = AttributionScorer(pipe.unet, estimator, [loaded.adapter_name(s) for s in loaded.slugs], loaded.group_names)
     meta = {"bundle": dict(loaded.source or {}), "base_model": loaded.base_model.get("id"), "device": str(device)}
     if used_prompts is not None:
         meta["prompts"] = used_prompts
-    return scorer.score(
+    result = scorer.score(
         x0, batch_size=batch_size, unet_kwargs=unet_kwargs, progress=progress, metadata=meta, strategy=strategy,
         adaptive_z=adaptive_z, process=process,
     )
+    return _check_finite(result)
+
+
+def _check_finite(result: AttributionResult) -> AttributionResult:
+    """Refuse scores that are not finite (they would be written as NaN), naming the groups."""
+    bad = [g for j, g in enumerate(result.groups) if not torch.isfinite(result.scores[:, j]).all()]
+    if not torch.isfinite(result.neg_elbo).all():
+        raise ScoringError("The full model's ELBO is not finite for some images: the base model overflows; score in float32 "
+                           "(torch_dtype=torch.float32, no autocast).")
+    if bad:
+        raise ScoringError(f"Scores of group(s) {bad} are not finite: their adapters make the model overflow. "
+                           "Re-run unlearning for them (e.g. with a lower learning rate), or score in float32.")
+    return result
+
+
+def _family_elbo(pipe) -> ELBOConfig:
+    """The ELBO settings of the pipeline family's recipe, for a bundle made before bundles recorded theirs."""
+    try:
+        return default_recipe(pipe).elbo
+    except ConfigError:  # a pipeline class without a recipe: the estimator's defaults
+        return ELBOConfig()
 
 
 def model_inputs(pipe, images, *, prompts=None, prompt_embeds=None):
@@ -259,6 +280,8 @@ def model_inputs(pipe, images, *, prompts=None, prompt_embeds=None):
     """
     pixels = to_model_images(images)
     n = pixels.shape[0]
+    if n == 0:
+        raise DataError("No query images were given; pass at least one image.")
     conditional = is_conditional(pipe.unet)
     if not conditional and (prompts is not None or prompt_embeds is not None):
         raise ConfigError(f"This {type(pipe).__name__}'s UNet is unconditional; drop prompts/prompt_embeds.")

@@ -11,6 +11,7 @@ from typing import Sequence
 import torch
 
 from ..elbo import ELBOEstimator
+from ..io_utils import write_text_atomic
 
 
 @dataclass
@@ -63,7 +64,7 @@ class AttributionResult:
         """The result as JSON; also written to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            write_text_atomic(path, text + "\n")
         return text
 
     def plot(self, path: str | Path, images: torch.Tensor | None = None, max_queries: int = 8, top_k: int | None = None):

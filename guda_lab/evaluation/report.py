@@ -194,7 +194,7 @@ def format_summary(report: dict) -> str:
 
 def plot_metrics(report: dict, path: str | Path):
     """Grouped bars: one group per metric, one bar per method (mean, ± standard error)."""
-    from diffusers_guda.plotting import pyplot
+    from diffusers_guda.plotting import pyplot, save_figure
 
     plt = pyplot()
     names = report["metric_names"]
@@ -214,14 +214,14 @@ def plot_metrics(report: dict, path: str | Path):
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1.0), loc="upper left")
     ax.set_title(f"{report['num_queries']} queries, {len(report['groups'])} groups (error bars: ±1 s.e.)", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
     plt.close(fig)
     return fig
 
 
 def plot_score_heatmaps(scores: dict[str, np.ndarray], groups: Sequence[str], path: str | Path, max_queries: int = 4):
     """Per query (first ``max_queries``), an image: a row per method, a column per group, z-scored scores."""
-    from diffusers_guda.plotting import pyplot
+    from diffusers_guda.plotting import pyplot, save_figure
 
     plt = pyplot()
     methods = list(scores)
@@ -236,6 +236,6 @@ def plot_score_heatmaps(scores: dict[str, np.ndarray], groups: Sequence[str], pa
         ax.set_yticks(range(len(methods)), methods if q == 0 else [""] * len(methods), fontsize=7)
         ax.set_title(f"query {q}", fontsize=8)
     fig.colorbar(im, ax=axes[0, :].tolist(), shrink=0.8, label="z-score per method")
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    save_figure(fig, path, bbox_inches="tight")
     plt.close(fig)
     return fig

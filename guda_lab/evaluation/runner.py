@@ -33,7 +33,7 @@ import torch
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import ConfigError
 from diffusers_guda.hashing import image_content_hash, unet_fingerprint
-from diffusers_guda.io_utils import write_json_atomic
+from diffusers_guda.io_utils import write_json_atomic, write_text_atomic
 from diffusers_guda.recipes import Recipe
 
 from ..queries import digit_classifier, generate_queries, load_query_images, query_prompts
@@ -325,7 +325,7 @@ class Evaluation:
         }
         report = _jsonable(report)
         write_json_atomic(out / "report.json", report)
-        (out / "report.md").write_text(format_markdown(report))
+        write_text_atomic(out / "report.md", format_markdown(report))
         return report
 
 
