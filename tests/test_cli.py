@@ -256,3 +256,18 @@ def test_unlearn_a_subset_of_groups(workspace, tmp_path):
                        "--out", tmp_path / "r.json", "--stride", 30, "--quiet")
     assert code == 0, err
     assert np.array(json.loads((tmp_path / "r.json").read_text())["scores"]).shape == (2, 2)
+
+
+def test_identical_unlearn_runs_write_byte_identical_adapter_files(workspace, tmp_path):
+    """Adapter files can be compared by hash: same data, base and settings give the same sha256."""
+    import hashlib
+
+    again = tmp_path / "bundle"
+    code, _, err = run("unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", again,
+                       "--recipe", workspace["recipe"], "--steps", 2, "--quiet")
+    assert code == 0, err
+    files = sorted(p.relative_to(workspace["bundle"]) for p in workspace["bundle"].rglob("*.safetensors"))
+    assert len(files) == 3
+    for name in files:
+        digests = {hashlib.sha256((root / name).read_bytes()).hexdigest() for root in (workspace["bundle"], again)}
+        assert len(digests) == 1, name
