@@ -7,7 +7,6 @@ scikit-learn's handwritten digits (shipped inside scikit-learn, so no download) 
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -17,12 +16,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .data_files import (
+    DESCRIPTORS_NAME,
+    METADATA_NAME,
+    MODES,
+    check_descriptors,
+    group_files,
+    read_descriptors,
+    read_image,
+    read_metadata_rows,
+    stack_images,
+)
 from .errors import DataError
-
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-METADATA_NAME = "metadata.jsonl"
-DESCRIPTORS_NAME = "groups.json"
-_MODES = {"L": 1, "RGB": 3}
 
 
 @dataclass
@@ -51,7 +56,7 @@ class GroupedDataset:
         if self.prompts is not None:
             self.prompts = list(self.prompts)
         _validate(self.images, self.group_ids, self.group_names, self.prompts)
-        self.group_descriptors = _check_descriptors(self.group_descriptors, self.group_names, "group_descriptors")
+        self.group_descriptors = check_descriptors(self.group_descriptors, self.group_names, "group_descriptors")
 
     # -- constructors -------------------------------------------------------------------------
 
@@ -81,6 +86,9 @@ class GroupedDataset:
     def from_image_folder(cls, root: str | os.PathLike, mode: str | None = None) -> "GroupedDataset":
         """Load ``root/<group name>/<image files>``; the subfolder name is the group name.
 
+        Every image below a group's subfolder belongs to that group, in nested folders too; hidden
+        files and hidden folders (names starting with ``.``) are skipped.
+
         Args:
             root: Folder with one subfolder per group.
             mode: ``"L"`` (grayscale) or ``"RGB"`` to convert every image; by default all images must
@@ -89,8 +97,8 @@ class GroupedDataset:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"Image folder {root} does not exist or is not a directory.")
-        if mode is not None and mode not in _MODES:
-            raise DataError(f"mode must be one of {sorted(_MODES)}, got {mode!r}.")
+        if mode is not None and mode not in MODES:
+            raise DataError(f"mode must be one of {sorted(MODES)}, got {mode!r}.")
         group_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         stray = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
         if stray:
@@ -105,14 +113,14 @@ class GroupedDataset:
             )
         arrays, ids, names = [], [], []
         for gid, folder in enumerate(group_dirs):
-            files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files = group_files(folder)
             if not files:
                 raise DataError(f"Group '{folder.name}' ({folder}) has no images. Add images or remove the folder.")
             for path in files:
-                arrays.append((_read_image(path, mode), path))
+                arrays.append((read_image(path, mode), path))
                 ids.append(gid)
             names.append(folder.name)
-        return cls.from_arrays(_stack_images(arrays, root), ids, names)
+        return cls.from_arrays(stack_images(arrays, root), ids, names)
 
     @classmethod
     def from_metadata(cls, root: str | os.PathLike, mode: str | None = None) -> "GroupedDataset":
@@ -135,15 +143,15 @@ class GroupedDataset:
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"Dataset folder {root} does not exist or is not a directory.")
-        if mode is not None and mode not in _MODES:
-            raise DataError(f"mode must be one of {sorted(_MODES)}, got {mode!r}.")
+        if mode is not None and mode not in MODES:
+            raise DataError(f"mode must be one of {sorted(MODES)}, got {mode!r}.")
         metadata = root / METADATA_NAME
         if not metadata.is_file():
             raise DataError(
                 f"{root} has no {METADATA_NAME}. Write one JSON object per line with file_name, text and group "
                 "(e.g. {\"file_name\": \"0001.png\", \"text\": \"a cat, impressionist\", \"group\": \"impressionism\"})."
             )
-        rows = []
+        rows, seen = [], {}
         resolved_root = root.resolve()
         for where, row in read_metadata_rows(metadata):
             path = root / row["file_name"]
@@ -151,16 +159,22 @@ class GroupedDataset:
                 raise DataError(f"{where} names {row['file_name']!r}, which is outside {root}; use paths relative to the folder.")
             if not path.is_file():
                 raise DataError(f"{where} names {row['file_name']!r}, but {path} does not exist. Add the file or remove the row.")
+            if path.resolve() in seen:
+                raise DataError(
+                    f"{where} lists {row['file_name']!r} again ({seen[path.resolve()]} lists it too); an image belongs to "
+                    "one group with one caption: keep one row per image."
+                )
+            seen[path.resolve()] = where
             rows.append((path, row["text"], row["group"]))
         if not rows:
             raise DataError(f"{metadata} has no rows; add one line per image.")
         names = sorted({group for _, _, group in rows})
         if len(names) < 2:
             raise DataError(f"{metadata} names {len(names)} group(s); attribution needs at least 2.")
-        descriptors = _read_descriptors(root / DESCRIPTORS_NAME, names)  # checked before any image is decoded
-        arrays = [(_read_image(path, mode), path) for path, _, _ in rows]
+        descriptors = read_descriptors(root / DESCRIPTORS_NAME, names)  # checked before any image is decoded
+        arrays = [(read_image(path, mode), path) for path, _, _ in rows]
         ids = [names.index(group) for _, _, group in rows]
-        dataset = cls.from_arrays(_stack_images(arrays, root), ids, names, prompts=[text for _, text, _ in rows])
+        dataset = cls.from_arrays(stack_images(arrays, root), ids, names, prompts=[text for _, text, _ in rows])
         dataset.group_descriptors = descriptors
         return dataset
 
@@ -234,100 +248,6 @@ def load_digits() -> GroupedDataset:
     digits = sk_load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0).unsqueeze(1)
     return GroupedDataset(images, torch.from_numpy(digits.target), [str(d) for d in range(10)])
-
-
-def read_metadata_rows(path: str | os.PathLike, fields: Sequence[str] = ("file_name", "text", "group")) -> list[tuple[str, dict]]:
-    """The rows of a ``metadata.jsonl`` file (one JSON object per line; blank lines skipped).
-
-    Args:
-        path: The JSONL file.
-        fields: Keys every row must hold as non-empty strings.
-
-    Returns:
-        ``(where, row)`` pairs; ``where`` (``"<path> line <n>"``) locates the row in error messages.
-
-    Raises:
-        DataError: an unreadable file, a line that is not a JSON object, or a row lacking one of ``fields``.
-    """
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"Cannot read {path}: {exc}. It must be a UTF-8 text file with one JSON object per line.") from exc
-    expected = f"{', '.join(fields[:-1])} and {fields[-1]}" if len(fields) > 1 else fields[0]
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where} is not valid JSON ({exc.msg}); each line must be one JSON object.") from exc
-        if not isinstance(row, dict):
-            raise DataError(f"{where} must be a JSON object with {expected}.")
-        missing = [k for k in fields if not isinstance(row.get(k), str) or not row.get(k).strip()]
-        if missing:
-            raise DataError(f"{where} lacks {', '.join(missing)} (each must be a non-empty string); add it to that row.")
-        rows.append((where, row))
-    return rows
-
-
-def _read_image(path: Path, mode: str | None) -> np.ndarray:
-    """One image as an ``[H, W]`` or ``[H, W, C]`` uint8 array, converted to ``mode`` (or to L/RGB)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise DataError(f"{path} is not an image (extension {path.suffix or 'none'}). Remove it; accepted: {', '.join(sorted(IMAGE_EXTENSIONS))}.")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if mode is not None:
-                img = img.convert(mode)
-            elif img.mode not in _MODES:
-                img = img.convert("RGB" if img.mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
-            return np.asarray(img)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"Cannot read image {path}: {exc}. Remove or replace the file.") from exc
-
-
-def _stack_images(arrays: list[tuple[np.ndarray, Path]], root: Path) -> np.ndarray:
-    """``[N, C, H, W]`` uint8 from images that must share one mode and one size."""
-    if len({a.ndim for a, _ in arrays}) > 1:
-        raise DataError(f"{root} mixes grayscale and colour images. Pass mode='L' or mode='RGB' (CLI: --mode L|RGB) to convert them all.")
-    sizes = Counter(a.shape[:2] for a, _ in arrays)
-    if len(sizes) > 1:
-        (common, _), *_ = sizes.most_common()
-        odd = next(p for a, p in arrays if a.shape[:2] != common)
-        raise DataError(
-            f"Images in {root} have different sizes ({', '.join(f'{w}x{h}' for h, w in sizes)}); e.g. {odd} "
-            f"is not {common[1]}x{common[0]}. Resize them all to one size first."
-        )
-    return np.stack([a if a.ndim == 3 else a[..., None] for a, _ in arrays]).transpose(0, 3, 1, 2).astype(np.uint8)
-
-
-def _read_descriptors(path: Path, names: list[str]) -> dict[str, list[str]] | None:
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"Cannot read {path}: {exc}. It must be a JSON object mapping group names to lists of phrases.") from exc
-    return _check_descriptors(data, names, str(path))
-
-
-def _check_descriptors(data, names: list[str], where: str) -> dict[str, list[str]] | None:
-    if data is None:
-        return None
-    if not isinstance(data, dict):
-        raise DataError(f"{where} must map group names to lists of phrases, e.g. {{\"{names[0]}\": [\"thick strokes\"]}}.")
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise DataError(f"{where} names group(s) {unknown} that the data does not have (groups: {names}); fix or remove them.")
-    for name, phrases in data.items():
-        if not isinstance(phrases, list) or not phrases or not all(isinstance(p, str) and p.strip() for p in phrases):
-            raise DataError(f"{where}: group {name!r} needs a non-empty list of non-empty phrases; got {phrases!r}.")
-    return {name: list(data[name]) for name in names if name in data}
 
 
 def check_pixel_range(images: torch.Tensor, what: str = "Images") -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .data import IMAGE_EXTENSIONS, METADATA_NAME, read_metadata_rows
+from .data_files import IMAGE_EXTENSIONS, METADATA_NAME, read_metadata_rows
 from .errors import ConfigError, DataError, GUDAError
 
 

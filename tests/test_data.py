@@ -315,6 +315,9 @@ def test_metadata_folder_with_prompts_and_descriptors(tmp_path):
         ({"file_name": "images/ink-0.png", "text": "a cat", "group": ""}, "line 10 lacks group"),
         ({"text": "a cat", "group": "ink"}, "line 10 lacks file_name"),
         ({"file_name": "../outside.png", "text": "a cat", "group": "ink"}, "outside"),
+        # the same image again, under another group (or the same one): one row per image
+        ({"file_name": "images/ink-0.png", "text": "a cat", "group": "pastel"}, "line 10 lists 'images/ink-0.png' again.*line 4"),
+        ({"file_name": "./images/ink-0.png", "text": "a house, ink", "group": "ink"}, "lists './images/ink-0.png' again"),
     ],
 )
 def test_bad_metadata_rows_are_refused(tmp_path, row, message):
@@ -339,3 +342,25 @@ def test_malformed_metadata_and_descriptors_are_refused(tmp_path):
     root = write_metadata_folder(tmp_path / "badtype", descriptors={"ink": "black lines"})
     with pytest.raises(DataError, match="non-empty list"):
         GroupedDataset.from_metadata(root)
+
+
+def test_a_byte_order_mark_before_metadata_is_accepted(tmp_path):
+    root = write_metadata_folder(tmp_path / "data")
+    (root / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + (root / "metadata.jsonl").read_bytes())
+    assert len(GroupedDataset.from_metadata(root)) == 9
+
+
+def test_hidden_files_and_folders_in_a_group_are_skipped_nested_ones_belong_to_it(tmp_path):
+    root = _folder(tmp_path / "data", per_group=2)
+    _png(root / "dogs" / ".ipynb_checkpoints" / "img0-checkpoint.png", seed=50)
+    _png(root / "dogs" / ".thumb.png", seed=51)
+    _png(root / "dogs" / "more" / "extra.png", seed=52)
+    data = GroupedDataset.from_image_folder(root)
+    assert data.group_sizes() == [2, 2, 3]
+
+
+def test_a_dangling_link_in_a_group_is_named(tmp_path):
+    root = _folder(tmp_path / "data", per_group=2)
+    (root / "cats" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(DataError, match="gone.png is a link to a file that does not exist"):
+        GroupedDataset.from_image_folder(root)

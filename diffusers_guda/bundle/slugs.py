@@ -6,6 +6,8 @@ import re
 import unicodedata
 
 MAX_SLUG_LENGTH = 64
+# names Windows reserves for devices in any folder: a bundle holding adapters/con/ cannot be copied there
+RESERVED_NAMES = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 
 
 def slugify(name: str, taken: set[str] | None = None) -> str:
@@ -14,7 +16,7 @@ def slugify(name: str, taken: set[str] | None = None) -> str:
     The slug is lowercase ASCII from ``[a-z0-9_-]``, starts and ends with a letter or digit, has at
     most 64 characters and is never empty (``"group"`` stands in for names with nothing usable), so it
     cannot contain path separators or ``..``. For example ``"../x"`` becomes ``"x"`` and ``"a/b"``
-    becomes ``"a-b"``.
+    becomes ``"a-b"``. A name Windows reserves for a device gets a suffix (``"CON"`` becomes ``"con-group"``).
 
     Args:
         name: Any group name.
@@ -26,6 +28,8 @@ def slugify(name: str, taken: set[str] | None = None) -> str:
     """
     text = unicodedata.normalize("NFKD", str(name)).encode("ascii", "ignore").decode().lower()
     slug = re.sub(r"[^a-z0-9_]+", "-", text).strip("-_")[:MAX_SLUG_LENGTH].strip("-_") or "group"
+    if slug in RESERVED_NAMES:
+        slug += "-group"
     if taken is not None:
         base, n = slug, 2
         while slug in taken:

@@ -134,7 +134,8 @@ def load_dataset(args, mode: str | None = None):
         args: The parsed command line.
         mode: PIL mode the ``--data`` images are converted to when ``--mode`` is not given.
     """
-    from ..data import METADATA_NAME, GroupedDataset, load_digits
+    from ..data import GroupedDataset, load_digits
+    from ..data_files import METADATA_NAME
 
     if getattr(args, "benchmark", None):
         named = named_datasets()

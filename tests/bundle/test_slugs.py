@@ -29,3 +29,8 @@ def test_unique_slugs_in_order():
     assert unique_slugs([]) == []
     assert all(len(s) <= MAX_SLUG_LENGTH for s in unique_slugs(["y" * 300] * 12))
     assert adapter_file_for("b-2") == "adapters/b-2/pytorch_lora_weights.safetensors"
+
+
+@pytest.mark.parametrize("name, slug", [("CON", "con-group"), ("nul", "nul-group"), ("com1", "com1-group"), ("console", "console")])
+def test_names_windows_reserves_for_devices_get_a_suffix(name, slug):
+    assert slugify(name) == slug
