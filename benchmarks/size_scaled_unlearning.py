@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
 
     from diffusers_guda import GroupedDataset, GUDADDPMPipeline
-    from diffusers_guda.cli.arguments import parse_options as _options
+    from diffusers_guda.cli.arguments import parse_options
     from diffusers_guda.recipes import Recipe
     from guda_lab.evaluation.benchmarks import get_benchmark
     from guda_lab.evaluation.metrics import group_level_agreement, group_level_comparison, pairwise_agreement, summarize
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     reference = np.asarray(json.loads((out / "scores" / "logo_seed_a.json").read_text())["scores"])
     queries = load_query_images(sorted((out / "queries").glob("*.png")))
     base_steps = args.steps or recipe.unlearning.steps
-    options = _options(args.option)  # parsed as `guda unlearn --option` is; merged into the recipe's options
+    options = parse_options(args.option)  # parsed as `guda unlearn --option` is; merged into the recipe's options
     settings = dict(objective_options=options, steps=base_steps, size_exponent=args.exponent,
                     learning_rate=args.lr or recipe.unlearning.learning_rate)
     config = recipe.unlearning_with(**settings)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,6 @@ from PIL import Image
 
 from diffusers_guda import GroupedDataset, load_digits
 from diffusers_guda.errors import DataError, GUDAError
-
 
 # -- load_digits ---------------------------------------------------------------------------------
 
@@ -271,10 +272,6 @@ def test_errors_are_guda_errors():
 
 def write_metadata_folder(root, rows=None, descriptors=None):
     """``root/images/*.png`` (16x16 RGB) with a metadata.jsonl naming them; optional groups.json."""
-    import json as _json
-
-    from PIL import Image as _Image
-
     (root / "images").mkdir(parents=True)
     rng = np.random.default_rng(0)
     if rows is None:
@@ -286,10 +283,10 @@ def write_metadata_folder(root, rows=None, descriptors=None):
     for row in rows:
         path = root / row.get("file_name", "")
         if row.get("file_name") and path.suffix == ".png" and not path.exists() and "missing" not in row["file_name"]:
-            _Image.fromarray(rng.integers(0, 255, (16, 16, 3)).astype(np.uint8), mode="RGB").save(path)
-    (root / "metadata.jsonl").write_text("\n".join(_json.dumps(r) for r in rows) + "\n")
+            Image.fromarray(rng.integers(0, 255, (16, 16, 3)).astype(np.uint8), mode="RGB").save(path)
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     if descriptors is not None:
-        (root / "groups.json").write_text(_json.dumps(descriptors))
+        (root / "groups.json").write_text(json.dumps(descriptors))
     return root
 
 
@@ -323,7 +320,7 @@ def test_metadata_folder_with_prompts_and_descriptors(tmp_path):
 def test_bad_metadata_rows_are_refused(tmp_path, row, message):
     root = write_metadata_folder(tmp_path / "data")
     with open(root / "metadata.jsonl", "a") as handle:
-        handle.write(__import__("json").dumps(row) + "\n")
+        handle.write(json.dumps(row) + "\n")
     with pytest.raises(DataError, match=message):
         GroupedDataset.from_metadata(root)
 

@@ -27,7 +27,7 @@ def imports(path: Path) -> list[tuple[str, list[str]]]:
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - node.level + 1]
                 module = ".".join([*base, module] if module else base)
-            found.append((module, [alias.name for alias in node.names]))
+            found.append((module, [name for alias in node.names for name in (alias.name, alias.asname) if name]))
     return found
 
 
