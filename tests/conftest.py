@@ -52,6 +52,20 @@ def tiny_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=100, beta_schedule="linear")
 
 
+def with_random_adapters(unet, names=("g0", "g1")):
+    """``unet`` holding a rank-2 LoRA adapter per name whose lora_B is random (seeded by position), adapters disabled."""
+    from diffusers_guda import LoRASettings
+
+    for k, name in enumerate(names):
+        torch.manual_seed(k)
+        unet.add_adapter(LoRASettings(rank=2, alpha=2).to_peft(unet), adapter_name=name)
+        for param_name, param in unet.named_parameters():
+            if f"lora_B.{name}." in param_name:
+                torch.nn.init.normal_(param, std=0.1)
+    unet.disable_adapters()
+    return unet
+
+
 def make_tiny_dataset() -> GroupedDataset:
     """Three groups of 8x8 grayscale images with distinct structure (bars in different places)."""
     generator = torch.Generator().manual_seed(0)

@@ -9,24 +9,13 @@ from diffusers_guda.errors import ConfigError
 from diffusers_guda.hashing import base_state_dict
 from diffusers_guda.merging import MergedAdapterRunner, can_merge
 
+from conftest import with_random_adapters
+
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
 
-def _with_adapters(unet, names=("g0", "g1")):
-    from diffusers_guda import LoRASettings
-
-    for k, name in enumerate(names):
-        torch.manual_seed(k)
-        unet.add_adapter(LoRASettings(rank=2, alpha=2).to_peft(unet), adapter_name=name)
-        for param_name, param in unet.named_parameters():
-            if f"lora_B.{name}." in param_name:
-                torch.nn.init.normal_(param, std=0.1)
-    unet.disable_adapters()
-    return unet
-
-
 def test_merged_runner_shares_and_never_writes_the_base_weights(tiny_unet):
-    _with_adapters(tiny_unet)
+    with_random_adapters(tiny_unet)
     before = {k: v.clone() for k, v in base_state_dict(tiny_unet).items()}
     runner = MergedAdapterRunner(tiny_unet)
     shared = base_state_dict(tiny_unet)
@@ -49,7 +38,7 @@ def test_merged_runner_shares_and_never_writes_the_base_weights(tiny_unet):
 
 
 def test_merged_runner_keeps_merged_weights_within_its_budget(tiny_unet):
-    _with_adapters(tiny_unet)
+    with_random_adapters(tiny_unet)
     keeping, merging = MergedAdapterRunner(tiny_unet), MergedAdapterRunner(tiny_unet, cache_bytes=0)
     x, t = torch.rand(2, 1, 8, 8) * 2 - 1, torch.full((2,), 30)
     with torch.no_grad():
@@ -64,7 +53,7 @@ def test_merged_runner_keeps_merged_weights_within_its_budget(tiny_unet):
 def test_can_merge_needs_plain_lora_layers_of_every_adapter(tiny_unet):
     from peft import LoraConfig
 
-    _with_adapters(tiny_unet)
+    with_random_adapters(tiny_unet)
     assert can_merge(tiny_unet, ["g0", "g1"])
     assert not can_merge(tiny_unet, ["g0", "missing"])  # no layers hold it
     tiny_unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["conv1"], use_dora=True), adapter_name="dora")

@@ -7,8 +7,10 @@ import contextlib
 import torch
 from peft import LoraConfig
 
-from diffusers_guda import AttributionScorer, ELBOConfig, ELBOEstimator, LoRASettings
+from diffusers_guda import AttributionScorer, ELBOConfig, ELBOEstimator
 from diffusers_guda.scoring.strategies import MergedStrategy
+
+from conftest import with_random_adapters
 
 
 def add_adapter(unet, name: str, seed: int | None) -> None:
@@ -24,13 +26,7 @@ def add_adapter(unet, name: str, seed: int | None) -> None:
 
 def scorer_with_adapters(tiny_unet, tiny_scheduler, names=("g0", "g1", "g2"), stride=7) -> AttributionScorer:
     """A scorer of the tiny UNet holding one random adapter per name (adapters left disabled)."""
-    for k, name in enumerate(names):
-        torch.manual_seed(k)
-        tiny_unet.add_adapter(LoRASettings(rank=2, alpha=2).to_peft(tiny_unet), adapter_name=name)
-        for param_name, param in tiny_unet.named_parameters():
-            if f"lora_B.{name}." in param_name:
-                torch.nn.init.normal_(param, std=0.1)
-    tiny_unet.disable_adapters()
+    with_random_adapters(tiny_unet, names)
     return AttributionScorer(tiny_unet, ELBOEstimator(tiny_scheduler, ELBOConfig(stride=stride)), list(names), list(names))
 
 

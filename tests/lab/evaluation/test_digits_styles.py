@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from diffusers_guda import load_digits
-from guda_lab.evaluation.benchmarks import available_benchmarks, benchmark_recipe, load_benchmark
-from guda_lab.evaluation.digits_styles import STYLES, apply_style, digits_styles, slant, thicken_2x2
 from diffusers_guda.recipes import Recipe
 from guda_lab import training_config
+from guda_lab.evaluation.benchmarks import available_benchmarks, benchmark_recipe, load_benchmark
+from guda_lab.evaluation.digits_styles import STYLES, apply_style, digits_styles, slant, thicken_2x2
 from guda_lab.text_model import TextTrainConfig
 
 

@@ -5,44 +5,31 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from baseline_helpers import small_dataset, unchanged, weights
 from conftest import tiny_unet_config
 
-from diffusers_guda import GroupedDataset, GUDAUNet2DModel
+from diffusers_guda import GUDAUNet2DModel
 from diffusers_guda.errors import ConfigError, DataError
 from diffusers_guda.hashing import derive_seed, image_content_hash
 from diffusers_guda.objectives.base import NoiseSchedule
 from guda_lab.evaluation.gradient import GradientConfig, gradient_scores, projected_gradients, projection_blocks
 
-
-def _small_dataset(tiny_dataset: GroupedDataset, per_group: int = 3) -> GroupedDataset:
-    keep = torch.cat([torch.nonzero(tiny_dataset.group_ids == g).flatten()[:per_group] for g in range(3)])
-    return GroupedDataset(tiny_dataset.images[keep], tiny_dataset.group_ids[keep], tiny_dataset.group_names)
-
-
-def _state(unet):
-    return {k: v.detach().clone() for k, v in unet.state_dict().items()}
-
-
-def _same_state(unet, state) -> bool:
-    return all(torch.equal(v, state[k]) for k, v in unet.state_dict().items())
-
-
 FAST_GRAD = dict(projection_dim=32, timesteps=(10, 50, 90))
 
 
 def test_gradient_shape_determinism_and_model_untouched(tiny_unet, tiny_scheduler, tiny_dataset):
-    data = _small_dataset(tiny_dataset)
+    data = small_dataset(tiny_dataset)
     queries = tiny_dataset.images[[3, 27]]
     for p in tiny_unet.parameters():
         p.requires_grad_(False)
     tiny_unet.conv_in.weight.requires_grad_(True)  # a mixed pattern to restore
     tiny_unet.train()  # the baseline runs in eval mode and restores train mode
-    state = _state(tiny_unet)
+    state = weights(tiny_unet)
     config = GradientConfig(**FAST_GRAD)
     first = gradient_scores(tiny_unet, tiny_scheduler, queries, data, config)
     assert first.shape == (2, 3) and first.dtype == torch.float64 and torch.isfinite(first).all()
     assert torch.equal(first, gradient_scores(tiny_unet, tiny_scheduler, queries, data, config))
-    assert _same_state(tiny_unet, state)
+    assert unchanged(tiny_unet, state)
     flags = {n: p.requires_grad for n, p in tiny_unet.named_parameters()}
     assert flags.pop("conv_in.weight") is True and not any(flags.values())
     assert tiny_unet.training and all(p.grad is None for p in tiny_unet.parameters())
@@ -114,7 +101,7 @@ def test_gradient_large_projection_approximates_exact_inner_products(tiny_unet, 
 
 
 def test_gradient_depends_on_seed(tiny_unet, tiny_scheduler, tiny_dataset):
-    data = _small_dataset(tiny_dataset, 2)
+    data = small_dataset(tiny_dataset, 2)
     queries = tiny_dataset.images[:1]
     a = gradient_scores(tiny_unet, tiny_scheduler, queries, data, GradientConfig(**FAST_GRAD, seed=0))
     b = gradient_scores(tiny_unet, tiny_scheduler, queries, data, GradientConfig(**FAST_GRAD, seed=1))

@@ -9,9 +9,9 @@ import torch
 from diffusers import DDPMPipeline
 
 from diffusers_guda import ELBOConfig
-from guda_lab import TrainConfig
 from diffusers_guda.cli import main
 from diffusers_guda.errors import ConfigError
+from guda_lab import TrainConfig
 from guda_lab.evaluation import logo
 from guda_lab.training import TRAIN_LOG_NAME
 

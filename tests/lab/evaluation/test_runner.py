@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import TINY_RECIPE, write_evaluation_recipe, write_group_folder
 
 from diffusers_guda.cli import main
 from diffusers_guda.errors import ConfigError
@@ -17,8 +18,6 @@ from guda_lab.evaluation.metrics import METRIC_NAMES
 from guda_lab.evaluation.report import format_markdown, group_level
 from guda_lab.evaluation.runner import METHODS, Evaluation, run_evaluation
 from guda_lab.queries import load_query_images
-
-from conftest import TINY_RECIPE, write_evaluation_recipe, write_group_folder
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from diffusers_guda.cli import main
+from diffusers_guda.models import is_conditional
+from diffusers_guda.pipelines.text_to_image import GUDATextToImagePipeline
 from guda_lab.evaluation import GradientConfig, InstanceUnlearningConfig
 from guda_lab.evaluation.digits_styles import STYLES, digits_styles
 from guda_lab.evaluation.runner import METHODS, run_evaluation
-from diffusers_guda.models import is_conditional
-from diffusers_guda.pipelines.text_to_image import GUDATextToImagePipeline
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 RECIPE = Path(__file__).resolve().parents[3] / "adapters" / "digits-styles.json"
