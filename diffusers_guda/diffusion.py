@@ -141,10 +141,6 @@ class NoiseSchedule:
             return output
         return epsilon_from_output(self.prediction_type, output, x_t, *self.coefficients(t, x_t.dim(), x_t.device))
 
-    def to_x0(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Read a model output as a clean-sample prediction x̂0 (see :func:`x0_from_output`)."""
-        return x0_from_output(self.prediction_type, output, x_t, *self.coefficients(t, x_t.dim(), x_t.device))
-
 
 def noise_seed(seed: int, image_hash: int, t: int, draw: int) -> int:
     """The seed of the noise of row ``(t, draw)`` of the image with content hash ``image_hash``."""

@@ -22,16 +22,11 @@ import torch
 
 from ..data import check_pixel_range
 from ..errors import ConfigError, DataError
-from ..models import is_conditional
 
 
 def is_latent(pipe) -> bool:
     """Whether the pipeline's UNet works on VAE latents."""
     return getattr(pipe, "vae", None) is not None
-
-
-def pipeline_is_conditional(pipe) -> bool:
-    return is_conditional(pipe.unet)
 
 
 def vae_scale_factor(pipe) -> int:
