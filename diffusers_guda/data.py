@@ -42,6 +42,9 @@ class GroupedDataset:
         group_descriptors: Optional phrases describing each group (group name -> list of phrases),
             e.g. a style's characteristics; the ``anchor`` objective builds its group prototypes from
             them (and from the group's prompts where a group has none).
+        size_conditions: Optional long tensor ``[N, 6]``: each image's original height and width,
+            the top and left of its crop, and its target height and width (SDXL's added time ids,
+            docs/formats.md#training-data). ``None``: every image was used at its own size, uncropped.
     """
 
     images: torch.Tensor
@@ -49,6 +52,7 @@ class GroupedDataset:
     group_names: list[str]
     prompts: list[str] | None = None
     group_descriptors: dict[str, list[str]] | None = None
+    size_conditions: torch.Tensor | None = None
 
     def __post_init__(self):
         self.group_names = [str(n) for n in self.group_names]
@@ -56,6 +60,13 @@ class GroupedDataset:
         if self.prompts is not None:
             self.prompts = list(self.prompts)
         _validate(self.images, self.group_ids, self.group_names, self.prompts)
+        if self.size_conditions is not None:
+            self.size_conditions = torch.as_tensor(self.size_conditions, dtype=torch.long)
+            if self.size_conditions.shape != (len(self.group_ids), 6):
+                raise DataError(
+                    f"size_conditions must have shape [{len(self.group_ids)}, 6] (original h, w, crop top, left, "
+                    f"target h, w per image); got {tuple(self.size_conditions.shape)}."
+                )
         self.group_descriptors = check_descriptors(self.group_descriptors, self.group_names, "group_descriptors")
 
     # -- constructors -------------------------------------------------------------------------
@@ -227,7 +238,8 @@ class GroupedDataset:
         """The same groups and prompts over other images of the same count (e.g. their VAE latents)."""
         if images.shape[0] != len(self):
             raise DataError(f"with_images needs {len(self)} images, got {images.shape[0]}.")
-        return GroupedDataset(images, self.group_ids, list(self.group_names), self.prompts, self.group_descriptors)
+        return GroupedDataset(images, self.group_ids, list(self.group_names), self.prompts, self.group_descriptors,
+                              self.size_conditions)
 
     def without_group(self, group: int) -> "GroupedDataset":
         """The dataset with one group removed (for leave-one-group-out retraining)."""
@@ -238,7 +250,8 @@ class GroupedDataset:
         descriptors = None
         if self.group_descriptors is not None:
             descriptors = {n: list(d) for n, d in self.group_descriptors.items() if n != self.group_names[group]}
-        return GroupedDataset(self.images[keep], remap[self.group_ids[keep]], names, prompts, descriptors or None)
+        sizes = self.size_conditions[keep] if self.size_conditions is not None else None
+        return GroupedDataset(self.images[keep], remap[self.group_ids[keep]], names, prompts, descriptors or None, sizes)
 
 
 def load_digits() -> GroupedDataset:
