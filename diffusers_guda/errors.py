@@ -39,3 +39,7 @@ class OutputError(GUDAError, OSError):
 
 class ScoringError(GUDAError, RuntimeError):
     """Scoring produced values that are not finite (a broken adapter or a base model that overflows)."""
+
+
+class BatchTooLargeError(GUDAError, MemoryError):
+    """A batch does not fit in the device's memory; the message names the settings that make it smaller."""

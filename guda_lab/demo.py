@@ -56,7 +56,7 @@ def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-d
     pipe = GUDADDPMPipeline.from_pretrained(out / "base")
     pipe.set_progress_bar_config(disable=not progress, leave=False)
     t0 = time.perf_counter()
-    bundle = reusable_bundle(out / "bundle", unet_fingerprint(pipe.unet), recipe)
+    bundle = reusable_bundle(out / "bundle", unet_fingerprint(pipe.unet), recipe, pipe.device)
     if bundle is not None:
         log(f"[2/5] adapters: reusing {out / 'bundle'}")
         pipe.load_guda_bundle(bundle)

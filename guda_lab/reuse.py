@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
+
 from diffusers_guda.bundle import MANIFEST_NAME, AdapterBundle
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import BundleError
@@ -25,8 +27,9 @@ def reusable_base(path: Path, train: TrainConfig) -> bool:
     return log.is_file() and json.loads(log.read_text()).get("config") == train.to_dict()
 
 
-def reusable_bundle(path: Path, fingerprint: str, recipe: Recipe) -> AdapterBundle | None:
-    """The bundle at ``path`` if it was unlearned from this base with ``recipe.unlearning``, else ``None``.
+def reusable_bundle(path: Path, fingerprint: str, recipe: Recipe, device: torch.device | str) -> AdapterBundle | None:
+    """The bundle at ``path`` if it was unlearned from this base with ``recipe.unlearning`` as run on
+    ``device`` (where ``"auto"`` settings resolve), else ``None``.
 
     The ELBO settings are not compared: a reused bundle may record other ones than ``recipe.elbo``,
     so its scores are computed with ``elbo_config=recipe.elbo``.
@@ -37,7 +40,7 @@ def reusable_bundle(path: Path, fingerprint: str, recipe: Recipe) -> AdapterBund
         bundle = AdapterBundle.from_pretrained(path, expected_fingerprint=fingerprint)
     except BundleError:
         return None
-    wanted = recipe.unlearning
+    wanted = recipe.unlearning.for_device(device)
     objective = get_objective(wanted.objective, wanted.objective_options)
     same = bundle.objective == {"name": wanted.objective, "config": objective.config.to_dict()} and bundle.lora == wanted.lora.to_dict()
     # a bundle made before a setting existed was made with that setting's default

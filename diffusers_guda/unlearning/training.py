@@ -8,7 +8,7 @@ from typing import Callable, ContextManager, Iterable
 
 import torch
 
-from ..errors import UnlearningDivergedError
+from ..errors import BatchTooLargeError, UnlearningDivergedError
 from ..objectives import UnlearningBatch, UnlearningObjective
 from .config import UnlearningConfig
 
@@ -38,28 +38,54 @@ def optimise(
 
     Raises:
         UnlearningDivergedError: if the loss becomes NaN or infinite.
+        BatchTooLargeError: if a step does not fit in the device's memory.
     """
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     curve = []
     for step in steps:
-        batch = next_batch()
-        with autocast():
-            loss, parts = objective.loss(batch)
-        if not math.isfinite(loss.item()):
-            raise UnlearningDivergedError(
-                f"Unlearning group '{group_name}' diverged at step {step} (loss {loss.item()}). "
-                f"Lower the learning rate (now {config.learning_rate:g}, e.g. --lr {config.learning_rate / 10:g}); "
-                "finished groups are kept."
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
+        try:
+            parts = _step(objective, next_batch(), params, optimizer, config, autocast, step, group_name)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise BatchTooLargeError(out_of_memory_advice(config, group_name, step)) from exc
         curve.append(parts)
         if step % 10 == 0 and hasattr(steps, "set_postfix"):
             steps.set_postfix(forget=f"{parts['forget']:.4f}", preserve=f"{parts['preserve']:.4f}")
     return curve
+
+
+def _step(objective, batch, params, optimizer, config, autocast, step: int, group_name: str) -> dict[str, float]:
+    """One optimiser step on ``batch``; returns the loss parts."""
+    with autocast():
+        loss, parts = objective.loss(batch)
+    if not math.isfinite(loss.item()):
+        raise UnlearningDivergedError(
+            f"Unlearning group '{group_name}' diverged at step {step} (loss {loss.item()}). "
+            f"Lower the learning rate (now {config.learning_rate:g}, e.g. --lr {config.learning_rate / 10:g}); "
+            "finished groups are kept."
+        )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if config.max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    return parts
+
+
+def out_of_memory_advice(config: UnlearningConfig, group_name: str, step: int) -> str:
+    """The message of a step that ran out of device memory: what was asked for and what makes it fit."""
+    fixes = []
+    if config.forget_batch_size + config.retain_batch_size > 2:
+        smaller = max(1, min(config.forget_batch_size, config.retain_batch_size) // 2)
+        fixes.append(f"a smaller batch (batch_size={smaller}, --batch-size {smaller})")
+    if not config.gradient_checkpointing:
+        fixes.append("gradient_checkpointing=True (--gradient-checkpointing)")
+    if config.autocast_dtype is None:
+        fixes.append("autocast_dtype='bfloat16' (--autocast bfloat16)")
+    advice = "; ".join(fixes) if fixes else "a GPU with more memory, or a pipeline loaded with torch_dtype=torch.bfloat16"
+    return (
+        f"Unlearning group '{group_name}' ran out of device memory at step {step} (forget batch {config.forget_batch_size}, "
+        f"retain batch {config.retain_batch_size}); use {advice}. Finished groups are kept."
+    )
 
 
 def run_statistics(

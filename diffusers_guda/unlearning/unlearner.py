@@ -42,9 +42,10 @@ class GroupUnlearner:
     """Trains the per-group adapters on one shared UNet and packs them into an :class:`AdapterBundle`.
 
     Args:
-        unet: The full model's UNet (frozen; a ``UNet2DModel`` gets adapter support added).
+        unet: The full model's UNet (frozen; a ``UNet2DModel`` gets adapter support added), on the
+            device to train on.
         scheduler: Its training scheduler (``alphas_cumprod``, ``prediction_type``).
-        config: Unlearning settings.
+        config: Unlearning settings (``autocast_dtype="auto"`` is resolved for the UNet's device).
         base_model_id: Name recorded in the bundle (a Hub id or a path); default: where the UNet was
             loaded from (the Hub repo, for a UNet from the Hub cache).
         base_model_revision: Revision recorded in the bundle; default: the commit of a UNet loaded
@@ -83,7 +84,7 @@ class GroupUnlearner:
         self.unet.requires_grad_(False)
         self.scheduler = scheduler
         self.schedule = NoiseSchedule(scheduler)
-        self.config = config or UnlearningConfig()
+        self.config = (config or UnlearningConfig()).for_device(next(self.unet.parameters()).device)
         if get_objective(self.config.objective, self.config.objective_options).needs_text and not self.conditional:
             raise ConfigError(
                 f"The {self.config.objective} objective conditions on prompts, but this {type(self.unet).__name__} is "
@@ -168,11 +169,26 @@ class GroupUnlearner:
                 if p.dtype != torch.float32:  # a half-precision base: train the adapter in float32
                     p.data = p.data.float()
                 p.requires_grad_(True)
-            with self.forwards.running(adapter_name):
+            with self.forwards.running(adapter_name), self._gradient_checkpointing():
                 yield params
         finally:
             restore_adapter_state(unet, previous)  # first, so that the adapter is deleted while inactive
             unet.delete_adapters(adapter_name)
+
+    @contextlib.contextmanager
+    def _gradient_checkpointing(self) -> Iterator[None]:
+        """Recompute the UNet's activations in the backward pass during the block, when the settings ask for it."""
+        unet = self.unet
+        if not self.config.gradient_checkpointing or unet.is_gradient_checkpointing:
+            yield
+            return
+        if not getattr(unet, "_supports_gradient_checkpointing", False):
+            raise ConfigError(f"{type(unet).__name__} does not support gradient checkpointing; set gradient_checkpointing=False.")
+        unet.enable_gradient_checkpointing()
+        try:
+            yield
+        finally:
+            unet.disable_gradient_checkpointing()
 
     def _evaluate(self, sets: EvaluationSets, adapter: str | None) -> dict[str, float]:
         with self.forwards.running(adapter):

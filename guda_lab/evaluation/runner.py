@@ -205,7 +205,7 @@ class Evaluation:
         pipe = model_classes(self.conditional)[0].from_pretrained(out / "base")
         pipe.set_progress_bar_config(disable=not self.progress, leave=False)
         fingerprint = unet_fingerprint(pipe.unet)
-        bundle = reusable_bundle(out / "bundle", fingerprint, recipe)
+        bundle = reusable_bundle(out / "bundle", fingerprint, recipe, pipe.device)
         if bundle is not None:
             self.log(f"[4/{STAGES}] adapters: reusing {out / 'bundle'}")
             pipe.load_guda_bundle(bundle)

@@ -27,19 +27,21 @@ def test_a_bundle_is_reused_only_with_the_same_unlearning_settings(tiny_unet, ti
     GroupUnlearner(tiny_unet, tiny_scheduler, config).unlearn(tiny_dataset, groups=[0], progress=False).save_pretrained(path)
     fingerprint = unet_fingerprint(tiny_unet)
 
-    assert reusable_bundle(path, fingerprint, recipe) is not None
-    assert reusable_bundle(path, fingerprint, replace(recipe, unlearning=replace(config, size_exponent=1.0))) is None
-    assert reusable_bundle(path, fingerprint, replace(recipe, unlearning=replace(config, steps=2))) is None
+    assert reusable_bundle(path, fingerprint, recipe, "cpu") is not None
+    assert reusable_bundle(path, fingerprint, replace(recipe, unlearning=replace(config, size_exponent=1.0)), "cpu") is None
+    assert reusable_bundle(path, fingerprint, replace(recipe, unlearning=replace(config, steps=2)), "cpu") is None
 
     # a bundle written before size_exponent existed was made with its default, 0
     manifest = json.loads((path / MANIFEST_NAME).read_text())
     del manifest["training"]["size_exponent"]
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
-    assert reusable_bundle(path, fingerprint, recipe) is not None
-    assert reusable_bundle(path, fingerprint, replace(recipe, unlearning=replace(config, size_exponent=1.0))) is None
+    assert reusable_bundle(path, fingerprint, recipe, "cpu") is not None
+    assert reusable_bundle(path, fingerprint, replace(recipe, unlearning=replace(config, size_exponent=1.0)), "cpu") is None
+    # autocast "auto" is bfloat16 on CUDA: a bundle made on CPU is not what a CUDA run would make
+    assert reusable_bundle(path, fingerprint, recipe, "cuda") is None
     # another base model (fingerprint) or no bundle at all: nothing to reuse
-    assert reusable_bundle(path, "0" * len(fingerprint), recipe) is None
-    assert reusable_bundle(tmp_path / "missing", fingerprint, recipe) is None
+    assert reusable_bundle(path, "0" * len(fingerprint), recipe, "cpu") is None
+    assert reusable_bundle(tmp_path / "missing", fingerprint, recipe, "cpu") is None
 
 
 def test_a_base_is_reused_only_with_the_same_training_config(tiny_recipe, tmp_path):
@@ -69,4 +71,4 @@ def test_unlearn_bundle_records_the_recipe_and_leaves_no_partial_bundle(stock_pi
     assert manifest["elbo"] == recipe.elbo.to_dict() == bundle.elbo
     assert manifest["base_model"]["id"] == str(out / "base")
     assert [g["name"] for g in manifest["groups"]] == tiny_dataset.group_names
-    assert reusable_bundle(out / "bundle", unet_fingerprint(pipe.unet), recipe) is not None
+    assert reusable_bundle(out / "bundle", unet_fingerprint(pipe.unet), recipe, pipe.device) is not None

@@ -293,3 +293,57 @@ def test_a_bundle_loaded_after_unlearning_runs_its_adapters(full_bundle, tiny_un
         unet.set_adapter(names[1])  # the model card's usage
     assert not torch.equal(_output(tiny_unet), base)
     assert torch.equal(_output(tiny_unet), _output(fresh))
+
+
+# -- memory ---------------------------------------------------------------------------------------
+
+
+def test_the_bundle_records_the_autocast_resolved_for_the_device(tiny_unet, tiny_scheduler, tiny_dataset):
+    unlearner = GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=1))
+    assert unlearner.config.autocast_dtype is None  # "auto" on CPU
+    bundle = unlearner.unlearn(tiny_dataset, groups=[0], progress=False)
+    assert bundle.training["autocast_dtype"] is None
+    assert bundle.training["gradient_checkpointing"] is False
+
+
+def test_gradient_checkpointing_trains_the_same_adapter_and_is_switched_off_after(tiny_scheduler, tiny_dataset):
+    from diffusers_guda import GUDAUNet2DModel
+    from conftest import tiny_unet_config
+
+    def run(checkpointing: bool):
+        torch.manual_seed(0)
+        unet = GUDAUNet2DModel(**tiny_unet_config())
+        seen = []
+        for block in unet.down_blocks:  # record whether the blocks checkpoint while training
+            block.register_forward_pre_hook(lambda module, args: seen.append(module.gradient_checkpointing and torch.is_grad_enabled()))
+        bundle = GroupUnlearner(unet, tiny_scheduler, small_config(steps=2, gradient_checkpointing=checkpointing)).unlearn(
+            tiny_dataset, groups=[0], progress=False)
+        return bundle, unet, seen
+
+    plain, _, seen_plain = run(False)
+    checkpointed, unet, seen = run(True)
+    assert any(seen) and not any(seen_plain)
+    assert not unet.is_gradient_checkpointing  # restored after the run
+    slug = plain.slugs[0]
+    for key, value in plain.adapters[slug].items():
+        torch.testing.assert_close(checkpointed.adapters[slug][key], value, rtol=1e-5, atol=1e-6)
+    assert checkpointed.training["gradient_checkpointing"] is True
+
+
+def test_a_step_that_does_not_fit_in_memory_names_the_settings_that_make_it_fit(tiny_unet, tiny_scheduler, tiny_dataset, monkeypatch):
+    from diffusers_guda.errors import BatchTooLargeError
+    from diffusers_guda.objectives.retrack import ReTrack
+
+    def out_of_memory(self, batch):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ReTrack, "loss", out_of_memory)
+    unlearner = GroupUnlearner(tiny_unet, tiny_scheduler, small_config(forget_batch_size=8, retain_batch_size=8))
+    with pytest.raises(BatchTooLargeError) as info:
+        unlearner.unlearn(tiny_dataset, groups=[0], progress=False)
+    message = str(info.value)
+    assert "group 'left'" in message and "step 0" in message and "forget batch 8" in message
+    assert "batch_size=4" in message and "--batch-size 4" in message
+    assert "gradient_checkpointing=True" in message and "--autocast bfloat16" in message
+    assert isinstance(info.value.__cause__, torch.cuda.OutOfMemoryError)
+    assert not has_adapters(tiny_unet)  # the half-trained adapter is removed

@@ -55,3 +55,20 @@ def test_to_dict_is_json_and_round_trips():
 def test_bad_autocast_dtype_is_refused():
     with pytest.raises(ConfigError, match="autocast_dtype"):
         small_config(autocast_dtype="float64")
+
+
+def test_autocast_auto_is_bfloat16_on_cuda_and_none_elsewhere():
+    config = small_config()
+    assert config.autocast_dtype == "auto"
+    assert config.for_device("cuda").autocast_dtype == "bfloat16"
+    assert config.for_device("cuda:1").autocast_dtype == "bfloat16"
+    assert config.for_device("cpu").autocast_dtype is None
+    assert config.for_device("mps").autocast_dtype is None
+    explicit = small_config(autocast_dtype=None)
+    assert explicit.for_device("cuda") is explicit  # an explicit choice is kept
+    assert small_config(autocast_dtype="float16").for_device("cpu").autocast_dtype == "float16"
+
+
+def test_unknown_autocast_dtype_is_refused():
+    with pytest.raises(ConfigError, match="autocast_dtype must be one of"):
+        small_config(autocast_dtype="fp8")
