@@ -1,40 +1,52 @@
-"""GPU check: unlearning-step and ELBO-evaluation cost on a Stable-Diffusion-1.5-sized UNet.
+"""GPU check: unlearning and attribution cost at Stable Diffusion 1.5 and SDXL size, through the library's API.
 
-Builds a ``UNet2DConditionModel`` with SD 1.5's configuration in code (random weights, nothing is
-downloaded: 860 M parameters, 4 x 64 x 64 latents, 77 x 768 text embeddings), attaches a rank-r LoRA
-adapter the way diffusers-guda's unlearning does (:class:`~diffusers_guda.LoRASettings`, default
-targets), and times, CUDA-synchronised, the median of several iterations after warm-up:
+Builds each pipeline from its configuration in code (random weights; nothing is downloaded): SD 1.5's
+860 M-parameter UNet, its VAE and a CLIP ViT-L text encoder (512 x 512 images, 4 x 64 x 64 latents),
+and SDXL's 2.6 B-parameter UNet, its VAE and both text encoders (1024 x 1024 images, 4 x 128 x 128
+latents). The tokenizers are the small offline ones of :mod:`diffusers_guda.testing` padded to 77
+tokens, so the text encoders do their full work. The base weights are held in ``--weights-dtype``
+(bfloat16 by default on CUDA); adapters train in float32 under the recipe's autocast. Measured, per
+model and in this order, each written to ``--out`` the moment it is measured:
 
-* one unlearning step as the ``anchor`` objective takes it: the student (adapter on, with gradients)
-  on a forget batch and a retain batch, the teacher (adapters disabled, no gradients) on both (the
-  anchor target and the distillation target), backward, gradient clipping and an AdamW step;
-* ELBO evaluation (rows/s, one row = one (image, t, noise) UNet evaluation plus the KL term) through
-  :meth:`ELBOEstimator.packed_terms`, the library's scoring path: the base model without LoRA
-  wrappers, the base with wrappers and adapters disabled, one adapter active (``swap``), and the
-  adapter merged into a plain copy (``merged``, :class:`MergedAdapterRunner`); also the bare UNet
-  forward (rows/s) to show the estimator's own overhead.
+* ``unlearning``: ``pipe.unlearn_groups`` of one group with the family's recipe (``sd-styles``,
+  ``sdxl-styles``) at its batch size for ``--steps`` steps: seconds per step, the run's fixed cost
+  (loss evaluations before and after), peak memory, and the projected time of one group with the
+  recipe's full step count;
+* ``elbo_rows_per_s``: scoring throughput at K = 16 groups (one row = one image at one (t, draw) under
+  one model): the bare UNet forward at the same batch and dtype, and the ``merged``, ``swap`` and
+  ``mixed`` strategies through :class:`~diffusers_guda.AttributionScorer`, with the ratio of each to
+  the bare forward; which strategy ``"auto"`` picks for this precision, and whether it is the fastest
+  one measured;
+* ``attribute_one_image``: seconds for ``pipe.attribute`` of one image (VAE and text encoding
+  included) against 16 groups, on the full grid and with adaptive draws.
 
-Needs only torch, diffusers, peft, safetensors and this package importable (``PYTHONPATH=.``).
-Runs in well under 3 minutes on one H100/H200; ``--tiny`` runs a small configuration on CPU::
+Needs torch, diffusers, peft, transformers, safetensors and this package importable (``PYTHONPATH=.``).
+Runs in about 6 minutes on one H100/H200 (an estimate: not yet run on one); ``--tiny`` runs the tiny offline pipelines on CPU::
 
-    PYTHONPATH=. python benchmarks/sd15_gpu_check.py --out sd15_gpu_check.json
-    PYTHONPATH=. python benchmarks/sd15_gpu_check.py --tiny --device cpu --out /tmp/tiny.json
+    PYTHONPATH=. python benchmarks/sd15_gpu_check.py --out gpu_check.json
+    PYTHONPATH=. python benchmarks/sd15_gpu_check.py --tiny --device cpu --threads 2 --out /tmp/tiny.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
 
+from diffusers_guda import AttributionScorer, GroupedDataset, Recipe
 from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
-from diffusers_guda.lora import LoRASettings
-from diffusers_guda.merging import MergedAdapterRunner
+from diffusers_guda.models import unet_call_kwargs
+from diffusers_guda.pipelines import GUDAStableDiffusionPipeline, GUDAStableDiffusionXLPipeline
+from diffusers_guda.pipelines.attribution import model_inputs
+from diffusers_guda.scoring.strategies import resolve_strategy
+from diffusers_guda.testing import tiny_clip_tokenizer, tiny_stable_diffusion, tiny_stable_diffusion_xl
 
 SD15_UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -43,12 +55,26 @@ SD15_UNET = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
 )
-TINY_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), cross_attention_dim=2048,
+    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816, norm_num_groups=32,
 )
-SD_SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+SD_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+)
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+OPENCLIP_BIGG = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                     max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+WORDS = ("a", "photo", "of", "lighthouse", "at", "dusk", "in", "style", "painting", "portrait")
+GROUPS = 16
 
 
 def sync(device: torch.device) -> None:
@@ -70,199 +96,209 @@ def timed(fn, device: torch.device, warmup: int, iters: int) -> list[float]:
     return times
 
 
-def summary(times: list[float]) -> dict:
-    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "iters": len(times)}
-
-
-def peak_memory(device: torch.device) -> float | None:
+def peak_memory_gib(device: torch.device, reset: bool = True) -> float | None:
     if device.type != "cuda":
         return None
     value = torch.cuda.max_memory_allocated(device) / 2**30
-    torch.cuda.reset_peak_memory_stats(device)
+    if reset:
+        torch.cuda.reset_peak_memory_stats(device)
     return round(value, 2)
+
+
+class Results:
+    """The measurements so far, rewritten to ``path`` after each one (a cut-off run keeps what it measured)."""
+
+    def __init__(self, path: str | None, header: dict):
+        self.path, self.data = path, dict(header)
+        self.write()
+
+    def record(self, model: str, key: str, value) -> None:
+        self.data.setdefault(model, {})[key] = value
+        print(f"[{model}] {key}: {json.dumps(value)}", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        if self.path:
+            tmp = Path(f"{self.path}.tmp")
+            tmp.write_text(json.dumps(self.data, indent=2))
+            os.replace(tmp, self.path)
+
+
+def build_pipeline(model: str, tiny: bool, device: torch.device, dtype: torch.dtype):
+    """The GUDA pipeline of ``model`` (``"sd15"`` or ``"sdxl"``) with random weights, on ``device`` in ``dtype``."""
+    if tiny:
+        builder = tiny_stable_diffusion if model == "sd15" else tiny_stable_diffusion_xl
+        cls = GUDAStableDiffusionPipeline if model == "sd15" else GUDAStableDiffusionXLPipeline
+        return builder(words=WORDS, pipeline_class=cls).to(device, dtype)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_clip_tokenizer(WORDS, max_length=77)
+    text = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    with torch.device(device):
+        if model == "sd15":
+            parts = dict(
+                unet=UNet2DConditionModel(**SD15_UNET), vae=AutoencoderKL(**SD_VAE, sample_size=512, scaling_factor=0.18215),
+                text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L, **text)), tokenizer=tokenizer,
+                scheduler=DDPMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
+            pipe = GUDAStableDiffusionPipeline(**parts)
+        else:
+            parts = dict(
+                unet=UNet2DConditionModel(**SDXL_UNET), vae=AutoencoderKL(**SD_VAE, sample_size=1024, scaling_factor=0.13025),
+                text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L, **text)),
+                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG, **text)),
+                tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=EulerDiscreteScheduler(**SD_SCHEDULE),
+            )
+            pipe = GUDAStableDiffusionXLPipeline(**parts)
+    pipe = pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def random_dataset(pipe, per_group: int, generator: torch.Generator) -> GroupedDataset:
+    """``GROUPS`` groups of ``per_group`` random images at the pipeline's resolution, one caption each."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    n = GROUPS * per_group
+    images = torch.rand(n, 3, size, size, generator=generator) * 2 - 1
+    ids = torch.arange(n) // per_group
+    names = [f"style{k:02d}" for k in range(GROUPS)]
+    prompts = [f"a photo of a lighthouse at dusk in style{k:02d}" for k in ids.tolist()]
+    return GroupedDataset(images, ids, names, prompts=prompts)
+
+
+def measure(model: str, args, device: torch.device, results: Results) -> None:
+    dtype = getattr(torch, args.weights_dtype)
+    t0 = time.perf_counter()
+    torch.manual_seed(args.seed)
+    pipe = build_pipeline(model, args.tiny, device, dtype)
+    sync(device)
+    recipe = Recipe.load("sdxl-styles" if model == "sdxl" else "sd-styles")
+    generator = torch.Generator().manual_seed(args.seed)
+    dataset = random_dataset(pipe, per_group=2, generator=generator)
+    results.record(model, "model", {
+        "unet_parameters": sum(p.numel() for p in pipe.unet.parameters()),
+        "image_size": list(dataset.image_shape[1:]),
+        "latent_shape": [pipe.unet.config.in_channels, pipe.unet.config.sample_size, pipe.unet.config.sample_size],
+        "weights_dtype": args.weights_dtype, "recipe": recipe.name, "build_s": round(time.perf_counter() - t0, 1),
+    })
+
+    # -- unlearning one group at the recipe's batch ------------------------------------------------------
+    peak_memory_gib(device)
+    settings = dict(steps=args.steps, eval_images=min(recipe.unlearning.eval_images, 2 * 2), progress=False)
+    pipe.unlearn_groups(dataset, recipe=recipe, groups=[0], **{**settings, "steps": 1})  # warm-up (kernels, allocator)
+    peak_memory_gib(device)
+    start = time.perf_counter()
+    bundle = pipe.unlearn_groups(dataset, recipe=recipe, groups=[0], **settings)
+    sync(device)
+    wall = time.perf_counter() - start
+    stats = bundle.groups[0].stats
+    per_step = stats["wall_s"] / stats["steps"]
+    fixed = wall - stats["wall_s"]
+    config = recipe.unlearning.for_device(device)
+    results.record(model, "unlearning", {
+        "forget_batch": config.forget_batch_size, "retain_batch": config.retain_batch_size, "autocast": config.autocast_dtype,
+        "objective": config.objective, "steps_timed": stats["steps"], "s_per_step": round(per_step, 4),
+        "fixed_s": round(fixed, 2), "peak_memory_gib": peak_memory_gib(device),
+        "recipe_steps": config.steps, "projected_group_s": round(fixed + config.steps * per_step, 1),
+    })
+
+    # -- a bundle of 16 groups (few steps: only its shape matters for the scoring costs) ------------------
+    bundle = pipe.unlearn_groups(dataset, recipe=recipe, steps=1, eval_images=1, eval_draws=1, progress=False)
+    elbo_config = ELBOConfig(**{**bundle.elbo, "stride": args.throughput_stride})  # rows/s do not depend on the grid
+    estimator = ELBOEstimator(DDPMScheduler.from_config(pipe.scheduler.config), elbo_config)
+    queries = dataset.images[::2][: args.queries]  # the first image of each group
+    x0, unet_kwargs, _ = model_inputs(pipe, queries, prompts=dataset.prompts[::2][: args.queries])
+    names = [bundle.adapter_name(s) for s in bundle.slugs]
+    scorer = AttributionScorer(pipe.unet, estimator, names, bundle.group_names)
+    rows = len(queries) * estimator.num_rows * (GROUPS + 1)
+    rates = {}
+
+    # the bare UNet forward: the same batch (rows_per_forward) and dtype, no estimator, no adapters
+    batch = elbo_config.rows_per_forward
+    x_t = torch.randn(batch, *x0.shape[1:], generator=generator).to(device, dtype)
+    t = torch.randint(0, 1000, (batch,), generator=generator).to(device)
+    bare_kwargs = unet_call_kwargs({k: v.expand(batch, *v.shape[1:]) for k, v in unet_kwargs[0].items()}, device, dtype)
+    @torch.no_grad()
+    def bare():
+        pipe.unet.disable_adapters()
+        try:
+            with autocast(device, elbo_config.autocast_dtype):
+                pipe.unet(x_t, t, **bare_kwargs)
+        finally:
+            pipe.unet.enable_adapters()
+
+    times = timed(bare, device, args.warmup, args.iters)
+    rates["bare UNet forward"] = batch / statistics.median(times)
+    for strategy in ("merged", "swap", "mixed"):
+        times = timed(lambda: scorer.score(x0, batch_size=len(queries), unet_kwargs=unet_kwargs, progress=False, strategy=strategy),
+                      device, min(args.warmup, 1), args.iters)
+        rates[strategy] = rows / statistics.median(times)
+    auto = resolve_strategy("auto", pipe.unet, names, estimator)
+    fastest = max(("merged", "swap", "mixed"), key=rates.get)
+    results.record(model, "elbo_rows_per_s", {
+        "groups": GROUPS, "queries": len(queries), "rows_per_forward": batch, "autocast": elbo_config.autocast_dtype,
+        **{name: round(rate, 1) for name, rate in rates.items()},
+        **{f"{name} / bare": round(rates[name] / rates["bare UNet forward"], 3) for name in ("merged", "swap", "mixed")},
+        "auto_picks": auto, "fastest": fastest, "memory_gib": peak_memory_gib(device),
+    })
+
+    # -- attribute one image against the 16 groups ---------------------------------------------------------
+    image, prompt = dataset.images[:1], dataset.prompts[0]
+    attribution = {}
+    for label, adaptive_z in (("full grid", None), ("adaptive", args.adaptive_z)):  # kernels are warm from the throughput runs
+        times = timed(lambda: pipe.attribute(image, prompts=prompt, adaptive_z=adaptive_z, progress=False), device, 0, args.iters)
+        attribution[f"{label} s"] = round(statistics.median(times), 3)
+    result = pipe.attribute(image, prompts=prompt, adaptive_z=args.adaptive_z, progress=False)
+    attribution["grid rows"] = ELBOEstimator(DDPMScheduler.from_config(pipe.scheduler.config), ELBOConfig(**bundle.elbo)).num_rows
+    attribution["adaptive rows used (mean per group)"] = round(statistics.mean(result.metadata["rows_used"][0]), 1)
+    attribution["strategy"] = result.metadata["strategy"]
+    results.record(model, "attribute_one_image", attribution)
+    del pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def autocast(device: torch.device, dtype: str | None):
+    if dtype is None:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=getattr(torch, dtype))
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="A tiny UNet (CPU smoke run) instead of SD 1.5's.")
-    parser.add_argument("--device", default=None, help="Default: cuda if available, else cpu.")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank.")
-    parser.add_argument("--batch", type=int, default=8, help="Forget and retain images per unlearning step (each).")
-    parser.add_argument("--rows-per-forward", type=int, default=64, help="ELBO rows per UNet forward.")
-    parser.add_argument("--forwards", type=int, default=2, help="ELBO forwards per timed evaluation.")
-    parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16", "none"],
-                        help="Autocast dtype (default bfloat16 on CUDA, none on CPU).")
-    parser.add_argument("--weights-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="dtype the frozen base weights are held in (LoRA weights stay float32).")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--tiny", action="store_true", help="the tiny offline pipelines (a CPU smoke run) instead of SD 1.5 and SDXL")
+    parser.add_argument("--models", nargs="+", default=["sd15", "sdxl"], choices=["sd15", "sdxl"])
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--weights-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the frozen base weights (default bfloat16 on CUDA, float32 on CPU); adapters stay float32")
+    parser.add_argument("--steps", type=int, default=10, help="unlearning steps timed per model")
+    parser.add_argument("--queries", type=int, default=2, help="query images of the throughput measurement")
+    parser.add_argument("--throughput-stride", type=int, default=50, help="ELBO grid stride of the throughput measurement")
+    parser.add_argument("--adaptive-z", type=float, default=3.0, help="adaptive_z of the adaptive attribution")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--iters", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=None, help="Write the results as JSON here.")
+    parser.add_argument("--out", default=None, help="JSON file, rewritten after every measurement")
     args = parser.parse_args(argv)
-
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    autocast = args.autocast or ("bfloat16" if device.type == "cuda" else "none")
-    amp_dtype = None if autocast == "none" else getattr(torch, autocast)
+    args.weights_dtype = args.weights_dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    config = TINY_UNET if args.tiny else SD15_UNET
-    text_len, text_dim = (8, config["cross_attention_dim"]) if args.tiny else (77, 768)
-    latent = config["sample_size"]
-
-    t0 = time.perf_counter()
-    torch.manual_seed(args.seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**config)
-    if args.weights_dtype != "float32":
-        unet = unet.to(getattr(torch, args.weights_dtype))
-    unet = unet.eval().requires_grad_(False)
-    build_s = time.perf_counter() - t0
-    params = sum(p.numel() for p in unet.parameters())
-    scheduler = DDPMScheduler(**SD_SCHEDULER)
-    results = {
+    results = Results(args.out, {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "config": "tiny" if args.tiny else "sd15",
-        "unet_parameters": params,
-        "latent_shape": [4, latent, latent],
-        "text_embeddings": [text_len, text_dim],
-        "weights_dtype": args.weights_dtype,
-        "autocast": autocast,
-        "lora_rank": args.rank,
-        "build_s": round(build_s, 2),
-        "args": vars(args),
-    }
-    gen = torch.Generator(device="cpu").manual_seed(args.seed)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(device)
-
-    def amp():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else torch.autocast(device.type, enabled=False)
-
-    # -- ELBO of the plain base (no LoRA wrappers) ---------------------------------------------
-    n_items = args.rows_per_forward * args.forwards
-    n_images = 4
-    estimator = ELBOEstimator(scheduler, ELBOConfig(stride=10, rows_per_forward=args.rows_per_forward, autocast_dtype=None if autocast == "none" else autocast))
-    images = torch.randn(n_images, 4, latent, latent, generator=gen)
-    cond = torch.randn(n_images, text_len, text_dim, generator=gen)
-    image_index = torch.arange(n_items) % n_images
-    rows = torch.arange(n_items) % estimator.num_rows
-    noise = torch.randn(n_items, 4, latent, latent, generator=gen)
-    kwargs = {"encoder_hidden_states": cond}
-
-    def elbo(model):
-        return lambda: estimator.packed_terms(model, images, image_index, rows, noise, kwargs)
-
-    elbo_rows = {}
-    elbo_rows["base (no LoRA wrappers)"] = timed(elbo(unet), device, args.warmup, args.iters)
-    x_raw = rand(args.rows_per_forward, 4, latent, latent).to(unet.dtype)
-    t_raw = torch.randint(0, 1000, (args.rows_per_forward,), generator=gen).to(device)
-    c_raw = rand(args.rows_per_forward, text_len, text_dim).to(unet.dtype)
-
-    @torch.no_grad()
-    def raw_forward():
-        with amp():
-            unet(x_raw, t_raw, encoder_hidden_states=c_raw).sample
-
-    raw = timed(raw_forward, device, args.warmup, args.iters)
-    results["elbo_memory_gib"] = peak_memory(device)
-
-    # -- one LoRA adapter, as unlearning attaches it -------------------------------------------
-    settings = LoRASettings(rank=args.rank, alpha=float(args.rank))
-    torch.manual_seed(args.seed)
-    unet.add_adapter(settings.to_peft(unet), adapter_name="guda_group")
-    lora_params = [p for n, p in unet.named_parameters() if "lora_" in n]
-    with torch.no_grad():  # a trained adapter is not the identity
-        for n, p in unet.named_parameters():
-            if "lora_B" in n:
-                p.copy_(1e-3 * torch.randn(p.shape, generator=gen).to(p))
-    for p in lora_params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    results["lora_parameters"] = sum(p.numel() for p in lora_params)
-    results["lora_targets"] = list(settings.target_modules)
-
-    unet.disable_adapters()
-    elbo_rows["base (LoRA wrappers, adapters disabled)"] = timed(elbo(unet), device, args.warmup, args.iters)
-    unet.enable_adapters()
-    unet.set_adapter("guda_group")
-    elbo_rows["one adapter active (swap)"] = timed(elbo(unet), device, args.warmup, args.iters)
-    runner = MergedAdapterRunner(unet)
-
-    def merged():
-        with runner.merged("guda_group") as plain:
-            estimator.packed_terms(plain, images, image_index, rows, noise, kwargs)
-
-    elbo_rows["adapter merged (merged)"] = timed(merged, device, args.warmup, args.iters)
-    results["elbo_memory_gib_with_adapter"] = peak_memory(device)
-
-    # -- one unlearning step (anchor objective: forget + anchor teacher, retain + distillation) ---
-    for p in lora_params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(lora_params, lr=1e-5, weight_decay=0.0)
-    b = args.batch
-    fx, rx = rand(b, 4, latent, latent), rand(b, 4, latent, latent)
-    fc, ac, rc = (rand(b, text_len, text_dim).to(unet.dtype) for _ in range(3))
-    ft = torch.randint(0, 1000, (b,), generator=gen).to(device)
-    rt = torch.randint(0, 1000, (b,), generator=gen).to(device)
-    unet.train()
-
-    def teacher(x, t, c):
-        unet.disable_adapters()
-        try:
-            with torch.no_grad(), amp():
-                return unet(x.to(unet.dtype), t, encoder_hidden_states=c).sample.float()
-        finally:
-            unet.enable_adapters()
-            unet.set_adapter("guda_group")
-            for p in lora_params:  # set_adapter resets requires_grad of the active adapter only; keep ours
-                p.requires_grad_(True)
-
-    def step():
-        with amp():
-            forget = unet(fx.to(unet.dtype), ft, encoder_hidden_states=fc).sample.float()
-            retain = unet(rx.to(unet.dtype), rt, encoder_hidden_states=rc).sample.float()
-        loss = torch.nn.functional.mse_loss(forget, teacher(fx, ft, ac)) + torch.nn.functional.mse_loss(retain, teacher(rx, rt, rc))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
-        optimizer.step()
-
-    peak_memory(device)
-    step_times = timed(step, device, args.warmup, args.iters)
-    results["unlearning_memory_gib"] = peak_memory(device)
-    unet.eval()
-
-    results["unlearning_step"] = {**summary(step_times), "batch_forget": b, "batch_retain": b,
-                                  "sample_passes_per_step": 4 * b,
-                                  "steps_per_s": 1.0 / statistics.median(step_times)}
-    results["elbo"] = {}
-    for name, times in elbo_rows.items():
-        results["elbo"][name] = {**summary(times), "rows": n_items, "rows_per_s": n_items / statistics.median(times)}
-    results["unet_forward_only"] = {**summary(raw), "rows": args.rows_per_forward,
-                                    "rows_per_s": args.rows_per_forward / statistics.median(raw)}
-    results["total_s"] = round(time.perf_counter() - t0, 1)
-
-    print(f"{results['config']} UNet ({params / 1e6:.1f} M parameters, LoRA rank {args.rank}: "
-          f"{results['lora_parameters'] / 1e6:.2f} M) on {results['device_name']}, weights {args.weights_dtype}, autocast {autocast}")
-    print(f"{'measurement':<44} {'median s':>10} {'rate':>16}")
-    step = results["unlearning_step"]
-    print(f"{'unlearning step (batch ' + str(b) + '+' + str(b) + ')':<44} {step['median_s']:>10.4f} {step['steps_per_s']:>10.2f} step/s")
-    for name, entry in results["elbo"].items():
-        print(f"{'ELBO: ' + name:<44} {entry['median_s']:>10.4f} {entry['rows_per_s']:>10.1f} rows/s")
-    fwd = results["unet_forward_only"]
-    print(f"{'bare UNet forward (no estimator)':<44} {fwd['median_s']:>10.4f} {fwd['rows_per_s']:>10.1f} rows/s")
-    if device.type == "cuda":
-        print(f"peak GPU memory: ELBO {results['elbo_memory_gib']} GiB, with adapter {results['elbo_memory_gib_with_adapter']} GiB, "
-              f"unlearning {results['unlearning_memory_gib']} GiB")
-    print(f"total {results['total_s']} s")
-    if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results, handle, indent=2)
-    return results
+        "torch": torch.__version__, "config": "tiny" if args.tiny else "full", "args": vars(args),
+    })
+    start = time.perf_counter()
+    for model in args.models:
+        measure(model, args, device, results)
+    results.data["total_s"] = round(time.perf_counter() - start, 1)
+    results.write()
+    return results.data
 
 
 if __name__ == "__main__":

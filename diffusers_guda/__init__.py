@@ -23,6 +23,8 @@ from .errors import (
     ScoringError,
     UnlearningDivergedError,
 )
+from .latent_cache import LatentCache
+from .lazy_data import LazyGroupedDataset
 from .lora import LoRASettings
 from .models import GUDAUNet2DModel
 from .objectives import available_objectives, get_objective, register_objective
@@ -43,11 +45,11 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # Stable Diffusion support needs transformers (the `sd` extra): imported on first use
-    if name == "GUDAStableDiffusionPipeline":
-        from .pipelines.stable_diffusion import GUDAStableDiffusionPipeline
+    # Stable Diffusion (and SDXL) support needs transformers (the `sd` extra): imported on first use
+    if name in ("GUDAStableDiffusionPipeline", "GUDAStableDiffusionXLPipeline"):
+        from . import pipelines
 
-        return GUDAStableDiffusionPipeline
+        return getattr(pipelines, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
@@ -66,10 +68,13 @@ __all__ = [
     "GUDAError",
     "GUDAPipelineMixin",
     "GUDAStableDiffusionPipeline",
+    "GUDAStableDiffusionXLPipeline",
     "GUDAUNet2DModel",
     "GroupRecord",
     "GroupUnlearner",
     "GroupedDataset",
+    "LatentCache",
+    "LazyGroupedDataset",
     "LoRASettings",
     "OutputError",
     "Recipe",

@@ -3,6 +3,8 @@
 Four sources: an image folder with one subfolder per group, a text-image folder with a
 ``metadata.jsonl`` (diffusers' training convention, plus a ``group`` field), in-memory arrays, and
 scikit-learn's handwritten digits (shipped inside scikit-learn, so no download) as the embedded default.
+The folders are read by :class:`~diffusers_guda.lazy_data.LazyGroupedDataset`, which also reads
+``datasets`` datasets one image at a time; :meth:`GroupedDataset.from_image_folder` is its ``load()``.
 """
 
 from __future__ import annotations
@@ -10,28 +12,63 @@ from __future__ import annotations
 import os
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from .data_files import (
-    DESCRIPTORS_NAME,
-    METADATA_NAME,
-    MODES,
-    check_descriptors,
-    group_files,
-    read_descriptors,
-    read_image,
-    read_metadata_rows,
-    stack_images,
-)
+from .data_files import check_descriptors
 from .errors import DataError
 
 
+class GroupViews:
+    """What a grouped dataset answers from its ``group_ids``, ``group_names`` and ``prompts`` alone
+    (shared by :class:`GroupedDataset` and :class:`~diffusers_guda.lazy_data.LazyGroupedDataset`)."""
+
+    group_ids: torch.Tensor
+    group_names: list[str]
+    prompts: list[str] | None
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.group_names)
+
+    def group_sizes(self) -> list[int]:
+        return torch.bincount(self.group_ids, minlength=self.num_groups).tolist()
+
+    def forget_indices(self, group: int) -> torch.Tensor:
+        """Indices of the images in ``group``."""
+        return torch.nonzero(self.group_ids == group).flatten()
+
+    def retain_indices(self, group: int) -> torch.Tensor:
+        """Indices of the images in every group but ``group``."""
+        return torch.nonzero(self.group_ids != group).flatten()
+
+    def group_index(self, name_or_id: int | str) -> int:
+        if isinstance(name_or_id, int):
+            if not 0 <= name_or_id < self.num_groups:
+                raise DataError(f"Group id {name_or_id} out of range 0..{self.num_groups - 1}.")
+            return name_or_id
+        if name_or_id not in self.group_names:
+            raise DataError(f"Unknown group {name_or_id!r}; groups are {self.group_names}.")
+        return self.group_names.index(name_or_id)
+
+    def require_prompts(self) -> None:
+        """Refuse a dataset without captions for a text-conditioned model.
+
+        Raises:
+            DataError: naming how to give every image its caption.
+        """
+        if self.prompts is None:
+            raise DataError(
+                "The model is text-conditioned, but the dataset has no prompts. Give every image its caption "
+                "(metadata.jsonl with a 'text' field, a caption column (caption_column=, CLI --caption-column), "
+                "or GroupedDataset(..., prompts=[...]))."
+            )
+
+
 @dataclass
-class GroupedDataset:
+class GroupedDataset(GroupViews):
     """Images split into named groups.
 
     Args:
@@ -44,7 +81,7 @@ class GroupedDataset:
             them (and from the group's prompts where a group has none).
         size_conditions: Optional long tensor ``[N, 6]``: each image's original height and width,
             the top and left of its crop, and its target height and width (SDXL's added time ids,
-            docs/formats.md#training-data). ``None``: every image was used at its own size, uncropped.
+            docs/formats.md#large-datasets). ``None``: every image was used at its own size, uncropped.
     """
 
     images: torch.Tensor
@@ -94,145 +131,57 @@ class GroupedDataset:
         return cls(array.contiguous(), torch.as_tensor(np.asarray(group_ids)), list(group_names), list(prompts) if prompts is not None else None)
 
     @classmethod
-    def from_image_folder(cls, root: str | os.PathLike, mode: str | None = None) -> "GroupedDataset":
+    def from_image_folder(cls, root: str | os.PathLike, mode: str | None = None, resolution: int | None = None) -> "GroupedDataset":
         """Load ``root/<group name>/<image files>``; the subfolder name is the group name.
 
         Every image below a group's subfolder belongs to that group, in nested folders too; hidden
-        files and hidden folders (names starting with ``.``) are skipped.
+        files and hidden folders (names starting with ``.``) are skipped. Every image is held in memory;
+        :class:`~diffusers_guda.lazy_data.LazyGroupedDataset` reads the same folder one image at a time.
 
         Args:
             root: Folder with one subfolder per group.
             mode: ``"L"`` (grayscale) or ``"RGB"`` to convert every image; by default all images must
                 already share one of these modes.
+            resolution: Resize each image's shorter side to this and crop the centre square
+                (docs/formats.md#large-datasets); by default all images must share one size.
         """
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"Image folder {root} does not exist or is not a directory.")
-        if mode is not None and mode not in MODES:
-            raise DataError(f"mode must be one of {sorted(MODES)}, got {mode!r}.")
-        group_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        stray = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
-        if stray:
-            raise DataError(
-                f"{root} holds files outside group subfolders ({', '.join(stray[:3])}). "
-                "Put every image in a subfolder named after its group."
-            )
-        if len(group_dirs) < 2:
-            raise DataError(
-                f"{root} has {len(group_dirs)} group subfolder(s); attribution needs at least 2. "
-                "Make one subfolder per group (its name is the group name)."
-            )
-        arrays, ids, names = [], [], []
-        for gid, folder in enumerate(group_dirs):
-            files = group_files(folder)
-            if not files:
-                raise DataError(f"Group '{folder.name}' ({folder}) has no images. Add images or remove the folder.")
-            for path in files:
-                arrays.append((read_image(path, mode), path))
-                ids.append(gid)
-            names.append(folder.name)
-        return cls.from_arrays(stack_images(arrays, root), ids, names)
+        from .lazy_data import LazyGroupedDataset
+
+        return LazyGroupedDataset.from_image_folder(root, mode=mode, resolution=resolution).load()
 
     @classmethod
-    def from_metadata(cls, root: str | os.PathLike, mode: str | None = None) -> "GroupedDataset":
+    def from_metadata(cls, root: str | os.PathLike, mode: str | None = None, resolution: int | None = None) -> "GroupedDataset":
         """Load a captioned image folder described by ``root/metadata.jsonl`` (text-to-image training data).
 
         Each line of ``metadata.jsonl`` is a JSON object with ``file_name`` (a path relative to
         ``root``), ``text`` (the image's caption, its prompt) and ``group`` (the group's name): the
         diffusers training convention plus a group. An optional ``root/groups.json`` maps group names
         to lists of descriptive phrases (``{"impressionism": ["loose brushwork", "soft light"], ...}``),
-        used for the ``anchor`` objective's group prototypes. Groups are ordered by name.
+        used for the ``anchor`` objective's group prototypes. Groups are ordered by name. Every image is
+        held in memory; :class:`~diffusers_guda.lazy_data.LazyGroupedDataset` reads one at a time.
 
         Args:
             root: The folder holding ``metadata.jsonl`` and the images.
             mode: ``"L"`` or ``"RGB"`` to convert every image; by default all must share one of these.
+            resolution: Resize each image's shorter side to this and crop the centre square
+                (docs/formats.md#large-datasets); by default all images must share one size.
 
         Raises:
             DataError: a missing ``metadata.jsonl``, a malformed row, a row naming a missing file or a
                 file outside ``root``, images of different sizes, or a ``groups.json`` naming unknown groups.
         """
-        root = Path(root)
-        if not root.is_dir():
-            raise DataError(f"Dataset folder {root} does not exist or is not a directory.")
-        if mode is not None and mode not in MODES:
-            raise DataError(f"mode must be one of {sorted(MODES)}, got {mode!r}.")
-        metadata = root / METADATA_NAME
-        if not metadata.is_file():
-            raise DataError(
-                f"{root} has no {METADATA_NAME}. Write one JSON object per line with file_name, text and group "
-                "(e.g. {\"file_name\": \"0001.png\", \"text\": \"a cat, impressionist\", \"group\": \"impressionism\"})."
-            )
-        rows, seen = [], {}
-        resolved_root = root.resolve()
-        for where, row in read_metadata_rows(metadata):
-            path = root / row["file_name"]
-            if Path(row["file_name"]).is_absolute() or not path.resolve().is_relative_to(resolved_root):
-                raise DataError(f"{where} names {row['file_name']!r}, which is outside {root}; use paths relative to the folder.")
-            if not path.is_file():
-                raise DataError(f"{where} names {row['file_name']!r}, but {path} does not exist. Add the file or remove the row.")
-            if path.resolve() in seen:
-                raise DataError(
-                    f"{where} lists {row['file_name']!r} again ({seen[path.resolve()]} lists it too); an image belongs to "
-                    "one group with one caption: keep one row per image."
-                )
-            seen[path.resolve()] = where
-            rows.append((path, row["text"], row["group"]))
-        if not rows:
-            raise DataError(f"{metadata} has no rows; add one line per image.")
-        names = sorted({group for _, _, group in rows})
-        if len(names) < 2:
-            raise DataError(f"{metadata} names {len(names)} group(s); attribution needs at least 2.")
-        descriptors = read_descriptors(root / DESCRIPTORS_NAME, names)  # checked before any image is decoded
-        arrays = [(read_image(path, mode), path) for path, _, _ in rows]
-        ids = [names.index(group) for _, _, group in rows]
-        dataset = cls.from_arrays(stack_images(arrays, root), ids, names, prompts=[text for _, text, _ in rows])
-        dataset.group_descriptors = descriptors
-        return dataset
+        from .lazy_data import LazyGroupedDataset
 
-    # -- views ----------------------------------------------------------------------------------
+        return LazyGroupedDataset.from_metadata(root, mode=mode, resolution=resolution).load()
+
+    # -- views ---------------------------------------------------------------------------------
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
     @property
-    def num_groups(self) -> int:
-        return len(self.group_names)
-
-    @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
-
-    def group_sizes(self) -> list[int]:
-        return torch.bincount(self.group_ids, minlength=self.num_groups).tolist()
-
-    def forget_indices(self, group: int) -> torch.Tensor:
-        """Indices of the images in ``group``."""
-        return torch.nonzero(self.group_ids == group).flatten()
-
-    def retain_indices(self, group: int) -> torch.Tensor:
-        """Indices of the images in every group but ``group``."""
-        return torch.nonzero(self.group_ids != group).flatten()
-
-    def group_index(self, name_or_id: int | str) -> int:
-        if isinstance(name_or_id, int):
-            if not 0 <= name_or_id < self.num_groups:
-                raise DataError(f"Group id {name_or_id} out of range 0..{self.num_groups - 1}.")
-            return name_or_id
-        if name_or_id not in self.group_names:
-            raise DataError(f"Unknown group {name_or_id!r}; groups are {self.group_names}.")
-        return self.group_names.index(name_or_id)
-
-    def require_prompts(self) -> None:
-        """Refuse a dataset without captions for a text-conditioned model.
-
-        Raises:
-            DataError: naming how to give every image its caption.
-        """
-        if self.prompts is None:
-            raise DataError(
-                "The model is text-conditioned, but the dataset has no prompts. Give every image its caption "
-                "(metadata.jsonl with a 'text' field, or GroupedDataset(..., prompts=[...]))."
-            )
 
     def with_images(self, images: torch.Tensor) -> "GroupedDataset":
         """The same groups and prompts over other images of the same count (e.g. their VAE latents)."""
@@ -289,10 +238,19 @@ def _validate(images, group_ids, group_names, prompts) -> None:
         raise DataError("images must be floating point in [-1, 1]; use GroupedDataset.from_arrays for uint8 data.")
     if not torch.isfinite(images).all():
         raise DataError("images contain NaN or infinite values.")
-    if group_ids.shape != (images.shape[0],):
-        raise DataError(f"group_ids must have shape [{images.shape[0]}], got {tuple(group_ids.shape)}.")
+    check_groups(group_ids, group_names, prompts, images.shape[0])
+
+
+def check_groups(group_ids: torch.Tensor, group_names: list[str], prompts: list[str] | None, n: int) -> None:
+    """Refuse group ids, names or prompts that do not describe ``n`` images in at least 2 non-empty, distinct groups.
+
+    Raises:
+        DataError: naming what is wrong.
+    """
+    if group_ids.shape != (n,):
+        raise DataError(f"group_ids must have shape [{n}], got {tuple(group_ids.shape)}.")
     if len(set(group_names)) != len(group_names):
-        dup = [n for n, c in Counter(group_names).items() if c > 1]
+        dup = [name for name, c in Counter(group_names).items() if c > 1]
         raise DataError(f"Group names must be distinct; repeated: {dup}.")
     if len(group_names) < 2:
         raise DataError(f"Attribution needs at least 2 groups; got {len(group_names)}.")
@@ -302,7 +260,7 @@ def _validate(images, group_ids, group_names, prompts) -> None:
     empty = [n for n, c in zip(group_names, counts) if c == 0]
     if empty:
         raise DataError(f"Group(s) {empty} have no images. Remove them from group_names or add images.")
-    if prompts is not None and len(prompts) != images.shape[0]:
-        raise DataError(f"prompts must have one entry per image ({images.shape[0]}), got {len(prompts)}.")
+    if prompts is not None and len(prompts) != n:
+        raise DataError(f"prompts must have one entry per image ({n}), got {len(prompts)}.")
     if prompts is not None and not all(isinstance(p, str) for p in prompts):
         raise DataError("prompts must be strings, one per image.")

@@ -1,11 +1,13 @@
 """Grouped data on disk: image folders, ``metadata.jsonl`` rows and ``groups.json`` descriptors.
 
-What :class:`~diffusers_guda.data.GroupedDataset` reads from disk, and the rules it reads them by
-(see docs/formats.md and the constructors' docstrings).
+What :class:`~diffusers_guda.lazy_data.LazyGroupedDataset` (and through it
+:class:`~diffusers_guda.data.GroupedDataset`) reads from disk, the rules it reads them by, and the one
+image reader every source uses (see docs/formats.md#training-data and the constructors' docstrings).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from collections import Counter
@@ -64,7 +66,7 @@ def group_files(folder: Path) -> list[Path]:
     files and anything inside a hidden folder (e.g. ``.ipynb_checkpoints``).
 
     Raises:
-        DataError: a link that points nowhere.
+        DataError: a link that points nowhere, or a file that is not an image.
     """
     files = []
     for path in sorted(folder.rglob("*")):
@@ -73,30 +75,141 @@ def group_files(folder: Path) -> list[Path]:
         if path.is_symlink() and not path.exists():
             raise DataError(f"{path} is a link to a file that does not exist. Remove the link or restore its target.")
         if path.is_file():
-            files.append(path)
+            files.append(check_image_file(path))
     return files
 
 
-def read_image(path: Path, mode: str | None) -> np.ndarray:
-    """One image as an ``[H, W]`` or ``[H, W, C]`` uint8 array, converted to ``mode`` (or to L/RGB)."""
-    from PIL import Image, UnidentifiedImageError
+def check_mode(mode: str | None) -> None:
+    if mode is not None and mode not in MODES:
+        raise DataError(f"mode must be one of {sorted(MODES)}, got {mode!r}.")
 
+
+def check_image_file(path: Path) -> Path:
+    """``path``, refused unless its extension is an image's."""
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         raise DataError(f"{path} is not an image (extension {path.suffix or 'none'}). Remove it; accepted: {', '.join(sorted(IMAGE_EXTENSIONS))}.")
+    return path
+
+
+def scan_image_folder(root: str | os.PathLike) -> tuple[list[Path], list[int], list[str]]:
+    """The images of ``root/<group name>/...`` (see ``LazyGroupedDataset.from_image_folder``), not decoded.
+
+    Returns:
+        ``(files, group_ids, group_names)``: groups in name order, files in path order within a group.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"Image folder {root} does not exist or is not a directory.")
+    group_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    stray = sorted(p.name for p in root.iterdir() if p.is_file() and not p.name.startswith("."))
+    if stray:
+        raise DataError(
+            f"{root} holds files outside group subfolders ({', '.join(stray[:3])}). "
+            "Put every image in a subfolder named after its group."
+        )
+    if len(group_dirs) < 2:
+        raise DataError(
+            f"{root} has {len(group_dirs)} group subfolder(s); attribution needs at least 2. "
+            "Make one subfolder per group (its name is the group name)."
+        )
+    files, ids = [], []
+    for gid, folder in enumerate(group_dirs):
+        found = group_files(folder)
+        if not found:
+            raise DataError(f"Group '{folder.name}' ({folder}) has no images. Add images or remove the folder.")
+        files.extend(found)
+        ids.extend([gid] * len(found))
+    return files, ids, [folder.name for folder in group_dirs]
+
+
+def scan_metadata(root: str | os.PathLike) -> tuple[list[Path], list[str], list[int], list[str], dict | None]:
+    """The rows of ``root/metadata.jsonl`` and ``root/groups.json`` (see ``LazyGroupedDataset.from_metadata``), not decoded.
+
+    Returns:
+        ``(files, prompts, group_ids, group_names, descriptors)``: groups in name order, rows in file order.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"Dataset folder {root} does not exist or is not a directory.")
+    metadata = root / METADATA_NAME
+    if not metadata.is_file():
+        raise DataError(
+            f"{root} has no {METADATA_NAME}. Write one JSON object per line with file_name, text and group "
+            "(e.g. {\"file_name\": \"0001.png\", \"text\": \"a cat, impressionist\", \"group\": \"impressionism\"})."
+        )
+    rows, seen = [], {}
+    resolved_root = root.resolve()
+    for where, row in read_metadata_rows(metadata):
+        path = root / row["file_name"]
+        if Path(row["file_name"]).is_absolute() or not path.resolve().is_relative_to(resolved_root):
+            raise DataError(f"{where} names {row['file_name']!r}, which is outside {root}; use paths relative to the folder.")
+        if not path.is_file():
+            raise DataError(f"{where} names {row['file_name']!r}, but {path} does not exist. Add the file or remove the row.")
+        if path.resolve() in seen:
+            raise DataError(
+                f"{where} lists {row['file_name']!r} again ({seen[path.resolve()]} lists it too); an image belongs to "
+                "one group with one caption: keep one row per image."
+            )
+        seen[path.resolve()] = where
+        rows.append((check_image_file(path), row["text"], row["group"]))
+    if not rows:
+        raise DataError(f"{metadata} has no rows; add one line per image.")
+    names = sorted({group for _, _, group in rows})
+    if len(names) < 2:
+        raise DataError(f"{metadata} names {len(names)} group(s); attribution needs at least 2.")
+    descriptors = read_descriptors(root / DESCRIPTORS_NAME, names)
+    index = {name: k for k, name in enumerate(names)}
+    return [p for p, _, _ in rows], [t for _, t, _ in rows], [index[g] for _, _, g in rows], names, descriptors
+
+
+def read_image(source: Path | bytes, mode: str | None, resolution: int | None = None, where: str | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Decode one image file (or its bytes), convert it to ``mode`` (or to L/RGB) and optionally resize and crop it.
+
+    With ``resolution``, the shorter side is resized to ``resolution`` (bicubic) and the centre
+    ``resolution x resolution`` square is cut out, as diffusers' training scripts do
+    (docs/formats.md#large-datasets). The same source always gives the same pixels.
+
+    Args:
+        source: A file path or the encoded image's bytes.
+        mode: ``"L"``/``"RGB"``, or ``None`` to keep L and RGB images as they are (others become RGB or L).
+        resolution: Side of the square crop, or ``None`` to keep the size.
+        where: How error messages name the image (default: the path).
+
+    Returns:
+        ``(pixels, size_condition)``: ``[H, W]`` or ``[H, W, C]`` uint8, and ``(original height, original
+        width, crop top, crop left, height, width)``.
+
+    Raises:
+        DataError: naming the image, when it cannot be decoded.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    where = where or str(source)
     try:
-        with Image.open(path) as img:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
             img.load()
             if mode is not None:
                 img = img.convert(mode)
             elif img.mode not in MODES:
                 img = img.convert("RGB" if img.mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
-            return np.asarray(img)
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"Cannot read image {path}: {exc}. Remove or replace the file.") from exc
+            width, height = img.size
+            top = left = 0
+            if resolution is not None:
+                short, long = sorted((width, height))
+                scaled = (resolution, int(resolution * long / short))  # torchvision's Resize(int) sizes
+                size = scaled if width <= height else scaled[::-1]
+                if size != img.size:
+                    img = img.resize(size, Image.Resampling.BICUBIC)
+                top, left = round((size[1] - resolution) / 2), round((size[0] - resolution) / 2)
+                img = img.crop((left, top, left + resolution, top + resolution))
+            array = np.asarray(img)
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
+        raise DataError(f"Cannot read image {where}: {exc}. Remove or replace the file.") from exc
+    return array, (height, width, top, left, *array.shape[:2])
 
 
-def stack_images(arrays: list[tuple[np.ndarray, Path]], root: Path) -> np.ndarray:
-    """``[N, C, H, W]`` uint8 from images that must share one mode and one size."""
+def stack_images(arrays: list[tuple[np.ndarray, Path | str]], root: Path | str) -> np.ndarray:
+    """``[N, C, H, W]`` uint8 from images (with their names) that must share one mode and one size."""
     if len({a.ndim for a, _ in arrays}) > 1:
         raise DataError(f"{root} mixes grayscale and colour images. Pass mode='L' or mode='RGB' (CLI: --mode L|RGB) to convert them all.")
     sizes = Counter(a.shape[:2] for a, _ in arrays)

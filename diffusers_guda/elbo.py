@@ -30,6 +30,7 @@ import torch
 from .diffusion import NoiseSchedule, common_noise, epsilon_from_x0, x0_from_output
 from .errors import ConfigError
 from .hashing import image_content_hash
+from .models import unet_call_kwargs
 
 WEIGHTINGS = ("kl", "simple")
 
@@ -156,8 +157,9 @@ class ELBOEstimator:
             image: One clean sample ``x0`` ``[C, H, W]`` (pixels or latents).
             noise: Its noise from :meth:`noise`, ``[R, C, H, W]``.
             rows: Which rows (default all) the noise belongs to.
-            unet_kwargs: Extra UNet inputs for one image (e.g. ``encoder_hidden_states`` of shape
-                ``[1, L, D]``), broadcast to every row.
+            unet_kwargs: The image's conditioning, a flat dict of ``[1, ...]`` tensors (e.g.
+                ``encoder_hidden_states`` ``[1, L, D]``; see :func:`~diffusers_guda.models.unet_call_kwargs`),
+                broadcast to every row.
             rows_per_forward: Chunk size overriding the config's (used by batched multi-model scoring).
             forward_context: ``(start, stop) -> context manager`` entered around the forward of rows
                 ``start:stop`` (used to select an adapter per row).
@@ -200,7 +202,7 @@ class ELBOEstimator:
             image_index: ``[M]`` image of each item.
             rows: ``[M]`` row (a (t, draw) pair) of each item.
             noise: ``[M, C, H, W]`` each item's noise (from :meth:`noise`).
-            unet_kwargs: Extra UNet inputs with one entry per image along dim 0 (``[N, ...]``).
+            unet_kwargs: The images' conditioning, a flat dict with one entry per image along dim 0 (``[N, ...]``).
             rows_per_forward: Forward size overriding the config's (the same for every call that
                 must give comparable bits).
 
@@ -230,8 +232,7 @@ class ELBOEstimator:
         x_t = a * x0 + s * eps
         if not per_row_kwargs:
             unet_kwargs = {k: v.expand(len(t), *v.shape[1:]) for k, v in (unet_kwargs or {}).items()}
-        # conditioning (e.g. text embeddings) in the UNet's dtype, like its input
-        kwargs = {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in (unet_kwargs or {}).items()}
+        kwargs = unet_call_kwargs(unet_kwargs or None, device, dtype)
         with self._autocast(device):
             output = unet(x_t.to(device, dtype), t.to(device), **kwargs).sample
         output = output.to("cpu", torch.float32)

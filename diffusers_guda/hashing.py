@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 
 import torch
@@ -29,11 +30,20 @@ def image_content_hash(image: torch.Tensor) -> int:
     Returns:
         A non-negative int below ``2**63``.
     """
+    return int.from_bytes(bytes.fromhex(image_content_digest(image))[:8], "little") >> 1
+
+
+def image_content_digest(image: torch.Tensor) -> str:
+    """The SHA-256 (64 hex digits) of one image's float32 values and shape; :func:`image_content_hash` is its first 63 bits.
+
+    Args:
+        image: One image (any shape, any dtype; hashed as float32 on the CPU).
+    """
     image = image.detach().to("cpu", torch.float32).contiguous()
     digest = hashlib.sha256()
     digest.update(struct.pack(f"<{image.dim()}q", *image.shape))
-    digest.update(image.numpy().tobytes())
-    return int.from_bytes(digest.digest()[:8], "little") >> 1
+    digest.update(image.numpy().reshape(-1))  # the buffer itself: no copy of a large image
+    return digest.hexdigest()
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -80,9 +90,32 @@ def unet_fingerprint(model: torch.nn.Module) -> str:
         The 64-digit hex digest.
     """
     digest = hashlib.sha256()
+    _update_with_weights(digest, model)
+    return digest.hexdigest()
+
+
+def _update_with_weights(digest, model: torch.nn.Module) -> None:
     for key, value in sorted(base_state_dict(model).items()):
         digest.update(key.encode())
         digest.update(str(value.dtype).encode())
         digest.update(str(tuple(value.shape)).encode())
         digest.update(_tensor_bytes(value))
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over a model's config and its weights (as :func:`unet_fingerprint`), e.g. a VAE's.
+
+    The config's public entries (not ``_name_or_path``, ``_diffusers_version``...) are hashed as sorted
+    JSON, so the same model loaded from another path has the same fingerprint.
+
+    Args:
+        model: A diffusers model (its ``config``, if any, is included).
+
+    Returns:
+        The 64-digit hex digest.
+    """
+    config = {k: v for k, v in dict(getattr(model, "config", None) or {}).items() if not str(k).startswith("_")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(type(model).__name__.encode())
+    _update_with_weights(digest, model)
     return digest.hexdigest()

@@ -30,6 +30,7 @@ RECIPE_PACKAGE = "diffusers_guda.recipe_data"
 # settings a family gets.
 FAMILY_RECIPES = {
     "StableDiffusionPipeline": "sd-styles",
+    "StableDiffusionXLPipeline": "sdxl-styles",
     "TextToImageDDPMPipeline": "digits-styles",
     "DDPMPipeline": "digits-ddpm",
     "DDIMPipeline": "digits-ddpm",

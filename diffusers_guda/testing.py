@@ -1,9 +1,10 @@
-"""Testing utilities: a tiny Stable Diffusion pipeline built entirely offline, from configs in code.
+"""Testing utilities: tiny Stable Diffusion and SDXL pipelines built entirely offline, from configs in code.
 
-The tests, the examples' ``--tiny`` runs and the lab's text model use it: every
+The tests, the examples' ``--tiny`` runs and the lab's text model use them: every
 component of a real ``StableDiffusionPipeline`` (a ``UNet2DConditionModel``, an ``AutoencoderKL``, a
-``CLIPTextModel`` and a ``CLIPTokenizer``) at a size that runs in milliseconds on one CPU core, with
-nothing downloaded. The tokenizer is a byte-pair encoder whose vocabulary and merges are written
+``CLIPTextModel`` and a ``CLIPTokenizer``), or of a ``StableDiffusionXLPipeline`` (two text encoders,
+the second with a projection, and a UNet that takes SDXL's added conditions), at a size that runs in
+milliseconds on one CPU core, with nothing downloaded. The tokenizer is a byte-pair encoder whose vocabulary and merges are written
 here: every lowercase letter and digit is a token, and each word of ``words`` is one token.
 
 Example:
@@ -18,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import string
 import tempfile
@@ -116,14 +118,10 @@ def tiny_stable_diffusion(
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     tokenizer = tiny_clip_tokenizer(words, max_length=max_length)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)  # one stream for the three models, built in this order
+    with _seeded(seed):  # one stream for the three models, built in this order
         unet = _tiny_unet(image_size, unet_channels, text_dim)
         vae = _tiny_vae(image_size)
         text_encoder = _tiny_text_encoder(len(tokenizer.get_vocab()), text_dim, max_length)
-    finally:
-        torch.random.set_rng_state(generator_state)
     scheduler = DDIMScheduler(
         beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
         set_alpha_to_one=False, steps_offset=1,
@@ -137,13 +135,82 @@ def tiny_stable_diffusion(
     return pipe
 
 
-def _tiny_unet(image_size: int, channels: tuple[int, int], text_dim: int):
+def tiny_stable_diffusion_xl(
+    words: Sequence[str] = DEFAULT_WORDS,
+    *,
+    image_size: int = 16,
+    seed: int = 0,
+    pipeline_class=None,
+    unet_channels: tuple[int, int] = (32, 64),
+    text_dim: int = 32,
+    max_length: int = 16,
+    time_embed_dim: int = 8,
+):
+    """Build a tiny, randomly initialised Stable Diffusion XL pipeline offline.
+
+    As :func:`tiny_stable_diffusion`, with SDXL's conditioning: two CLIP text encoders of width
+    ``text_dim`` (the second a ``CLIPTextModelWithProjection``, whose pooled, projected output is the
+    UNet's ``text_embeds``) and their two tokenizers; the UNet's cross-attention takes both encoders'
+    hidden states concatenated (``2 * text_dim``), and its ``text_time`` embedding takes the pooled
+    embedding and the six time ids (``6 * time_embed_dim + text_dim`` inputs). The scheduler is SDXL's
+    (``EulerDiscreteScheduler``, scaled-linear, 1000 steps, ε-prediction); no watermarker.
+
+    Args:
+        words: Whole-word tokens of both tokenizers (see :func:`write_clip_vocabulary`).
+        image_size: Pixel height and width the pipeline generates by default.
+        seed: Seed of the random weights.
+        pipeline_class: The pipeline class to build (default ``StableDiffusionXLPipeline``; e.g.
+            :class:`~diffusers_guda.GUDAStableDiffusionXLPipeline`).
+        unet_channels: ``block_out_channels`` of the UNet's two blocks.
+        text_dim: Width (and projection size) of each text encoder.
+        max_length: Tokens per prompt.
+        time_embed_dim: The UNet's ``addition_time_embed_dim`` (per time id).
+
+    Returns:
+        The pipeline, on CPU, in float32, with the progress bar disabled.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(words, max_length=max_length), tiny_clip_tokenizer(words, max_length=max_length)
+    vocab = len(tokenizer.get_vocab())
+    with _seeded(seed):
+        unet = _tiny_unet(
+            image_size, unet_channels, 2 * text_dim, addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+            projection_class_embeddings_input_dim=6 * time_embed_dim + text_dim, use_linear_projection=True,
+        )
+        vae = _tiny_vae(image_size)
+        text_encoder = _tiny_text_encoder(vocab, text_dim, max_length)
+        text_encoder_2 = _tiny_text_encoder(vocab, text_dim, max_length, with_projection=True)
+    scheduler = EulerDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, timestep_spacing="leading",
+    )
+    cls = pipeline_class or StableDiffusionXLPipeline
+    pipe = cls(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), text_encoder_2=text_encoder_2.eval(), tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet.eval(), scheduler=scheduler, add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """Seed torch's global generator for the block, and restore its state after."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def _tiny_unet(image_size: int, channels: tuple[int, int], text_dim: int, **extra):
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(
         sample_size=image_size // 2, in_channels=4, out_channels=4, block_out_channels=tuple(channels), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8,
+        cross_attention_dim=text_dim, attention_head_dim=8, norm_num_groups=8, **extra,
     )
 
 
@@ -157,10 +224,10 @@ def _tiny_vae(image_size: int):
     )
 
 
-def _tiny_text_encoder(vocab_size: int, text_dim: int, max_length: int):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _tiny_text_encoder(vocab_size: int, text_dim: int, max_length: int, with_projection: bool = False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    return CLIPTextModel(CLIPTextConfig(
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=max_length, projection_dim=text_dim,
         bos_token_id=0, eos_token_id=1, pad_token_id=1,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,18 @@ from diffusers_guda import GroupedDataset, GUDAUNet2DModel
 
 
 TIMING_KEYS = {"wall_s"}  # wall-clock fields, the only ones allowed to differ between runs
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _latent_cache_in_tmp(tmp_path_factory):
+    # latent caches default to the Hugging Face cache folder: keep the tests' out of the user's
+    previous = os.environ.get("GUDA_LATENT_CACHE")
+    os.environ["GUDA_LATENT_CACHE"] = str(tmp_path_factory.mktemp("latent-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("GUDA_LATENT_CACHE", None)
+    else:
+        os.environ["GUDA_LATENT_CACHE"] = previous
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -246,14 +246,15 @@ def test_unlearn_a_subset_of_groups(workspace, tmp_path):
     out = tmp_path / "subset"
     code, _, err = run(
         "unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", out, "--recipe", workspace["recipe"],
-        "--steps", 1, "--size-exponent", 0.5, "--groups", "right", "left", "--quiet",
+        "--steps", 1, "--size-exponent", 0.5, "--groups", "right", "left", "--gradient-checkpointing", "--autocast", "none", "--quiet",
     )
     assert code == 0, err
     bundle = AdapterBundle.from_pretrained(out)
     assert sorted(bundle.group_names) == ["left", "right"]
     assert bundle.training["size_exponent"] == 0.5
+    assert bundle.training["gradient_checkpointing"] is True and bundle.training["autocast_dtype"] is None
     code, _, err = run("attribute", "--base", workspace["base"], "--bundle", out, "--images", workspace["queries"],
-                       "--out", tmp_path / "r.json", "--stride", 30, "--quiet")
+                       "--out", tmp_path / "r.json", "--stride", 30, "--autocast", "none", "--quiet")
     assert code == 0, err
     assert np.array(json.loads((tmp_path / "r.json").read_text())["scores"]).shape == (2, 2)
 

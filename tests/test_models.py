@@ -1,4 +1,4 @@
-"""Tests of diffusers_guda.models: adapter support for UNet2DModel without copying its weights."""
+"""Tests of diffusers_guda.models: adapter support for UNet2DModel without copying its weights, and conditioning."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.loaders import PeftAdapterMixin
 from peft import LoraConfig
 
-from diffusers_guda.models import GUDAUNet2DModel, with_adapter_support
+from diffusers_guda.models import (
+    GUDAUNet2DModel,
+    bare_unet,
+    map_conditioning,
+    merge_conditioning,
+    unet_call_kwargs,
+    with_adapter_support,
+)
 
 from conftest import tiny_unet_config
 
@@ -80,3 +87,35 @@ def test_adapter_capable_unet_is_returned_unchanged():
 def test_other_modules_raise_type_error(module):
     with pytest.raises(TypeError, match="cannot take LoRA adapters"):
         with_adapter_support(module)
+
+
+def test_conditioning_becomes_the_unets_keyword_arguments():
+    embeds = torch.zeros(2, 3, 4, dtype=torch.float64)
+    assert set(unet_call_kwargs(embeds, torch.device("cpu"), torch.bfloat16)) == {"encoder_hidden_states"}
+    assert unet_call_kwargs(embeds, torch.device("cpu"), torch.bfloat16)["encoder_hidden_states"].dtype == torch.bfloat16
+    sdxl = {"encoder_hidden_states": embeds, "text_embeds": torch.zeros(2, 5), "time_ids": torch.ones(2, 6)}
+    kwargs = unet_call_kwargs(sdxl, torch.device("cpu"), torch.float16)
+    assert sorted(kwargs) == ["added_cond_kwargs", "encoder_hidden_states"]
+    assert sorted(kwargs["added_cond_kwargs"]) == ["text_embeds", "time_ids"]
+    assert all(v.dtype == torch.float16 for v in kwargs["added_cond_kwargs"].values())
+    assert unet_call_kwargs(None, torch.device("cpu"), torch.float32) == {}
+    assert unet_call_kwargs(sdxl)["encoder_hidden_states"] is embeds  # no device or dtype: as it is
+
+
+def test_conditioning_edits_keep_its_form():
+    embeds, other = torch.zeros(2, 3, 4), torch.ones(2, 3, 4)
+    assert merge_conditioning(embeds, other) is other  # plain embeddings replace plain embeddings
+    sdxl = {"encoder_hidden_states": embeds, "time_ids": torch.tensor([[1.0] * 6, [2.0] * 6])}
+    merged = merge_conditioning(sdxl, {"encoder_hidden_states": other})
+    assert merged["encoder_hidden_states"] is other and merged["time_ids"] is sdxl["time_ids"]
+    assert map_conditioning(sdxl, lambda v: v[1:])["time_ids"].tolist() == [[2.0] * 6]
+    assert map_conditioning(embeds, lambda v: v[:1]).shape == (1, 3, 4) and map_conditioning(None, lambda v: v) is None
+
+
+def test_bare_unet_drops_lora_wrappers_and_shares_the_base_weights():
+    unet = GUDAUNet2DModel(**tiny_unet_config())
+    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="a")
+    bare = bare_unet(unet)
+    assert type(bare) is GUDAUNet2DModel and not any("lora" in k or "base_layer" in k for k in bare.state_dict())
+    assert set(bare.state_dict()) == set(GUDAUNet2DModel(**tiny_unet_config()).state_dict())
+    assert bare.conv_in.weight.data_ptr() == unet.conv_in.weight.data_ptr()

@@ -6,17 +6,17 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, StableDiffusionXLPipeline, UNet2DModel
 
 import diffusers_guda
 from diffusers_guda import ConfigError, GUDADDPMPipeline, Recipe, UnlearningConfig, available_recipes, default_recipe
-from diffusers_guda.pipelines import GUDAStableDiffusionPipeline, GUDATextToImagePipeline
+from diffusers_guda.pipelines import GUDAStableDiffusionPipeline, GUDAStableDiffusionXLPipeline, GUDATextToImagePipeline
 
 from conftest import make_tiny_dataset, tiny_unet_config
 
 
 def test_the_shipped_recipes_are_the_package_data():
-    assert available_recipes() == ["digits-ddpm", "digits-styles", "sd-styles"]
+    assert available_recipes() == ["digits-ddpm", "digits-styles", "sd-styles", "sdxl-styles"]
     for name in available_recipes():
         assert Recipe.load(name).name == name
 
@@ -25,6 +25,8 @@ def test_the_shipped_recipes_are_the_package_data():
     "pipeline_class, recipe",
     [
         (GUDAStableDiffusionPipeline, "sd-styles"),
+        (GUDAStableDiffusionXLPipeline, "sdxl-styles"),
+        (StableDiffusionXLPipeline, "sdxl-styles"),
         (GUDATextToImagePipeline, "digits-styles"),
         (GUDADDPMPipeline, "digits-ddpm"),
         (DDPMPipeline, "digits-ddpm"),  # a stock pipeline passed to the functional API

@@ -6,7 +6,9 @@ and check their flags the same way.
 
 from __future__ import annotations
 
+import inspect
 import json
+import re
 from pathlib import Path
 
 from ..errors import ConfigError, GUDAError
@@ -150,6 +152,57 @@ def load_dataset(args, mode: str | None = None):
     return GroupedDataset.from_image_folder(args.data, mode=mode)
 
 
+def add_dataset_options(parser) -> None:
+    """The flags of large training sets: ``datasets`` columns, split and revision, ``--resolution``, ``--latent-cache``."""
+    group = parser.add_argument_group("large datasets (docs/formats.md#large-datasets)")
+    group.add_argument("--image-column", default="image", help="a datasets --data: the image column (default: image)")
+    group.add_argument("--group-column", default="group", help="a datasets --data: the group column, a ClassLabel or strings (default: group)")
+    group.add_argument("--caption-column", help="a datasets --data: the caption column (default: text, when the dataset has it)")
+    group.add_argument("--split", default="train", help="a datasets --data: the split (default: train)")
+    group.add_argument("--data-revision", help="a Hub dataset --data: its revision (branch, tag or commit)")
+    group.add_argument("--resolution", type=int, metavar="N", help="resize each image's shorter side to N and crop the centre N x N square "
+                                                       "(default: keep the sizes, which must then all be equal)")
+    group.add_argument("--latent-cache", metavar="DIR", help="latent bases: where the VAE latents are cached "
+                                                            "(default: $GUDA_LATENT_CACHE, else <HF_HOME>/diffusers_guda/latents)")
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DATA_FILE_SUFFIXES = {".parquet", ".arrow", ".csv", ".json", ".jsonl"}
+
+
+def load_training_data(args, mode: str | None = None):
+    """The training set of ``--data``/``--benchmark``, read one image at a time where it comes from files.
+
+    A folder with ``metadata.jsonl`` or one subfolder per group, a ``datasets`` folder (``save_to_disk``
+    output, or data files such as parquet) or a Hub dataset id (``owner/name``) gives a
+    :class:`~diffusers_guda.lazy_data.LazyGroupedDataset`; ``digits`` and ``--benchmark`` an in-memory dataset.
+
+    Args:
+        args: The parsed command line (with :func:`add_data` and :func:`add_dataset_options`).
+        mode: PIL mode the images are converted to when ``--mode`` is not given.
+    """
+    from ..data_files import METADATA_NAME
+    from ..hf_data import SAVED_MARKERS, open_hf_dataset
+    from ..lazy_data import LazyGroupedDataset
+
+    require_positive(resolution=args.resolution)
+    if getattr(args, "benchmark", None) or args.data in (None, "digits"):
+        if args.resolution is not None:
+            raise ConfigError("--resolution applies to image folders and datasets given with --data; drop it.")
+        return load_dataset(args, mode)
+    mode, path = args.mode or mode, Path(args.data)
+    if (path / METADATA_NAME).is_file():
+        return LazyGroupedDataset.from_metadata(path, mode=mode, resolution=args.resolution)
+    files = [p for folder in (path, path / "data") if folder.is_dir() for p in folder.iterdir() if p.is_file()]
+    datasets_folder = any(p.name in SAVED_MARKERS or p.suffix.lower() in DATA_FILE_SUFFIXES for p in files)
+    if not datasets_folder and (path.exists() or not HUB_ID.match(args.data)):
+        return LazyGroupedDataset.from_image_folder(path, mode=mode, resolution=args.resolution)
+    data = open_hf_dataset(args.data, split=args.split, revision=args.data_revision)
+    caption = args.caption_column or ("text" if "text" in data.column_names else None)
+    return LazyGroupedDataset.from_hf_dataset(data, image_column=args.image_column, group_column=args.group_column, caption_column=caption,
+                                              mode=mode, resolution=args.resolution, name=repr(args.data))
+
+
 def parse_options(pairs: list[str] | None, flag: str = "--option") -> dict:
     """``KEY=VALUE`` pairs as a dict, each value read as JSON when it is JSON (``5``, ``true``, ``[1,2]``), else as text."""
     options = {}
@@ -169,8 +222,9 @@ def add_dtype(parser) -> None:
                         help="dtype of the base weights (default float32). Adapters train in float32 either way; in half precision "
                              "scoring keeps the LoRA branch unmerged (slower), and a bundle only loads into a base in the dtype "
                              "it was made with")
-    parser.add_argument("--autocast", choices=["bfloat16", "float16"],
-                        help="run the UNet's forwards under this autocast dtype (faster on a GPU; scoring then keeps the LoRA branch unmerged)")
+    parser.add_argument("--autocast", choices=["bfloat16", "float16", "none"],
+                        help="run the UNet's forwards under this autocast dtype (faster on a GPU; scoring then keeps the LoRA branch "
+                             "unmerged); unlearning on CUDA uses bfloat16 unless the recipe or 'none' says otherwise")
 
 
 def load_base(spec: str, dtype: str = "float32"):
@@ -183,5 +237,5 @@ def load_base(spec: str, dtype: str = "float32"):
 
 
 def image_mode(pipeline_class: type | None) -> str | None:
-    """The PIL mode images are converted to for a base of this GUDA pipeline class: RGB for Stable Diffusion's VAE, else their own."""
-    return "RGB" if pipeline_class is not None and pipeline_class.__name__ == "GUDAStableDiffusionPipeline" else None
+    """The PIL mode images are converted to for a base of this GUDA pipeline class: RGB for a latent pipeline's VAE, else their own."""
+    return "RGB" if pipeline_class is not None and "vae" in inspect.signature(pipeline_class.__init__).parameters else None

@@ -72,9 +72,10 @@ def run(args) -> None:
     images = to_model_images([q.convert(mode) for q in queries] if mode else queries)
     elbo = None
     flags = {"stride": args.stride, "num_draws": args.draws, "seed": args.elbo_seed, "autocast_dtype": args.autocast}
-    if any(v is not None for v in flags.values()):
+    overrides = {k: None if v == "none" else v for k, v in flags.items() if v is not None}  # --autocast none: full precision
+    if overrides:
         recorded = ELBOConfig(**bundle.elbo) if bundle.elbo else ELBOConfig()
-        elbo = replace(recorded, **{k: v for k, v in flags.items() if v is not None})
+        elbo = replace(recorded, **overrides)
     result = pipe.attribute(images, prompts=prompts, batch_size=args.batch_size, elbo_config=elbo, strategy=args.strategy,
                             adaptive_z=args.adaptive_z, progress=not args.quiet, process=process)
     if not process.is_main:  # every process holds the whole result; the main one reports it

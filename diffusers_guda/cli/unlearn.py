@@ -9,27 +9,31 @@ from ..errors import GUDAError
 from .arguments import (
     add_common,
     add_data,
+    add_dataset_options,
     add_dtype,
     add_recipe,
     check_output_dir,
     image_mode,
     launched_process,
     load_base,
-    load_dataset,
+    load_training_data,
     parse_options,
 )
 
 # flag -> unlearn_groups setting
 _SETTINGS = {"steps": "steps", "size_exponent": "size_exponent", "lr": "learning_rate", "seed": "seed", "autocast": "autocast_dtype",
-             "batch_size": "batch_size", "rank": "lora_rank", "alpha": "lora_alpha", "objective": "objective"}
+             "batch_size": "batch_size", "gradient_checkpointing": "gradient_checkpointing", "rank": "lora_rank", "alpha": "lora_alpha",
+             "objective": "objective"}
 
 
 def register(subparsers) -> None:
     p = add_common(subparsers.add_parser("unlearn", help="train one unlearning LoRA adapter per group into a bundle"))
     p.add_argument("--base", required=True, help="base pipeline directory or Hub id")
     p.add_argument("--base-id", help="name recorded for the base model in the bundle (default: --base)")
-    add_data(p, help="the training set of the base model ('digits', an image folder with one subfolder per group, or a folder "
-                     "of captioned images with metadata.jsonl (file_name, text, group) for a text-conditioned base)")
+    add_data(p, help="the training set of the base model ('digits', an image folder with one subfolder per group, a folder "
+                     "of captioned images with metadata.jsonl (file_name, text, group) for a text-conditioned base, a datasets "
+                     "folder (save_to_disk, parquet) or a Hub dataset id")
+    add_dataset_options(p)
     p.add_argument("--out", required=True, help="bundle directory to write (a killed run resumes from <out>-partial)")
     add_recipe(p, default=None, help="recipe name in adapters/ or a JSON path (default: the recipe of the base's family: sd-styles "
                                      "for Stable Diffusion, digits-styles for a TextToImageDDPMPipeline, else digits-ddpm)")
@@ -41,6 +45,8 @@ def register(subparsers) -> None:
     p.add_argument("--size-exponent", type=float, help="scale each group's steps as (group size / mean size) ** this (0: the same for all)")
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--batch-size", type=int, help="forget and retain images per step (each)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute the UNet's activations in the backward pass: much less memory, about a third slower")
     p.add_argument("--rank", type=int, help="LoRA rank")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
     p.add_argument("--seed", type=int, help="base seed (each group's seed derives from it)")
@@ -57,17 +63,19 @@ def run(args) -> None:
     except GUDAError:  # loading the base reports it, after the cheaper checks of the other flags
         pipeline_class = None
     settings = {setting: getattr(args, flag) for flag, setting in _SETTINGS.items() if getattr(args, flag) is not None}
+    if settings.get("autocast_dtype") == "none":  # full precision, also on CUDA
+        settings["autocast_dtype"] = None
     settings["objective_options"] = parse_options(args.option)
     recipe = Recipe.load(args.recipe or DEFAULT_RECIPE) if args.recipe or pipeline_class is None else default_recipe(pipeline_class)
     recipe.unlearning_with(**settings)  # refuse bad settings before any data or weights are read
-    dataset = load_dataset(args, mode=image_mode(pipeline_class))
+    dataset = load_training_data(args, mode=image_mode(pipeline_class))
     out = Path(args.out)
     partial = out.parent / f".{out.name}-partial"
     process = launched_process()
     pipe = load_base(args.base, args.dtype).to(process.device)
     # each process unlearns its share of the groups into the shared checkpoint; all get the whole bundle
     bundle = pipe.unlearn_groups(dataset, recipe=recipe, groups=args.groups, checkpoint_dir=partial, base_model_id=args.base_id or args.base,
-                                 progress=not args.quiet, process=process, **settings)
+                                 progress=not args.quiet, process=process, latent_cache=args.latent_cache, **settings)
     if process.is_main:
         bundle.save_pretrained(out)
         shutil.rmtree(partial, ignore_errors=True)

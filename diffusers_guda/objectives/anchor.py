@@ -17,8 +17,9 @@ Anchor prompts:
 * ``style_removed``: the forget prompt with the forget group's descriptors removed.
 
 A group's descriptors are its phrases in ``groups.json`` (``GroupedDataset.group_descriptors``), or
-its name when it has none. Text embeddings for the similarities are the conditioning embeddings
-(the pipeline's own text encoder) averaged over token positions.
+its name when it has none. Text embeddings for the similarities are the pipeline's own: the pooled
+text embedding where the UNet takes one (SDXL), else the conditioning embeddings averaged over token
+positions. Anchor prompts are encoded the same way; each forget image keeps its own SDXL time ids.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch
 
 from ..diffusion import NoiseSchedule
 from ..errors import ConfigError, DataError
+from ..models import conditioning_dict
 from .base import ObjectiveConfig, UnlearningBatch, UnlearningObjective, register_objective
 
 STRATEGIES = ("awss", "uniform", "style_removed")
@@ -137,8 +139,11 @@ class Anchor(UnlearningObjective):
 
     @staticmethod
     def _embed(encode, prompts: list[str]) -> torch.Tensor:
-        """L2-normalised text embeddings ``[B, D]``: conditioning embeddings averaged over tokens."""
-        return torch.nn.functional.normalize(encode(prompts).to(torch.float32).mean(dim=1), dim=-1)
+        """L2-normalised text embeddings ``[B, D]``: the pooled embedding (SDXL), else the token mean."""
+        cond = conditioning_dict(encode(prompts))
+        pooled = cond.get("text_embeds")
+        vectors = pooled.to(torch.float32) if pooled is not None else cond["encoder_hidden_states"].to(torch.float32).mean(dim=1)
+        return torch.nn.functional.normalize(vectors, dim=-1)
 
     def prototypes(self, encode) -> torch.Tensor:
         """``[K, D]`` normalised group prototypes (descriptors, else up to ``prototype_prompts`` prompts)."""
@@ -184,7 +189,7 @@ class Anchor(UnlearningObjective):
         if batch.encode_prompts is None or batch.forget_prompts is None or batch.forget_cond is None:
             raise ConfigError("The anchor objective needs a text-conditioned UNet and prompts (use it through pipe.unlearn_groups).")
         anchors = self.anchor_prompts(batch.forget_prompts, batch.encode_prompts, batch.generator)
-        anchor_cond = batch.encode_prompts(anchors).to(batch.forget_cond.device)
+        anchor_cond = batch.prompt_cond(anchors, batch.forget_cond)
         x_t = batch.schedule.add_noise(batch.forget_x0, batch.forget_noise, batch.forget_t)
         target = batch.teach(x_t, batch.forget_t, anchor_cond).float()
         output = batch.predict(x_t, batch.forget_t, batch.forget_cond).float()

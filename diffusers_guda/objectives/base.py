@@ -14,6 +14,7 @@ import torch
 
 from ..diffusion import NoiseSchedule
 from ..errors import ConfigError
+from ..models import Conditioning, conditioning_dict, map_conditioning, merge_conditioning
 
 PRESERVE_MODES = ("mse", "distill")
 
@@ -24,13 +25,15 @@ class UnlearningBatch:
 
     ``model`` runs the UNet with the group's adapter active (with gradients); ``teacher`` runs the
     same UNet with adapters disabled and without gradients. Both take ``(x_t, t)`` and return the raw
-    model output; for a text-conditioned UNet they take ``(x_t, t, cond)`` with ``cond`` the text
-    embeddings ``[B, L, D]``. Objectives call them through :meth:`predict` and :meth:`teach`, which
-    pass ``cond`` only when there is one.
+    model output; for a text-conditioned UNet they take ``(x_t, t, cond)`` with ``cond`` the
+    conditioning: the text embeddings ``[B, L, D]``, or a flat dict of batch-first tensors such as
+    SDXL's (see :mod:`diffusers_guda.models`). Objectives call them through :meth:`predict` and
+    :meth:`teach`, which pass ``cond`` only when there is one.
 
-    For text-conditioned models, ``forget_cond``/``retain_cond`` hold the embeddings of each image's
-    own prompt, ``forget_prompts``/``retain_prompts`` the prompts, and ``encode_prompts`` maps a list
-    of prompts to embeddings (for objectives that condition on other prompts, e.g. ``anchor``).
+    For text-conditioned models, ``forget_cond``/``retain_cond`` hold the conditioning of each image
+    (its own prompt, and SDXL's time ids), ``forget_prompts``/``retain_prompts`` the prompts, and
+    ``encode_prompts`` maps a list of prompts to their conditioning; objectives that condition on
+    other prompts (e.g. ``anchor``) use :meth:`prompt_cond`.
     ``dataset`` is the grouped (latent) training set the batch was drawn from.
     """
 
@@ -46,18 +49,31 @@ class UnlearningBatch:
     teacher: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     schedule: NoiseSchedule
     generator: torch.Generator
-    forget_cond: torch.Tensor | None = None
-    retain_cond: torch.Tensor | None = None
+    forget_cond: Conditioning | None = None
+    retain_cond: Conditioning | None = None
     forget_prompts: list[str] | None = None
     retain_prompts: list[str] | None = None
-    encode_prompts: Callable[[list[str]], torch.Tensor] | None = None
+    encode_prompts: Callable[[list[str]], Conditioning] | None = None
     group: int | None = None
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def prompt_cond(self, prompts: list[str], images: Conditioning) -> Conditioning:
+        """The conditioning of ``images`` (e.g. ``forget_cond``) with other ``prompts``.
+
+        Args:
+            prompts: One prompt per image, or one for all.
+            images: The images' own conditioning; what does not come from the prompt (SDXL's time
+                ids) is kept.
+        """
+        first = next(iter(conditioning_dict(images).values()))
+        n, device = first.shape[0], first.device
+        cond = map_conditioning(self.encode_prompts(prompts), lambda v: v.to(device).expand(n, *v.shape[1:]))
+        return merge_conditioning(images, cond)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
         """The student's (adapter on) raw output, conditioned on ``cond`` when given."""
         return self.model(x_t, t) if cond is None else self.model(x_t, t, cond)
 
-    def teach(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+    def teach(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
         """The teacher's (adapters off, no gradients) raw output, conditioned on ``cond`` when given."""
         return self.teacher(x_t, t) if cond is None else self.teacher(x_t, t, cond)
 

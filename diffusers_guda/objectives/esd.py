@@ -48,7 +48,7 @@ class ESD(UnlearningObjective):
         if batch.encode_prompts is None or batch.forget_cond is None:
             raise ConfigError("The esd objective needs a text-conditioned UNet and prompts (use it through pipe.unlearn_groups).")
         x_t = batch.schedule.add_noise(batch.forget_x0, batch.forget_noise, batch.forget_t)
-        empty = batch.encode_prompts([""]).to(batch.forget_cond.device).expand_as(batch.forget_cond)
+        empty = batch.prompt_cond([""], batch.forget_cond)
         cond = batch.teach(x_t, batch.forget_t, batch.forget_cond).float()
         uncond = batch.teach(x_t, batch.forget_t, empty).float()
         target = uncond - self.config.guidance_weight * (cond - uncond)

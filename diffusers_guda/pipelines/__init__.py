@@ -1,17 +1,20 @@
 """Pipelines with group attribution.
 
-``GUDAStableDiffusionPipeline`` and the pixel-space text-to-image pipelines are imported on first use:
-they need ``transformers`` (the ``sd`` extra), which the unconditional pipelines do not.
+``GUDAStableDiffusionPipeline``, ``GUDAStableDiffusionXLPipeline`` and the pixel-space text-to-image
+pipelines are imported on first use: they need ``transformers`` (the ``sd`` extra), which the
+unconditional pipelines do not.
 """
 
 from .attribution import attribute, load_guda_bundle, model_inputs, to_model_images, unlearn_groups, unload_guda_bundle
-from .auto import GUDAAutoPipeline, pipeline_class_for, read_model_index
+from .auto import GUDAAutoPipeline, pipeline_class_for, pipeline_family, read_model_index
 from .ddpm import GUDADDPMPipeline
 from .mixin import GUDAPipelineMixin
 
 _LAZY = {
     "GUDAStableDiffusionPipeline": "stable_diffusion",
     "GUDAStableDiffusionOutput": "stable_diffusion",
+    "GUDAStableDiffusionXLPipeline": "stable_diffusion_xl",
+    "GUDAStableDiffusionXLOutput": "stable_diffusion_xl",
     "GUDATextToImagePipeline": "text_to_image",
     "TextToImageDDPMPipeline": "text_to_image",
 }
@@ -31,12 +34,15 @@ __all__ = [
     "GUDAPipelineMixin",
     "GUDAStableDiffusionOutput",
     "GUDAStableDiffusionPipeline",
+    "GUDAStableDiffusionXLOutput",
+    "GUDAStableDiffusionXLPipeline",
     "GUDATextToImagePipeline",
     "TextToImageDDPMPipeline",
     "attribute",
     "load_guda_bundle",
     "model_inputs",
     "pipeline_class_for",
+    "pipeline_family",
     "read_model_index",
     "to_model_images",
     "unlearn_groups",

@@ -22,12 +22,15 @@ from ..bundle import AdapterBundle
 from ..data import GroupedDataset, check_pixel_range
 from ..distributed import ProcessInfo
 from ..elbo import ELBOConfig, ELBOEstimator
-from ..errors import ConfigError, DataError, ScoringError
-from ..models import is_conditional, with_adapter_support
+from ..errors import BaseModelMismatchError, ConfigError, DataError, ScoringError
+from ..models import conditioning_dict, is_conditional, takes_text_time, with_adapter_support
 from ..recipes import Recipe, default_recipe
 from ..scoring import AttributionResult, AttributionScorer
 from ..unlearning import GroupUnlearner, UnlearningConfig
-from .conditioning import check_pixel_images, encode_latents, is_latent, prompt_encoder, prompt_list
+from .auto import family_pipeline, pipeline_family
+from .conditioning import (
+    check_pixel_images, check_size_conditions, encode_latents, is_latent, per_image, prompt_encoder, prompt_list,
+)
 
 
 def _ensure_adapter_unet(pipe) -> None:
@@ -61,7 +64,8 @@ def load_guda_bundle(
     """Load an adapter bundle (object, local directory or Hub repo id) into ``pipe.unet``.
 
     Raises:
-        BaseModelMismatchError: if the bundle was made for another base model.
+        BaseModelMismatchError: if the bundle was made for another base model, or for a pipeline of
+            another family (e.g. an SDXL bundle and a Stable Diffusion 1.5 pipeline).
     """
     _ensure_adapter_unet(pipe)
     if not isinstance(bundle, AdapterBundle):
@@ -73,6 +77,13 @@ def load_guda_bundle(
         raise ConfigError(
             f"This bundle was made for {kind} UNet ({bundle.base_model.get('id')!r}), but this {type(pipe).__name__}'s "
             "UNet is not one; load it into the pipeline of the base model it was made for."
+        )
+    made_for = bundle.base_model.get("family") or pipeline_family(bundle.base_model.get("pipeline_class") or "")
+    family = pipeline_family(pipe)
+    if made_for is not None and family is not None and made_for != family:
+        raise BaseModelMismatchError(
+            f"This bundle was made for a {made_for} pipeline ({bundle.base_model.get('id')!r}), but this {type(pipe).__name__} "
+            f"is a {family} pipeline; load the bundle into a {family_pipeline(made_for)} of the base model it was made for."
         )
     unload_guda_bundle(pipe)  # a pipeline holds one bundle: a new one replaces it
     bundle.load_into(pipe.unet)
@@ -95,7 +106,7 @@ def unload_guda_bundle(pipe) -> None:
 
 def unlearn_groups(
     pipe,
-    dataset: GroupedDataset,
+    dataset,
     *,
     recipe: str | Recipe | None = None,
     config: UnlearningConfig | None = None,
@@ -105,6 +116,7 @@ def unlearn_groups(
     base_model_id: str | None = None,
     progress: bool = True,
     process: ProcessInfo | None = None,
+    latent_cache=None,
     **settings,
 ) -> AdapterBundle:
     """Train one unlearning adapter per group and load the resulting bundle into the pipeline.
@@ -119,6 +131,7 @@ def unlearn_groups(
         pipe: The full model's pipeline.
         dataset: The grouped training set the model was trained on: images in [-1, 1] (pixels; a latent
             pipeline encodes them with its VAE) and, for a text-conditioned UNet, one prompt per image.
+            Or a :class:`~diffusers_guda.lazy_data.LazyGroupedDataset`, read one image at a time.
         recipe: A recipe name, JSON path or :class:`~diffusers_guda.recipes.Recipe` (default: the family's).
         config: A complete :class:`UnlearningConfig` instead of a recipe and settings.
         elbo_config: How the bundle is to be scored (default: the recipe's ELBO settings).
@@ -128,6 +141,8 @@ def unlearn_groups(
         progress: Show progress bars.
         process: This process of a ``torchrun``/``accelerate launch`` run (default: detected); the
             processes share the groups and all return the same bundle (see :meth:`GroupUnlearner.unlearn`).
+        latent_cache: A latent pipeline's :class:`~diffusers_guda.latent_cache.LatentCache` or its folder
+            (see :func:`model_dataset`): each image is encoded once for every group, run and process.
         **settings: Overrides of the recipe's unlearning settings, e.g. ``steps=200``,
             ``learning_rate=5e-5``, ``batch_size=2``, ``lora_rank=4``, ``objective="esd"`` or an
             objective option such as ``num_neighbors=10`` (see :meth:`Recipe.unlearning_with`).
@@ -148,7 +163,7 @@ def unlearn_groups(
         elbo_config=elbo_config,
     )
     bundle = unlearner.unlearn(
-        model_dataset(pipe, dataset, progress=progress), groups=groups, checkpoint_dir=checkpoint_dir, progress=progress,
+        model_dataset(pipe, dataset, progress=progress, latent_cache=latent_cache, process=process), groups=groups, checkpoint_dir=checkpoint_dir, progress=progress,
         process=process,
     )
     return load_guda_bundle(pipe, bundle)
@@ -166,21 +181,34 @@ def _settings(pipe, recipe, config, elbo_config, settings) -> tuple[UnlearningCo
     return config or chosen.unlearning_with(**settings), elbo_config or chosen.elbo
 
 
-def model_dataset(pipe, dataset: GroupedDataset, progress: bool = False) -> GroupedDataset:
-    """The dataset in the UNet's input space: unchanged for pixel models, VAE latents for latent models.
+def model_dataset(pipe, dataset, progress: bool = False, latent_cache=None, process: ProcessInfo | None = None) -> GroupedDataset:
+    """The dataset in the UNet's input space: pixels for pixel models, VAE latents for latent models.
+
+    A :class:`~diffusers_guda.lazy_data.LazyGroupedDataset` is loaded whole for a pixel model and encoded
+    through a latent cache for a latent one (``latent_cache``: a ``LatentCache`` or its folder, by default
+    docs/formats.md#latent-cache's); in-memory pixels go through a cache only when one is given.
 
     Raises:
         DataError: if the images do not fit the model (size, channels, range).
     """
+    from ..latent_cache import LatentCache
+    from ..lazy_data import LazyGroupedDataset
+
+    lazy = isinstance(dataset, LazyGroupedDataset)
     if not is_latent(pipe):
+        dataset = dataset.load() if lazy else dataset
         _check_images(pipe, dataset.images)
         return dataset
-    latents = encode_latents(pipe, check_pixel_images(pipe, dataset.images), progress=progress)
-    return dataset.with_images(latents)
+    if not lazy:
+        check_pixel_images(pipe, dataset.images)
+    if lazy or latent_cache is not None:
+        cache = latent_cache if isinstance(latent_cache, LatentCache) else LatentCache(pipe.vae, latent_cache)
+        return cache.encode(dataset, progress=progress, process=process)
+    return dataset.with_images(encode_latents(pipe, dataset.images, progress=progress))
 
 
 def _base_model_extra(pipe) -> dict:
-    extra = {"pipeline_class": type(pipe).__name__}
+    extra = {"pipeline_class": type(pipe).__name__, "family": pipeline_family(pipe)}
     if is_latent(pipe):
         extra.update(latent=True, vae_scaling_factor=float(pipe.vae.config.get("scaling_factor") or 1.0))
     return extra
@@ -192,6 +220,8 @@ def attribute(
     *,
     prompts: str | Sequence[str] | None = None,
     prompt_embeds: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    size_conditions=None,
     bundle: AdapterBundle | str | None = None,
     batch_size: int = 64,
     elbo_config: ELBOConfig | None = None,
@@ -210,6 +240,11 @@ def attribute(
         prompts: For a text-conditioned UNet: the prompt of each image (or one string for all); the
             score is the difference of conditional ELBOs ``log p(z | prompt)``, without guidance.
         prompt_embeds: Instead of ``prompts``: the text embeddings ``[N, L, D]`` (or ``[1, L, D]`` for all).
+        pooled_prompt_embeds: With ``prompt_embeds`` for SDXL: the pooled text embeddings ``[N, P]``
+            (or ``[1, P]`` for all).
+        size_conditions: SDXL only: each image's original height and width, crop top and left, and
+            target height and width (``[N, 6]``, or 6 numbers for all), as generated; default
+            ``(H, W, 0, 0, H, W)`` of the image (docs/method.md#sdxl).
         bundle: Bundle to load first (object, directory or Hub id).
         batch_size: Images whose rows share forwards (speed and memory only; scores do not depend on it).
         elbo_config: Estimator settings; default: the ones the bundle records (a bundle that records
@@ -230,7 +265,10 @@ def attribute(
     loaded = getattr(pipe, "_guda_bundle", None)
     if loaded is None:
         raise ConfigError("No GUDA bundle is loaded; call pipe.load_guda_bundle(path_or_repo_id) or pipe.unlearn_groups(dataset) first.")
-    x0, unet_kwargs, used_prompts = model_inputs(pipe, images, prompts=prompts, prompt_embeds=prompt_embeds)
+    x0, unet_kwargs, used_prompts = model_inputs(
+        pipe, images, prompts=prompts, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+        size_conditions=size_conditions,
+    )
     if elbo_config is None:
         elbo_config = ELBOConfig(**loaded.elbo) if loaded.elbo else _family_elbo(pipe)
     estimator = ELBOEstimator(_training_scheduler(pipe), elbo_config)
@@ -266,17 +304,19 @@ def _family_elbo(pipe) -> ELBOConfig:
         return ELBOConfig()
 
 
-def model_inputs(pipe, images, *, prompts=None, prompt_embeds=None):
-    """The UNet's clean inputs and per-image conditioning for query ``images``.
+def model_inputs(pipe, images, *, prompts=None, prompt_embeds=None, pooled_prompt_embeds=None, size_conditions=None):
+    """The UNet's clean inputs and per-image conditioning for query ``images`` (arguments as :func:`attribute`'s).
 
     Returns:
         ``(x0, unet_kwargs, prompts)``: ``x0`` ``[N, C, h, w]`` (pixels, or VAE latents for a latent
-        pipeline), ``unet_kwargs`` one dict per image (``None`` for unconditional UNets), and the prompt
-        list used (``None`` without prompts).
+        pipeline), ``unet_kwargs`` one conditioning dict of ``[1, ...]`` tensors per image (``None``
+        for unconditional UNets; see :func:`~diffusers_guda.models.unet_call_kwargs`), and the
+        prompt list used (``None`` without prompts).
 
     Raises:
-        DataError: images that do not fit, or missing/miscounted prompts for a text-conditioned UNet.
-        ConfigError: prompts given to an unconditional UNet.
+        DataError: images that do not fit, missing/miscounted prompts or embeddings for a
+            text-conditioned UNet, or malformed ``size_conditions``.
+        ConfigError: prompts given to an unconditional UNet, or SDXL inputs to another UNet.
     """
     pixels = to_model_images(images)
     n = pixels.shape[0]
@@ -285,15 +325,20 @@ def model_inputs(pipe, images, *, prompts=None, prompt_embeds=None):
     conditional = is_conditional(pipe.unet)
     if not conditional and (prompts is not None or prompt_embeds is not None):
         raise ConfigError(f"This {type(pipe).__name__}'s UNet is unconditional; drop prompts/prompt_embeds.")
-    embeds = used = None
+    text_time = takes_text_time(pipe.unet)
+    if not text_time and (pooled_prompt_embeds is not None or size_conditions is not None):
+        raise ConfigError(f"This {type(pipe).__name__}'s UNet takes no pooled embeddings or size conditions (SDXL's); drop them.")
+    cond = used = None
     if conditional:  # prompts are checked before any image is encoded
         if prompt_embeds is not None:
-            embeds = prompt_embeds.detach().to("cpu", torch.float32)
-            if embeds.dim() != 3 or embeds.shape[0] not in (1, n):
-                raise DataError(f"prompt_embeds must be [N, L, D] with N = {n} images (or 1 for all); got {tuple(embeds.shape)}.")
-            embeds = embeds.expand(n, *embeds.shape[1:])
+            cond = {"encoder_hidden_states": per_image(prompt_embeds, n, "prompt_embeds", "[N, L, D]")}
+            if text_time:
+                if pooled_prompt_embeds is None:
+                    raise DataError("This SDXL UNet also takes pooled text embeddings: pass pooled_prompt_embeds with prompt_embeds.")
+                cond["text_embeds"] = per_image(pooled_prompt_embeds, n, "pooled_prompt_embeds", "[N, P]")
         else:
             used = prompt_list(prompts, n)
+        size_conditions = None if size_conditions is None else check_size_conditions(size_conditions, n)
     if is_latent(pipe):
         x0 = encode_latents(pipe, check_pixel_images(pipe, pixels))
         if x0.shape[1] != pipe.unet.config.in_channels:
@@ -305,9 +350,11 @@ def model_inputs(pipe, images, *, prompts=None, prompt_embeds=None):
         x0 = _check_images(pipe, pixels)
     if not conditional:
         return x0, None, None
-    if embeds is None:
-        embeds = prompt_encoder(pipe)(used)
-    return x0, [{"encoder_hidden_states": e[None]} for e in embeds], used
+    encoder = prompt_encoder(pipe) if used is not None or text_time else None
+    cond = conditioning_dict(encoder(used)) if cond is None else cond
+    if hasattr(encoder, "image_conditions"):
+        cond.update(encoder.image_conditions(x0.shape[1:], n, size_conditions))
+    return x0, [{key: value[i : i + 1] for key, value in cond.items()} for i in range(n)], used
 
 
 def to_model_images(images) -> torch.Tensor:

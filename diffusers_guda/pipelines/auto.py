@@ -20,15 +20,44 @@ SUPPORTED_PIPELINES = {
     "GUDADDPMPipeline": "GUDADDPMPipeline",
     "StableDiffusionPipeline": "GUDAStableDiffusionPipeline",
     "GUDAStableDiffusionPipeline": "GUDAStableDiffusionPipeline",
+    "StableDiffusionXLPipeline": "GUDAStableDiffusionXLPipeline",
+    "GUDAStableDiffusionXLPipeline": "GUDAStableDiffusionXLPipeline",
     "TextToImageDDPMPipeline": "GUDATextToImagePipeline",
     "GUDATextToImagePipeline": "GUDATextToImagePipeline",
 }
+
+# the family of each GUDA pipeline: a bundle records its base's, and loads only into a pipeline of that family
+PIPELINE_FAMILIES = {
+    "GUDADDPMPipeline": "ddpm",
+    "GUDAStableDiffusionPipeline": "stable-diffusion",
+    "GUDAStableDiffusionXLPipeline": "stable-diffusion-xl",
+    "GUDATextToImagePipeline": "text-to-image",
+}
+
+
+def pipeline_family(pipe) -> str | None:
+    """The family (``"stable-diffusion"``, ``"stable-diffusion-xl"``...) of a pipeline, pipeline class or class name.
+
+    A pipeline or class belongs to the family of the first supported class in its MRO (so a stock
+    ``StableDiffusionXLPipeline`` and a ``GUDAStableDiffusionXLPipeline`` share one); ``None`` if none is.
+    """
+    if isinstance(pipe, str):
+        names = [pipe]
+    else:
+        names = [klass.__name__ for klass in (pipe if isinstance(pipe, type) else type(pipe)).__mro__]
+    return next((PIPELINE_FAMILIES[SUPPORTED_PIPELINES[n]] for n in names if n in SUPPORTED_PIPELINES), None)
+
+
+def family_pipeline(family: str) -> str:
+    """The GUDA pipeline class name of ``family`` (the inverse of :data:`PIPELINE_FAMILIES`)."""
+    return next((name for name, f in PIPELINE_FAMILIES.items() if f == family), family)
 
 
 def _cannot_load(spec: str, reason: str) -> GUDAError:
     return GUDAError(
         f"Cannot load the base pipeline {spec!r} ({reason}). Pass a directory written by `guda train` (or by a "
-        "DDPMPipeline's or StableDiffusionPipeline's save_pretrained), or a Hub id (with HF_HUB_OFFLINE=1: one in the local cache)."
+        "DDPMPipeline's, StableDiffusionPipeline's or StableDiffusionXLPipeline's save_pretrained), or a Hub id (with "
+        "HF_HUB_OFFLINE=1: one in the local cache)."
     )
 
 
@@ -75,7 +104,8 @@ def pipeline_class_for(spec: str | Path) -> type:
 
     name = read_model_index(spec)["_class_name"]
     if name not in SUPPORTED_PIPELINES:
-        supported = "DDPMPipeline, DDIMPipeline, StableDiffusionPipeline (Stable Diffusion 1.x/2.x) and TextToImageDDPMPipeline"
+        supported = ("DDPMPipeline, DDIMPipeline, StableDiffusionPipeline (Stable Diffusion 1.x/2.x), StableDiffusionXLPipeline "
+                     "(SDXL) and TextToImageDDPMPipeline")
         raise ConfigError(f"The base {str(spec)!r} is a {name}, which guda does not support yet; it supports {supported}.")
     try:
         return getattr(pipelines, SUPPORTED_PIPELINES[name])

@@ -10,8 +10,10 @@ Both are computed one image (one prompt) per forward, so a latent or an embeddin
 the batch it arrived in, and the common random numbers keyed on the latent's content hash stay
 batch-independent.
 
-A new pipeline family plugs in its own text conditioning through a ``guda_prompt_encoder()`` method
-(e.g. SDXL, whose UNet also takes pooled embeddings and time ids).
+An SDXL UNet (``addition_embed_type="text_time"``) also takes the pooled embedding of the second text
+encoder and each image's time ids (original size, crop, target size): :class:`SDXLPromptEncoder`
+(docs/method.md#sdxl). Another pipeline family plugs in its own text conditioning through a
+``guda_prompt_encoder()`` method.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from ..data import check_pixel_range
 from ..errors import ConfigError, DataError
+from ..models import takes_text_time
 
 
 def is_latent(pipe) -> bool:
@@ -68,18 +71,24 @@ def encode_latents(pipe, images: torch.Tensor, progress: bool = False) -> torch.
     """
     from tqdm.auto import tqdm
 
-    vae = pipe.vae
     check_pixel_images(pipe, images)
+    return torch.cat([encode_latent(pipe.vae, image) for image in tqdm(images, desc="encode latents", disable=not progress, leave=False)])
+
+
+@torch.no_grad()
+def encode_latent(vae, image: torch.Tensor) -> torch.Tensor:
+    """The deterministic latent ``(E(x).mean - shift) * scaling_factor`` of one image ``[C, H, W]`` in [-1, 1].
+
+    Returns:
+        Float32 CPU tensor ``[1, latent_channels, H / f, W / f]``.
+    """
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     scaling = float(vae.config.get("scaling_factor") or 1.0)
     shift = vae.config.get("shift_factor")
-    out = []
-    for image in tqdm(images, desc="encode latents", disable=not progress, leave=False):
-        mean = vae.encode(image[None].to(device, dtype)).latent_dist.mean
-        if shift is not None:
-            mean = mean - shift
-        out.append((mean * scaling).to("cpu", torch.float32))
-    return torch.cat(out)
+    mean = vae.encode(image[None].to(device, dtype)).latent_dist.mean
+    if shift is not None:
+        mean = mean - shift
+    return (mean * scaling).to("cpu", torch.float32)
 
 
 def prompt_list(prompts, n: int) -> list[str]:
@@ -102,6 +111,33 @@ def prompt_list(prompts, n: int) -> list[str]:
     if bad:
         raise DataError(f"Prompts must be strings; got {bad[0]!r}.")
     return prompts
+
+
+def per_image(embeds: torch.Tensor, n: int, name: str, shape: str) -> torch.Tensor:
+    """Given embeddings (``shape``, e.g. ``"[N, L, D]"``, or one for all) as float32 CPU ``[n, ...]``.
+
+    Raises:
+        DataError: a wrong number of dimensions or images.
+    """
+    embeds = embeds.detach().to("cpu", torch.float32)
+    if embeds.dim() != shape.count(",") + 1 or embeds.shape[0] not in (1, n):
+        raise DataError(f"{name} must be {shape} with N = {n} images (or 1 for all); got {tuple(embeds.shape)}.")
+    return embeds.expand(n, *embeds.shape[1:])
+
+
+def check_size_conditions(size_conditions, n: int) -> torch.Tensor:
+    """SDXL's size conditions of ``n`` images (``[n, 6]``, or 6 numbers for all) as a long tensor ``[n, 6]``.
+
+    Raises:
+        DataError: another shape, or values that are not whole numbers.
+    """
+    sizes = torch.as_tensor(size_conditions)
+    if sizes.shape not in ((6,), (1, 6), (n, 6)) or sizes.is_floating_point() and not torch.equal(sizes, sizes.round()):
+        raise DataError(
+            f"size_conditions must be whole numbers [N, 6] with N = {n} images, or 6 for all (original height, width, crop "
+            f"top, left, target height, width); got shape {tuple(sizes.shape)}."
+        )
+    return sizes.to(torch.long).expand(n, 6)
 
 
 class PromptEncoder:
@@ -137,11 +173,72 @@ class PromptEncoder:
         return torch.cat([self.encode_one(p) for p in prompts])
 
 
+class SDXLPromptEncoder:
+    """:class:`PromptEncoder` for SDXL: its conditioning, through the pipeline's own ``encode_prompt`` (no guidance).
+
+    A prompt's conditioning is ``{"encoder_hidden_states": [1, 77, 2048], "text_embeds": [1, 1280]}``
+    for the real SDXL: the penultimate hidden states of both text encoders, concatenated, and the
+    pooled, projected embedding of ``text_encoder_2``. Each image's time ids come from
+    :meth:`image_conditions`. Everything is float32 on CPU; each prompt is encoded alone.
+
+    Args:
+        pipe: A ``StableDiffusionXLPipeline`` (``encode_prompt``, ``text_encoder_2``, ``tokenizer_2``,
+            ``_get_add_time_ids``).
+    """
+
+    def __init__(self, pipe):
+        if getattr(pipe, "text_encoder_2", None) is None or getattr(pipe, "tokenizer_2", None) is None:
+            raise ConfigError(
+                f"{type(pipe).__name__} has no text_encoder_2/tokenizer_2, which SDXL's UNet is conditioned on; load the "
+                "pipeline with both."
+            )
+        self.pipe = pipe
+        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def encode_one(self, prompt: str) -> dict[str, torch.Tensor]:
+        """``{"encoder_hidden_states": [1, L, D], "text_embeds": [1, P]}`` of one prompt, float32 on CPU."""
+        if prompt not in self._cache:
+            device = next(self.pipe.text_encoder_2.parameters()).device
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompt, device=device, do_classifier_free_guidance=False)
+            self._cache[prompt] = {"encoder_hidden_states": embeds.to("cpu", torch.float32), "text_embeds": pooled.to("cpu", torch.float32)}
+        return self._cache[prompt]
+
+    def __call__(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """The prompts' conditioning, batch-first (``[B, L, D]`` and ``[B, P]``)."""
+        encoded = [self.encode_one(p) for p in prompts]
+        return {key: torch.cat([e[key] for e in encoded]) for key in ("encoder_hidden_states", "text_embeds")}
+
+    def image_conditions(self, sample_shape: Sequence[int], n: int, size_conditions: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """``{"time_ids": [n, 6]}`` of ``n`` images of the UNet's input shape ``sample_shape`` (latents).
+
+        Args:
+            sample_shape: ``(C, h, w)`` of the latents; the pixel size is ``(h, w)`` times the VAE's factor.
+            n: Number of images.
+            size_conditions: ``[n, 6]`` (or ``[6]`` for all) original height and width, crop top and
+                left, target height and width per image; default ``(H, W, 0, 0, H, W)`` of the pixel
+                image, as the pipeline generates by default.
+        """
+        factor = vae_scale_factor(self.pipe)
+        height, width = int(sample_shape[-2]) * factor, int(sample_shape[-1]) * factor
+        if size_conditions is None:
+            size_conditions = torch.tensor([height, width, 0, 0, height, width])
+        sizes = check_size_conditions(size_conditions, n).tolist()
+        projection = self.pipe.text_encoder_2.config.projection_dim
+        rows = [self.pipe._get_add_time_ids(tuple(s[:2]), tuple(s[2:4]), tuple(s[4:]), torch.float32, projection) for s in sizes]
+        return {"time_ids": torch.cat(rows) if rows else torch.zeros(0, 6)}
+
+
 def prompt_encoder(pipe):
     """A fresh prompt encoder for one operation (its cache lives as long as the operation).
 
-    A pipeline family with other conditioning provides its own through a ``guda_prompt_encoder()``
-    method returning a callable ``list[str] -> [B, L, D]`` tensor.
+    :class:`SDXLPromptEncoder` for a UNet that takes SDXL's added conditions, else
+    :class:`PromptEncoder`. A pipeline family with other conditioning provides its own through a
+    ``guda_prompt_encoder()`` method returning a callable ``list[str] ->`` conditioning (a
+    ``[B, L, D]`` tensor or a flat dict of batch-first tensors, see :mod:`diffusers_guda.models`),
+    optionally with an ``image_conditions`` method like :class:`SDXLPromptEncoder`'s.
     """
     factory = getattr(pipe, "guda_prompt_encoder", None)
-    return factory() if callable(factory) else PromptEncoder(pipe)
+    if callable(factory):
+        return factory()
+    return SDXLPromptEncoder(pipe) if takes_text_time(pipe.unet) else PromptEncoder(pipe)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -10,8 +9,9 @@ from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
 from ..errors import ConfigError
-from ..hashing import base_state_dict
+from ..models import bare_unet
 from ..scoring import AttributionResult
+from .generation import attribution_call_arguments, convert_images, prompts_per_image
 from .mixin import GUDAPipelineMixin
 
 
@@ -76,20 +76,11 @@ class GUDAStableDiffusionPipeline(StableDiffusionPipeline, GUDAPipelineMixin):
         """
         if not return_attribution:
             return super().__call__(*args, **kwargs)
-        if self.guda_bundle is None:
-            raise ConfigError("return_attribution=True needs a GUDA bundle; call pipe.load_guda_bundle(path_or_repo_id) first.")
-        bound = inspect.signature(super().__call__).bind(*args, **kwargs)
-        arguments = dict(bound.arguments)
-        arguments.update(arguments.pop("kwargs", {}) or {})
-        output_type = arguments.pop("output_type", "pil")
-        return_dict = arguments.pop("return_dict", True)
-        if output_type not in ("pil", "np", "pt"):
-            raise ConfigError(f"return_attribution=True needs output_type 'pil', 'np' or 'pt', not {output_type!r} (latents are not images).")
+        arguments, output_type, return_dict = attribution_call_arguments(self, super().__call__, args, kwargs)
         per_prompt = arguments.get("num_images_per_prompt") or 1
-        prompt, prompt_embeds = arguments.get("prompt"), arguments.get("prompt_embeds")
-        if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            query = {"prompts": [p for p in prompts for _ in range(per_prompt)]}
+        prompts, prompt_embeds = prompts_per_image(arguments), arguments.get("prompt_embeds")
+        if prompts is not None:
+            query = {"prompts": prompts}
         elif prompt_embeds is not None:
             query = {"prompt_embeds": prompt_embeds.repeat_interleave(per_prompt, dim=0)}
         else:
@@ -98,10 +89,7 @@ class GUDAStableDiffusionPipeline(StableDiffusionPipeline, GUDAPipelineMixin):
         out = super().__call__(**arguments, output_type="pt", return_dict=True)
         images = out.images  # [B, 3, H, W] in [0, 1], not quantised
         result = self.attribute(images * 2.0 - 1.0, **query, **(attribution_kwargs or {}))
-        if output_type != "pt":
-            images = self.image_processor.pt_to_numpy(images)
-            if output_type == "pil":
-                images = self.image_processor.numpy_to_pil(images)
+        images = convert_images(self, images, output_type)
         if not return_dict:
             return images, out.nsfw_content_detected, result
         return GUDAStableDiffusionOutput(images=images, nsfw_content_detected=out.nsfw_content_detected, attribution=result)
@@ -112,10 +100,8 @@ class GUDAStableDiffusionPipeline(StableDiffusionPipeline, GUDAPipelineMixin):
         Saving a UNet that holds peft wrappers would write ``base_layer`` keys that stock diffusers
         cannot load; save bundles with :meth:`AdapterBundle.save_pretrained` instead.
         """
-        unet = type(self.unet).from_config({k: v for k, v in self.unet.config.items() if not k.startswith("_")})
-        unet.load_state_dict(base_state_dict(self.unet), assign=True)
         components = {name: getattr(self, name) for name in self.components}
-        components["unet"] = unet
+        components["unet"] = bare_unet(self.unet)
         config = {k: v for k, v in self.config.items() if k == "requires_safety_checker"}
         StableDiffusionPipeline(**components, **config).save_pretrained(save_directory, **kwargs)
 

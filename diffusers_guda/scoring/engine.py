@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from ..adapter_state import check_loaded
 from ..distributed import ProcessInfo, current_process
 from ..elbo import ELBOEstimator
-from ..errors import ConfigError
+from ..errors import BatchTooLargeError, ConfigError
 from ..hashing import derive_seed
 from .adaptive import ADAPTIVE_FORWARD_BLOCKS, QueryWalk
 from .result import AttributionResult, concatenate_results, mean_and_stderr, scoring_metadata
@@ -83,6 +83,7 @@ class AttributionScorer:
 
         Raises:
             ConfigError: an unknown strategy, invalid adaptive settings or batch size.
+            BatchTooLargeError: if a forward of ``rows_per_forward`` rows does not fit in the device's memory.
             DistributedError: if the processes of a launch were given other images or settings.
         """
         process = current_process() if process is None else process
@@ -101,6 +102,13 @@ class AttributionScorer:
             models = make_strategy(strategy, self.unet)
             result = self._score_shard(images[start:stop], batch_size, unet_kwargs, progress and process.is_main, metadata, models,
                                        adaptive_z, adaptive_block)
+        except torch.cuda.OutOfMemoryError as exc:
+            rows = self.estimator.config.rows_per_forward
+            raise BatchTooLargeError(
+                f"Scoring ran out of device memory at {rows} rows per UNet forward; lower it, e.g. "
+                f"elbo_config=ELBOConfig(..., rows_per_forward={max(1, rows // 2)}) (scores then agree to float rounding), or load "
+                "the base in bfloat16."
+            ) from exc
         finally:
             self.unet.train(was_training)
         return concatenate_results(process.gather(result)) if process.is_distributed else result

@@ -7,11 +7,12 @@ import torch
 
 from ..data import GroupedDataset
 from ..hashing import derive_seed
+from ..models import Conditioning, map_conditioning
 from ..objectives import NoiseSchedule
 from .config import UnlearningConfig
 from .forwards import UNetForwards
 
-EvaluationSets = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]
+EvaluationSets = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor, Conditioning | None]]
 
 
 def evaluation_sets(
@@ -45,7 +46,7 @@ def evaluation_sets(
         t = torch.randint(0, schedule.num_train_timesteps, (len(x0),), generator=generator)
         noise = torch.randn(x0.shape, generator=generator)
         cond = forwards.cond(dataset, chosen.repeat_interleave(config.eval_draws))
-        sets[name] = (x0, t, noise, None if cond is None else cond.cpu())
+        sets[name] = (x0, t, noise, map_conditioning(cond, torch.Tensor.cpu))
     return sets
 
 
@@ -68,7 +69,8 @@ def mean_losses(forwards: UNetForwards, schedule: NoiseSchedule, sets: Evaluatio
         total = 0.0
         for s in range(0, len(x0), chunk):
             x, tt, n = x0[s : s + chunk].to(device), t[s : s + chunk].to(device), noise[s : s + chunk].to(device)
-            pred = forwards(schedule.add_noise(x, n, tt), tt, None if cond is None else cond[s : s + chunk]).float()
+            rows = map_conditioning(cond, lambda v: v[s : s + chunk])
+            pred = forwards(schedule.add_noise(x, n, tt), tt, rows).float()
             total += (pred - schedule.target(x, n, tt)).pow(2).mean(dim=tuple(range(1, x.dim()))).sum().item()
         out[name] = total / len(x0)
     return out

@@ -1,5 +1,9 @@
 """How the unlearner runs the UNet: inputs in the UNet's dtype, text conditioning, autocast, and as
-which model (the base, or base plus one adapter)."""
+which model (the base, or base plus one adapter).
+
+Conditioning is a tensor of text embeddings or a flat dict of batch-first tensors (SDXL's text
+embeddings, pooled embedding and time ids); see :mod:`diffusers_guda.models`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import torch
 from ..adapter_state import use_adapters
 from ..data import GroupedDataset
 from ..errors import ConfigError
+from ..models import Conditioning, map_conditioning, merge_conditioning, unet_call_kwargs
 
 Forward = Callable[..., torch.Tensor]
 
@@ -21,7 +26,10 @@ class UNetForwards:
     Args:
         unet: The UNet (with adapter support).
         conditional: Whether it is text-conditioned.
-        encode_prompts: For a conditional UNet: maps prompts to the text embeddings ``[B, L, D]``.
+        encode_prompts: For a conditional UNet: maps prompts to their conditioning (text embeddings
+            ``[B, L, D]``, or a dict such as SDXL's). If it has an ``image_conditions(sample_shape, n,
+            size_conditions)`` method, its entries (SDXL's time ids) are added for each image, from the
+            dataset's ``size_conditions`` when it has them.
         autocast_dtype: ``"bfloat16"``/``"float16"`` to autocast the training forwards, or ``None``.
     """
 
@@ -29,7 +37,7 @@ class UNetForwards:
         self,
         unet: torch.nn.Module,
         conditional: bool,
-        encode_prompts: Callable[[list[str]], torch.Tensor] | None = None,
+        encode_prompts: Callable[[list[str]], Conditioning] | None = None,
         autocast_dtype: str | None = None,
     ):
         self.unet, self.conditional = unet, conditional
@@ -40,12 +48,12 @@ class UNetForwards:
         """The device of the UNet's weights."""
         return next(self.unet.parameters()).device
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """The UNet's prediction for ``x_t`` at ``t`` (given the text embeddings ``cond``), as it is set up now."""
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
+        """The UNet's prediction for ``x_t`` at ``t`` (given the conditioning ``cond``), as it is set up now."""
         return self.unet(x_t.to(self.unet.dtype), t, **self.inputs(cond)).sample
 
-    def inputs(self, cond: torch.Tensor | None) -> dict:
-        """The UNet's conditioning keyword arguments for the text embeddings ``cond``.
+    def inputs(self, cond: Conditioning | None) -> dict:
+        """The UNet's conditioning keyword arguments for ``cond``.
 
         Raises:
             ConfigError: for a text-conditioned UNet and no ``cond``.
@@ -54,7 +62,7 @@ class UNetForwards:
             if self.conditional:
                 raise ConfigError("This UNet is text-conditioned; the objective must pass the text embeddings (cond).")
             return {}
-        return {"encoder_hidden_states": cond.to(self.device, self.unet.dtype)}
+        return unet_call_kwargs(cond, self.device, self.unet.dtype)
 
     def check_prompts(self, dataset: GroupedDataset) -> None:
         """Check that a conditional UNet's dataset has prompts.
@@ -65,11 +73,16 @@ class UNetForwards:
         if self.conditional:
             dataset.require_prompts()
 
-    def cond(self, dataset: GroupedDataset, index: torch.Tensor) -> torch.Tensor | None:
-        """Text embeddings of the images ``index`` (their own prompts), or ``None`` for unconditional UNets."""
+    def cond(self, dataset: GroupedDataset, index: torch.Tensor) -> Conditioning | None:
+        """Conditioning of the images ``index`` (their own prompts), or ``None`` for unconditional UNets."""
         if not self.conditional:
             return None
-        return self.encode_prompts([dataset.prompts[i] for i in index.tolist()]).to(self.device)
+        cond = self.encode_prompts([dataset.prompts[i] for i in index.tolist()])
+        image_conditions = getattr(self.encode_prompts, "image_conditions", None)
+        if image_conditions is not None:
+            sizes = None if dataset.size_conditions is None else dataset.size_conditions[index]
+            cond = merge_conditioning(image_conditions(dataset.image_shape, len(index), sizes), cond)
+        return map_conditioning(cond, lambda v: v.to(self.device))
 
     def autocast(self) -> ContextManager:
         """The autocast context of the training forwards (a no-op without ``autocast_dtype``)."""

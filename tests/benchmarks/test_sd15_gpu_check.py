@@ -1,8 +1,11 @@
-"""The SD 1.5 GPU check script runs on CPU with --tiny and writes its measurements as JSON."""
+"""The GPU check runs on CPU with --tiny, writes every measurement as JSON, and its full configurations
+are Stable Diffusion 1.5's and SDXL's UNets."""
 
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from conftest import load_benchmark_script
 
@@ -10,22 +13,31 @@ from conftest import load_benchmark_script
 def test_tiny_run_writes_every_measurement(tmp_path):
     module = load_benchmark_script("sd15_gpu_check")
     out = tmp_path / "check.json"
-    module.main(["--tiny", "--device", "cpu", "--warmup", "0", "--iters", "1", "--rows-per-forward", "8", "--batch", "2", "--out", str(out)])
+    module.main(["--tiny", "--device", "cpu", "--warmup", "0", "--iters", "1", "--steps", "1", "--queries", "1", "--out", str(out)])
     data = json.loads(out.read_text())
-    assert data["config"] == "tiny" and data["device"] == "cpu"
-    assert set(data["elbo"]) == {
-        "base (no LoRA wrappers)", "base (LoRA wrappers, adapters disabled)", "one adapter active (swap)", "adapter merged (merged)",
-    }
-    assert all(entry["rows_per_s"] > 0 and entry["rows"] == 16 for entry in data["elbo"].values())
-    assert data["unlearning_step"]["steps_per_s"] > 0 and data["lora_parameters"] > 0
+    assert data["config"] == "tiny" and data["device"] == "cpu" and data["total_s"] > 0
+    for model, recipe in (("sd15", "sd-styles"), ("sdxl", "sdxl-styles")):
+        entry = data[model]
+        assert entry["model"]["recipe"] == recipe and entry["model"]["unet_parameters"] > 0
+        unlearning = entry["unlearning"]
+        assert unlearning["s_per_step"] > 0 and unlearning["steps_timed"] == 1 and unlearning["recipe_steps"] == 400
+        assert unlearning["projected_group_s"] >= 400 * unlearning["s_per_step"]
+        rates = entry["elbo_rows_per_s"]
+        assert rates["groups"] == 16 and all(rates[name] > 0 for name in ("bare UNet forward", "merged", "swap", "mixed"))
+        assert rates["auto_picks"] == "merged"  # float32 weights, no autocast
+        assert rates["fastest"] in ("merged", "swap", "mixed")
+        attribution = entry["attribute_one_image"]
+        assert attribution["full grid s"] > 0 and attribution["adaptive s"] > 0
+        assert 0 < attribution["adaptive rows used (mean per group)"] <= attribution["grid rows"]
 
 
-def test_the_full_configuration_is_stable_diffusion_15s_unet():
-    """Built on the meta device (no memory), the script's full UNet has SD 1.5's 859,520,964 parameters."""
+@pytest.mark.parametrize("name, parameters", [("SD15_UNET", 859_520_964), ("SDXL_UNET", 2_567_463_684)])
+def test_the_full_configurations_are_the_real_unets(name, parameters):
+    """Built on the meta device (no memory), the full UNets have SD 1.5's and SDXL's parameter counts."""
     import torch
     from diffusers import UNet2DConditionModel
 
     module = load_benchmark_script("sd15_gpu_check")
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**module.SD15_UNET)
-    assert sum(p.numel() for p in unet.parameters()) == 859_520_964
+        unet = UNet2DConditionModel(**getattr(module, name))
+    assert sum(p.numel() for p in unet.parameters()) == parameters

@@ -182,3 +182,19 @@ def test_mixed_strategy_refuses_an_adapter_named_like_peft_base_rows(tiny_unet, 
     scorer = AttributionScorer(tiny_unet, ELBOEstimator(tiny_scheduler, ELBOConfig(stride=25)), [BASE_ROWS], ["g"])
     with pytest.raises(ConfigError, match="reserves"):
         scorer.score(torch.zeros(1, 1, 8, 8), progress=False, strategy="mixed")
+
+
+def test_a_forward_that_does_not_fit_in_memory_names_the_setting_that_makes_it_fit(tiny_unet, tiny_scheduler, monkeypatch):
+    from diffusers_guda.errors import BatchTooLargeError
+
+    add_adapter(tiny_unet, "real", seed=1)
+    scorer = AttributionScorer(tiny_unet, ELBOEstimator(tiny_scheduler, ELBOConfig(stride=25, rows_per_forward=32)), ["real"], ["g"])
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+
+    monkeypatch.setattr(ELBOEstimator, "packed_terms", out_of_memory)
+    tiny_unet.train()
+    with pytest.raises(BatchTooLargeError, match=r"32 rows per UNet forward.*rows_per_forward=16"):
+        scorer.score(torch.zeros(1, 1, 8, 8), progress=False, strategy="swap")
+    assert tiny_unet.training  # the model's mode is restored
