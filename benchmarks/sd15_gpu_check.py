@@ -44,7 +44,7 @@ from diffusers_guda import AttributionScorer, GroupedDataset, Recipe
 from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
 from diffusers_guda.models import unet_call_kwargs
 from diffusers_guda.pipelines import GUDAStableDiffusionPipeline, GUDAStableDiffusionXLPipeline
-from diffusers_guda.pipelines.attribution import model_inputs
+from diffusers_guda.pipelines import model_inputs
 from diffusers_guda.scoring.strategies import resolve_strategy
 from diffusers_guda.testing import tiny_clip_tokenizer, tiny_stable_diffusion, tiny_stable_diffusion_xl
 

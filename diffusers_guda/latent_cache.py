@@ -115,29 +115,30 @@ class LatentCache:
         """
         from tqdm.auto import tqdm
 
-        from .pipelines.conditioning import encode_latent
+        from .pipelines.conditioning import encode_latent, vae_encoding_precision
 
         expected = self._expected_shape(dataset)
         known = set(self.index())
         pending: dict[str, torch.Tensor] = {}
         share, self.encoded, self.reused = [], 0, 0
         indices = range(process.rank, len(dataset), process.world_size)
-        for index in tqdm(indices, desc="encode latents", disable=not (progress and process.is_main), leave=False):
-            pixels, size = _read(dataset, index)
-            if tuple(pixels.shape) != expected:
-                raise DataError(
-                    f"Image {_describe(dataset, index)} is {_size(pixels.shape)}, but image 0 is {_size(expected)}; all images must "
-                    "share one size: pass resolution=N (CLI: --resolution N) to resize and crop them all, or resize them first."
-                )
-            digest = image_content_digest(pixels)
-            share.append((index, digest, size))
-            if digest in known or digest in pending:
-                self.reused += 1
-                continue
-            pending[digest] = encode_latent(self.vae, pixels)[0].contiguous()
-            self.encoded += 1
-            if len(pending) >= self.shard_size:
-                known.update(self._write_shard(pending))
+        with vae_encoding_precision(self.vae):  # a float16 VAE that overflows runs in float32
+            for index in tqdm(indices, desc="encode latents", disable=not (progress and process.is_main), leave=False):
+                pixels, size = _read(dataset, index)
+                if tuple(pixels.shape) != expected:
+                    raise DataError(
+                        f"Image {_describe(dataset, index)} is {_size(pixels.shape)}, but image 0 is {_size(expected)}; all images must "
+                        "share one size: pass resolution=N (CLI: --resolution N) to resize and crop them all, or resize them first."
+                    )
+                digest = image_content_digest(pixels)
+                share.append((index, digest, size))
+                if digest in known or digest in pending:
+                    self.reused += 1
+                    continue
+                pending[digest] = encode_latent(self.vae, pixels)[0].contiguous()
+                self.encoded += 1
+                if len(pending) >= self.shard_size:
+                    known.update(self._write_shard(pending))
         known.update(self._write_shard(pending))  # an exception above leaves the unfinished shard unwritten
         return share
 

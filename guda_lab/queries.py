@@ -10,7 +10,7 @@ import torch
 
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.io_utils import atomic_directory
-from diffusers_guda.pipelines.attribution import to_model_images
+from diffusers_guda.pipelines import to_model_images
 
 
 def generate_queries(pipe, num_queries: int, seed: int, num_inference_steps: int, out_dir: Path, batch_size: int = 100,

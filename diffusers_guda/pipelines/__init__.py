@@ -5,10 +5,11 @@ pipelines are imported on first use: they need ``transformers`` (the ``sd`` extr
 unconditional pipelines do not.
 """
 
-from .attribution import attribute, load_guda_bundle, model_inputs, to_model_images, unlearn_groups, unload_guda_bundle
+from .attribution import attribute, load_guda_bundle, unlearn_groups, unload_guda_bundle
 from .auto import GUDAAutoPipeline, pipeline_class_for, pipeline_family, read_model_index
 from .ddpm import GUDADDPMPipeline
 from .mixin import GUDAPipelineMixin
+from .model_inputs import model_dataset, model_inputs, to_model_images
 
 _LAZY = {
     "GUDAStableDiffusionPipeline": "stable_diffusion",
@@ -40,6 +41,7 @@ __all__ = [
     "TextToImageDDPMPipeline",
     "attribute",
     "load_guda_bundle",
+    "model_dataset",
     "model_inputs",
     "pipeline_class_for",
     "pipeline_family",

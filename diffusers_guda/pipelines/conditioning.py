@@ -18,7 +18,8 @@ encoder and each image's time ids (original size, crop, target size): :class:`SD
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+from typing import Iterator, Sequence
 
 import torch
 
@@ -72,7 +73,25 @@ def encode_latents(pipe, images: torch.Tensor, progress: bool = False) -> torch.
     from tqdm.auto import tqdm
 
     check_pixel_images(pipe, images)
-    return torch.cat([encode_latent(pipe.vae, image) for image in tqdm(images, desc="encode latents", disable=not progress, leave=False)])
+    with vae_encoding_precision(pipe.vae):
+        return torch.cat([encode_latent(pipe.vae, image) for image in tqdm(images, desc="encode latents", disable=not progress, leave=False)])
+
+
+@contextlib.contextmanager
+def vae_encoding_precision(vae) -> Iterator[None]:
+    """Within the block, a float16 VAE whose config sets ``force_upcast`` runs in float32.
+
+    SDXL's VAE overflows in float16; diffusers decodes in float32 for the same reason. The weights
+    go back to float16 afterwards (exactly: float16 -> float32 -> float16 is lossless).
+    """
+    if next(vae.parameters()).dtype != torch.float16 or not vae.config.get("force_upcast", False):
+        yield
+        return
+    vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        vae.to(torch.float16)
 
 
 @torch.no_grad()

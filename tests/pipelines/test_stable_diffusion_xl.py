@@ -347,3 +347,23 @@ def test_auto_pipeline_and_cli_detect_an_sdxl_base(tiny_sdxl_dir, tmp_path):
                             "--prompt", "a square in red style", "--stride", 250, "--out", out, "--quiet")
     assert code == 0, err
     assert "red-0.png" in stdout and out.is_file()
+
+
+def test_a_float16_vae_that_overflows_encodes_in_float32(sdxl_pipe):
+    """SDXL's VAE sets force_upcast (it overflows in float16): its latents are computed in float32."""
+    import copy
+
+    from diffusers_guda.pipelines.conditioning import encode_latent, vae_encoding_precision
+
+    half = copy.deepcopy(sdxl_pipe.vae).to(torch.float16)
+    full = copy.deepcopy(half).to(torch.float32)  # the same (rounded) weights, in float32
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert half.config.force_upcast
+    with vae_encoding_precision(half):
+        assert half.dtype == torch.float32
+        upcast = encode_latent(half, image)
+    assert half.dtype == torch.float16  # back as it was
+    assert torch.equal(upcast, encode_latent(full, image))
+    half.register_to_config(force_upcast=False)
+    with vae_encoding_precision(half):
+        assert half.dtype == torch.float16  # a VAE that does not ask for it stays in float16
