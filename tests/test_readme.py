@@ -19,7 +19,7 @@ from PIL import Image
 from conftest import make_sd_dataset
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-SECTION = "## Your own Stable Diffusion model, step by step"
+SECTION = "## Your own Stable Diffusion or SDXL model, step by step"
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
@@ -57,7 +57,8 @@ def test_readme_stable_diffusion_walkthrough_runs(tmp_path, monkeypatch, tiny_sd
         'bundle.push_to_hub("you/styles-bundle")': "",
         'num_inference_steps=30': "num_inference_steps=2",
         'pipe.load_guda_bundle("you/styles-bundle")': 'pipe.load_guda_bundle("styles-bundle")',
-        "result = pipe.attribute(images,": "result = pipe.attribute(dataset.images[[0, 6]],",
+        'resolution=512)': "resolution=16)",
+        "result = pipe.attribute(images,": "result = pipe.attribute(dataset.load().images[[0, 6]],",
     })
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
@@ -74,5 +75,5 @@ def test_readme_stable_diffusion_walkthrough_runs(tmp_path, monkeypatch, tiny_sd
 
     # the bundle saved in step 4 and loaded back in step 5 scores exactly as the one unlearned in step 3
     pipe = namespace["pipe"]
-    in_memory = pipe.attribute(dataset.images[[0, 6]], prompts=result.metadata["prompts"], bundle=bundle, progress=False)
+    in_memory = pipe.attribute(dataset.load().images[[0, 6]], prompts=result.metadata["prompts"], bundle=bundle, progress=False)
     assert torch.equal(in_memory.scores, result.scores) and torch.equal(in_memory.stderr, result.stderr)
