@@ -28,6 +28,7 @@ from diffusers_guda.errors import DataError, ScoringError
 from guda_lab import training_config
 from guda_lab.evaluation.logo import train_logo_models
 from diffusers_guda.recipes import Recipe
+from diffusers_guda.testing import tiny_stable_diffusion
 
 from conftest import TINY_RECIPE, make_tiny_dataset, write_group_folder
 from test_cli import assert_one_line_error, run, snapshot
@@ -53,7 +54,8 @@ def workspace(tmp_path_factory):
     assert code == 0, err
     code, _, err = run("unlearn", "--base", base, "--data", data, "--out", bundle, "--recipe", recipe, "--steps", 2, "--quiet")
     assert code == 0, err
-    return dict(root=root, recipe=recipe, data=data, queries=queries, base=base, bundle=bundle)
+    tiny_stable_diffusion().save_pretrained(root / "sd-base")  # a latent, text-conditioned base
+    return dict(root=root, recipe=recipe, data=data, queries=queries, base=base, bundle=bundle, sd_base=root / "sd-base")
 
 
 def tree(path: Path) -> dict[str, bytes | None]:
@@ -116,6 +118,34 @@ def attribute_args(ws, tmp, *extra, base=None, bundle=None, images=None) -> list
         "--base", base or ws["base"], "--bundle", bundle or ws["bundle"], "--images", *(images or [ws["queries"]]),
         "--out", previous_file(tmp / "result.json"), "--plot", tmp / "plot.png", *extra,
     ]
+
+
+def captioned_folder(tmp: Path, size: int = 16, corrupt: int | None = None) -> Path:
+    """A metadata.jsonl folder of 8 RGB images in two groups; image ``corrupt`` (if given) cut in half."""
+    root = tmp / "captioned"
+    root.mkdir()
+    rows = []
+    for i in range(8):
+        Image.new("RGB", (size, size), color=(30 * i, 0, 0)).save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "text": "a photo", "group": "ab"[i % 2]})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if corrupt is not None:
+        truncate(root / f"{corrupt}.png")
+    return root
+
+
+def datasets_folder(tmp: Path) -> Path:
+    """A ``datasets`` ``save_to_disk`` folder whose group column is called ``label``."""
+    from datasets import Dataset
+
+    images = [Image.new("RGB", (16, 16), color=(30 * i, 0, 0)) for i in range(8)]
+    Dataset.from_dict({"image": images, "label": ["a", "b"] * 4, "text": ["a photo"] * 8}).save_to_disk(str(tmp / "hf"))
+    return tmp / "hf"
+
+
+def sd_unlearn_args(ws, tmp, data: Path, *extra) -> list:
+    """``guda unlearn`` of the tiny Stable Diffusion base, its latent cache under ``tmp`` (which must stay unwritten)."""
+    return ["--base", ws["sd_base"], "--data", data, "--out", ws["bundle"], "--steps", 1, "--latent-cache", tmp / "cache", *extra]
 
 
 def recipe_file(tmp: Path, content) -> Path:
@@ -304,7 +334,27 @@ CASES = [
     Case("base-is-a-bundle", "unlearn",
          lambda ws, t: unlearn_args(ws, t, base=ws["bundle"]),
          ("Cannot load the base pipeline", "guda train")),
+    # -- large datasets and latent pipelines
+    Case("dataset-column-missing", "unlearn",
+         lambda ws, t: sd_unlearn_args(ws, t, datasets_folder(t)),
+         ("no column 'group'", "'label'", "--group-column")),
+    Case("dataset-caption-column-missing", "unlearn",
+         lambda ws, t: sd_unlearn_args(ws, t, datasets_folder(t), "--group-column", "label", "--caption-column", "caption"),
+         ("no column 'caption'", "'text'", "--caption-column")),
+    Case("corrupt-image-in-a-lazy-dataset", "unlearn",
+         lambda ws, t: sd_unlearn_args(ws, t, captioned_folder(t, corrupt=5)),
+         ("5.png", "index 5", "Remove or replace")),
+    Case("image-size-not-a-multiple-of-the-vae-factor", "unlearn",
+         lambda ws, t: sd_unlearn_args(ws, t, captioned_folder(t, size=15)),
+         ("15x15", "downsamples by 2", "--resolution")),
+    Case("resolution-below-the-vae-factor", "unlearn",
+         lambda ws, t: sd_unlearn_args(ws, t, captioned_folder(t), "--resolution", 1),
+         ("1x1", "downsamples by 2", "multiple of 2")),
     # -- attribute: the base and the bundle
+    Case("bundle-for-another-family", "attribute",
+         lambda ws, t: attribute_args(ws, t, bundle=bundle_copy(ws, t, lambda m: m["base_model"].update(
+             family="stable-diffusion-xl", pipeline_class="StableDiffusionXLPipeline"))),
+         ("made for a stable-diffusion-xl pipeline", "GUDAStableDiffusionXLPipeline")),
     Case("missing-base-attribute", "attribute",
          lambda ws, t: attribute_args(ws, t, base=t / "no-base"),
          ("no-base", "guda train")),
