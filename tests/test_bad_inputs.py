@@ -466,6 +466,9 @@ CASES = [
     Case("logo-zero-steps", "logo",
          lambda ws, t: [*out_args(ws, t), "--steps", 0],
          ("steps", "must be >= 1")),
+    # -- images: one reader for training data and queries
+    # -- provenance, concurrent runs and the Hub
+    # -- further cases
 ]
 
 
