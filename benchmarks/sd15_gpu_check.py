@@ -139,7 +139,7 @@ def build_pipeline(model: str, tiny: bool, device: torch.device, dtype: torch.dt
             parts = dict(
                 unet=UNet2DConditionModel(**SD15_UNET), vae=AutoencoderKL(**SD_VAE, sample_size=512, scaling_factor=0.18215),
                 text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L, **text)), tokenizer=tokenizer,
-                scheduler=DDPMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+                scheduler=DDPMScheduler(**SD_SCHEDULE, clip_sample=False), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
             )
             pipe = GUDAStableDiffusionPipeline(**parts)
         else:
