@@ -111,10 +111,10 @@ def child(args) -> dict:
     out = {"case": args.case, "images": sum(1 for _ in open(data / "metadata.jsonl"))}
     settings = dict(steps=2, batch_size=2, lora_rank=2, eval_images=4, eval_draws=1, progress=False, process=SINGLE_PROCESS)
     if args.case == "attribute":
-        from PIL import Image
+        from diffusers_guda.images import open_image
 
         pipe.load_guda_bundle(args.bundle)
-        queries = [Image.open(data / "images" / f"{i:05d}.png").convert("RGB") for i in range(4)]
+        queries = [open_image(data / "images" / f"{i:05d}.png", "RGB") for i in range(4)]
         from diffusers_guda import ELBOConfig
 
         result = pipe.attribute(queries, prompts=[f"a photo in {GROUPS[i]} style" for i in range(4)], progress=False,

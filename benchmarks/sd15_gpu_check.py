@@ -43,8 +43,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet
 from diffusers_guda import AttributionScorer, GroupedDataset, Recipe
 from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
 from diffusers_guda.models import unet_call_kwargs
-from diffusers_guda.pipelines import GUDAStableDiffusionPipeline, GUDAStableDiffusionXLPipeline
-from diffusers_guda.pipelines import model_inputs
+from diffusers_guda.pipelines import GUDAStableDiffusionPipeline, GUDAStableDiffusionXLPipeline, model_inputs
 from diffusers_guda.scoring.strategies import resolve_strategy
 from diffusers_guda.testing import tiny_clip_tokenizer, tiny_stable_diffusion, tiny_stable_diffusion_xl
 
@@ -253,9 +252,6 @@ def measure(model: str, args, device: torch.device, results: Results) -> None:
     attribution["adaptive rows used (mean per group)"] = round(statistics.mean(result.metadata["rows_used"][0]), 1)
     attribution["strategy"] = result.metadata["strategy"]
     results.record(model, "attribute_one_image", attribution)
-    del pipe
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def autocast(device: torch.device, dtype: str | None):
@@ -296,6 +292,8 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     for model in args.models:
         measure(model, args, device, results)
+        if device.type == "cuda":  # the model's pipeline is gone with measure's frame
+            torch.cuda.empty_cache()
     results.data["total_s"] = round(time.perf_counter() - start, 1)
     results.write()
     return results.data

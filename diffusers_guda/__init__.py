@@ -20,6 +20,7 @@ from .errors import (
     DistributedError,
     GUDAError,
     OutputError,
+    OutputLockedError,
     ScoringError,
     UnlearningDivergedError,
 )
@@ -77,6 +78,7 @@ __all__ = [
     "LazyGroupedDataset",
     "LoRASettings",
     "OutputError",
+    "OutputLockedError",
     "Recipe",
     "ScoringError",
     "UnlearningConfig",

@@ -92,6 +92,7 @@ class GroupedDataset(GroupViews):
     size_conditions: torch.Tensor | None = None
 
     def __post_init__(self):
+        check_group_inputs(self.group_ids, self.group_names, self.prompts)
         self.group_names = [str(n) for n in self.group_names]
         self.group_ids = torch.as_tensor(self.group_ids, dtype=torch.long)
         if self.prompts is not None:
@@ -239,6 +240,24 @@ def _validate(images, group_ids, group_names, prompts) -> None:
     if not torch.isfinite(images).all():
         raise DataError("images contain NaN or infinite values.")
     check_groups(group_ids, group_names, prompts, images.shape[0])
+
+
+def check_group_inputs(group_ids, group_names, prompts) -> None:
+    """Refuse what converting to a list or a long tensor would silently change: a single string of names or
+    prompts (read letter by letter), fractional group ids (rounded down).
+
+    Raises:
+        DataError: naming the argument.
+    """
+    for label, value, each in (("group_names", group_names, "group"), ("prompts", prompts, "image")):
+        if isinstance(value, str):
+            raise DataError(f"{label} must be a list of strings, one per {each}; got the single string {value!r}.")
+    if isinstance(group_ids, torch.Tensor):
+        ids = group_ids.detach().cpu().double().numpy() if group_ids.is_floating_point() else None
+    else:
+        ids = np.asarray(group_ids)
+    if ids is not None and ids.dtype.kind == "f" and not np.array_equal(ids, np.round(ids)):
+        raise DataError("group_ids must be integer group indices (0..K-1); got fractional or NaN values.")
 
 
 def check_groups(group_ids: torch.Tensor, group_names: list[str], prompts: list[str] | None, n: int) -> None:

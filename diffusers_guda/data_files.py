@@ -7,7 +7,6 @@ image reader every source uses (see docs/formats.md#training-data and the constr
 
 from __future__ import annotations
 
-import io
 import json
 import os
 from collections import Counter
@@ -17,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import DataError
+from .images import open_image
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 METADATA_NAME = "metadata.jsonl"
@@ -163,7 +163,11 @@ def scan_metadata(root: str | os.PathLike) -> tuple[list[Path], list[str], list[
 
 
 def read_image(source: Path | bytes, mode: str | None, resolution: int | None = None, where: str | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Decode one image file (or its bytes), convert it to ``mode`` (or to L/RGB) and optionally resize and crop it.
+    """Decode one image file (or its bytes) with the one image reader, convert it to ``mode`` and optionally resize and crop it.
+
+    The file is decoded by :func:`~diffusers_guda.images.open_image` (EXIF orientation applied, 16-bit
+    grayscale scaled to 8 bits, transparency composited on white, animated images refused; see
+    docs/formats.md#image-reading), so it gives the same pixels as the same file passed as a query.
 
     With ``resolution``, the shorter side is resized to ``resolution`` (bicubic) and the centre
     ``resolution x resolution`` square is cut out, as diffusers' training scripts do
@@ -171,7 +175,7 @@ def read_image(source: Path | bytes, mode: str | None, resolution: int | None = 
 
     Args:
         source: A file path or the encoded image's bytes.
-        mode: ``"L"``/``"RGB"``, or ``None`` to keep L and RGB images as they are (others become RGB or L).
+        mode: ``"L"``/``"RGB"``, or ``None`` to keep the reader's ``L`` or ``RGB`` (grayscale sources give ``L``, others ``RGB``).
         resolution: Side of the square crop, or ``None`` to keep the size.
         where: How error messages name the image (default: the path).
 
@@ -180,31 +184,22 @@ def read_image(source: Path | bytes, mode: str | None, resolution: int | None = 
         width, crop top, crop left, height, width)``.
 
     Raises:
-        DataError: naming the image, when it cannot be decoded.
+        DataError: naming the image, when it cannot be decoded or the reader refuses it (animated, float, too many pixels).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    where = where or str(source)
-    try:
-        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as img:
-            img.load()
-            if mode is not None:
-                img = img.convert(mode)
-            elif img.mode not in MODES:
-                img = img.convert("RGB" if img.mode in ("RGBA", "P", "CMYK", "YCbCr") else "L")
-            width, height = img.size
-            top = left = 0
-            if resolution is not None:
-                short, long = sorted((width, height))
-                scaled = (resolution, int(resolution * long / short))  # torchvision's Resize(int) sizes
-                size = scaled if width <= height else scaled[::-1]
-                if size != img.size:
-                    img = img.resize(size, Image.Resampling.BICUBIC)
-                top, left = round((size[1] - resolution) / 2), round((size[0] - resolution) / 2)
-                img = img.crop((left, top, left + resolution, top + resolution))
-            array = np.asarray(img)
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-        raise DataError(f"Cannot read image {where}: {exc}. Remove or replace the file.") from exc
+    image = open_image(source, mode, name=f"image {where}" if where else None)
+    width, height = image.size
+    top = left = 0
+    if resolution is not None:
+        short, long = sorted((width, height))
+        scaled = (resolution, int(resolution * long / short))  # torchvision's Resize(int) sizes
+        size = scaled if width <= height else scaled[::-1]
+        if size != image.size:
+            image = image.resize(size, Image.Resampling.BICUBIC)
+        top, left = round((size[1] - resolution) / 2), round((size[0] - resolution) / 2)
+        image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image)
     return array, (height, width, top, left, *array.shape[:2])
 
 

@@ -23,6 +23,7 @@ the batch it was computed in.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -33,6 +34,24 @@ from .hashing import image_content_hash
 from .models import unet_call_kwargs
 
 WEIGHTINGS = ("kl", "simple")
+
+
+def check_types(config, ints=(), reals=()) -> None:
+    """Refuse settings of the wrong JSON type (a recipe's ``"steps": "ten"``, ``1.5`` or ``true``), naming the field.
+
+    Args:
+        config: A settings dataclass.
+        ints: Fields that must be integers (or ``None``).
+        reals: Fields that must be numbers (or ``None``).
+
+    Raises:
+        ConfigError: naming the first field of the wrong type.
+    """
+    for names, kinds, what in ((ints, numbers.Integral, "an integer"), (reals, numbers.Real, "a number")):
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                raise ConfigError(f"{type(config).__name__}.{name} must be {what}, got {value!r}.")
 
 
 @dataclass
@@ -61,6 +80,11 @@ class ELBOConfig:
     autocast_dtype: str | None = field(default=None, metadata={"help": "bfloat16/float16 autocast, or None."})
 
     def __post_init__(self):
+        check_types(self, ints=("stride", "t_min", "t_max", "num_draws", "seed", "rows_per_forward"))
+        if self.t_min is not None and self.t_min < 0:
+            raise ConfigError(f"t_min must be >= 0, got {self.t_min}.")
+        if self.t_min is not None and self.t_max is not None and self.t_min >= self.t_max:
+            raise ConfigError(f"t_min must be below t_max, got t_min={self.t_min}, t_max={self.t_max}.")
         if self.weighting not in WEIGHTINGS:
             raise ConfigError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
         if self.stride is not None and self.stride < 1:

@@ -43,3 +43,7 @@ class ScoringError(GUDAError, RuntimeError):
 
 class BatchTooLargeError(GUDAError, MemoryError):
     """A batch does not fit in the device's memory; the message names the settings that make it smaller."""
+
+
+class OutputLockedError(OutputError):
+    """Another run is writing the same output (its lock file names it); nothing was done."""

@@ -16,13 +16,14 @@ from .errors import DataError
 SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what Dataset(Dict).save_to_disk writes
 
 
-def open_hf_dataset(source, split: str = "train", revision: str | None = None, cache_dir: str | os.PathLike | None = None):
+def open_hf_dataset(source, split: str | None = None, revision: str | None = None, cache_dir: str | os.PathLike | None = None):
     """The ``datasets.Dataset`` named by ``source``, without decoding any image.
 
     Args:
         source: A ``datasets.Dataset`` or ``DatasetDict``, a ``save_to_disk`` folder, a local data folder
             (anything ``datasets.load_dataset(path)`` reads, e.g. parquet files) or a Hub dataset id.
-        split: The split to use when ``source`` holds several.
+        split: The split to use when ``source`` holds several (default ``"train"``); a source of one
+            dataset without splits refuses any other split name than its own or "train".
         revision: Hub revision (branch, tag or commit) of a Hub dataset.
         cache_dir: Where ``datasets`` caches what it downloads or converts (default: its own cache).
 
@@ -39,10 +40,12 @@ def open_hf_dataset(source, split: str = "train", revision: str | None = None, c
         if path.is_dir() and any((path / marker).is_file() for marker in SAVED_MARKERS):
             return _pick_split(datasets.load_from_disk(name), split, name)
         kwargs = {} if path.is_dir() else {"revision": revision}
-        return datasets.load_dataset(name, split=split, cache_dir=None if cache_dir is None else str(cache_dir), **kwargs)
+        return datasets.load_dataset(name, split=split or "train", cache_dir=None if cache_dir is None else str(cache_dir), **kwargs)
+    except DataError:
+        raise
     except ValueError as exc:
         if "split" in str(exc).lower():
-            raise DataError(f"{name} has no split {split!r}: {_first_line(exc)} Pass split= (CLI: --split).") from exc
+            raise DataError(f"{name} has no split {split or 'train'!r}: {_first_line(exc)} Pass split= (CLI: --split).") from exc
         raise DataError(f"Cannot load the dataset {name}: {_first_line(exc)}") from exc
     except (OSError, datasets.exceptions.DatasetNotFoundError) as exc:
         where = "a local folder" if path.exists() else "a Hub dataset id (and no such local folder exists)"
@@ -52,11 +55,14 @@ def open_hf_dataset(source, split: str = "train", revision: str | None = None, c
         ) from exc
 
 
-def _pick_split(dataset, split: str, name: str):
+def _pick_split(dataset, split: str | None, name: str):
     import datasets
 
     if not isinstance(dataset, datasets.DatasetDict):
+        if split not in (None, "train", None if dataset.split is None else str(dataset.split)):
+            raise DataError(f"{name} is one dataset without splits, so it has no split {split!r}; drop split= (CLI: --split).")
         return dataset
+    split = split or "train"
     if split not in dataset:
         raise DataError(f"{name} has no split {split!r} (splits: {sorted(dataset)}). Pass split= (CLI: --split).")
     return dataset[split]

@@ -57,11 +57,14 @@ class LatentCache:
     """
 
     def __init__(self, vae, cache_dir: str | os.PathLike | None = None, shard_size: int = 256):
-        if shard_size < 1:
-            raise DataError(f"shard_size must be >= 1, got {shard_size}.")
+        if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+            raise DataError(f"shard_size must be an integer >= 1, got {shard_size!r}.")
+        root = Path(cache_dir).expanduser() if cache_dir is not None else default_latent_cache_dir()
+        if root.is_file():
+            raise DataError(f"The latent cache folder {root} is a file; pass a directory (it is created when missing).")
         self.vae = vae
         self.fingerprint = model_fingerprint(vae)
-        self.root = Path(cache_dir).expanduser() if cache_dir is not None else default_latent_cache_dir()
+        self.root = root
         self.directory = self.root / f"vae-{self.fingerprint[:16]}"
         self.shard_size = shard_size
         self.encoded = self.reused = 0

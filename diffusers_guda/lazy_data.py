@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .data import GroupedDataset, GroupViews, check_groups
+from .data import GroupedDataset, GroupViews, check_group_inputs, check_groups
 from .data_files import check_descriptors, check_mode, read_image, scan_image_folder, scan_metadata, stack_images
 from .errors import DataError
 
@@ -71,6 +71,7 @@ class LazyGroupedDataset(GroupViews):
         check_mode(mode)
         if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1):
             raise DataError(f"resolution must be a positive integer (the side of the square training crop), got {resolution!r}.")
+        check_group_inputs(group_ids, group_names, prompts)
         self.images = images
         self.group_ids = torch.as_tensor(np.asarray(group_ids), dtype=torch.long)
         self.group_names = [str(n) for n in group_names]
@@ -130,7 +131,7 @@ class LazyGroupedDataset(GroupViews):
         image_column: str = "image",
         group_column: str = "group",
         caption_column: str | None = "text",
-        split: str = "train",
+        split: str | None = None,
         revision: str | None = None,
         cache_dir: str | os.PathLike | None = None,
         mode: str | None = None,
@@ -148,7 +149,8 @@ class LazyGroupedDataset(GroupViews):
             group_column: The column of groups: a ``ClassLabel`` (its names, in label order) or strings
                 or integers (in sorted order). Groups without rows are left out.
             caption_column: The column of captions (each image's prompt), or ``None`` for none.
-            split: The split to use.
+            split: The split to use (default ``"train"`` where the dataset has splits; one without splits
+                refuses any other name than its own or "train").
             revision: Hub revision (branch, tag or commit) of a Hub dataset.
             cache_dir: ``datasets``' cache folder for what it downloads or converts.
             mode: ``"L"`` or ``"RGB"`` to convert every image.

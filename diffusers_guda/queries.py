@@ -7,6 +7,7 @@ from typing import Sequence
 
 from .data_files import IMAGE_EXTENSIONS, METADATA_NAME, read_metadata_rows
 from .errors import ConfigError, DataError, GUDAError
+from .images import open_image
 
 
 def query_files(paths: Sequence[str | Path]) -> list[Path]:
@@ -30,19 +31,18 @@ def query_files(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def open_query_image(path: str | Path):
-    """A query image as a fully read PIL image.
+    """A query image, fully read by the one image reader (:func:`~diffusers_guda.images.open_image`).
+
+    The file gives the same pixels as the same file in the training data: EXIF orientation applied,
+    16-bit grayscale scaled to 8 bits, transparency composited on white (docs/formats.md#image-reading).
+
+    Returns:
+        A loaded ``PIL.Image.Image`` in mode ``L`` (grayscale files) or ``RGB``.
 
     Raises:
-        GUDAError: the file is not a readable image.
+        DataError: the file is empty, not a readable image, animated, or larger than the decompression-bomb limit.
     """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        image = Image.open(path)
-        image.load()
-    except (UnidentifiedImageError, OSError) as exc:
-        raise GUDAError(f"Cannot read query image {path} ({exc}). Pass PNG/JPEG image files, or remove that file.") from exc
-    return image
+    return open_image(path, name=f"query image {path}")
 
 
 def prompt_table(path: str | Path) -> dict[str, str]:

@@ -88,6 +88,10 @@ class Recipe:
         """
         if isinstance(name_or_path, Recipe):
             return name_or_path
+        if not isinstance(name_or_path, (str, Path)):
+            raise ConfigError(
+                f"recipe must be a recipe name ({', '.join(available_recipes())}), a JSON path or a Recipe, not {name_or_path!r}."
+            )
         path = Path(name_or_path)
         if path.is_file():
             text = path.read_text()
@@ -153,6 +157,9 @@ def _check_layout(data, path: Path) -> None:
     """Refuse a recipe that is not an object of known sections with known fields (a typo would be ignored)."""
     if not isinstance(data, dict):
         raise ConfigError(f"Recipe {path} must hold a JSON object, not {type(data).__name__}; see adapters/{DEFAULT_RECIPE}.json.")
+    for key in ("name", "description"):
+        if not isinstance(data.get(key, ""), str):
+            raise ConfigError(f"Recipe {path}: '{key}' must be a string, got {data[key]!r}.")
     unknown = sorted(set(data) - {"name", "description", *_SECTIONS})
     if unknown:
         raise ConfigError(f"Recipe {path} has unknown field(s) {unknown}; known: {sorted(['name', 'description', *_SECTIONS])}.")

@@ -5,6 +5,7 @@ Registered through the ``diffusers_guda.commands`` entry point (see :mod:`diffus
 
 from __future__ import annotations
 
+import math
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from diffusers_guda.cli.arguments import (
     add_data,
     add_device,
     add_recipe,
+    check_apart,
+    check_distinct,
     check_output_dir,
     launched_process,
     load_dataset,
@@ -22,6 +25,7 @@ from diffusers_guda.cli.arguments import (
     torch_device,
 )
 from diffusers_guda.errors import ConfigError
+from diffusers_guda.locks import output_lock
 from diffusers_guda.recipes import DEFAULT_RECIPE, Recipe
 
 from .recipes import training_config
@@ -79,12 +83,16 @@ def train(args) -> None:
 
     one_process_only("train")
     check_output_dir(args.out)
+    check_apart({"--out": args.out}, {"--data": args.data, "--recipe": args.recipe})
+    if args.lr is not None and not math.isfinite(args.lr):  # the training config takes any value > 0
+        raise ConfigError(f"--lr must be a finite number > 0, got {args.lr}.")
     config = training_config(Recipe.load(args.recipe), "train")
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("learning_rate", args.lr), ("seed", args.seed)) if v is not None}
     config = replace(config, **overrides)
     device = torch_device(args.device) if args.device else launched_process().device
-    dataset = load_dataset(args)
-    train_base_model(dataset, config, output_dir=args.out, progress=not args.quiet, device=device)
+    with output_lock(args.out, command="guda train"):  # one run at a time on --out
+        dataset = load_dataset(args)
+        train_base_model(dataset, config, output_dir=args.out, progress=not args.quiet, device=device)
     print(f"saved the base pipeline to {args.out} (load it with diffusers.DDPMPipeline.from_pretrained)")
 
 
@@ -92,14 +100,17 @@ def logo(args) -> None:
     from .evaluation.logo import train_logo_models
 
     check_output_dir(args.out)
+    check_apart({"--out": args.out}, {"--data": args.data, "--recipe": args.recipe})
+    check_distinct(args.groups, "--groups")
     config = training_config(Recipe.load(args.recipe), "logo")
     config = replace(config, **({"steps": args.steps} if args.steps is not None else {}))
-    dataset = load_dataset(args)
     process = launched_process()
-    paths = train_logo_models(
-        dataset, config, args.out, groups=args.groups, seed=args.seed, progress=not args.quiet, process=process,
-        device=torch_device(args.device) if args.device else None,
-    )
+    with output_lock(args.out, command="guda logo", process=process):  # one run at a time on --out; process 0 holds it for all
+        dataset = load_dataset(args)
+        paths = train_logo_models(
+            dataset, config, args.out, groups=args.groups, seed=args.seed, progress=not args.quiet, process=process,
+            device=torch_device(args.device) if args.device else None,
+        )
     if process.is_main:
         print(f"{len(paths)} leave-one-group-out models under {Path(args.out) / f'seed_{args.seed if args.seed is not None else config.seed}'}")
 
@@ -109,8 +120,10 @@ def demo(args) -> None:
 
     one_process_only("demo")
     check_output_dir(args.out)
+    check_apart({"--out": args.out}, {"--recipe": args.recipe})
     require_positive(queries=args.queries)
-    run_demo(args.out, recipe=args.recipe, num_queries=args.queries, progress=not args.quiet)
+    with output_lock(args.out, command="guda demo"):  # one run at a time on --out
+        run_demo(args.out, recipe=args.recipe, num_queries=args.queries, progress=not args.quiet)
     print(f"\nartifacts in {args.out}: base/ bundle/ queries/ report.json queries.png attribution_bars.png label_heatmap.png unlearning.png")
 
 
@@ -123,7 +136,7 @@ def _baseline_config(config_class, pairs, flag):
         raise ConfigError(f"{flag}: unknown setting(s) {unknown}; known: {sorted(known)}.")
     try:
         return config_class(**options)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # also a value its type cannot read (timesteps=abc)
         raise ConfigError(f"{flag}: {exc}") from exc
 
 
@@ -135,15 +148,17 @@ def evaluate(args) -> None:
 
     one_process_only("evaluate")
     check_output_dir(args.out)
+    check_apart({"--out": args.out}, {"--data": args.data, "--recipe": args.recipe})
     require_positive(queries=args.queries)
     gradient = _baseline_config(GradientConfig, args.gradient_option, "--gradient-option")
     instance = _baseline_config(InstanceUnlearningConfig, args.instance_option, "--instance-option")
-    dataset = load_dataset(args)
-    # the embedded digits (--data digits) are the digits-classes benchmark's dataset
-    name = args.benchmark or (DIGITS_BENCHMARK if args.data == "digits" else None)
-    benchmark = get_benchmark(name) if name else None
-    recipe = args.recipe or (benchmark.recipe if benchmark else DEFAULT_RECIPE)
-    run_evaluation(args.out, dataset, recipe, num_queries=args.queries, methods=args.methods or METHODS,
-                   seed_b=args.seed_b, ceiling=not args.no_ceiling, gradient_config=gradient,
-                   instance_config=instance, progress=not args.quiet, benchmark=benchmark)
+    with output_lock(args.out, command="guda evaluate"):  # one run at a time on --out
+        dataset = load_dataset(args)
+        # the embedded digits (--data digits) are the digits-classes benchmark's dataset
+        name = args.benchmark or (DIGITS_BENCHMARK if args.data == "digits" else None)
+        benchmark = get_benchmark(name) if name else None
+        recipe = args.recipe or (benchmark.recipe if benchmark else DEFAULT_RECIPE)
+        run_evaluation(args.out, dataset, recipe, num_queries=args.queries, methods=args.methods or METHODS,
+                       seed_b=args.seed_b, ceiling=not args.no_ceiling, gradient_config=gradient,
+                       instance_config=instance, progress=not args.quiet, benchmark=benchmark)
     print(f"\nartifacts in {args.out}: report.json report.md metrics.png score_heatmaps.png scores/ base/ logo/ bundle/ queries/")

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from diffusers_guda.data import GroupedDataset
+from diffusers_guda.images import open_image
 from diffusers_guda.io_utils import atomic_directory
 from diffusers_guda.pipelines import to_model_images
 
@@ -39,10 +40,8 @@ def generate_queries(pipe, num_queries: int, seed: int, num_inference_steps: int
 
 
 def load_query_images(paths) -> torch.Tensor:
-    """The images at ``paths`` as a model batch ``[N, C, H, W]`` in [-1, 1]."""
-    from PIL import Image
-
-    return to_model_images([Image.open(p) for p in paths])
+    """The images at ``paths`` as a model batch ``[N, C, H, W]`` in [-1, 1], read by the library's one image reader."""
+    return to_model_images([open_image(p, name=f"query image {p}") for p in paths])
 
 
 def query_prompts(dataset: GroupedDataset, num_queries: int) -> list[str]:

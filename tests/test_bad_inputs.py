@@ -93,8 +93,9 @@ def data_folder(tmp: Path, edit: Callable[[Path], object] = lambda root: None, g
     return root
 
 
-def truncate(path: Path) -> None:
+def truncate(path: Path) -> Path:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
 
 
 def out_args(ws, tmp, *extra, data=None, recipe=None) -> list:
@@ -120,8 +121,8 @@ def attribute_args(ws, tmp, *extra, base=None, bundle=None, images=None) -> list
     ]
 
 
-def captioned_folder(tmp: Path, size: int = 16, corrupt: int | None = None) -> Path:
-    """A metadata.jsonl folder of 8 RGB images in two groups; image ``corrupt`` (if given) cut in half."""
+def captioned_folder(tmp: Path, size: int = 16, edit: Callable[[Path], object] = lambda root: None) -> Path:
+    """A metadata.jsonl folder of 8 RGB images ``0.png`` ... ``7.png`` in two groups, after ``edit(root)``."""
     root = tmp / "captioned"
     root.mkdir()
     rows = []
@@ -129,9 +130,31 @@ def captioned_folder(tmp: Path, size: int = 16, corrupt: int | None = None) -> P
         Image.new("RGB", (size, size), color=(30 * i, 0, 0)).save(root / f"{i}.png")
         rows.append({"file_name": f"{i}.png", "text": "a photo", "group": "ab"[i % 2]})
     (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    if corrupt is not None:
-        truncate(root / f"{corrupt}.png")
+    edit(root)
     return root
+
+
+def animated(path: Path, frames: int = 2, mode: str = "L", size: int = 8) -> Path:
+    """An image file of several frames (GIF, PNG or TIFF, by the suffix)."""
+    Image.new(mode, (size, size)).save(path, save_all=True, append_images=[Image.new(mode, (size, size), 255)] * (frames - 1))
+    return path
+
+
+def declared_bomb(path: Path, side: int) -> Path:
+    """A file whose header declares a ``side`` x ``side`` image (a PPM header, whatever the suffix)."""
+    path.write_bytes(f"P5 {side} {side} 255\n".encode())
+    return path
+
+
+def empty_file(path: Path) -> Path:
+    path.write_bytes(b"")
+    return path
+
+
+def tiff(path: Path, array: np.ndarray | None = None) -> Path:
+    """A TIFF of 32-bit floats (default) or of ``array``'s values."""
+    (Image.new("F", (8, 8)) if array is None else Image.fromarray(array)).save(path)
+    return path
 
 
 def datasets_folder(tmp: Path) -> Path:
@@ -331,8 +354,8 @@ CASES = [
     Case("missing-base-unlearn", "unlearn",
          lambda ws, t: unlearn_args(ws, t, base=t / "no-base"),
          ("no-base", "guda train")),
-    Case("base-is-a-bundle", "unlearn",
-         lambda ws, t: unlearn_args(ws, t, base=ws["bundle"]),
+    Case("base-is-a-bundle", "unlearn",  # another --out: the bundle's own path is refused as an --out equal to --base
+         lambda ws, t: [*unlearn_args(ws, t, base=ws["bundle"]), "--out", t / "new-bundle"],
          ("Cannot load the base pipeline", "guda train")),
     # -- large datasets and latent pipelines
     Case("dataset-column-missing", "unlearn",
@@ -342,7 +365,7 @@ CASES = [
          lambda ws, t: sd_unlearn_args(ws, t, datasets_folder(t), "--group-column", "label", "--caption-column", "caption"),
          ("no column 'caption'", "'text'", "--caption-column")),
     Case("corrupt-image-in-a-lazy-dataset", "unlearn",
-         lambda ws, t: sd_unlearn_args(ws, t, captioned_folder(t, corrupt=5)),
+         lambda ws, t: sd_unlearn_args(ws, t, captioned_folder(t, edit=lambda root: truncate(root / "5.png"))),
          ("5.png", "index 5", "Remove or replace")),
     Case("image-size-not-a-multiple-of-the-vae-factor", "unlearn",
          lambda ws, t: sd_unlearn_args(ws, t, captioned_folder(t, size=15)),
@@ -467,8 +490,249 @@ CASES = [
          lambda ws, t: [*out_args(ws, t), "--steps", 0],
          ("steps", "must be >= 1")),
     # -- images: one reader for training data and queries
+    Case("data-animated-gif", "train",
+         lambda ws, t: train_args(ws, t, data=data_folder(t, lambda r: animated(r / "a" / "anim.gif"))),
+         ("anim.gif", "is animated or has several frames (2)", "save the one frame")),
+    Case("data-decompression-bomb", "train",  # a header declaring 20000 x 20000 pixels: refused before decoding
+         lambda ws, t: train_args(ws, t, data=data_folder(t, lambda r: declared_bomb(r / "b" / "bomb.png", 20000))),
+         ("bomb.png", "400,000,000 pixels", "decompression bombs", "Resize the image", "GUDA_MAX_IMAGE_PIXELS=400000000")),
+    Case("data-empty-file", "train",
+         lambda ws, t: train_args(ws, t, data=data_folder(t, lambda r: empty_file(r / "a" / "empty.png"))),
+         ("empty.png", "the file is empty (0 bytes)", "Remove or replace")),
+    Case("data-float-tiff", "train",
+         lambda ws, t: train_args(ws, t, data=data_folder(t, lambda r: tiff(r / "a" / "float.tif"))),
+         ("float.tif", "32-bit floating-point", "8-bit")),
+    Case("data-animated-png-in-a-lazy-dataset", "unlearn",
+         lambda ws, t: sd_unlearn_args(ws, t, captioned_folder(t, edit=lambda root: animated(root / "3.png", mode="RGB", size=16))),
+         ("3.png", "index 3", "is animated")),
+    Case("data-decompression-bomb-in-a-lazy-dataset", "unlearn",
+         lambda ws, t: sd_unlearn_args(ws, t, captioned_folder(t, edit=lambda root: declared_bomb(root / "2.png", 10000))),
+         ("2.png", "index 2", "10000x10000 = 100,000,000 pixels", "GUDA_MAX_IMAGE_PIXELS")),
+    Case("query-animated-gif", "attribute",
+         lambda ws, t: attribute_args(ws, t, images=[animated(t / "anim.gif")]),
+         ("Query image", "anim.gif", "is animated", "save the one frame")),
+    Case("query-multi-page-tiff", "attribute",
+         lambda ws, t: attribute_args(ws, t, images=[animated(t / "pages.tif", frames=3)]),
+         ("Query image", "pages.tif", "several frames (3)")),
+    Case("query-decompression-bomb", "attribute",
+         lambda ws, t: attribute_args(ws, t, images=[declared_bomb(t / "bomb.png", 10000)]),
+         ("Cannot read query image", "bomb.png", "10000x10000", "Resize the image", "GUDA_MAX_IMAGE_PIXELS=100000000")),
+    Case("query-empty-file", "attribute",
+         lambda ws, t: attribute_args(ws, t, images=[empty_file(t / "empty.png")]),
+         ("Cannot read query image", "empty.png", "0 bytes")),
+    Case("query-truncated-png", "attribute",
+         lambda ws, t: attribute_args(ws, t, images=[truncate(png(t / "cut.png", size=64))]),
+         ("Cannot read query image", "cut.png", "truncated", "Remove or replace")),
+    Case("query-float-tiff", "attribute",
+         lambda ws, t: attribute_args(ws, t, images=[tiff(t / "float.tif")]),
+         ("Query image", "float.tif", "32-bit floating-point")),
+    Case("query-integers-beyond-16-bit", "attribute",
+         lambda ws, t: attribute_args(ws, t, images=[tiff(t / "wide.tif", np.full((8, 8), 70000, np.int32))]),
+         ("Query image", "wide.tif", "outside 0..65535", "8-bit or 16-bit")),
     # -- provenance, concurrent runs and the Hub
+    # (builders below the table; in this module the Hub is offline with an empty cache, see hub_offline)
+    Case("unlearn-out-locked-by-a-live-run", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--out", held_lock(previous_dir(t / "bundle"), "guda unlearn")],
+         ("bundle is being written by another run", "`guda unlearn`", "bundle.lock", "Wait for it to finish")),
+    Case("unlearn-out-locked-on-another-machine", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--out", foreign_lock(previous_dir(t / "bundle"))],
+         ("pid 4242 on another-machine", "on another machine", "delete", "bundle.lock")),
+    Case("attribute-out-locked-by-a-live-run", "attribute",
+         lambda ws, t: [*attribute_args(ws, t), "--out", held_lock(previous_file(t / "result.json"), "guda attribute")],
+         ("result.json is being written by another run", "`guda attribute`", "result.json.lock")),
+    Case("attribute-plot-locked-by-a-live-run", "attribute",
+         lambda ws, t: [*attribute_args(ws, t), "--plot", held_lock(previous_file(t / "bars.png"), "guda attribute")],
+         ("bars.png is being written by another run", "bars.png.lock")),
+    Case("train-out-locked-by-a-live-run", "train",
+         lambda ws, t: [*train_args(ws, t), "--out", held_lock(previous_dir(t / "base"), "guda train")],
+         ("base is being written by another run", "`guda train`", "base.lock")),
+    Case("logo-out-locked-by-a-live-run", "logo",
+         lambda ws, t: [*out_args(ws, t), "--steps", 1, "--out", held_lock(previous_dir(t / "logo"), "guda logo")],
+         ("logo is being written by another run", "logo.lock")),
+    Case("evaluate-out-locked-by-a-live-run", "evaluate",
+         lambda ws, t: [*out_args(ws, t), "--out", held_lock(previous_dir(t / "eval"), "guda evaluate")],
+         ("eval is being written by another run", "eval.lock")),
+    Case("demo-out-locked-by-a-live-run", "demo",
+         lambda ws, t: ["--out", held_lock(previous_dir(t / "demo"), "guda demo"), "--recipe", ws["recipe"]],
+         ("demo is being written by another run", "demo.lock")),
+    Case("bundle-on-the-hub-not-cached-offline", "attribute",
+         lambda ws, t: attribute_args(ws, t, bundle="guda-test/no-such-bundle"),
+         ("'guda-test/no-such-bundle'", "not in the local Hub cache", "HF_HUB_OFFLINE=1", "hf download guda-test/no-such-bundle")),
+    Case("bundle-revision-not-cached-offline", "attribute",
+         lambda ws, t: attribute_args(ws, t, "--revision", "v9", bundle="guda-test/no-such-bundle"),
+         ("at revision 'v9'", "hf download guda-test/no-such-bundle --revision v9")),
+    Case("base-on-the-hub-not-cached-offline", "unlearn",
+         lambda ws, t: unlearn_args(ws, t, base="guda-test/no-such-base"),
+         ("base pipeline 'guda-test/no-such-base'", "not in the local Hub cache", "hf download guda-test/no-such-base")),
+    Case("base-revision-not-cached-offline", "attribute",
+         lambda ws, t: attribute_args(ws, t, "--base-revision", "v2", base="guda-test/no-such-base"),
+         ("at revision 'v2'", "--revision v2")),
+    Case("base-revision-for-a-local-directory", "unlearn",
+         lambda ws, t: unlearn_args(ws, t, "--base-revision", "main"),
+         ("--base-revision main", "local directory", "drop --base-revision")),
+    Case("base-revision-for-a-local-directory-attribute", "attribute",
+         lambda ws, t: attribute_args(ws, t, "--base-revision", "main"),
+         ("--base-revision main", "local directory", "fingerprint")),
+    Case("base-with-only-pickle-weights", "unlearn",
+         lambda ws, t: unlearn_args(ws, t, base=pickle_only_base(ws, t)),
+         ("only pickle-based weights", "unet/diffusion_pytorch_model.bin", "--allow-pickle-weights")),
+    Case("base-with-only-pickle-weights-attribute", "attribute",
+         lambda ws, t: attribute_args(ws, t, base=pickle_only_base(ws, t)),
+         ("only pickle-based weights", "can run code", "--allow-pickle-weights")),
     # -- further cases
+    # outputs that are, hold or lie inside an input: writing them would destroy it
+    Case("unlearn-out-is-the-base", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--out", ws["base"]],
+         ("--out", "is --base", "would overwrite", "outside the inputs")),
+    Case("unlearn-out-is-the-data", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--out", ws["data"]],
+         ("is --data", "outside the inputs")),
+    Case("unlearn-out-holds-the-base", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--out", ws["root"]],
+         ("holds --base", "outside the inputs")),
+    Case("unlearn-out-inside-the-data", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--out", ws["data"] / "left" / "bundle"],
+         ("lies inside --data", "outside the inputs")),
+    Case("train-out-is-the-data", "train",
+         lambda ws, t: [*train_args(ws, t), "--out", ws["data"]],
+         ("is --data", "outside the inputs")),
+    Case("logo-out-is-the-data", "logo",
+         lambda ws, t: [*out_args(ws, t), "--out", ws["data"]],
+         ("is --data", "outside the inputs")),
+    Case("evaluate-out-holds-the-data", "evaluate",
+         lambda ws, t: [*out_args(ws, t), "--out", ws["root"]],
+         ("holds --data", "outside the inputs")),
+    Case("attribute-out-is-a-query", "attribute",
+         lambda ws, t: [*attribute_args(ws, t), "--out", ws["queries"] / "q0.png"],
+         ("--out", "is --images", "q0.png", "outside the inputs")),
+    Case("attribute-out-inside-the-bundle", "attribute",
+         lambda ws, t: [*attribute_args(ws, t), "--out", ws["bundle"] / "result.json"],
+         ("lies inside --bundle", "outside the inputs")),
+    Case("attribute-plot-is-the-out", "attribute",
+         lambda ws, t: [*attribute_args(ws, t), "--out", t / "both.png", "--plot", t / "both.png"],
+         ("--out and --plot both name", "different paths")),
+    Case("plot-without-extension", "attribute",
+         lambda ws, t: [*attribute_args(ws, t), "--plot", t / "chart"],
+         ("no extension", ".png")),
+    Case("latent-cache-is-a-file", "unlearn",
+         lambda ws, t: [*sd_unlearn_args(ws, t, captioned_folder(t)), "--latent-cache", previous_file(t / "cache.bin")],
+         ("--latent-cache", "is a file", "directory")),
+    # flag values: usage errors are one line too, and no value that is not a number passes as one
+    Case("strategy-unknown", "attribute",
+         lambda ws, t: attribute_args(ws, t, "--strategy", "fastest"),
+         ("invalid choice: 'fastest'", "'swap'", "guda attribute --help")),
+    Case("elbo-seed-not-an-integer", "attribute",
+         lambda ws, t: attribute_args(ws, t, "--elbo-seed", "x"),
+         ("--elbo-seed", "invalid int value", "--help")),
+    Case("adaptive-z-nan", "attribute",
+         lambda ws, t: attribute_args(ws, t, "--adaptive-z", "nan"),
+         ("--adaptive-z must be a finite number", "nan")),
+    Case("adaptive-z-negative", "attribute",
+         lambda ws, t: attribute_args(ws, t, "--adaptive-z", -2),
+         ("--adaptive-z must be a finite number of standard errors > 0", "got -2.0")),
+    Case("attribute-batch-size-zero", "attribute",
+         lambda ws, t: attribute_args(ws, t, "--batch-size", 0),
+         ("batch_size must be >= 1",)),
+    Case("threads-zero", "attribute",
+         lambda ws, t: attribute_args(ws, t, "--threads", 0),
+         ("--threads must be >= 1, got 0",)),
+    Case("unlearn-groups-twice", "unlearn",
+         lambda ws, t: unlearn_args(ws, t, "--groups", "left", "middle", "left"),
+         ("--groups names 'left' more than once",)),
+    Case("logo-groups-twice", "logo",
+         lambda ws, t: [*out_args(ws, t), "--groups", "left", "left"],
+         ("--groups names 'left' more than once",)),
+    Case("option-given-twice", "unlearn",
+         lambda ws, t: unlearn_args(ws, t, "--option", "num_neighbors=2", "--option", "num_neighbors=3"),
+         ("num_neighbors", "given twice", "keep one")),
+    Case("unlearn-alpha-nan", "unlearn",
+         lambda ws, t: unlearn_args(ws, t, "--alpha", "nan"),
+         ("LoRA alpha must be a finite number",)),
+    Case("unlearn-lr-infinite", "unlearn",
+         lambda ws, t: unlearn_args(ws, t, "--lr", "inf"),
+         ("learning_rate must be > 0 and finite", "inf")),
+    Case("train-lr-infinite", "train",
+         lambda ws, t: train_args(ws, t, "--lr", "inf"),
+         ("--lr must be a finite number > 0", "inf")),
+    Case("unlearn-size-exponent-infinite", "unlearn",
+         lambda ws, t: unlearn_args(ws, t, "--size-exponent", "inf"),
+         ("size_exponent must be a finite number",)),
+    Case("resolution-zero", "unlearn",
+         lambda ws, t: sd_unlearn_args(ws, t, captioned_folder(t), "--resolution", 0),
+         ("--resolution must be >= 1",)),
+    Case("evaluate-gradient-option-unreadable", "evaluate",
+         lambda ws, t: [*out_args(ws, t), "--gradient-option", "timesteps=abc"],
+         ("--gradient-option", "'a'")),
+    # recipes: each field of the right JSON type
+    Case("recipe-lora-not-an-object", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--recipe", section_recipe(t, "unlearning", lora=[8])],
+         ("lora must be a JSON object",)),
+    Case("recipe-lora-rank-text", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--recipe", section_recipe(t, "unlearning", lora={"rank": "two"})],
+         ("LoRA rank must be an integer", "'two'")),
+    Case("recipe-objective-options-not-an-object", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--recipe", section_recipe(t, "unlearning", objective_options=[3])],
+         ("objective_options must be a JSON object",)),
+    Case("recipe-max-grad-norm-negative", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--recipe", section_recipe(t, "unlearning", max_grad_norm=-1)],
+         ("max_grad_norm must be a finite number > 0", "null")),
+    Case("recipe-eval-images-zero", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--recipe", section_recipe(t, "unlearning", eval_images=0)],
+         ("eval_images and eval_draws must be >= 1",)),
+    Case("recipe-gradient-checkpointing-text", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--recipe", section_recipe(t, "unlearning", gradient_checkpointing="yes")],
+         ("gradient_checkpointing must be true or false", "'yes'")),
+    Case("recipe-steps-fractional", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--recipe", section_recipe(t, "unlearning", steps=2.5)],
+         ("UnlearningConfig.steps must be an integer", "2.5")),
+    Case("recipe-learning-rate-text", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--recipe", section_recipe(t, "unlearning", learning_rate="1e-3")],
+         ("UnlearningConfig.learning_rate must be a number", "'1e-3'")),
+    Case("recipe-elbo-stride-text", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--recipe", section_recipe(t, "elbo", stride="10")],
+         ("ELBOConfig.stride must be an integer", "'10'")),
+    Case("recipe-elbo-t-min-above-t-max", "unlearn",
+         lambda ws, t: [*unlearn_args(ws, t), "--recipe", section_recipe(t, "elbo", t_min=50, t_max=20)],
+         ("t_min must be below t_max", "t_min=50")),
+    Case("recipe-name-not-a-string", "train",
+         lambda ws, t: train_args(ws, t, recipe=recipe_file(t, {**TINY_RECIPE, "name": 5})),
+         ("'name' must be a string",)),
+    # bundles: the manifest and its adapters agree, every recorded setting well-typed
+    Case("manifest-drops-a-group", "attribute",
+         lambda ws, t: attribute_args(ws, t, bundle=bundle_copy(ws, t, lambda m: m["groups"].pop())),
+         ("adapters/right/pytorch_lora_weights.safetensors", "gives to no group", "Re-save")),
+    Case("manifest-group-named-twice", "attribute",
+         lambda ws, t: attribute_args(ws, t, bundle=bundle_copy(ws, t, lambda m: m["groups"][1].update(name="left"))),
+         ("group names must be unique", "'left', 'left'")),
+    Case("manifest-adapter-path-escapes", "attribute",
+         lambda ws, t: attribute_args(ws, t, bundle=bundle_copy(ws, t, lambda m: m["groups"][1].update(
+             adapter_file="adapters/../../bundle/adapters/middle/pytorch_lora_weights.safetensors"))),
+         ("not a .safetensors file inside the bundle", "Refusing")),
+    Case("manifest-lora-rank-text", "attribute",
+         lambda ws, t: attribute_args(ws, t, bundle=bundle_copy(ws, t, lambda m: m["lora"].update(rank="two"))),
+         ("malformed LoRA settings", "LoRA rank must be an integer", "guda unlearn")),
+    Case("manifest-lora-unknown-field", "attribute",
+         lambda ws, t: attribute_args(ws, t, bundle=bundle_copy(ws, t, lambda m: m["lora"].update(ranq=2))),
+         ("malformed LoRA settings", "'ranq'")),
+    Case("manifest-objective-config-not-an-object", "attribute",
+         lambda ws, t: attribute_args(ws, t, bundle=bundle_copy(ws, t, lambda m: m["objective"].update(config=[1]))),
+         ("objective.config that is not an object",)),
+    Case("manifest-elbo-fractional-stride", "attribute",
+         lambda ws, t: attribute_args(ws, t, bundle=bundle_copy(ws, t, lambda m: m["elbo"].update(stride=2.5))),
+         ("malformed ELBO settings", "stride must be an integer")),
+    # captioned and datasets training data
+    Case("dataset-split-it-does-not-have", "unlearn",
+         lambda ws, t: sd_unlearn_args(ws, t, datasets_folder(t), "--group-column", "label", "--split", "test"),
+         ("no split 'test'", "without splits", "--split")),
+    Case("metadata-group-missing", "unlearn",
+         lambda ws, t: sd_unlearn_args(ws, t, edit_metadata(captioned_folder(t), 3, group=None)),
+         ("metadata.jsonl line 4", "group")),
+    Case("metadata-caption-not-text", "unlearn",
+         lambda ws, t: sd_unlearn_args(ws, t, edit_metadata(captioned_folder(t), 2, text=5)),
+         ("metadata.jsonl line 3", "text")),
+    Case("groups-json-names-an-unknown-group", "unlearn",
+         lambda ws, t: sd_unlearn_args(ws, t, with_groups_json(captioned_folder(t), {"a": ["red"], "c": ["blue"]})),
+         ("groups.json", "['c']", "fix or remove")),
 ]
 
 
@@ -571,3 +835,197 @@ def test_scores_that_are_not_finite_name_the_group(workspace):
     pipe.load_guda_bundle(bundle)
     with pytest.raises(ScoringError, match=r"group\(s\) \['middle'\] are not finite"):
         pipe.attribute(make_tiny_dataset().images[:1], progress=False)
+
+
+# -- further cases: builders of the table's captioned-data cases, then the Python API ---------------
+
+
+def edit_metadata(root: Path, row: int, **values) -> Path:
+    """``root`` after setting ``values`` in row ``row`` (0-based) of its metadata.jsonl (``None``: the JSON null)."""
+    path = root / "metadata.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[row].update(values)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def section_recipe(tmp: Path, section: str, **values) -> Path:
+    """A recipe file: the tiny recipe with ``values`` set in its ``section``."""
+    return recipe_file(tmp, {**TINY_RECIPE, section: {**TINY_RECIPE[section], **values}})
+
+
+def with_groups_json(root: Path, descriptors) -> Path:
+    (root / "groups.json").write_text(json.dumps(descriptors))
+    return root
+
+
+def test_a_split_of_a_dataset_without_splits_is_refused():
+    from datasets import Dataset
+
+    from diffusers_guda import LazyGroupedDataset
+
+    data = Dataset.from_dict({"image": [Image.new("RGB", (8, 8))] * 4, "group": ["a", "b"] * 2})
+    with pytest.raises(DataError, match=r"one dataset without splits, so it has no split 'test'; drop split="):
+        LazyGroupedDataset.from_hf_dataset(data, caption_column=None, split="test")
+    assert len(LazyGroupedDataset.from_hf_dataset(data, caption_column=None)) == 4  # no split given: the dataset itself
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["in-memory", "lazy"])
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts="abcd"), r"prompts must be a list of strings, one per image; got the single string 'abcd'"),
+    (dict(group_names="ab"), r"group_names must be a list of strings, one per group; got the single string 'ab'"),
+    (dict(group_ids=[0.0, 0.5, 1.0, 1.0]), r"group_ids must be integer group indices"),
+], ids=["prompts-one-string", "names-one-string", "fractional-group-ids"])
+def test_datasets_refuse_what_conversion_would_change(kwargs, message, lazy):
+    from diffusers_guda import LazyGroupedDataset
+
+    args = {**dict(group_ids=[0, 0, 1, 1], group_names=["a", "b"], prompts=None), **kwargs}
+    images = [Image.new("L", (8, 8))] * 4 if lazy else torch.zeros(4, 1, 8, 8)
+    with pytest.raises(DataError, match=message):
+        (LazyGroupedDataset if lazy else GroupedDataset)(images, args["group_ids"], args["group_names"], args["prompts"])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(shard_size=2.5), r"shard_size must be an integer >= 1, got 2.5"),
+    (dict(shard_size=0), r"shard_size must be an integer >= 1, got 0"),
+    (dict(cache_dir="FILE"), r"latent cache folder .* is a file; pass a directory"),
+], ids=["fractional-shard-size", "zero-shard-size", "cache-dir-is-a-file"])
+def test_latent_cache_settings_are_checked_before_any_work(kwargs, message, tmp_path):
+    from diffusers_guda import LatentCache
+
+    if kwargs.get("cache_dir") == "FILE":
+        kwargs = dict(cache_dir=previous_file(tmp_path / "cache"))
+    with pytest.raises(DataError, match=message):
+        LatentCache(tiny_stable_diffusion().vae, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["cache"] if "cache_dir" in kwargs else [])
+
+
+@pytest.mark.parametrize("config, kwargs, message", [
+    ("UnlearningConfig", dict(steps=2.5), r"UnlearningConfig.steps must be an integer, got 2.5"),
+    ("UnlearningConfig", dict(seed="1"), r"UnlearningConfig.seed must be an integer, got '1'"),
+    ("UnlearningConfig", dict(eval_draws=0), r"eval_images and eval_draws must be >= 1"),
+    ("UnlearningConfig", dict(max_grad_norm=0.0), r"max_grad_norm must be a finite number > 0"),
+    ("UnlearningConfig", dict(learning_rate=float("inf")), r"learning_rate must be > 0 and finite"),
+    ("UnlearningConfig", dict(lora={"rank": 2, "alpha": float("nan")}), r"LoRA alpha must be a finite number"),
+    ("UnlearningConfig", dict(lora={"rank": 2, "target_modules": "to_q"}), r"target_modules must be a list"),
+    ("ELBOConfig", dict(rows_per_forward=0), r"num_draws and rows_per_forward must be >= 1"),
+    ("ELBOConfig", dict(num_draws=True), r"ELBOConfig.num_draws must be an integer, got True"),
+    ("ELBOConfig", dict(t_min=-1), r"t_min must be >= 0, got -1"),
+    ("ELBOConfig", dict(t_min=30, t_max=30), r"t_min must be below t_max"),
+], ids=["steps-fractional", "seed-text", "eval-draws-zero", "max-grad-norm-zero", "lr-infinite", "alpha-nan", "targets-one-string",
+        "rows-per-forward-zero", "draws-bool", "t-min-negative", "t-min-equals-t-max"])
+def test_settings_of_the_wrong_type_or_range_are_named(config, kwargs, message):
+    import diffusers_guda
+
+    with pytest.raises(diffusers_guda.ConfigError, match=message):
+        getattr(diffusers_guda, config)(**kwargs)
+
+
+def test_a_recipe_that_is_neither_a_name_nor_a_path_is_refused():
+    from diffusers_guda import ConfigError
+
+    with pytest.raises(ConfigError, match=r"recipe must be a recipe name .*digits-ddpm.*, not 5"):
+        Recipe.load(5)
+
+
+def test_config_with_settings_and_prompts_for_an_unconditional_pipe_are_refused(workspace):
+    from diffusers_guda import ConfigError, UnlearningConfig
+
+    pipe = GUDADDPMPipeline.from_pretrained(workspace["base"])
+    dataset = GroupedDataset.from_image_folder(workspace["data"])
+    with pytest.raises(ConfigError, match=r"either config= .* not both \(got config= and \['steps'\]\)"):
+        pipe.unlearn_groups(dataset, config=UnlearningConfig(steps=1), steps=2, progress=False)
+    pipe.load_guda_bundle(workspace["bundle"])
+    with pytest.raises(ConfigError, match=r"unconditional; drop prompts"):
+        pipe.attribute(dataset.images[:2], prompts=["a digit", "a digit"], progress=False)
+
+
+def test_result_methods_check_their_arguments(tmp_path):
+    from diffusers_guda import AttributionResult, ConfigError
+
+    result = AttributionResult(torch.zeros(2, 3), torch.ones(2, 3), ["a", "b", "c"], torch.zeros(2))
+    assert len(result.top(10)[0]) == 3  # more than there are groups: all of them
+    for k in (0, -1, 1.5):
+        with pytest.raises(ConfigError, match=r"k must be an integer >= 1"):
+            result.top(k)
+    with pytest.raises(ConfigError, match=r"needs the extension of an image format .*\.png"):
+        result.plot(tmp_path / "chart")
+    with pytest.raises(ConfigError, match=r"unsupported|needs the extension"):
+        result.plot(tmp_path / "chart.xyz")
+    with pytest.raises(ConfigError, match=r"max_queries must be an integer >= 1, got 0"):
+        result.plot(tmp_path / "chart.png", max_queries=0)
+    with pytest.raises(ConfigError, match=r"to_json: .* is a directory; pass a file path"):
+        result.to_json(previous_dir(tmp_path / "results"))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["results", "results/previous.txt"]
+
+
+# -- provenance, concurrent runs and the Hub: builders of the table's cases, and the API --------------
+
+HELD_LOCKS: list = []  # locks that cases hold while their command runs; hub_offline releases them after each test
+
+
+@pytest.fixture(autouse=True)
+def hub_offline(monkeypatch, tmp_path_factory):
+    """No test here reaches the Hub: offline, with an empty cache (a Hub id is then 'not cached')."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hub-cache")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    yield
+    while HELD_LOCKS:
+        HELD_LOCKS.pop().release()
+
+
+def held_lock(output: Path, command: str) -> Path:
+    """``output``, locked by a live run (this process, through another lock object) until the test ends."""
+    from diffusers_guda.locks import OutputLock
+
+    HELD_LOCKS.append(OutputLock(output, command=command).acquire())
+    return output
+
+
+def foreign_lock(output: Path) -> Path:
+    """``output`` with the lock file of a run on another machine (which this machine cannot check)."""
+    from diffusers_guda.locks import lock_path
+
+    record = {"pid": 4242, "host": "another-machine", "command": "guda unlearn", "started": "2026-01-01T00:00:00+00:00"}
+    lock_path(output).write_text(json.dumps(record))
+    return output
+
+
+def pickle_only_base(ws, tmp: Path) -> Path:
+    """The workspace base saved again with pickle-based ``.bin`` weights only."""
+    from diffusers import DDPMPipeline
+
+    DDPMPipeline.from_pretrained(ws["base"]).save_pretrained(tmp / "bin-base", safe_serialization=False)
+    return tmp / "bin-base"
+
+
+def test_a_base_with_pickle_weights_loads_when_the_user_opts_in(workspace, tmp_path):
+    from diffusers_guda.cli.arguments import load_base
+    from diffusers_guda.errors import ConfigError
+
+    base = pickle_only_base(workspace, tmp_path)
+    with pytest.raises(ConfigError, match="use_safetensors=False"):
+        load_base(str(base))
+    pipe = load_base(str(base), allow_pickle_weights=True)
+    reference = GUDADDPMPipeline.from_pretrained(workspace["base"])
+    assert all(torch.equal(a, b) for a, b in zip(pipe.unet.state_dict().values(), reference.unet.state_dict().values()))
+    code, _, err = run("attribute", "--base", base, "--allow-pickle-weights", "--bundle", workspace["bundle"],
+                       "--images", workspace["queries"], "--out", tmp_path / "r.json", "--quiet")
+    assert code == 0, err
+
+
+def test_the_api_refuses_a_training_set_or_settings_of_the_wrong_type(workspace):
+    from diffusers_guda.errors import ConfigError
+
+    pipe = GUDADDPMPipeline.from_pretrained(workspace["base"])
+    with pytest.raises(DataError, match="must be a GroupedDataset or a LazyGroupedDataset, not list"):
+        pipe.unlearn_groups([1, 2], progress=False)
+    pipe.load_guda_bundle(workspace["bundle"])
+    with pytest.raises(ConfigError, match="elbo_config must be an ELBOConfig, not dict"):
+        pipe.attribute(torch.zeros(1, 1, 8, 8), elbo_config={"stride": 10}, progress=False)
+    for z in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ConfigError, match="adaptive_z must be a finite number > 0"):
+            pipe.attribute(torch.zeros(1, 1, 8, 8), adaptive_z=z, progress=False)

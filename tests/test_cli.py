@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -272,3 +273,90 @@ def test_identical_unlearn_runs_write_byte_identical_adapter_files(workspace, tm
     for name in files:
         digests = {hashlib.sha256((root / name).read_bytes()).hexdigest() for root in (workspace["bundle"], again)}
         assert len(digests) == 1, name
+
+
+# -- reproducible artifacts and provenance ------------------------------------------------------------
+
+WALL_TIME = re.compile(r'"wall_s": [0-9.eE+-]+')  # the only field two identical runs may write differently
+
+
+def masked_manifest(bundle: Path) -> tuple[str, int]:
+    """The bundle's manifest text with its wall times masked, and how many were masked."""
+    return WALL_TIME.subn('"wall_s": "<masked>"', (bundle / MANIFEST_NAME).read_text())
+
+
+def test_identical_runs_write_identical_bundles_and_results_apart_from_wall_times(workspace, tmp_path):
+    """A bundle can be compared file by file: the manifest differs only in its wall times, the rest byte for byte."""
+    again = tmp_path / "bundle"
+    code, _, err = run("unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", again,
+                       "--recipe", workspace["recipe"], "--steps", 2, "--quiet")
+    assert code == 0, err
+    (text, masked), (expected, _) = masked_manifest(again), masked_manifest(workspace["bundle"])
+    assert masked == 3 and text == expected  # one wall time per group; order, floats and paths are the same
+    files = sorted(str(p.relative_to(again)) for p in again.rglob("*") if p.is_file())
+    assert files == sorted(str(p.relative_to(workspace["bundle"])) for p in workspace["bundle"].rglob("*") if p.is_file())
+    for name in files:
+        if name != MANIFEST_NAME:
+            assert (again / name).read_bytes() == (workspace["bundle"] / name).read_bytes(), name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no lock or checkpoint left
+
+    results = [tmp_path / "one.json", tmp_path / "two.json"]
+    for result in results:
+        code, _, err = run("attribute", "--base", workspace["base"], "--bundle", again, "--images", workspace["queries"],
+                           "--out", result, "--quiet")
+        assert code == 0, err
+    assert results[0].read_bytes() == results[1].read_bytes()
+    metadata = json.loads(results[0].read_text())["metadata"]
+    manifest = json.loads((again / MANIFEST_NAME).read_text())
+    assert manifest["base_model"]["revision"] is None  # a local base: its fingerprint identifies it
+    assert metadata["base_fingerprint"] == manifest["base_model"]["fingerprint"] and metadata["base_revision"] is None
+
+
+SNAPSHOT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(workspace, tmp_path, monkeypatch):
+    """An offline Hub cache holding the workspace base as the repo guda-test/tiny-base (commit SNAPSHOT, branch main)."""
+    from huggingface_hub import constants
+
+    repo = tmp_path / "hub" / "models--guda-test--tiny-base"
+    shutil.copytree(workspace["base"], repo / "snapshots" / SNAPSHOT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(SNAPSHOT)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "hub"
+
+
+def test_bundles_and_results_record_the_commit_of_a_hub_base(workspace, hub_cache, tmp_path):
+    out = tmp_path / "bundle"
+    code, _, err = run("unlearn", "--base", "guda-test/tiny-base", "--base-revision", "main", "--data", workspace["data"],
+                       "--out", out, "--recipe", workspace["recipe"], "--steps", 1, "--quiet")
+    assert code == 0, err
+    base = json.loads((out / MANIFEST_NAME).read_text())["base_model"]
+    assert (base["id"], base["revision"]) == ("guda-test/tiny-base", SNAPSHOT)  # the branch resolved to its commit
+    code, _, err = run("attribute", "--base", "guda-test/tiny-base", "--base-revision", SNAPSHOT, "--bundle", out,
+                       "--images", workspace["queries"], "--out", tmp_path / "r.json", "--quiet")
+    assert code == 0, err
+    metadata = json.loads((tmp_path / "r.json").read_text())["metadata"]
+    assert metadata["base_model"] == "guda-test/tiny-base" and metadata["base_revision"] == SNAPSHOT
+    assert metadata["base_fingerprint"] == base["fingerprint"]
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(workspace, tmp_path):
+    """The first run holds <out>.lock (here: a lock this test takes); the second refuses at once and changes nothing."""
+    from diffusers_guda.locks import OutputLock
+
+    out = tmp_path / "bundle"
+    with OutputLock(out, command="guda unlearn"):
+        code, stdout, err = run("unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", out,
+                                "--recipe", workspace["recipe"], "--steps", 1, "--quiet")
+        line = assert_one_line_error(code, stdout, err, "unlearn")
+        assert f"pid {os.getpid()}" in line and "bundle.lock" in line
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle.lock"]  # no checkpoint, no bundle
+    code, _, err = run("unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", out,
+                       "--recipe", workspace["recipe"], "--steps", 1, "--quiet")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]

@@ -164,7 +164,7 @@ def test_a_hub_id_is_looked_up_in_the_local_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # not cached: no download attempt
     assert _defaults("someone/sd-styles") == ("sd-styles", "RGB")
-    with pytest.raises(GUDAError, match="nor a Hub id this machine can reach or has cached"):
+    with pytest.raises(GUDAError, match="'someone/not-cached': it is not in the local Hub cache and HF_HUB_OFFLINE=1 forbids"):
         pipeline_class_for("someone/not-cached")
 
 

@@ -205,7 +205,9 @@ class UnlearnCheck:
     def assert_consistent(self) -> dict[str, dict]:
         """After a kill: no half-written bundle or group. Returns the finished groups' stats."""
         for entry in os.listdir(self.workdir):
-            assert entry in ("bundle", ".bundle-partial") or is_temporary(entry, ["bundle"]), f"unexpected {entry} beside the bundle"
+            # a killed run leaves its lock file (the OS lock died with it): the rerun takes it over
+            assert entry in ("bundle", ".bundle-partial", "bundle.lock") or is_temporary(entry, ["bundle"]), \
+                f"unexpected {entry} beside the bundle"
         complete = self.out.exists()
         if complete:
             self.assert_bundle_matches(self.out)
@@ -290,6 +292,7 @@ def test_unlearn_killed_at_several_points_resumes_to_identical_bundle(inputs, un
 
     assert "saved the adapter bundle" in completed.stdout
     assert not check.partial.exists(), "the checkpoint is removed once the bundle is written"
+    assert not (workdir / "bundle.lock").exists(), "the finished run removes its lock"
     check.assert_bundle_matches(check.out)
     # finished groups were reused, not retrained: their recorded statistics (wall time included)
     # are the ones of the run that trained them

@@ -135,8 +135,15 @@ def read_adapters(root: Path, groups: list[GroupRecord], jail: Path) -> tuple[di
     Raises:
         BundleError: for an adapter path outside the bundle, or a missing or corrupted adapter file.
     """
+    paths = [adapter_member(root, group, jail, root / MANIFEST_NAME) for group in groups]
+    named = {path.relative_to(root) for path in paths}
+    unnamed = sorted(str(p.relative_to(root)) for p in (root / ADAPTERS_DIR).rglob("*.safetensors") if p.relative_to(root) not in named)
+    if unnamed:
+        raise BundleError(
+            f"The bundle at {root} holds adapter file(s) {unnamed} that its manifest gives to no group: the manifest and the "
+            f"adapters disagree (a group was dropped from {MANIFEST_NAME}?). Re-save the bundle, or delete those files."
+        )
     adapters, configs = {}, {}
-    for group in groups:
-        path = adapter_member(root, group, jail, root / MANIFEST_NAME)
+    for group, path in zip(groups, paths):
         adapters[group.slug], configs[group.slug] = load_adapter_file(path)
     return adapters, configs

@@ -8,13 +8,54 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import HfApi, constants, snapshot_download
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..errors import BundleError
 from .layout import ADAPTERS_DIR, BUNDLE_FILE_PATTERNS, MANIFEST_NAME
 
 _COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
+# network failures of the HTTP clients huggingface_hub uses (requests, httpx), by class name
+_NETWORK_ERRORS = {"ConnectionError", "ConnectError", "ConnectTimeout", "Timeout", "TimeoutException", "NetworkError", "TransportError"}
+
+
+def hub_error_reason(exc: BaseException, repo_id: str, *, revision: str | None = None) -> str | None:
+    """What a ``huggingface_hub`` download error means and how to fix it, as one sentence.
+
+    Args:
+        exc: The error a download raised.
+        repo_id: The repo it was downloading.
+        revision: The revision asked for, if any.
+
+    Returns:
+        The reason and its fix, or ``None`` if ``exc`` is not a Hub or network error.
+    """
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    rev = f" --revision {revision}" if revision else ""
+    if isinstance(exc, RevisionNotFoundError):
+        return f"the Hub repo {repo_id} has no revision {revision!r}; check the branch, tag or commit name"
+    if isinstance(exc, GatedRepoError):
+        return f"the Hub repo {repo_id} is gated; accept its conditions on its Hub page and log in with `hf auth login` (or pass a token)"
+    if isinstance(exc, RepositoryNotFoundError):
+        return (f"there is no such local directory, and no Hub repo {repo_id} that this login can see; check the id (or the path), "
+                "or log in with `hf auth login` (or pass a token) if the repo is private")
+    names = {klass.__name__ for klass in type(exc).__mro__}
+    if isinstance(exc, (LocalEntryNotFoundError, OfflineModeIsEnabled)) or names & _NETWORK_ERRORS:
+        why = "HF_HUB_OFFLINE=1 forbids downloads" if constants.HF_HUB_OFFLINE else "the Hub cannot be reached"
+        return (f"it is not in the local Hub cache and {why}; go online, or pre-download it with `hf download {repo_id}{rev}` "
+                "(`huggingface-cli download` with older huggingface_hub), or pass a local directory")
+    if isinstance(exc, HfHubHTTPError):
+        return (f"the Hub refused the download of {repo_id} ({first}); check the id, log in with `hf auth login` if the repo is "
+                "private, or retry later")
+    return None
 
 
 def looks_like_hub_id(name: Any) -> bool:
@@ -54,7 +95,8 @@ def locate_bundle(
         ``{"repo_id": ..., "revision": <commit>}``; the directory its adapter files must resolve into.
 
     Raises:
-        BundleError: if ``location`` is a file, or neither a directory nor a valid repo id.
+        BundleError: if ``location`` is a file, neither a directory nor a valid repo id, or the Hub repo
+            cannot be downloaded (missing, private, no such revision, offline and not cached), naming the fix.
     """
     if Path(location).is_dir():
         root = Path(location)
@@ -70,6 +112,12 @@ def locate_bundle(
         )
     except HFValidationError as exc:
         raise BundleError(f"{location!r} is neither a bundle directory nor a valid Hub repo id ({exc}).") from exc
+    except Exception as exc:
+        reason = hub_error_reason(exc, location, revision=revision)
+        if reason is None:
+            raise
+        at = f" at revision {revision!r}" if revision else ""
+        raise BundleError(f"Cannot load the bundle {location!r}{at}: {reason}.") from exc
     commit = root.name if root.parent.name == "snapshots" and _COMMIT_SHA.fullmatch(root.name) else None
     # snapshot files link into the repo's shared blobs: the repo's cache folder is the jail
     return root, {"repo_id": location, "revision": commit}, root.parent.parent.resolve()

@@ -98,6 +98,20 @@ def build_manifest(bundle: AdapterBundle) -> dict:
     }
 
 
+def check_lora(lora: dict, where: str) -> None:
+    """Refuse recorded LoRA settings that :class:`~diffusers_guda.LoRASettings` does not accept, or of the wrong types.
+
+    Raises:
+        BundleError: naming the field and what to do.
+    """
+    from ..unlearning.config import lora_settings  # here: the unlearning package imports this one
+
+    try:
+        lora_settings(lora)
+    except ValueError as exc:  # ConfigError: unknown fields, wrong types or values
+        raise BundleError(f"{where} has malformed LoRA settings ('lora': {exc}). Restore the field or re-run `guda unlearn`.") from exc
+
+
 def check_elbo(elbo: dict, where: str) -> None:
     """Refuse recorded ELBO settings that :class:`~diffusers_guda.elbo.ELBOConfig` does not accept.
 
@@ -161,6 +175,9 @@ def check_manifest(manifest: dict, path: Path) -> None:
         check_elbo(manifest["elbo"], f"The bundle manifest {path}")
     if not isinstance(manifest["objective"].get("name"), str):
         raise BundleError(f"The bundle manifest {path} has no objective name (objective.name must be a string).")
+    if not isinstance(manifest["objective"].get("config", {}), dict):
+        raise BundleError(f"The bundle manifest {path} has an objective.config that is not an object; re-run `guda unlearn`.")
+    check_lora(manifest["lora"], f"The bundle manifest {path}")
     check_groups(manifest["groups"], f"The bundle manifest {path}")
     check_base_model(manifest["base_model"], f"The bundle manifest {path}")
 

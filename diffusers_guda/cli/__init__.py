@@ -21,9 +21,16 @@ EPILOG = "Documentation: README.md and docs/ of diffusers-guda. Every command ru
 COMMANDS_ENTRY_POINTS = "diffusers_guda.commands"
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line, like every other ``guda`` error (its subcommands' too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`.\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``guda`` parser: the library's commands, then those of installed packages."""
-    parser = argparse.ArgumentParser(prog="guda", description="Group attribution for diffusers models by unlearning (GUDA).", epilog=EPILOG)
+    parser = OneLineErrors(prog="guda", description="Group attribution for diffusers models by unlearning (GUDA).", epilog=EPILOG)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     unlearn.register(subparsers)
     attribute.register(subparsers)

@@ -117,8 +117,50 @@ def check_plot_format(path: str) -> None:
 
     formats = sorted(FigureCanvasBase.get_supported_filetypes())
     suffix = Path(path).suffix[1:].lower()
-    if suffix and suffix not in formats:
+    if not suffix:
+        raise ConfigError(f"--plot {path} has no extension to tell the image format; use a .png path (or one of {', '.join(formats)}).")
+    if suffix not in formats:
         raise ConfigError(f"--plot {path}: unsupported image format .{suffix}; use a .png path (or one of {', '.join(formats)}).")
+
+
+def check_distinct(names: list[str] | None, flag: str) -> None:
+    """Refuse a list flag (``--groups``) that names something twice."""
+    twice = sorted({n for n in names or [] if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{flag} names {', '.join(repr(n) for n in twice)} more than once; name each once.")
+
+
+def check_apart(outputs: dict, inputs: dict | list, directory: bool = True) -> None:
+    """Refuse an output path that is an input, or (for a directory output) holds one or lies inside one.
+
+    Writing an output replaces what is at its path: a ``--out`` equal to ``--data``, ``--base`` or a
+    query image, or a parent folder of them, would destroy an input.
+
+    Args:
+        outputs: ``{flag: path}`` of the outputs (``None`` paths are skipped).
+        inputs: ``{flag: path}`` or ``(flag, path)`` pairs of the inputs; names that are not local paths (Hub ids, ``digits``) are skipped.
+        directory: Whether the outputs are directories (then an input inside one, or one inside an input
+            folder, is refused too); output files are refused only when they are an input or lie inside
+            an input folder given as a model (``--base``, ``--bundle``).
+    """
+    for out_flag, out in outputs.items():
+        if out is None:
+            continue
+        target = Path(out).resolve()
+        for in_flag, source in inputs.items() if isinstance(inputs, dict) else inputs:
+            if source is None or not Path(source).exists():
+                continue
+            held = Path(source).resolve()
+            if target == held:
+                clash = "is"
+            elif (directory or in_flag in ("--base", "--bundle")) and target.is_relative_to(held) and held.is_dir():
+                clash = "lies inside"
+            elif directory and held.is_relative_to(target):
+                clash = "holds"
+            else:
+                continue
+            raise ConfigError(f"{out_flag} {out} {clash} {in_flag} {source}, which writing it would overwrite; "
+                              f"choose another {out_flag} path, outside the inputs.")
 
 
 def named_datasets() -> dict:
@@ -158,7 +200,7 @@ def add_dataset_options(parser) -> None:
     group.add_argument("--image-column", default="image", help="a datasets --data: the image column (default: image)")
     group.add_argument("--group-column", default="group", help="a datasets --data: the group column, a ClassLabel or strings (default: group)")
     group.add_argument("--caption-column", help="a datasets --data: the caption column (default: text, when the dataset has it)")
-    group.add_argument("--split", default="train", help="a datasets --data: the split (default: train)")
+    group.add_argument("--split", help="a datasets --data: the split (default: train, where the dataset has splits)")
     group.add_argument("--data-revision", help="a Hub dataset --data: its revision (branch, tag or commit)")
     group.add_argument("--resolution", type=int, metavar="N", help="resize each image's shorter side to N and crop the centre N x N square "
                                                        "(default: keep the sizes, which must then all be equal)")
@@ -210,6 +252,8 @@ def parse_options(pairs: list[str] | None, flag: str = "--option") -> dict:
         if "=" not in pair:
             raise GUDAError(f"{flag} expects KEY=VALUE, got {pair!r}.")
         key, value = pair.split("=", 1)
+        if key in options:
+            raise ConfigError(f"{flag} {key}=... is given twice; keep one.")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -227,13 +271,46 @@ def add_dtype(parser) -> None:
                              "unmerged); unlearning on CUDA uses bfloat16 unless the recipe or 'none' says otherwise")
 
 
-def load_base(spec: str, dtype: str = "float32"):
-    """The base pipeline ``spec`` as its GUDA pipeline class, its weights in ``dtype``."""
+def add_base_options(parser) -> None:
+    """``--base-revision`` and ``--allow-pickle-weights``: which version of a ``--base`` Hub id, and how its weights may be read."""
+    parser.add_argument("--base-revision", metavar="REV",
+                        help="a Hub id --base: its branch, tag or commit (default: main; the commit used is recorded). "
+                             "Refused for a local directory, which the bundle identifies by its weights' fingerprint")
+    parser.add_argument("--allow-pickle-weights", action="store_true",
+                        help="also read a base's pickle-based .bin weights (they can run code when loaded: only for a "
+                             "model you trust); by default only safetensors weights are read")
+
+
+def load_base(spec: str, dtype: str = "float32", *, revision: str | None = None, allow_pickle_weights: bool = False):
+    """The base pipeline ``spec`` as its GUDA pipeline class, its weights in ``dtype``.
+
+    Args:
+        spec: A pipeline directory or Hub id (``--base``).
+        dtype: The dtype of its weights.
+        revision: A Hub id's branch, tag or commit (``--base-revision``); refused for a local directory.
+        allow_pickle_weights: Also read pickle-based ``.bin`` weights (``--allow-pickle-weights``).
+
+    Raises:
+        ConfigError: a revision for a local directory, or a base with only pickle-based weights.
+        GUDAError: the base cannot be found or read (one line, naming the fix).
+    """
     import torch
 
     from ..pipelines import GUDAAutoPipeline
 
-    return GUDAAutoPipeline.from_pretrained(spec, torch_dtype=getattr(torch, dtype))
+    check_base_revision(spec, revision)
+    kwargs = {"revision": revision} if revision is not None else {}
+    return GUDAAutoPipeline.from_pretrained(spec, torch_dtype=getattr(torch, dtype), use_safetensors=True if not allow_pickle_weights else None,
+                                            **kwargs)
+
+
+def check_base_revision(spec: str, revision: str | None) -> None:
+    """Refuse ``--base-revision`` for a local directory: it has no revisions (its bundle records its weights' fingerprint)."""
+    if revision is not None and Path(spec).exists():
+        raise ConfigError(
+            f"--base-revision {revision} applies to a Hub id, but --base {spec} is a local directory, which has no revisions "
+            "(a bundle identifies it by its UNet fingerprint); drop --base-revision, or pass the Hub id as --base."
+        )
 
 
 def image_mode(pipeline_class: type | None) -> str | None:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..locks import output_lock
 from .arguments import (
+    add_base_options,
     add_common,
     add_dtype,
+    check_apart,
+    check_base_revision,
     check_output_file,
     check_plot_format,
     image_mode,
@@ -17,6 +25,7 @@ from .arguments import (
 def register(subparsers) -> None:
     p = add_common(subparsers.add_parser("attribute", help="score query images against every group of a bundle"))
     p.add_argument("--base", required=True, help="base pipeline directory or Hub id")
+    add_base_options(p)
     p.add_argument("--bundle", required=True, help="bundle directory or Hub repo id")
     p.add_argument("--revision", help="Hub revision of the bundle")
     p.add_argument("--images", required=True, nargs="+", help="image files or folders")
@@ -26,8 +35,8 @@ def register(subparsers) -> None:
                          help="text-conditioned base: one JSON object per line with file_name and text (default: the "
                               "metadata.jsonl beside the images)")
     add_dtype(p)
-    p.add_argument("--out", help="write the result as JSON here")
-    p.add_argument("--plot", help="write a PNG bar chart here")
+    p.add_argument("--out", help="write the result as JSON here (<out>.lock keeps a second run off it meanwhile)")
+    p.add_argument("--plot", help="write a PNG bar chart here (locked like --out)")
     p.add_argument("--top-k", type=int, default=3, help="groups printed per image")
     p.add_argument("--batch-size", type=int, default=64, help="images whose rows share forwards (speed and memory only)")
     p.add_argument("--stride", type=int, help="ELBO timestep stride (default: the bundle's)")
@@ -43,23 +52,37 @@ def register(subparsers) -> None:
 
 
 def run(args) -> None:
-    from dataclasses import replace
-
-    from ..elbo import ELBOConfig
-    from ..errors import ConfigError
-    from ..models import is_conditional
-    from ..pipelines import to_model_images
-    from ..queries import open_query_image, query_files, query_prompts
+    from ..queries import open_query_image, query_files
 
     require_positive(top_k=args.top_k)
     check_output_file(args.out, "--out")
     check_output_file(args.plot, "--plot")
     if args.plot:
         check_plot_format(args.plot)
+    if args.out and args.plot and Path(args.out).resolve() == Path(args.plot).resolve():
+        raise ConfigError(f"--out and --plot both name {args.out}; give the result JSON and the chart different paths.")
+    if args.adaptive_z is not None and not 0 < args.adaptive_z < math.inf:
+        raise ConfigError(f"--adaptive-z must be a finite number of standard errors > 0 (e.g. 3), got {args.adaptive_z}.")
+    check_base_revision(args.base, args.base_revision)
     files = query_files(args.images)
+    check_apart({"--out": args.out, "--plot": args.plot},
+                [("--base", args.base), ("--bundle", args.bundle), *(("--images", f) for f in files)], directory=False)
     queries = [open_query_image(f) for f in files]
     process = launched_process()
-    pipe = load_base(args.base, args.dtype).to(process.device)
+    with output_lock(args.out, args.plot, command="guda attribute", process=process):  # one run at a time on each output
+        _attribute(args, files, queries, process)
+
+
+def _attribute(args, files, queries, process) -> None:
+    from dataclasses import replace
+
+    from ..elbo import ELBOConfig
+    from ..errors import ConfigError
+    from ..models import is_conditional
+    from ..pipelines import to_model_images
+    from ..queries import query_prompts
+
+    pipe = load_base(args.base, args.dtype, revision=args.base_revision, allow_pickle_weights=args.allow_pickle_weights).to(process.device)
     if is_conditional(pipe.unet):
         prompts = query_prompts(files, prompt=args.prompt, prompts_file=args.prompts)
     elif args.prompt is not None or args.prompts is not None:

@@ -5,13 +5,18 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from ..errors import GUDAError
+from ..errors import ConfigError, GUDAError
+from ..locks import output_lock
 from .arguments import (
+    add_base_options,
     add_common,
     add_data,
     add_dataset_options,
     add_dtype,
     add_recipe,
+    check_apart,
+    check_base_revision,
+    check_distinct,
     check_output_dir,
     image_mode,
     launched_process,
@@ -30,11 +35,13 @@ def register(subparsers) -> None:
     p = add_common(subparsers.add_parser("unlearn", help="train one unlearning LoRA adapter per group into a bundle"))
     p.add_argument("--base", required=True, help="base pipeline directory or Hub id")
     p.add_argument("--base-id", help="name recorded for the base model in the bundle (default: --base)")
+    add_base_options(p)
     add_data(p, help="the training set of the base model ('digits', an image folder with one subfolder per group, a folder "
                      "of captioned images with metadata.jsonl (file_name, text, group) for a text-conditioned base, a datasets "
                      "folder (save_to_disk, parquet) or a Hub dataset id")
     add_dataset_options(p)
-    p.add_argument("--out", required=True, help="bundle directory to write (a killed run resumes from <out>-partial)")
+    p.add_argument("--out", required=True, help="bundle directory to write (a killed run resumes from .<out>-partial; "
+                                                 "<out>.lock keeps a second run off it meanwhile)")
     add_recipe(p, default=None, help="recipe name in adapters/ or a JSON path (default: the recipe of the base's family: sd-styles "
                                      "for Stable Diffusion, digits-styles for a TextToImageDDPMPipeline, else digits-ddpm)")
     add_dtype(p)
@@ -58,8 +65,14 @@ def run(args) -> None:
     from ..recipes import DEFAULT_RECIPE, Recipe, default_recipe
 
     check_output_dir(args.out)
+    check_apart({"--out": args.out},
+                {"--base": args.base, "--data": args.data, "--recipe": args.recipe, "--latent-cache": args.latent_cache})
+    if args.latent_cache is not None and Path(args.latent_cache).is_file():
+        raise ConfigError(f"--latent-cache {args.latent_cache} is a file; pass a directory (it is created when missing).")
+    check_distinct(args.groups, "--groups")
+    check_base_revision(args.base, args.base_revision)
     try:
-        pipeline_class = pipeline_class_for(args.base)
+        pipeline_class = pipeline_class_for(args.base, args.base_revision)
     except GUDAError:  # loading the base reports it, after the cheaper checks of the other flags
         pipeline_class = None
     settings = {setting: getattr(args, flag) for flag, setting in _SETTINGS.items() if getattr(args, flag) is not None}
@@ -68,11 +81,18 @@ def run(args) -> None:
     settings["objective_options"] = parse_options(args.option)
     recipe = Recipe.load(args.recipe or DEFAULT_RECIPE) if args.recipe or pipeline_class is None else default_recipe(pipeline_class)
     recipe.unlearning_with(**settings)  # refuse bad settings before any data or weights are read
+    process = launched_process()
+    # one run at a time on --out and its checkpoint; in a launch, process 0 holds the lock for all
+    with output_lock(args.out, command="guda unlearn", process=process):
+        _unlearn(args, recipe, settings, pipeline_class, process)
+    process.barrier()  # every process ends once the bundle is on disk
+
+
+def _unlearn(args, recipe, settings, pipeline_class, process) -> None:
     dataset = load_training_data(args, mode=image_mode(pipeline_class))
     out = Path(args.out)
     partial = out.parent / f".{out.name}-partial"
-    process = launched_process()
-    pipe = load_base(args.base, args.dtype).to(process.device)
+    pipe = load_base(args.base, args.dtype, revision=args.base_revision, allow_pickle_weights=args.allow_pickle_weights).to(process.device)
     # each process unlearns its share of the groups into the shared checkpoint; all get the whole bundle
     bundle = pipe.unlearn_groups(dataset, recipe=recipe, groups=args.groups, checkpoint_dir=partial, base_model_id=args.base_id or args.base,
                                  progress=not args.quiet, process=process, latent_cache=args.latent_cache, **settings)
@@ -85,4 +105,3 @@ def run(args) -> None:
                   f"retain loss {s['retain_loss_before']:.4f} -> {s['retain_loss_after']:.4f} ({100 * s['retain_loss_change']:+.1f}%)")
         shared = f" (groups shared by {process.world_size} processes)" if process.is_distributed else ""
         print(f"saved the adapter bundle to {out}{shared}")
-    process.barrier()  # every process ends once the bundle is on disk

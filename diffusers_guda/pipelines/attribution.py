@@ -25,9 +25,10 @@ from ..models import is_conditional, with_adapter_support
 from ..recipes import Recipe, default_recipe
 from ..scoring import AttributionResult, AttributionScorer
 from ..unlearning import GroupUnlearner, UnlearningConfig
+from ..unlearning.base_model import base_provenance
 from .auto import family_pipeline, pipeline_family
 from .conditioning import is_latent, prompt_encoder
-from .model_inputs import model_dataset, model_inputs
+from .model_inputs import check_training_set, model_dataset, model_inputs
 
 
 def _ensure_adapter_unet(pipe) -> None:
@@ -148,6 +149,7 @@ def unlearn_groups(
         ConfigError: ``config`` given together with ``recipe`` or keyword settings.
         DataError: a text-conditioned pipeline and a dataset without prompts.
     """
+    check_training_set(dataset)
     config, elbo_config = _settings(pipe, recipe, config, elbo_config, settings)
     _ensure_adapter_unet(pipe)
     conditional = is_conditional(pipe.unet)
@@ -236,6 +238,8 @@ def attribute(
     loaded = getattr(pipe, "_guda_bundle", None)
     if loaded is None:
         raise ConfigError("No GUDA bundle is loaded; call pipe.load_guda_bundle(path_or_repo_id) or pipe.unlearn_groups(dataset) first.")
+    if elbo_config is not None and not isinstance(elbo_config, ELBOConfig):
+        raise ConfigError(f"elbo_config must be an ELBOConfig, not {type(elbo_config).__name__}; pass ELBOConfig(**settings).")
     x0, unet_kwargs, used_prompts = model_inputs(
         pipe, images, prompts=prompts, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
         size_conditions=size_conditions,
@@ -245,7 +249,8 @@ def attribute(
     estimator = ELBOEstimator(_training_scheduler(pipe), elbo_config)
     device = pipe.unet.device
     scorer = AttributionScorer(pipe.unet, estimator, [loaded.adapter_name(s) for s in loaded.slugs], loaded.group_names)
-    meta = {"bundle": dict(loaded.source or {}), "base_model": loaded.base_model.get("id"), "device": str(device)}
+    meta = {"bundle": dict(loaded.source or {}), "base_model": loaded.base_model.get("id"), **base_provenance(pipe.unet, loaded),
+            "device": str(device)}
     if used_prompts is not None:
         meta["prompts"] = used_prompts
     result = scorer.score(

@@ -6,7 +6,6 @@ any weights), the way diffusers' auto pipelines choose theirs.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import warnings
 from pathlib import Path
@@ -61,26 +60,39 @@ def _cannot_load(spec: str, reason: str) -> GUDAError:
     )
 
 
-def read_model_index(spec: str | Path) -> dict:
+def read_model_index(spec: str | Path, revision: str | None = None) -> dict:
     """The ``model_index.json`` of the pipeline directory or Hub id ``spec``.
 
     A Hub id is read from the local cache first, else downloaded like any ``from_pretrained`` (unless
     ``HF_HUB_OFFLINE=1``).
 
+    Args:
+        spec: A pipeline directory or Hub id.
+        revision: A Hub id's branch, tag or commit.
+
     Raises:
-        GUDAError: ``spec`` is neither a pipeline directory nor a reachable or cached Hub id, or its
-            ``model_index.json`` is unreadable.
+        GUDAError: ``spec`` is neither a pipeline directory nor a reachable or cached Hub id (naming why:
+            no such repo or revision, offline and not cached...), or its ``model_index.json`` is unreadable.
     """
     from diffusers import DiffusionPipeline
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    from ..bundle.hub import hub_error_reason
 
     spec, name, path = str(spec), DiffusionPipeline.config_name, None
     if Path(spec).is_dir():
         path = Path(spec) / name
     elif spec.count("/") == 1 and not Path(spec).exists():  # looks like a Hub id "owner/name"
-        with contextlib.suppress(OSError, ValueError):  # not a valid Hub id, not on the Hub, or offline and not cached
-            cached = try_to_load_from_cache(spec, name)
-            path = Path(cached if isinstance(cached, str) else hf_hub_download(spec, name))
+        try:
+            cached = try_to_load_from_cache(spec, name, revision=revision)
+            path = Path(cached if isinstance(cached, str) else hf_hub_download(spec, name, revision=revision))
+        except Exception as exc:  # not a valid Hub id, not on the Hub, or offline and not cached
+            reason = hub_error_reason(exc, spec, revision=revision)
+            if reason is not None:
+                at = f" at revision {revision!r}" if revision else ""
+                raise GUDAError(f"Cannot load the base pipeline {spec!r}{at}: {reason}.") from exc
+            if not isinstance(exc, (OSError, ValueError)):
+                raise
     if path is None or not path.is_file():
         where = "no such directory, nor a Hub id this machine can reach or has cached" if not Path(spec).is_dir() else f"no {name} in it"
         raise _cannot_load(spec, where)
@@ -93,8 +105,10 @@ def read_model_index(spec: str | Path) -> dict:
     return index
 
 
-def pipeline_class_for(spec: str | Path) -> type:
+def pipeline_class_for(spec: str | Path, revision: str | None = None) -> type:
     """The GUDA pipeline class that loads ``spec`` (read from its ``model_index.json``, no weights).
+
+    ``revision`` is a Hub id's branch, tag or commit.
 
     Raises:
         GUDAError: ``spec`` cannot be read (see :func:`read_model_index`).
@@ -102,7 +116,7 @@ def pipeline_class_for(spec: str | Path) -> type:
     """
     from .. import pipelines
 
-    name = read_model_index(spec)["_class_name"]
+    name = read_model_index(spec, revision)["_class_name"]
     if name not in SUPPORTED_PIPELINES:
         supported = ("DDPMPipeline, DDIMPipeline, StableDiffusionPipeline (Stable Diffusion 1.x/2.x), StableDiffusionXLPipeline "
                      "(SDXL) and TextToImageDDPMPipeline")
@@ -113,6 +127,35 @@ def pipeline_class_for(spec: str | Path) -> type:
         raise ConfigError(
             f"The base {str(spec)!r} needs {SUPPORTED_PIPELINES[name]}, which needs transformers ({exc}); pip install 'diffusers-guda[sd]'."
         ) from exc
+
+
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def pickle_only_weights(directory: str | Path) -> list[str]:
+    """The pickle-based weight files of the components of a pipeline directory that have no safetensors weights.
+
+    Args:
+        directory: A pipeline directory (with ``model_index.json``).
+
+    Returns:
+        Their paths relative to ``directory``, sorted; empty when every component has safetensors weights.
+    """
+    directory, found = Path(directory), []
+    for component in sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = [p for p in component.rglob("*") if p.is_file()]
+        if not any(p.suffix == ".safetensors" for p in files):
+            found += [p.relative_to(directory).as_posix() for p in files if p.suffix.lower() in PICKLE_WEIGHT_SUFFIXES]
+    return sorted(found)
+
+
+def _pickle_only(spec: str, example: str | None) -> ConfigError:
+    what = f" ({example})" if example else ""
+    return ConfigError(
+        f"The base {spec!r} has only pickle-based weights{what}, which can run code when loaded; guda loads safetensors only. "
+        "Convert the model to safetensors (load it and save_pretrained it), or, if you trust its source, opt in with "
+        "--allow-pickle-weights (Python: use_safetensors=False)."
+    )
 
 
 class GUDAAutoPipeline:
@@ -133,16 +176,26 @@ class GUDAAutoPipeline:
     def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs):
         """Load ``pretrained_model_name_or_path`` with the GUDA pipeline class of its family.
 
+        Weights are read from safetensors files only (``use_safetensors=True``): a model that has only
+        pickle-based weights (``.bin``, which can run code when loaded) is refused unless the caller
+        trusts it and passes ``use_safetensors=False`` (or ``None``: safetensors where there are some).
+
         Args:
             pretrained_model_name_or_path: A pipeline directory or Hub id.
-            **kwargs: ``from_pretrained`` arguments (``torch_dtype``, ``revision``, ...). Stable
-                Diffusion is loaded without its safety checker unless ``safety_checker`` is given.
+            **kwargs: ``from_pretrained`` arguments (``torch_dtype``, ``revision``, ``use_safetensors``...).
+                Stable Diffusion is loaded without its safety checker unless ``safety_checker`` is given.
 
         Raises:
             GUDAError: one line, when the model cannot be found or read, or its family is not supported.
+            ConfigError: the model has only pickle-based weights and ``use_safetensors`` is ``True``.
         """
         spec = str(pretrained_model_name_or_path)
-        pipeline_class = pipeline_class_for(spec)
+        kwargs.setdefault("use_safetensors", True)
+        pipeline_class = pipeline_class_for(spec, kwargs.get("revision"))
+        if kwargs["use_safetensors"] and Path(spec).is_dir():
+            pickled = pickle_only_weights(spec)
+            if pickled:
+                raise _pickle_only(spec, pickled[0])
         if pipeline_class.__name__ == "GUDAStableDiffusionPipeline" and "safety_checker" not in kwargs:
             kwargs.update(safety_checker=None, requires_safety_checker=False)  # attribution never needs it
         try:
@@ -152,6 +205,8 @@ class GUDAAutoPipeline:
                 return pipeline_class.from_pretrained(spec, **kwargs)
         except (OSError, ValueError) as exc:
             message = str(exc).strip()
+            if kwargs["use_safetensors"] and "safetensors" in message:  # a Hub model without safetensors weights
+                raise _pickle_only(spec, None) from exc
             raise _cannot_load(spec, message.splitlines()[0] if message else type(exc).__name__) from exc
 
     @classmethod

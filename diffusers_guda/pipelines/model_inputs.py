@@ -13,8 +13,24 @@ import torch
 from ..data import GroupedDataset, check_pixel_range
 from ..distributed import ProcessInfo
 from ..errors import ConfigError, DataError
+from ..images import standard_image
+from ..latent_cache import LatentCache
+from ..lazy_data import LazyGroupedDataset
 from ..models import conditioning_dict, is_conditional, takes_text_time
 from .conditioning import check_pixel_images, check_size_conditions, encode_latents, is_latent, per_image, prompt_encoder, prompt_list
+
+
+def check_training_set(dataset) -> None:
+    """Refuse a training set that is neither a :class:`~diffusers_guda.GroupedDataset` nor a lazy one.
+
+    Raises:
+        DataError: naming the type given and how to build a dataset.
+    """
+    if not isinstance(dataset, (GroupedDataset, LazyGroupedDataset)):
+        raise DataError(
+            f"The training set must be a GroupedDataset or a LazyGroupedDataset, not {type(dataset).__name__}; build it with "
+            "GroupedDataset.from_arrays(images, group_ids, group_names) or LazyGroupedDataset.from_metadata(folder)."
+        )
 
 
 def model_dataset(pipe, dataset, progress: bool = False, latent_cache=None, process: ProcessInfo | None = None) -> GroupedDataset:
@@ -27,9 +43,7 @@ def model_dataset(pipe, dataset, progress: bool = False, latent_cache=None, proc
     Raises:
         DataError: if the images do not fit the model (size, channels, range).
     """
-    from ..latent_cache import LatentCache
-    from ..lazy_data import LazyGroupedDataset
-
+    check_training_set(dataset)
     lazy = isinstance(dataset, LazyGroupedDataset)
     if not is_latent(pipe):
         dataset = dataset.load() if lazy else dataset
@@ -97,7 +111,18 @@ def model_inputs(pipe, images, *, prompts=None, prompt_embeds=None, pooled_promp
 
 
 def to_model_images(images) -> torch.Tensor:
-    """Convert query images to a float tensor ``[N, C, H, W]`` in [-1, 1]."""
+    """Convert query images to a float tensor ``[N, C, H, W]`` in [-1, 1].
+
+    Args:
+        images: A tensor ``[N, C, H, W]`` (or ``[C, H, W]``) in [-1, 1], a numpy array ``[N, H, W, C]``
+            (uint8 in 0..255, or float in [0, 1]), or a list of PIL images. PIL images are read by the
+            one image reader's rules (:func:`~diffusers_guda.images.standard_image`: EXIF orientation,
+            16-bit grayscale scaled, transparency composited on white; docs/formats.md#image-reading), so
+            a PIL image gives the same pixels as its file in the training data.
+
+    Raises:
+        DataError: images of different sizes, an unsupported type, or a PIL image the reader refuses.
+    """
     if isinstance(images, torch.Tensor):
         out = images.detach().to("cpu", torch.float32)
         if out.dim() == 3:
@@ -113,7 +138,7 @@ def to_model_images(images) -> torch.Tensor:
             array = array / 255.0
         return torch.from_numpy(array).permute(0, 3, 1, 2) * 2.0 - 1.0
     if isinstance(images, (list, tuple)) and images and hasattr(images[0], "convert"):
-        arrays = [np.asarray(img, dtype=np.uint8) for img in images]
+        arrays = [np.asarray(standard_image(img, name=f"query image {i}"), dtype=np.uint8) for i, img in enumerate(images)]
         arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
         if len({a.shape for a in arrays}) > 1:
             raise DataError("Query images have different sizes; resize them to the model's sample size.")

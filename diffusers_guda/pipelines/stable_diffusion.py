@@ -108,7 +108,7 @@ class GUDAStableDiffusionPipeline(StableDiffusionPipeline, GUDAPipelineMixin):
     @torch.no_grad()
     def encode_latents(self, images) -> torch.Tensor:
         """Deterministic VAE latents (posterior mean x scaling factor) of ``images``, as scored."""
-        from .model_inputs import to_model_images
         from .conditioning import check_pixel_images, encode_latents
+        from .model_inputs import to_model_images
 
         return encode_latents(self, check_pixel_images(self, to_model_images(images)))

@@ -6,6 +6,7 @@ over its grid (:mod:`.adaptive`) decides which rows each model runs on.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -219,8 +220,8 @@ class AttributionScorer:
 
 
 def _check_settings(strategy: str, adaptive_z: float | None, adaptive_block: int, batch_size: int) -> None:
-    if adaptive_z is not None and (adaptive_z <= 0 or adaptive_block < 2):
-        raise ConfigError("adaptive_z must be > 0 and adaptive_block >= 2.")
+    if adaptive_z is not None and (not math.isfinite(adaptive_z) or adaptive_z <= 0 or adaptive_block < 2):
+        raise ConfigError(f"adaptive_z must be a finite number > 0 and adaptive_block >= 2; got {adaptive_z} and {adaptive_block}.")
     if adaptive_z is not None and strategy == "mixed":
         raise ConfigError("adaptive_z needs strategy 'auto', 'merged' or 'swap' (mixed batches run every adapter on every row).")
     if batch_size < 1:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -11,6 +12,7 @@ from typing import Sequence
 import torch
 
 from ..elbo import ELBOEstimator
+from ..errors import ConfigError
 from ..io_utils import write_text_atomic
 
 
@@ -39,7 +41,8 @@ class AttributionResult:
         return self.scores.shape[0]
 
     def top(self, k: int = 1) -> list[list[tuple[str, float]]]:
-        """Per query, the ``k`` highest-scoring groups as ``(name, score)``, best first."""
+        """Per query, the ``k`` highest-scoring groups as ``(name, score)``, best first (all groups when ``k`` exceeds them)."""
+        _require_count(k, "k")
         k = min(k, len(self.groups))
         values, idx = torch.topk(self.scores, k, dim=1)
         return [[(self.groups[j], float(v)) for v, j in zip(vs.tolist(), js.tolist())] for vs, js in zip(values, idx)]
@@ -64,6 +67,8 @@ class AttributionResult:
         """The result as JSON; also written to ``path`` if given."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
+            if Path(path).is_dir():
+                raise ConfigError(f"to_json: {path} is a directory; pass a file path (e.g. one inside that directory).")
             write_text_atomic(path, text + "\n")
         return text
 
@@ -79,9 +84,26 @@ class AttributionResult:
         Returns:
             The matplotlib figure.
         """
+        from matplotlib.backend_bases import FigureCanvasBase
+
         from ..plotting import plot_attribution_bars
 
+        formats = sorted(FigureCanvasBase.get_supported_filetypes())
+        if Path(path).suffix[1:].lower() not in formats:
+            raise ConfigError(
+                f"plot: {path} needs the extension of an image format matplotlib writes: .png (or one of {', '.join(formats)})."
+            )
+        if Path(path).is_dir():
+            raise ConfigError(f"plot: {path} is a directory; pass a file path such as {Path(path) / 'attribution.png'}.")
+        _require_count(max_queries, "max_queries")
+        if top_k is not None:
+            _require_count(top_k, "top_k")
         return plot_attribution_bars(self, path, images=images, max_queries=max_queries, top_k=top_k)
+
+
+def _require_count(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}.")
 
 
 def concatenate_results(parts: Sequence[AttributionResult]) -> AttributionResult:

@@ -87,3 +87,20 @@ def base_model_record(
         "conditional": conditional,
         **extra,
     }
+
+
+def base_provenance(unet: torch.nn.Module, bundle) -> dict:
+    """What an attribution result records about the base model that scored: ``base_revision`` and ``base_fingerprint``.
+
+    Args:
+        unet: The scoring UNet, holding ``bundle`` (whose loading checked that its weights are the bundle's base).
+        bundle: The loaded :class:`~diffusers_guda.bundle.AdapterBundle`.
+
+    Returns:
+        ``base_revision``: the Hub commit ``unet`` was loaded from (``None`` for a local directory or a
+        model built in memory); ``base_fingerprint``: the SHA-256 of its weights (the bundle's, which
+        its loading checked against ``unet``), what identifies a local base.
+    """
+    config = getattr(unet, "config", None)
+    snapshot = hub_snapshot_identity(config.get("_name_or_path") if config is not None else None)
+    return {"base_revision": snapshot[1] if snapshot else None, "base_fingerprint": bundle.base_model.get("fingerprint")}

@@ -3,16 +3,44 @@ docs/method.md#unlearning-one-group)."""
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from ..elbo import check_types
 from ..errors import ConfigError
 from ..lora import LoRASettings
 from ..objectives import get_objective
 
-
 AUTOCAST_DTYPES = ("auto", None, "bfloat16", "float16")
+_INTS = ("steps", "forget_batch_size", "retain_batch_size", "seed", "eval_images", "eval_draws")
+_REALS = ("size_exponent", "learning_rate", "max_grad_norm")
+
+
+def lora_settings(value) -> LoRASettings:
+    """``value`` (a :class:`LoRASettings`, or a dict as a recipe or a manifest holds it) as checked LoRA settings.
+
+    Raises:
+        ConfigError: a value that is not such a dict, unknown fields, or a rank, alpha or target list of the wrong type.
+    """
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"rank", "alpha", "target_modules"})
+        if unknown:
+            raise ConfigError(f"lora has unknown field(s) {unknown}; known: ['alpha', 'rank', 'target_modules'].")
+        for key, kind, what in (("rank", numbers.Integral, "an integer"), ("alpha", numbers.Real, "a number")):
+            if key in value and (isinstance(value[key], bool) or not isinstance(value[key], kind)):
+                raise ConfigError(f"LoRA {key} must be {what}, got {value[key]!r}.")
+        targets = value.get("target_modules", [])
+        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
+            raise ConfigError(f"LoRA target_modules must be a list of module names, got {targets!r}.")
+        value = LoRASettings.from_dict(value)
+    if not isinstance(value, LoRASettings):
+        raise ConfigError(f"lora must be a JSON object such as {{\"rank\": 8, \"alpha\": 8}}, got {value!r}.")
+    if not math.isfinite(value.alpha):
+        raise ConfigError(f"LoRA alpha must be a finite number > 0, got {value.alpha}.")
+    return value
 
 
 @dataclass
@@ -61,14 +89,22 @@ class UnlearningConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass (memory)."})
 
     def __post_init__(self):
-        if isinstance(self.lora, dict):
-            self.lora = LoRASettings.from_dict(self.lora)
+        check_types(self, ints=_INTS, reals=_REALS)
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ConfigError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}.")
+        if not isinstance(self.objective_options, dict):
+            raise ConfigError(f"objective_options must be a JSON object of option names and values, got {self.objective_options!r}.")
+        self.lora = lora_settings(self.lora)
         if self.steps < 1 or self.forget_batch_size < 1 or self.retain_batch_size < 1:
             raise ConfigError("steps and batch sizes must be >= 1.")
-        if not self.size_exponent >= 0:
-            raise ConfigError(f"size_exponent must be >= 0, got {self.size_exponent}.")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}.")
+        if self.eval_images < 1 or self.eval_draws < 1:
+            raise ConfigError(f"eval_images and eval_draws must be >= 1, got {self.eval_images} and {self.eval_draws}.")
+        if not 0 <= self.size_exponent < math.inf:
+            raise ConfigError(f"size_exponent must be a finite number >= 0, got {self.size_exponent}.")
+        if not 0 < self.learning_rate < math.inf:
+            raise ConfigError(f"learning_rate must be > 0 and finite, got {self.learning_rate}.")
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
+            raise ConfigError(f"max_grad_norm must be a finite number > 0 (or null: no clipping), got {self.max_grad_norm}.")
         if self.autocast_dtype not in AUTOCAST_DTYPES:
             raise ConfigError(f"autocast_dtype must be one of {AUTOCAST_DTYPES}, got {self.autocast_dtype!r}.")
         get_objective(self.objective, self.objective_options)  # validate name and options early

@@ -100,3 +100,28 @@ def test_looks_like_hub_id(tmp_path):
     assert looks_like_hub_id("org/name") and looks_like_hub_id("name")
     assert not looks_like_hub_id(None) and not looks_like_hub_id("") and not looks_like_hub_id("a/b/c")
     assert not looks_like_hub_id(str(tmp_path))  # an existing path is a path
+
+
+@pytest.mark.parametrize(
+    "repo, kwargs, needles",
+    [
+        ("guda/missing", {}, ["'guda/missing'", "no Hub repo guda/missing", "check the id", "hf auth login"]),
+        ("guda/test-bundle", {"revision": "v9"}, ["at revision 'v9'", "has no revision 'v9'", "branch, tag or commit"]),
+        ("guda/test-bundle", {"local_files_only": True}, ["not in the local Hub cache", "go online", "hf download guda/test-bundle"]),
+    ],
+    ids=["no-such-repo", "no-such-revision", "not-cached-offline"],
+)
+def test_hub_failures_are_one_line_bundle_errors(source, fake_hub, tmp_path, repo, kwargs, needles):
+    source[2].push_to_hub("guda/test-bundle", token="hf_test", endpoint=fake_hub.url)
+    with pytest.raises(BundleError) as caught:
+        AdapterBundle.from_pretrained(repo, cache_dir=tmp_path / "cache", endpoint=fake_hub.url, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message, message
+    for needle in needles:
+        assert needle in message, needle
+
+
+def test_a_hub_that_cannot_be_reached_is_a_bundle_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(BundleError, match=r"HF_HUB_OFFLINE=1 forbids downloads; go online, or pre-download it with `hf download guda/x --revision v1`"):
+        AdapterBundle.from_pretrained("guda/x", revision="v1", cache_dir=tmp_path)
