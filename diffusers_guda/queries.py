@@ -14,17 +14,24 @@ def query_files(paths: Sequence[str | Path]) -> list[Path]:
     """Image files named by ``paths``: files as given, folders expanded to their images (sorted).
 
     Raises:
-        GUDAError: a path that does not exist, or no image at all.
+        GUDAError: a path that does not exist, an image named twice (e.g. as a file and through its
+            folder), or no image at all.
     """
-    files = []
+    files, seen = [], {}
     for item in paths:
         path = Path(item)
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS))
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
         elif path.is_file():
-            files.append(path)
+            found = [path]
         else:
             raise GUDAError(f"Query image {path} does not exist.")
+        for file in found:
+            key = file.resolve()
+            if key in seen:
+                raise GUDAError(f"Query image {file} is named twice (also as {seen[key]}); name each image once.")
+            seen[key] = file
+            files.append(file)
     if not files:
         raise GUDAError(f"No images found in {[str(p) for p in paths]}.")
     return files

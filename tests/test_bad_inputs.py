@@ -580,6 +580,9 @@ CASES = [
          lambda ws, t: attribute_args(ws, t, base=pickle_only_base(ws, t)),
          ("only pickle-based weights", "can run code", "--allow-pickle-weights")),
     # -- further cases
+    Case("query-named-twice", "attribute",
+         lambda ws, t: attribute_args(ws, t, images=[ws["queries"], ws["queries"] / "q0.png"]),
+         ("q0.png", "is named twice", "name each image once")),
     # outputs that are, hold or lie inside an input: writing them would destroy it
     Case("unlearn-out-is-the-base", "unlearn",
          lambda ws, t: [*unlearn_args(ws, t), "--out", ws["base"]],
