@@ -23,7 +23,6 @@ the batch it was computed in.
 from __future__ import annotations
 
 import contextlib
-import numbers
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -32,26 +31,9 @@ from .diffusion import NoiseSchedule, common_noise, epsilon_from_x0, x0_from_out
 from .errors import ConfigError
 from .hashing import image_content_hash
 from .models import unet_call_kwargs
+from .validation import check_types
 
 WEIGHTINGS = ("kl", "simple")
-
-
-def check_types(config, ints=(), reals=()) -> None:
-    """Refuse settings of the wrong JSON type (a recipe's ``"steps": "ten"``, ``1.5`` or ``true``), naming the field.
-
-    Args:
-        config: A settings dataclass.
-        ints: Fields that must be integers (or ``None``).
-        reals: Fields that must be numbers (or ``None``).
-
-    Raises:
-        ConfigError: naming the first field of the wrong type.
-    """
-    for names, kinds, what in ((ints, numbers.Integral, "an integer"), (reals, numbers.Real, "a number")):
-        for name in names:
-            value = getattr(config, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
-                raise ConfigError(f"{type(config).__name__}.{name} must be {what}, got {value!r}.")
 
 
 @dataclass

@@ -9,10 +9,11 @@ with ``pipe.load_lora_weights(...)`` or ``unet.load_lora_adapter(..., prefix="un
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save
 
 from .errors import BundleError, ConfigError
+from .validation import is_kind
 
 LORA_METADATA_KEY = "lora_adapter_metadata"
 UNET_PREFIX = "unet"
@@ -49,11 +51,14 @@ class LoRASettings:
     )
 
     def __post_init__(self):
-        self.target_modules = tuple(self.target_modules)
-        if self.rank < 1:
-            raise ConfigError(f"LoRA rank must be >= 1, got {self.rank}.")
-        if self.alpha <= 0:
-            raise ConfigError(f"LoRA alpha must be > 0, got {self.alpha}.")
+        if not is_kind(self.rank, int) or self.rank < 1:
+            raise ConfigError(f"LoRA rank must be an integer >= 1, got {self.rank!r}.")
+        if not is_kind(self.alpha, float) or not 0 < self.alpha < math.inf:
+            raise ConfigError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}.")
+        targets = self.target_modules
+        if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ConfigError(f"LoRA target_modules must be a non-empty list of module names, got {targets!r}.")
+        self.target_modules = tuple(targets)
 
     def to_peft(self, model: torch.nn.Module | None = None) -> LoraConfig:
         """The peft ``LoraConfig``; with ``model``, restricted to the target names it contains.
@@ -85,7 +90,17 @@ class LoRASettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> "LoRASettings":
-        """The settings of a dict written by :meth:`to_dict`."""
+        """The settings of a dict written by :meth:`to_dict` (a recipe's or a manifest's ``lora``).
+
+        Raises:
+            ConfigError: not a dict, unknown fields, or a value of the wrong type.
+        """
+        known = [f.name for f in fields(cls)]
+        if not isinstance(data, dict):
+            raise ConfigError(f"lora must be a JSON object such as {{\"rank\": 8, \"alpha\": 8}}, got {data!r}.")
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ConfigError(f"lora has unknown field(s) {unknown}; known: {sorted(known)}.")
         return cls(**data)
 
 

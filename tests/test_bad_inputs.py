@@ -344,7 +344,7 @@ CASES = [
          ("'nope'", "'middle'")),
     Case("unlearn-rank-zero", "unlearn",
          lambda ws, t: unlearn_args(ws, t, "--rank", 0),
-         ("rank must be >= 1",)),
+         ("rank must be an integer >= 1", "got 0")),
     Case("unlearn-batch-size-zero", "unlearn",
          lambda ws, t: unlearn_args(ws, t, "--batch-size", 0),
          ("batch sizes must be >= 1",)),
@@ -910,13 +910,15 @@ def test_latent_cache_settings_are_checked_before_any_work(kwargs, message, tmp_
     ("UnlearningConfig", dict(max_grad_norm=0.0), r"max_grad_norm must be a finite number > 0"),
     ("UnlearningConfig", dict(learning_rate=float("inf")), r"learning_rate must be > 0 and finite"),
     ("UnlearningConfig", dict(lora={"rank": 2, "alpha": float("nan")}), r"LoRA alpha must be a finite number"),
-    ("UnlearningConfig", dict(lora={"rank": 2, "target_modules": "to_q"}), r"target_modules must be a list"),
+    ("UnlearningConfig", dict(lora={"rank": 2, "target_modules": "to_q"}), r"target_modules must be a non-empty list"),
+    ("LoRASettings", dict(rank=2, target_modules=[]), r"target_modules must be a non-empty list"),
+    ("LoRASettings", dict(rank=True), r"LoRA rank must be an integer >= 1, got True"),
     ("ELBOConfig", dict(rows_per_forward=0), r"num_draws and rows_per_forward must be >= 1"),
     ("ELBOConfig", dict(num_draws=True), r"ELBOConfig.num_draws must be an integer, got True"),
     ("ELBOConfig", dict(t_min=-1), r"t_min must be >= 0, got -1"),
     ("ELBOConfig", dict(t_min=30, t_max=30), r"t_min must be below t_max"),
 ], ids=["steps-fractional", "seed-text", "eval-draws-zero", "max-grad-norm-zero", "lr-infinite", "alpha-nan", "targets-one-string",
-        "rows-per-forward-zero", "draws-bool", "t-min-negative", "t-min-equals-t-max"])
+        "targets-empty", "rank-bool", "rows-per-forward-zero", "draws-bool", "t-min-negative", "t-min-equals-t-max"])
 def test_settings_of_the_wrong_type_or_range_are_named(config, kwargs, message):
     import diffusers_guda
 

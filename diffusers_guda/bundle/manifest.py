@@ -19,6 +19,7 @@ import torch
 
 from ..elbo import ELBOConfig
 from ..errors import BundleError
+from ..lora import LoRASettings
 from .layout import MANIFEST_NAME, adapter_file_for
 from .slugs import slugify
 
@@ -104,10 +105,8 @@ def check_lora(lora: dict, where: str) -> None:
     Raises:
         BundleError: naming the field and what to do.
     """
-    from ..unlearning.config import lora_settings  # here: the unlearning package imports this one
-
     try:
-        lora_settings(lora)
+        LoRASettings.from_dict(lora)
     except ValueError as exc:  # ConfigError: unknown fields, wrong types or values
         raise BundleError(f"{where} has malformed LoRA settings ('lora': {exc}). Restore the field or re-run `guda unlearn`.") from exc
 

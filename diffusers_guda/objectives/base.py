@@ -6,7 +6,6 @@ The noise schedule they read (:class:`~diffusers_guda.diffusion.NoiseSchedule`) 
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, ClassVar
 
@@ -15,6 +14,7 @@ import torch
 from ..diffusion import NoiseSchedule
 from ..errors import ConfigError
 from ..models import Conditioning, conditioning_dict, map_conditioning, merge_conditioning
+from ..validation import KIND_NAMES, is_kind, kind_of
 
 PRESERVE_MODES = ("mse", "distill")
 
@@ -100,22 +100,6 @@ class ObjectiveConfig:
         return asdict(self)
 
 
-_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _kind_of(default) -> type | None:
-    """The kind of value an option with this default takes (``None``: not checked)."""
-    return next((kind for kind in _KIND_NAMES if isinstance(default, kind)), None)
-
-
-def _is_kind(value, kind: type) -> bool:
-    """Whether ``value`` is of ``kind``; an integer is a valid number, a bool is neither."""
-    if kind is bool or isinstance(value, bool):
-        return kind is bool and isinstance(value, bool)
-    number = {int: numbers.Integral, float: numbers.Real}.get(kind, kind)
-    return isinstance(value, number)
-
-
 class UnlearningObjective:
     """Base class: a forget term (subclasses) and a preserve term (shared).
 
@@ -136,10 +120,10 @@ class UnlearningObjective:
             if unknown:
                 raise ConfigError(f"Objective '{self.name}' has no option(s) {unknown}; options: {sorted(known)}.")
             for f in fields(self.config_class):
-                kind, words = _kind_of(f.default), f.metadata.get("words", ())
+                kind, words = kind_of(f.default), f.metadata.get("words", ())
                 value = kwargs.get(f.name)
-                if f.name in kwargs and kind is not None and not _is_kind(value, kind) and value not in words:
-                    expected = " or ".join([_KIND_NAMES[kind], *map(repr, words)])
+                if f.name in kwargs and kind is not None and not is_kind(value, kind) and value not in words:
+                    expected = " or ".join([KIND_NAMES[kind], *map(repr, words)])
                     raise ConfigError(f"Objective '{self.name}' option {f.name} must be {expected}, got {value!r}.")
             config = self.config_class(**kwargs)
         elif kwargs:

@@ -4,43 +4,18 @@ docs/method.md#unlearning-one-group)."""
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from ..elbo import check_types
 from ..errors import ConfigError
 from ..lora import LoRASettings
 from ..objectives import get_objective
+from ..validation import check_types
 
 AUTOCAST_DTYPES = ("auto", None, "bfloat16", "float16")
 _INTS = ("steps", "forget_batch_size", "retain_batch_size", "seed", "eval_images", "eval_draws")
 _REALS = ("size_exponent", "learning_rate", "max_grad_norm")
-
-
-def lora_settings(value) -> LoRASettings:
-    """``value`` (a :class:`LoRASettings`, or a dict as a recipe or a manifest holds it) as checked LoRA settings.
-
-    Raises:
-        ConfigError: a value that is not such a dict, unknown fields, or a rank, alpha or target list of the wrong type.
-    """
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - {"rank", "alpha", "target_modules"})
-        if unknown:
-            raise ConfigError(f"lora has unknown field(s) {unknown}; known: ['alpha', 'rank', 'target_modules'].")
-        for key, kind, what in (("rank", numbers.Integral, "an integer"), ("alpha", numbers.Real, "a number")):
-            if key in value and (isinstance(value[key], bool) or not isinstance(value[key], kind)):
-                raise ConfigError(f"LoRA {key} must be {what}, got {value[key]!r}.")
-        targets = value.get("target_modules", [])
-        if not isinstance(targets, (list, tuple)) or not all(isinstance(t, str) for t in targets):
-            raise ConfigError(f"LoRA target_modules must be a list of module names, got {targets!r}.")
-        value = LoRASettings.from_dict(value)
-    if not isinstance(value, LoRASettings):
-        raise ConfigError(f"lora must be a JSON object such as {{\"rank\": 8, \"alpha\": 8}}, got {value!r}.")
-    if not math.isfinite(value.alpha):
-        raise ConfigError(f"LoRA alpha must be a finite number > 0, got {value.alpha}.")
-    return value
 
 
 @dataclass
@@ -94,7 +69,10 @@ class UnlearningConfig:
             raise ConfigError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}.")
         if not isinstance(self.objective_options, dict):
             raise ConfigError(f"objective_options must be a JSON object of option names and values, got {self.objective_options!r}.")
-        self.lora = lora_settings(self.lora)
+        if isinstance(self.lora, dict):
+            self.lora = LoRASettings.from_dict(self.lora)
+        elif not isinstance(self.lora, LoRASettings):
+            raise ConfigError(f"lora must be a JSON object such as {{\"rank\": 8, \"alpha\": 8}}, got {self.lora!r}.")
         if self.steps < 1 or self.forget_batch_size < 1 or self.retain_batch_size < 1:
             raise ConfigError("steps and batch sizes must be >= 1.")
         if self.eval_images < 1 or self.eval_draws < 1:
