@@ -21,6 +21,7 @@ from diffusers_guda.data import GroupedDataset
 from diffusers_guda.diffusion import NoiseSchedule
 from diffusers_guda.errors import ConfigError
 from diffusers_guda.io_utils import atomic_directory
+from diffusers_guda.validation import check_types
 
 TRAIN_LOG_NAME = "guda_train.json"
 
@@ -48,6 +49,8 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, batches and noise."})
 
     def __post_init__(self):
+        check_types(self, ints=("layers_per_block", "norm_num_groups", "num_train_timesteps", "steps", "batch_size", "warmup_steps", "seed"),
+                    reals=("learning_rate", "weight_decay", "ema_decay"))
         self.block_out_channels = tuple(self.block_out_channels)
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("steps and batch_size must be >= 1.")

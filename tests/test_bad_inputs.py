@@ -580,6 +580,9 @@ CASES = [
          lambda ws, t: attribute_args(ws, t, base=pickle_only_base(ws, t)),
          ("only pickle-based weights", "can run code", "--allow-pickle-weights")),
     # -- further cases
+    Case("recipe-train-steps-text", "train",
+         lambda ws, t: train_args(ws, t, recipe=recipe_file(t, with_train(steps="x"))),
+         ("TrainConfig.steps must be an integer", "'x'")),
     Case("query-named-twice", "attribute",
          lambda ws, t: attribute_args(ws, t, images=[ws["queries"], ws["queries"] / "q0.png"]),
          ("q0.png", "is named twice", "name each image once")),
