@@ -42,6 +42,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet
 
 from diffusers_guda import AttributionScorer, GroupedDataset, Recipe
 from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
+from diffusers_guda.errors import BatchTooLargeError
 from diffusers_guda.models import unet_call_kwargs
 from diffusers_guda.pipelines import GUDAStableDiffusionPipeline, GUDAStableDiffusionXLPipeline, model_inputs
 from diffusers_guda.scoring.strategies import resolve_strategy
@@ -181,25 +182,15 @@ def measure(model: str, args, device: torch.device, results: Results) -> None:
         "weights_dtype": args.weights_dtype, "recipe": recipe.name, "build_s": round(time.perf_counter() - t0, 1),
     })
 
-    # -- unlearning one group at the recipe's batch ------------------------------------------------------
-    peak_memory_gib(device)
-    settings = dict(steps=args.steps, eval_images=min(recipe.unlearning.eval_images, 2 * 2), progress=False)
-    pipe.unlearn_groups(dataset, recipe=recipe, groups=[0], **{**settings, "steps": 1})  # warm-up (kernels, allocator)
-    peak_memory_gib(device)
-    start = time.perf_counter()
-    bundle = pipe.unlearn_groups(dataset, recipe=recipe, groups=[0], **settings)
-    sync(device)
-    wall = time.perf_counter() - start
-    stats = bundle.groups[0].stats
-    per_step = stats["wall_s"] / stats["steps"]
-    fixed = wall - stats["wall_s"]
-    config = recipe.unlearning.for_device(device)
-    results.record(model, "unlearning", {
-        "forget_batch": config.forget_batch_size, "retain_batch": config.retain_batch_size, "autocast": config.autocast_dtype,
-        "objective": config.objective, "steps_timed": stats["steps"], "s_per_step": round(per_step, 4),
-        "fixed_s": round(fixed, 2), "peak_memory_gib": peak_memory_gib(device),
-        "recipe_steps": config.steps, "projected_group_s": round(fixed + config.steps * per_step, 1),
-    })
+    # -- unlearning one group at the recipe's batch (again with gradient checkpointing if it does not fit) ----
+    for checkpointing in (False, True):
+        try:
+            results.record(model, "unlearning", time_unlearning(pipe, dataset, recipe, args, device, checkpointing))
+            break
+        except BatchTooLargeError as exc:
+            results.record(model, "unlearning_does_not_fit" + ("_with_checkpointing" if checkpointing else ""), str(exc))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     # -- a bundle of 16 groups (few steps: only its shape matters for the scoring costs) ------------------
     bundle = pipe.unlearn_groups(dataset, recipe=recipe, steps=1, eval_images=1, eval_draws=1, progress=False)
@@ -254,6 +245,28 @@ def measure(model: str, args, device: torch.device, results: Results) -> None:
     results.record(model, "attribute_one_image", attribution)
 
 
+def time_unlearning(pipe, dataset: GroupedDataset, recipe: Recipe, args, device: torch.device, checkpointing: bool) -> dict:
+    """Seconds per unlearning step of one group at the recipe's batch, the run's fixed cost and peak memory."""
+    settings = dict(steps=args.steps, eval_images=min(recipe.unlearning.eval_images, 2 * 2), progress=False,
+                    gradient_checkpointing=checkpointing)
+    pipe.unlearn_groups(dataset, recipe=recipe, groups=[0], **{**settings, "steps": 1})  # warm-up (kernels, allocator)
+    peak_memory_gib(device)
+    start = time.perf_counter()
+    bundle = pipe.unlearn_groups(dataset, recipe=recipe, groups=[0], **settings)
+    sync(device)
+    wall = time.perf_counter() - start
+    stats = bundle.groups[0].stats
+    per_step = stats["wall_s"] / stats["steps"]
+    fixed = wall - stats["wall_s"]
+    config = recipe.unlearning.for_device(device)
+    return {
+        "forget_batch": config.forget_batch_size, "retain_batch": config.retain_batch_size, "autocast": config.autocast_dtype,
+        "gradient_checkpointing": checkpointing, "objective": config.objective, "steps_timed": stats["steps"],
+        "s_per_step": round(per_step, 4), "fixed_s": round(fixed, 2), "peak_memory_gib": peak_memory_gib(device),
+        "recipe_steps": config.steps, "projected_group_s": round(fixed + config.steps * per_step, 1),
+    }
+
+
 def autocast(device: torch.device, dtype: str | None):
     if dtype is None:
         return torch.autocast(device.type, enabled=False)
@@ -291,7 +304,10 @@ def main(argv=None) -> dict:
     })
     start = time.perf_counter()
     for model in args.models:
-        measure(model, args, device, results)
+        try:
+            measure(model, args, device, results)
+        except Exception as exc:  # one model's failure must not cost the other's measurements
+            results.record(model, "error", f"{type(exc).__name__}: {exc}")
         if device.type == "cuda":  # the model's pipeline is gone with measure's frame
             torch.cuda.empty_cache()
     results.data["total_s"] = round(time.perf_counter() - start, 1)

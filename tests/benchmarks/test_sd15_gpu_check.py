@@ -18,9 +18,11 @@ def test_tiny_run_writes_every_measurement(tmp_path):
     assert data["config"] == "tiny" and data["device"] == "cpu" and data["total_s"] > 0
     for model, recipe in (("sd15", "sd-styles"), ("sdxl", "sdxl-styles")):
         entry = data[model]
+        assert "error" not in entry and "unlearning_does_not_fit" not in entry, entry
         assert entry["model"]["recipe"] == recipe and entry["model"]["unet_parameters"] > 0
         unlearning = entry["unlearning"]
         assert unlearning["s_per_step"] > 0 and unlearning["steps_timed"] == 1 and unlearning["recipe_steps"] == 400
+        assert unlearning["gradient_checkpointing"] is False
         assert unlearning["projected_group_s"] >= 400 * unlearning["s_per_step"]
         rates = entry["elbo_rows_per_s"]
         assert rates["groups"] == 16 and all(rates[name] > 0 for name in ("bare UNet forward", "merged", "swap", "mixed"))
@@ -41,3 +43,24 @@ def test_the_full_configurations_are_the_real_unets(name, parameters):
     with torch.device("meta"):
         unet = UNet2DConditionModel(**getattr(module, name))
     assert sum(p.numel() for p in unet.parameters()) == parameters
+
+
+def test_a_recipe_batch_that_does_not_fit_is_recorded_and_retried_with_checkpointing(tmp_path, monkeypatch):
+    from diffusers_guda.errors import BatchTooLargeError
+
+    module = load_benchmark_script("sd15_gpu_check")
+    measured = module.time_unlearning
+
+    def fits_only_with_checkpointing(pipe, dataset, recipe, args, device, checkpointing):
+        if not checkpointing:
+            raise BatchTooLargeError("Unlearning group 'style00' ran out of device memory at step 0")
+        return measured(pipe, dataset, recipe, args, device, checkpointing)
+
+    monkeypatch.setattr(module, "time_unlearning", fits_only_with_checkpointing)
+    out = tmp_path / "check.json"
+    module.main(["--tiny", "--models", "sd15", "--device", "cpu", "--warmup", "0", "--iters", "1", "--steps", "1", "--queries", "1",
+                 "--out", str(out)])
+    entry = json.loads(out.read_text())["sd15"]
+    assert "ran out of device memory" in entry["unlearning_does_not_fit"]
+    assert entry["unlearning"]["gradient_checkpointing"] is True and entry["unlearning"]["s_per_step"] > 0
+    assert entry["attribute_one_image"]["full grid s"] > 0  # the rest is still measured
