@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet2DConditionModel
@@ -43,6 +41,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, EulerDiscreteScheduler, UNet
 from diffusers_guda import AttributionScorer, GroupedDataset, Recipe
 from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
 from diffusers_guda.errors import BatchTooLargeError
+from diffusers_guda.io_utils import write_json_atomic
 from diffusers_guda.models import unet_call_kwargs
 from diffusers_guda.pipelines import GUDAStableDiffusionPipeline, GUDAStableDiffusionXLPipeline, model_inputs
 from diffusers_guda.scoring.strategies import resolve_strategy
@@ -119,9 +118,7 @@ class Results:
 
     def write(self) -> None:
         if self.path:
-            tmp = Path(f"{self.path}.tmp")
-            tmp.write_text(json.dumps(self.data, indent=2))
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, self.data)
 
 
 def build_pipeline(model: str, tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -234,11 +231,12 @@ def measure(model: str, args, device: torch.device, results: Results) -> None:
 
     # -- attribute one image against the 16 groups ---------------------------------------------------------
     image, prompt = dataset.images[:1], dataset.prompts[0]
-    attribution = {}
+    attribution, last = {}, {}
     for label, adaptive_z in (("full grid", None), ("adaptive", args.adaptive_z)):  # kernels are warm from the throughput runs
-        times = timed(lambda: pipe.attribute(image, prompts=prompt, adaptive_z=adaptive_z, progress=False), device, 0, args.iters)
+        times = timed(lambda: last.update(result=pipe.attribute(image, prompts=prompt, adaptive_z=adaptive_z, progress=False)),
+                      device, 0, args.iters)
         attribution[f"{label} s"] = round(statistics.median(times), 3)
-    result = pipe.attribute(image, prompts=prompt, adaptive_z=args.adaptive_z, progress=False)
+    result = last["result"]  # the adaptive one
     attribution["grid rows"] = ELBOEstimator(DDPMScheduler.from_config(pipe.scheduler.config), ELBOConfig(**bundle.elbo)).num_rows
     attribution["adaptive rows used (mean per group)"] = round(statistics.mean(result.metadata["rows_used"][0]), 1)
     attribution["strategy"] = result.metadata["strategy"]

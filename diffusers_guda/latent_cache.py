@@ -147,11 +147,13 @@ class LatentCache:
 
     def _expected_shape(self, dataset) -> tuple[int, int, int]:
         """The pixel shape every image must have (image 0's), checked against the VAE."""
+        from .pipelines.conditioning import vae_scale_factor
+
         if len(dataset) == 0:
             raise DataError("The dataset has no images.")
         shape = tuple(_read(dataset, 0)[0].shape)
         channels = self.vae.config.in_channels
-        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        factor = vae_scale_factor(self.vae)
         resolution = getattr(dataset, "resolution", None)
         if shape[0] != channels:
             raise DataError(

@@ -107,7 +107,7 @@ def test_bad_image_layouts():
 # -- from_image_folder ---------------------------------------------------------------------------
 
 
-def _png(path, size=(6, 5), mode="L", seed=0):
+def write_png(path, size=(6, 5), mode="L", seed=0):
     """Write a small image; ``size`` is (width, height) as PIL takes it."""
     rng = np.random.default_rng(seed)
     shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
@@ -116,18 +116,18 @@ def _png(path, size=(6, 5), mode="L", seed=0):
     return path
 
 
-def _folder(root, groups=("cats", "birds", "dogs"), per_group=2, mode="L", size=(6, 5)):
+def write_image_folder(root, groups=("cats", "birds", "dogs"), per_group=2, mode="L", size=(6, 5)):
     for g, name in enumerate(groups):
         for i in range(per_group):
-            _png(root / name / f"img{i}.png", size=size, mode=mode, seed=10 * g + i)
+            write_png(root / name / f"img{i}.png", size=size, mode=mode, seed=10 * g + i)
     return root
 
 
 @pytest.mark.parametrize("mode, channels", [("L", 1), ("RGB", 3)])
 def test_image_folder_happy_path(tmp_path, mode, channels):
-    root = _folder(tmp_path / "data", mode=mode, per_group=2)
+    root = write_image_folder(tmp_path / "data", mode=mode, per_group=2)
     # a third image in one group, inside a nested folder (rglob), to get unequal group sizes
-    _png(root / "dogs" / "more" / "extra.png", mode=mode, seed=99)
+    write_png(root / "dogs" / "more" / "extra.png", mode=mode, seed=99)
     data = GroupedDataset.from_image_folder(root)
     assert data.group_names == ["birds", "cats", "dogs"]  # sorted subfolder names
     assert data.images.shape == (7, channels, 5, 6)
@@ -140,7 +140,7 @@ def test_image_folder_happy_path(tmp_path, mode, channels):
 
 
 def test_image_folder_ignores_hidden_files(tmp_path):
-    root = _folder(tmp_path / "data", groups=("a", "b"))
+    root = write_image_folder(tmp_path / "data", groups=("a", "b"))
     (root / ".DS_Store").write_bytes(b"junk")
     (root / "a" / ".hidden").write_bytes(b"junk")
     data = GroupedDataset.from_image_folder(root)
@@ -148,13 +148,13 @@ def test_image_folder_ignores_hidden_files(tmp_path):
 
 
 def test_image_folder_only_one_group(tmp_path):
-    root = _folder(tmp_path / "data", groups=("solo",))
+    root = write_image_folder(tmp_path / "data", groups=("solo",))
     with pytest.raises(DataError, match="at least 2"):
         GroupedDataset.from_image_folder(root)
 
 
 def test_image_folder_empty_group(tmp_path):
-    root = _folder(tmp_path / "data", groups=("a", "b"))
+    root = write_image_folder(tmp_path / "data", groups=("a", "b"))
     (root / "empty").mkdir()
     with pytest.raises(DataError) as info:
         GroupedDataset.from_image_folder(root)
@@ -162,8 +162,8 @@ def test_image_folder_empty_group(tmp_path):
 
 
 def test_image_folder_mixed_sizes_names_odd_file(tmp_path):
-    root = _folder(tmp_path / "data", groups=("a", "b"), per_group=3, size=(6, 5))
-    _png(root / "b" / "odd.png", size=(7, 9))
+    root = write_image_folder(tmp_path / "data", groups=("a", "b"), per_group=3, size=(6, 5))
+    write_png(root / "b" / "odd.png", size=(7, 9))
     with pytest.raises(DataError) as info:
         GroupedDataset.from_image_folder(root)
     message = str(info.value)
@@ -173,7 +173,7 @@ def test_image_folder_mixed_sizes_names_odd_file(tmp_path):
 
 
 def test_image_folder_non_image_file(tmp_path):
-    root = _folder(tmp_path / "data", groups=("a", "b"))
+    root = write_image_folder(tmp_path / "data", groups=("a", "b"))
     (root / "a" / "notes.txt").write_text("not an image")
     with pytest.raises(DataError) as info:
         GroupedDataset.from_image_folder(root)
@@ -181,7 +181,7 @@ def test_image_folder_non_image_file(tmp_path):
 
 
 def test_image_folder_corrupt_png(tmp_path):
-    root = _folder(tmp_path / "data", groups=("a", "b"))
+    root = write_image_folder(tmp_path / "data", groups=("a", "b"))
     (root / "b" / "broken.png").write_bytes(np.random.default_rng(0).bytes(200))
     with pytest.raises(DataError) as info:
         GroupedDataset.from_image_folder(root)
@@ -189,7 +189,7 @@ def test_image_folder_corrupt_png(tmp_path):
 
 
 def test_image_folder_truncated_png(tmp_path):
-    root = _folder(tmp_path / "data", groups=("a", "b"), size=(32, 32))
+    root = write_image_folder(tmp_path / "data", groups=("a", "b"), size=(32, 32))
     good = (root / "a" / "img0.png").read_bytes()
     (root / "a" / "truncated.png").write_bytes(good[: len(good) // 2])
     with pytest.raises(DataError, match="truncated.png"):
@@ -198,8 +198,8 @@ def test_image_folder_truncated_png(tmp_path):
 
 def test_image_folder_mixed_modes(tmp_path):
     root = tmp_path / "data"
-    _png(root / "a" / "gray.png", mode="L")
-    _png(root / "b" / "color.png", mode="RGB")
+    write_png(root / "a" / "gray.png", mode="L")
+    write_png(root / "b" / "color.png", mode="RGB")
     with pytest.raises(DataError) as info:
         GroupedDataset.from_image_folder(root)
     assert "mode='L'" in str(info.value)
@@ -212,8 +212,8 @@ def test_image_folder_mixed_modes(tmp_path):
 
 
 def test_image_folder_stray_root_file(tmp_path):
-    root = _folder(tmp_path / "data", groups=("a", "b"))
-    _png(root / "loose.png")
+    root = write_image_folder(tmp_path / "data", groups=("a", "b"))
+    write_png(root / "loose.png")
     with pytest.raises(DataError) as info:
         GroupedDataset.from_image_folder(root)
     assert "loose.png" in str(info.value)
@@ -348,16 +348,16 @@ def test_a_byte_order_mark_before_metadata_is_accepted(tmp_path):
 
 
 def test_hidden_files_and_folders_in_a_group_are_skipped_nested_ones_belong_to_it(tmp_path):
-    root = _folder(tmp_path / "data", per_group=2)
-    _png(root / "dogs" / ".ipynb_checkpoints" / "img0-checkpoint.png", seed=50)
-    _png(root / "dogs" / ".thumb.png", seed=51)
-    _png(root / "dogs" / "more" / "extra.png", seed=52)
+    root = write_image_folder(tmp_path / "data", per_group=2)
+    write_png(root / "dogs" / ".ipynb_checkpoints" / "img0-checkpoint.png", seed=50)
+    write_png(root / "dogs" / ".thumb.png", seed=51)
+    write_png(root / "dogs" / "more" / "extra.png", seed=52)
     data = GroupedDataset.from_image_folder(root)
     assert data.group_sizes() == [2, 2, 3]
 
 
 def test_a_dangling_link_in_a_group_is_named(tmp_path):
-    root = _folder(tmp_path / "data", per_group=2)
+    root = write_image_folder(tmp_path / "data", per_group=2)
     (root / "cats" / "gone.png").symlink_to(tmp_path / "nowhere.png")
     with pytest.raises(DataError, match="gone.png is a link to a file that does not exist"):
         GroupedDataset.from_image_folder(root)

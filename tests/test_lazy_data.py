@@ -13,23 +13,7 @@ from PIL import Image
 from diffusers_guda import GroupedDataset, LazyGroupedDataset
 from diffusers_guda.errors import DataError
 
-from test_data import write_metadata_folder
-
-
-def _png(path, size=(6, 5), mode="L", seed=0):
-    """Write a random image; ``size`` is (width, height) as PIL takes it."""
-    rng = np.random.default_rng(seed)
-    shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, size=shape, dtype=np.uint8), mode=mode).save(path)
-    return path
-
-
-def _folder(root, groups=("cats", "birds", "dogs"), per_group=2):
-    for g, name in enumerate(groups):
-        for i in range(per_group):
-            _png(root / name / f"img{i}.png", seed=10 * g + i)
-    return root
+from test_data import write_image_folder, write_metadata_folder, write_png
 
 
 def reference(path, mode=None) -> torch.Tensor:
@@ -41,9 +25,9 @@ def reference(path, mode=None) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", [None, "RGB"])
 def test_image_folder_lazy_reads_what_the_eager_reader_holds(tmp_path, mode):
-    root = _folder(tmp_path / "data", per_group=2)
-    _png(root / "dogs" / "more" / "extra.png", seed=99)
-    _png(root / "dogs" / ".ipynb_checkpoints" / "skip.png", seed=98)
+    root = write_image_folder(tmp_path / "data", per_group=2)
+    write_png(root / "dogs" / "more" / "extra.png", seed=99)
+    write_png(root / "dogs" / ".ipynb_checkpoints" / "skip.png", seed=98)
     lazy = LazyGroupedDataset.from_image_folder(root, mode=mode)
     eager = GroupedDataset.from_image_folder(root, mode=mode)
     assert len(lazy) == len(eager) == 7 and lazy.group_names == eager.group_names == ["birds", "cats", "dogs"]
@@ -65,12 +49,12 @@ def test_metadata_lazy_keeps_rows_prompts_and_descriptors(tmp_path):
     assert torch.equal(torch.stack([lazy.read(i)[0] for i in range(len(lazy))]), eager.images)
     lazy.require_prompts()
     with pytest.raises(DataError, match="no prompts"):
-        LazyGroupedDataset.from_image_folder(_folder(tmp_path / "folder")).require_prompts()
+        LazyGroupedDataset.from_image_folder(write_image_folder(tmp_path / "folder")).require_prompts()
 
 
 def test_membership_errors_are_the_eager_readers(tmp_path):
     """Scanning refuses bad layouts before any image is decoded, with the eager reader's messages."""
-    root = _folder(tmp_path / "data", groups=("a", "b"))
+    root = write_image_folder(tmp_path / "data", groups=("a", "b"))
     (root / "a" / "notes.txt").write_text("not an image")
     with pytest.raises(DataError, match="notes.txt is not an image"):
         LazyGroupedDataset.from_image_folder(root)
@@ -79,11 +63,11 @@ def test_membership_errors_are_the_eager_readers(tmp_path):
     with pytest.raises(DataError, match="mode"):
         LazyGroupedDataset.from_image_folder(tmp_path / "data", mode="CMYK")
     with pytest.raises(DataError, match="resolution must be a positive integer"):
-        LazyGroupedDataset.from_image_folder(_folder(tmp_path / "ok"), resolution=0)
+        LazyGroupedDataset.from_image_folder(write_image_folder(tmp_path / "ok"), resolution=0)
 
 
 def test_a_corrupt_image_is_named_with_its_index_when_read(tmp_path):
-    root = _folder(tmp_path / "data", groups=("a", "b"), per_group=3)
+    root = write_image_folder(tmp_path / "data", groups=("a", "b"), per_group=3)
     (root / "a" / "img1.png").write_bytes(b"not a png at all")
     lazy = LazyGroupedDataset.from_image_folder(root)  # scanning decodes nothing
     lazy.read(0)
@@ -95,9 +79,9 @@ def test_a_corrupt_image_is_named_with_its_index_when_read(tmp_path):
 
 def test_resolution_resizes_the_shorter_side_and_crops_the_centre(tmp_path):
     root = tmp_path / "data"
-    _png(root / "a" / "wide.png", size=(20, 12), mode="RGB", seed=1)  # width 20, height 12
-    _png(root / "b" / "tall.png", size=(9, 15), mode="RGB", seed=2)
-    _png(root / "b" / "small.png", size=(4, 4), mode="RGB", seed=3)  # upscaled
+    write_png(root / "a" / "wide.png", size=(20, 12), mode="RGB", seed=1)  # width 20, height 12
+    write_png(root / "b" / "tall.png", size=(9, 15), mode="RGB", seed=2)
+    write_png(root / "b" / "small.png", size=(4, 4), mode="RGB", seed=3)  # upscaled
     lazy = LazyGroupedDataset.from_image_folder(root, resolution=8)
     sizes = [lazy.read(i)[1] for i in range(3)]
     # wide: 12x20 -> 8x13 (torchvision's int()), crop left round(2.5) = 2; tall: 15x9 -> 13x8, top round(2.5) = 2
@@ -117,7 +101,7 @@ def test_resolution_resizes_the_shorter_side_and_crops_the_centre(tmp_path):
 
 def hf_dataset(tmp_path, class_label=True, n=6):
     """A ``datasets.Dataset`` of encoded PNGs (from files written to ``tmp_path/png``), groups and captions."""
-    files = [_png(tmp_path / "png" / f"{i}.png", size=(8, 8), mode="RGB", seed=i) for i in range(n)]
+    files = [write_png(tmp_path / "png" / f"{i}.png", size=(8, 8), mode="RGB", seed=i) for i in range(n)]
     groups = ["oil", "ink", "oil", "chalk", "ink", "oil"][:n]
     features = datasets.Features({
         "image": datasets.Image(),

@@ -53,7 +53,7 @@ def register(subparsers) -> None:
     p.add_argument("--lr", type=float, help="learning rate")
     p.add_argument("--batch-size", type=int, help="forget and retain images per step (each)")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None,
-                   help="recompute the UNet's activations in the backward pass: much less memory, about a third slower")
+                   help="recompute the UNet's activations in the backward pass instead of keeping them (less memory, more time)")
     p.add_argument("--rank", type=int, help="LoRA rank")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
     p.add_argument("--seed", type=int, help="base seed (each group's seed derives from it)")

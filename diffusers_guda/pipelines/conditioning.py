@@ -33,8 +33,9 @@ def is_latent(pipe) -> bool:
     return getattr(pipe, "vae", None) is not None
 
 
-def vae_scale_factor(pipe) -> int:
-    return int(getattr(pipe, "vae_scale_factor", None) or 2 ** (len(pipe.vae.config.block_out_channels) - 1))
+def vae_scale_factor(vae) -> int:
+    """How many times the VAE downsamples height and width (8 for Stable Diffusion's)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def check_pixel_images(pipe, images: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,7 @@ def check_pixel_images(pipe, images: torch.Tensor) -> torch.Tensor:
         DataError: wrong channel count, a size the VAE cannot take, or values outside [-1, 1].
     """
     channels = pipe.vae.config.in_channels
-    factor = vae_scale_factor(pipe)
+    factor = vae_scale_factor(pipe.vae)
     if images.dim() != 4 or images.shape[1] != channels:
         raise DataError(
             f"Images of shape {tuple(images.shape[1:])} do not fit this pipeline's VAE, which takes {channels}-channel "
@@ -238,7 +239,7 @@ class SDXLPromptEncoder:
                 left, target height and width per image; default ``(H, W, 0, 0, H, W)`` of the pixel
                 image, as the pipeline generates by default.
         """
-        factor = vae_scale_factor(self.pipe)
+        factor = vae_scale_factor(self.pipe.vae)
         height, width = int(sample_shape[-2]) * factor, int(sample_shape[-1]) * factor
         if size_conditions is None:
             size_conditions = torch.tensor([height, width, 0, 0, height, width])

@@ -44,8 +44,8 @@ class UnlearningConfig:
             base then runs in bfloat16 while the adapter's weights and optimiser stay in float32. A run
             records the resolved value (:meth:`for_device`).
         gradient_checkpointing: Recompute the UNet's activations in the backward pass instead of
-            keeping them: much less memory for SD-sized UNets at large batches, about a third more
-            time per step. The adapter it trains is the same.
+            keeping them: fewer activations held, one more forward pass of each block per step. The
+            adapter it trains is the same up to float rounding.
     """
 
     objective: str = field(default="retrack", metadata={"help": "Registered objective name."})

@@ -20,6 +20,4 @@ def test_small_run_encodes_each_image_once_and_reports_memory(tmp_path, capsys):
         assert cases["rerun", n]["vae_forwards_first_call"] == 0 and cases["rerun", n]["vae_forwards_second_call"] == 0
         assert len(cases["attribute", n]["top_groups"]) == 4
     assert cases["eager", 32]["vae_forwards"] == 32 and cases["eager", 32]["pixel_bytes_held"] == 32 * 3 * 64 * 64 * 4
-    assert all(c["delta_mib"] >= 0 and c["peak_mib"] >= c["baseline_mib"] > 0 for c in result["cases"])
-    assert result["ratio_unlearn_delta"] is None or result["ratio_unlearn_delta"] > 0
     assert "peak RSS above baseline" in printed

@@ -23,11 +23,10 @@ def test_tiny_run_writes_every_measurement(tmp_path):
         unlearning = entry["unlearning"]
         assert unlearning["s_per_step"] > 0 and unlearning["steps_timed"] == 1 and unlearning["recipe_steps"] == 400
         assert unlearning["gradient_checkpointing"] is False
-        assert unlearning["projected_group_s"] >= 400 * unlearning["s_per_step"]
+        assert unlearning["projected_group_s"] == pytest.approx(unlearning["fixed_s"] + 400 * unlearning["s_per_step"], abs=0.2)
         rates = entry["elbo_rows_per_s"]
         assert rates["groups"] == 16 and all(rates[name] > 0 for name in ("bare UNet forward", "merged", "swap", "mixed"))
         assert rates["auto_picks"] == "merged"  # float32 weights, no autocast
-        assert rates["fastest"] in ("merged", "swap", "mixed")
         attribution = entry["attribute_one_image"]
         assert attribution["full grid s"] > 0 and attribution["adaptive s"] > 0
         assert 0 < attribution["adaptive rows used (mean per group)"] <= attribution["grid rows"]
