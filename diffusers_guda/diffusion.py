@@ -1,7 +1,9 @@
 """The diffusion math shared by scoring, unlearning and training.
 
-* The forward process ``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) ε`` of a DDPM-family scheduler
-  (:class:`NoiseSchedule`).
+* The forward process ``x_t = α_t x0 + σ_t ε`` (:class:`NoiseSchedule`): ``α_t = sqrt(abar_t)``,
+  ``σ_t = sqrt(1 - abar_t)`` for a DDPM-family scheduler, and ``α = 1 - σ`` for a flow-matching one
+  (``FlowMatchEulerDiscreteScheduler``: Stable Diffusion 3, Flux), whose model predicts the
+  velocity ``v = ε - x0`` (prediction type ``"flow"``; docs/method.md#flow-matching-models).
 * What a model output means for each ``prediction_type``: the regression target
   (:func:`prediction_target`) and the clean sample or the noise read back from an output
   (:func:`x0_from_output`, :func:`epsilon_from_output`); see docs/method.md#the-elbo-estimator.
@@ -19,35 +21,40 @@ import torch
 from .errors import ConfigError
 from .hashing import derive_seed
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+SCHEDULER_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # a DDPM-family scheduler's config.prediction_type
+# how a model output is read: ``"flow"`` is the velocity ``ε - x0`` a flow-matching model predicts
+PREDICTION_TYPES = (*SCHEDULER_PREDICTION_TYPES, "flow")
 
 
 def check_prediction_type(prediction_type: str) -> str:
-    """``prediction_type`` itself if it is one of :data:`PREDICTION_TYPES`.
+    """``prediction_type`` itself if a DDPM-family scheduler may have it (:data:`SCHEDULER_PREDICTION_TYPES`).
 
     Raises:
         ConfigError: for any other prediction type.
     """
-    if prediction_type not in PREDICTION_TYPES:
+    if prediction_type not in SCHEDULER_PREDICTION_TYPES:
         raise ConfigError(f"Unsupported prediction_type {prediction_type!r}.")
     return prediction_type
 
 
 def prediction_target(prediction_type: str, x0: torch.Tensor, noise: torch.Tensor, sqrt_abar: torch.Tensor,
                       sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
-    """What a model of ``prediction_type`` regresses on: ``ε``, ``v = sqrt(abar) ε - sqrt(1 - abar) x0`` or ``x0``.
+    """What a model of ``prediction_type`` regresses on: ``ε``, ``v = sqrt(abar) ε - sqrt(1 - abar) x0``,
+    ``x0``, or the flow velocity ``ε - x0``.
 
     Args:
-        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        prediction_type: One of :data:`PREDICTION_TYPES`.
         x0: Clean samples.
         noise: Their noise ``ε``.
-        sqrt_abar: ``sqrt(abar_t)``, broadcastable to ``x0``.
-        sqrt_one_minus_abar: ``sqrt(1 - abar_t)``, broadcastable to ``x0``.
+        sqrt_abar: The signal coefficient ``α_t`` (``sqrt(abar_t)``; ``1 - σ`` for flow), broadcastable to ``x0``.
+        sqrt_one_minus_abar: The noise coefficient ``σ_t`` (``sqrt(1 - abar_t)``; ``σ`` for flow), broadcastable to ``x0``.
     """
     if prediction_type == "epsilon":
         return noise
     if prediction_type == "v_prediction":
         return sqrt_abar * noise - sqrt_one_minus_abar * x0
+    if prediction_type == "flow":
+        return noise - x0
     return x0
 
 
@@ -66,16 +73,18 @@ def x0_from_output(prediction_type: str, output: torch.Tensor, x_t: torch.Tensor
     """The clean sample ``x̂0`` a model output predicts at ``x_t`` (not clamped).
 
     Args:
-        prediction_type: ``"epsilon"``, ``"v_prediction"`` or ``"sample"``.
+        prediction_type: One of :data:`PREDICTION_TYPES`.
         output: The raw model output.
         x_t: The noisy input it was computed on.
-        sqrt_abar: ``sqrt(abar_t)``, broadcastable to ``x_t``.
-        sqrt_one_minus_abar: ``sqrt(1 - abar_t)``, broadcastable to ``x_t``.
+        sqrt_abar: The signal coefficient ``α_t``, broadcastable to ``x_t`` (see :func:`prediction_target`).
+        sqrt_one_minus_abar: The noise coefficient ``σ_t``, broadcastable to ``x_t``.
     """
     if prediction_type == "epsilon":
         return x0_from_epsilon(output, x_t, sqrt_abar, sqrt_one_minus_abar)
     if prediction_type == "v_prediction":
         return sqrt_abar * x_t - sqrt_one_minus_abar * output
+    if prediction_type == "flow":  # x_t = (1 - σ) x0 + σ ε and v = ε - x0 give x0 = x_t - σ v
+        return x_t - sqrt_one_minus_abar * output
     return output
 
 
@@ -86,53 +95,110 @@ def epsilon_from_output(prediction_type: str, output: torch.Tensor, x_t: torch.T
         return output
     if prediction_type == "v_prediction":
         return sqrt_one_minus_abar * x_t + sqrt_abar * output
+    if prediction_type == "flow":  # ε = x_t + (1 - σ) v
+        return x_t + sqrt_abar * output
     return epsilon_from_x0(output, x_t, sqrt_abar, sqrt_one_minus_abar)
 
 
+def is_flow_matching(scheduler) -> bool:
+    """Whether ``scheduler`` is a flow-matching scheduler (``FlowMatchEulerDiscreteScheduler`` and its kin)."""
+    return not hasattr(scheduler, "alphas_cumprod") and type(scheduler).__name__.startswith("FlowMatch")
+
+
+def training_scheduler(scheduler):
+    """A fresh scheduler with ``scheduler``'s training noise schedule, for scoring and unlearning.
+
+    A pipeline's scheduler may be a sampler (DDIM, PNDM...) of a DDPM schedule, or a flow-matching
+    scheduler whose ``set_timesteps`` has moved its sigmas to a sampling grid; a DDPM-family one becomes
+    a ``DDPMScheduler`` of the same config, a flow-matching one is re-created from its config.
+
+    Raises:
+        ConfigError: for a scheduler that is neither.
+    """
+    from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
+
+    if hasattr(scheduler, "alphas_cumprod"):
+        return DDPMScheduler.from_config(scheduler.config)
+    if is_flow_matching(scheduler):
+        return FlowMatchEulerDiscreteScheduler.from_config(scheduler.config)
+    raise ConfigError(
+        f"{type(scheduler).__name__} is neither a DDPM-family scheduler (alphas_cumprod) nor a flow-matching one "
+        "(FlowMatchEulerDiscreteScheduler); GUDA needs one of these to define the forward process."
+    )
+
+
 class NoiseSchedule:
-    """The forward process of a DDPM-family scheduler and the conversions of its ``prediction_type``.
+    """The forward process ``x_t = α_t x0 + σ_t ε`` of a scheduler, indexed by integer training steps ``t``.
+
+    For a DDPM-family scheduler ``α_t = sqrt(abar_t)``, ``σ_t = sqrt(1 - abar_t)``, and the model
+    output is read by its ``prediction_type``. For a flow-matching scheduler (prediction type
+    ``"flow"``) step ``t`` has the ``σ`` its training schedule visits ``T - 1 - t``-th (so ``t`` grows
+    with the noise, ``shift`` included), ``α_t = 1 - σ_t``, and the model predicts ``ε - x0``; the
+    model's time input is ``σ_t * T``, as diffusers' pipelines and training scripts pass it.
 
     Args:
-        scheduler: A scheduler with ``alphas_cumprod`` and ``config.prediction_type``.
-        dtype: Precision ``sqrt(abar_t)`` and ``sqrt(1 - abar_t)`` are computed in before they are
-            stored in float32 (float64 keeps ``1 - abar_t`` exact where ``abar_t`` is small).
+        scheduler: A scheduler with ``alphas_cumprod`` and ``config.prediction_type``, or a
+            flow-matching scheduler (``FlowMatchEulerDiscreteScheduler``; its training sigmas are
+            those of a fresh scheduler of its config).
+        dtype: Precision ``α_t`` and ``σ_t`` are computed in before they are stored in float32
+            (float64 keeps ``1 - abar_t`` exact where ``abar_t`` is small).
         device: Where they are computed and kept. CPU and CUDA square roots may differ in the last
             bit, so a loop that must match diffusers' own ``add_noise``/``get_velocity`` on a device
             computes them there.
 
     Attributes:
-        sqrt_abar: ``[T]`` float32 ``sqrt(abar_t)``.
-        sqrt_one_minus_abar: ``[T]`` float32 ``sqrt(1 - abar_t)``.
-        prediction_type: How the model output is read.
+        alphas: ``[T]`` float32 signal coefficients ``α_t``.
+        sigmas: ``[T]`` float32 noise coefficients ``σ_t``.
+        prediction_type: How the model output is read (``"flow"`` for a flow-matching scheduler).
         num_train_timesteps: ``T``.
 
     Raises:
-        ConfigError: for a ``prediction_type`` other than epsilon, v_prediction or sample.
+        ConfigError: for a ``prediction_type`` other than epsilon, v_prediction or sample, or a
+            scheduler that is neither DDPM-family nor flow-matching.
     """
 
     def __init__(self, scheduler, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        self.prediction_type = check_prediction_type(scheduler.config.prediction_type)
-        abar = scheduler.alphas_cumprod.to(device, dtype)
-        self.num_train_timesteps = len(abar)
-        self.sqrt_abar = abar.sqrt().to(torch.float32)
-        self.sqrt_one_minus_abar = (1 - abar).sqrt().to(torch.float32)
+        if hasattr(scheduler, "alphas_cumprod"):
+            self.prediction_type = check_prediction_type(scheduler.config.prediction_type)
+            abar = scheduler.alphas_cumprod.to(device, dtype)
+            self.alphas = abar.sqrt().to(torch.float32)
+            self.sigmas = (1 - abar).sqrt().to(torch.float32)
+            self._model_timesteps = None
+        else:
+            sigmas = training_scheduler(scheduler).sigmas.flip(0).to(device, dtype)  # ascending: t grows with the noise
+            self.prediction_type = "flow"
+            self.alphas = (1 - sigmas).to(torch.float32)
+            self.sigmas = sigmas.to(torch.float32)
+            self._model_timesteps = (sigmas * len(sigmas)).to(torch.float32)
+        self.num_train_timesteps = len(self.alphas)
+
+    @property
+    def is_flow(self) -> bool:
+        """Whether this is a flow-matching schedule."""
+        return self.prediction_type == "flow"
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The model's time input at steps ``t``: ``t`` itself (DDPM), or ``σ_t * T`` in float32 (flow)."""
+        if self._model_timesteps is None:
+            return t
+        return self._model_timesteps[t.cpu()].to(t.device)
 
     def coefficients(self, t: torch.Tensor, ndim: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``sqrt(abar_t)`` and ``sqrt(1 - abar_t)`` of timesteps ``t`` ``[B]``, shaped ``[B, 1, ...]`` to
-        broadcast against ``ndim``-dimensional samples, on ``device``."""
+        """``α_t`` and ``σ_t`` of steps ``t`` ``[B]``, shaped ``[B, 1, ...]`` to broadcast against
+        ``ndim``-dimensional samples, on ``device``."""
         shape = (-1,) + (1,) * (ndim - 1)
         t = t.cpu()
-        return self.sqrt_abar[t].view(shape).to(device), self.sqrt_one_minus_abar[t].view(shape).to(device)
+        return self.alphas[t].view(shape).to(device), self.sigmas[t].view(shape).to(device)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``."""
+        """``x_t = α_t x0 + σ_t noise``."""
         a, s = self.coefficients(t, x0.dim(), x0.device)
         return a * x0 + s * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The regression target of the model's ``prediction_type`` (see :func:`prediction_target`)."""
-        if self.prediction_type == "epsilon":  # no coefficients needed
-            return noise
+        if self.prediction_type in ("epsilon", "flow"):  # no coefficients needed
+            return prediction_target(self.prediction_type, x0, noise, None, None)
         return prediction_target(self.prediction_type, x0, noise, *self.coefficients(t, x0.dim(), x0.device))
 
     def to_epsilon(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,13 @@ Every model compared sees the same ``(t, noise)`` rows of an image: the common r
 (padding the last), and a row's output does not depend on the other rows of a forward of that size
 (per-sample layers only; the tests check it on CPU), so either way a score is bit-identical whatever
 the batch it was computed in.
+
+For a flow-matching model (``x_σ = (1 - σ) x0 + σ ε``, velocity ``v = ε - x0``) the bound is the
+continuous-time one, ``-ELBO = ½ ∫ (1 - σ)² E‖v - v̂‖² dλ`` over the log-SNR
+``λ = 2 log((1 - σ)/σ)`` (docs/method.md#flow-matching-models). We estimate it with the midpoint rule
+on a grid uniform in ``λ`` between ``sigma_max`` and ``sigma_min``: each row's term is
+``½ (1 - σ)² ‖v - v̂‖²`` and ``-ELBO ~ (λ_max - λ_min) * mean_{grid, draw} term``; the parts outside
+the grid do not depend on the model beyond a vanishing tail.
 """
 
 from __future__ import annotations
@@ -27,23 +34,33 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+import math
+
 from .diffusion import NoiseSchedule, common_noise, epsilon_from_x0, x0_from_output
 from .errors import ConfigError
 from .hashing import image_content_hash
-from .models import unet_call_kwargs
+from .models import denoise
 from .validation import check_types
 
 WEIGHTINGS = ("kl", "simple")
+FLOW_GRID_SIZE = 100
+FLOW_SIGMA_MIN = 0.005
 
 
 @dataclass
 class ELBOConfig:
     """Settings of the ELBO estimator.
 
+    ``stride``, ``t_min`` and ``t_max`` set the timestep grid of a DDPM-family model; ``grid_size``,
+    ``sigma_min`` and ``sigma_max`` the σ grid of a flow-matching one (each is refused for the other).
+
     Args:
         stride: Grid spacing; default ``T // 100``.
         t_min: First grid timestep; default ``stride``.
         t_max: Grid end (exclusive); default ``T``.
+        grid_size: Flow matching: points of the σ grid, uniform in log-SNR; default 100.
+        sigma_min: Flow matching: the grid's smallest σ (the bound's weight diverges at 0); default 0.005.
+        sigma_max: Flow matching: the grid's largest σ; default ``1 - sigma_min``.
         num_draws: Noise draws per (image, t).
         seed: Seed of the common random numbers.
         weighting: ``"kl"`` (the variational bound, default) or ``"simple"`` (plain ε-MSE per t).
@@ -55,6 +72,9 @@ class ELBOConfig:
     stride: int | None = field(default=None, metadata={"help": "Grid spacing (default T // 100)."})
     t_min: int | None = field(default=None, metadata={"help": "First timestep (default stride)."})
     t_max: int | None = field(default=None, metadata={"help": "Grid end, exclusive (default T)."})
+    grid_size: int | None = field(default=None, metadata={"help": "Flow matching: σ grid points, uniform in log-SNR (default 100)."})
+    sigma_min: float | None = field(default=None, metadata={"help": "Flow matching: smallest σ of the grid (default 0.005)."})
+    sigma_max: float | None = field(default=None, metadata={"help": "Flow matching: largest σ of the grid (default 1 - sigma_min)."})
     num_draws: int = field(default=1, metadata={"help": "Noise draws per (image, t)."})
     seed: int = field(default=0, metadata={"help": "Seed of the common random numbers."})
     weighting: str = field(default="kl", metadata={"help": "'kl' (variational bound) or 'simple' (ε-MSE)."})
@@ -62,7 +82,8 @@ class ELBOConfig:
     autocast_dtype: str | None = field(default=None, metadata={"help": "bfloat16/float16 autocast, or None."})
 
     def __post_init__(self):
-        check_types(self, ints=("stride", "t_min", "t_max", "num_draws", "seed", "rows_per_forward"))
+        check_types(self, ints=("stride", "t_min", "t_max", "grid_size", "num_draws", "seed", "rows_per_forward"),
+                    reals=("sigma_min", "sigma_max"))
         if self.t_min is not None and self.t_min < 0:
             raise ConfigError(f"t_min must be >= 0, got {self.t_min}.")
         if self.t_min is not None and self.t_max is not None and self.t_min >= self.t_max:
@@ -73,6 +94,12 @@ class ELBOConfig:
             raise ConfigError(f"stride must be >= 1 (or None for T // 100), got {self.stride}.")
         if self.num_draws < 1 or self.rows_per_forward < 1:
             raise ConfigError("num_draws and rows_per_forward must be >= 1.")
+        if self.grid_size is not None and self.grid_size < 1:
+            raise ConfigError(f"grid_size must be >= 1 (or None for {FLOW_GRID_SIZE}), got {self.grid_size}.")
+        sigma_min = FLOW_SIGMA_MIN if self.sigma_min is None else self.sigma_min
+        sigma_max = 1 - sigma_min if self.sigma_max is None else self.sigma_max
+        if not 0 < sigma_min < sigma_max < 1:
+            raise ConfigError(f"Need 0 < sigma_min < sigma_max < 1; got sigma_min={sigma_min}, sigma_max={sigma_max}.")
         if self.autocast_dtype not in (None, "bfloat16", "float16"):
             raise ConfigError(f"autocast_dtype must be None, 'bfloat16' or 'float16', got {self.autocast_dtype!r}.")
 
@@ -81,20 +108,24 @@ class ELBOConfig:
 
 
 class ELBOEstimator:
-    """Per-(t, draw) KL terms of the ELBO, with common random numbers.
+    """Per-(grid point, draw) terms of the ELBO, with common random numbers.
 
     Args:
         scheduler: A DDPM-family scheduler with ``alphas_cumprod`` and ``betas`` (its
-            ``prediction_type`` decides how the model output is read).
+            ``prediction_type`` decides how the model output is read), or a flow-matching scheduler
+            (``FlowMatchEulerDiscreteScheduler``; the model predicts the velocity ``ε - x0``).
         config: Estimator settings.
 
     Attributes:
         schedule: The scheduler's :class:`~diffusers_guda.diffusion.NoiseSchedule`, its coefficients
             computed in float64.
-        timesteps: The grid; ``row_timesteps`` and ``row_draws`` give each row's ``(t, draw)``.
+        timesteps: The grid: timesteps ``t`` (DDPM), or indices of the σ grid (flow; ``sigmas`` gives
+            their σ). ``row_timesteps`` and ``row_draws`` give each row's ``(grid point, draw)``.
+        sigmas: Flow matching: ``[G]`` float64 σ of each grid point, from the least noisy; ``None`` for DDPM.
 
     Raises:
-        ConfigError: an unsupported ``prediction_type`` or a grid outside ``[0, T)``.
+        ConfigError: an unsupported ``prediction_type``, a grid outside ``[0, T)``, or grid settings
+            of the other kind of model.
     """
 
     def __init__(self, scheduler, config: ELBOConfig | None = None):
@@ -102,17 +133,56 @@ class ELBOEstimator:
         # float64 coefficients rounded to float32: 1 - abar_t stays exact where abar_t is small
         self.schedule = NoiseSchedule(scheduler, dtype=torch.float64)
         self.prediction_type = self.schedule.prediction_type
-        self.num_train_timesteps = T = self.schedule.num_train_timesteps
-        stride = self.config.stride or max(1, T // 100)
-        t_min = stride if self.config.t_min is None else self.config.t_min
-        t_max = T if self.config.t_max is None else self.config.t_max
+        self.num_train_timesteps = self.schedule.num_train_timesteps
+        if self.schedule.is_flow:
+            self._flow_grid()
+        else:
+            self._ddpm_grid(scheduler)
+        # rows of one image: all (grid point, draw) pairs, grid-major
+        self.row_timesteps = self.timesteps.repeat_interleave(self.config.num_draws)
+        self.row_draws = torch.arange(self.config.num_draws).repeat(len(self.timesteps))
+
+    def _ddpm_grid(self, scheduler) -> None:
+        c, T = self.config, self.num_train_timesteps
+        if (c.grid_size, c.sigma_min, c.sigma_max) != (None, None, None):
+            raise ConfigError("grid_size, sigma_min and sigma_max set the grid of a flow-matching model; this is a DDPM-family "
+                              "model: set stride, t_min and t_max instead.")
+        stride = c.stride or max(1, T // 100)
+        t_min = stride if c.t_min is None else c.t_min
+        t_max = T if c.t_max is None else c.t_max
         if not 0 <= t_min < t_max <= T:
             raise ConfigError(f"Need 0 <= t_min < t_max <= T={T}; got t_min={t_min}, t_max={t_max}.")
         self.timesteps = torch.arange(t_min, t_max, stride, dtype=torch.long)
-        self._kl_weight = _kl_weights(scheduler)
-        # rows of one image: all (t, draw) pairs, t-major
-        self.row_timesteps = self.timesteps.repeat_interleave(self.config.num_draws)
-        self.row_draws = torch.arange(self.config.num_draws).repeat(len(self.timesteps))
+        self.sigmas = None
+        self._alpha, self._sigma = self.schedule.alphas, self.schedule.sigmas  # indexed by t
+        self._weight = _kl_weights(scheduler)
+        self._model_time = None
+        self._scale = float(T)
+
+    def _flow_grid(self) -> None:
+        c = self.config
+        if (c.stride, c.t_min, c.t_max) != (None, None, None):
+            raise ConfigError("stride, t_min and t_max set the timestep grid of a DDPM-family model; this is a flow-matching "
+                              "model: set grid_size, sigma_min and sigma_max instead.")
+        size = c.grid_size or FLOW_GRID_SIZE
+        sigma_min = FLOW_SIGMA_MIN if c.sigma_min is None else c.sigma_min
+        sigma_max = 1 - sigma_min if c.sigma_max is None else c.sigma_max
+        top, bottom = flow_logsnr(sigma_min), flow_logsnr(sigma_max)
+        width = (top - bottom) / size
+        logsnr = top - (torch.arange(size, dtype=torch.float64) + 0.5) * width  # midpoints, least noisy first
+        self.sigmas = torch.sigmoid(-logsnr / 2)  # λ = 2 log((1 - σ)/σ)
+        self.timesteps = torch.arange(size, dtype=torch.long)
+        self._alpha, self._sigma = (1 - self.sigmas).to(torch.float32), self.sigmas.to(torch.float32)  # indexed by grid point
+        self._weight = (0.5 * (1 - self.sigmas) ** 2).to(torch.float32)  # ½ (1 - σ)² per unit of λ
+        self._model_time = (self.sigmas * self.num_train_timesteps).to(torch.float32)
+        self._scale = top - bottom
+
+    def grid_description(self) -> dict:
+        """The grid as recorded with scores: ``{"timesteps": [first, last, count]}`` (DDPM) or
+        ``{"sigmas": [smallest, largest, count]}`` (flow)."""
+        if self.sigmas is None:
+            return {"timesteps": [int(self.timesteps[0]), int(self.timesteps[-1]), len(self.timesteps)]}
+        return {"sigmas": [float(self.sigmas[0]), float(self.sigmas[-1]), len(self.sigmas)]}
 
     @property
     def num_rows(self) -> int:
@@ -121,8 +191,9 @@ class ELBOEstimator:
 
     @property
     def scale(self) -> float:
-        """Factor turning a mean over rows into an estimate of the full sum over T timesteps."""
-        return float(self.num_train_timesteps)
+        """Factor turning a mean over rows into the estimate: ``T`` (the sum over T timesteps) or the
+        log-SNR width of the flow grid (the integral over λ)."""
+        return self._scale
 
     def image_hashes(self, images: torch.Tensor) -> list[int]:
         """The content hash of each image of ``images`` ``[N, ...]`` (the key of its common random numbers)."""
@@ -228,25 +299,34 @@ class ELBOEstimator:
         return out
 
     def _forward_terms(self, unet, x0, eps, t, unet_kwargs=None, per_row_kwargs=False) -> torch.Tensor:
-        """One UNet forward: the terms of rows with clean samples ``x0`` (``[B]`` or ``[1]`` broadcast)."""
+        """One model forward: the terms of rows at grid points ``t`` with clean samples ``x0`` (``[B]`` or ``[1]`` broadcast)."""
         device = next(unet.parameters()).device
-        dtype = next(unet.parameters()).dtype
         eps = eps.to(torch.float32)
         shape = [-1, *[1] * (eps.dim() - 1)]
-        a, s = self.schedule.sqrt_abar[t].view(shape), self.schedule.sqrt_one_minus_abar[t].view(shape)
+        a, s = self._alpha[t].view(shape), self._sigma[t].view(shape)
         x0 = x0.expand_as(eps)
         x_t = a * x0 + s * eps
         if not per_row_kwargs:
             unet_kwargs = {k: v.expand(len(t), *v.shape[1:]) for k, v in (unet_kwargs or {}).items()}
-        kwargs = unet_call_kwargs(unet_kwargs or None, device, dtype)
+        timesteps = t if self._model_time is None else self._model_time[t]
         with self._autocast(device):
-            output = unet(x_t.to(device, dtype), t.to(device), **kwargs).sample
+            output = denoise(unet, x_t, timesteps.to(device), unet_kwargs or None)
         output = output.to("cpu", torch.float32)
+        if self.schedule.is_flow:
+            error = (eps - x0) - output  # v - v̂; ε - ε̂ = (1 - σ)(v - v̂)
+            if self.config.weighting == "kl":
+                return self._weight[t] * error.flatten(1).pow(2).sum(1)
+            return (a * error).flatten(1).pow(2).mean(1)
         x0_hat = x0_from_output(self.prediction_type, output, x_t, a, s)
         if self.config.weighting == "kl":
-            return self._kl_weight[t] * (x0 - x0_hat).flatten(1).pow(2).sum(1)
+            return self._weight[t] * (x0 - x0_hat).flatten(1).pow(2).sum(1)
         eps_hat = epsilon_from_x0(x0_hat, x_t, a, s)
         return (eps - eps_hat).flatten(1).pow(2).mean(1)
+
+
+def flow_logsnr(sigma: float) -> float:
+    """The log signal-to-noise ratio ``2 log((1 - σ)/σ)`` of a flow-matching model at ``σ``."""
+    return 2 * math.log((1 - sigma) / sigma)
 
 
 def _kl_weights(scheduler) -> torch.Tensor:

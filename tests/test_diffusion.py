@@ -6,10 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffusers_guda.diffusion import (
     PREDICTION_TYPES,
+    SCHEDULER_PREDICTION_TYPES,
     NoiseSchedule,
     check_prediction_type,
     common_noise,
@@ -31,7 +32,7 @@ def _draws(seed: int = 0):
     return x0, noise, torch.tensor([0, 10, 55, 99])
 
 
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", SCHEDULER_PREDICTION_TYPES)
 def test_the_target_read_back_gives_x0_and_the_noise(prediction_type):
     """A model that outputs its exact target predicts x0 and ε exactly (up to float32 rounding)."""
     schedule = NoiseSchedule(DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type))
@@ -56,7 +57,7 @@ def test_targets_of_each_prediction_type():
     torch.testing.assert_close(epsilon_from_x0(x0, x_t, a, s), noise)
 
 
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", SCHEDULER_PREDICTION_TYPES)
 def test_the_schedule_is_the_schedulers_own_forward_process(prediction_type):
     """add_noise and the v target are diffusers' own, bit for bit (training relies on it)."""
     scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
@@ -72,15 +73,44 @@ def test_coefficients_in_float64_then_rounded():
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     single, double = NoiseSchedule(scheduler), NoiseSchedule(scheduler, dtype=torch.float64)
     abar = scheduler.alphas_cumprod.double()
-    assert single.sqrt_abar.dtype == double.sqrt_abar.dtype == torch.float32
-    assert torch.equal(double.sqrt_abar, abar.sqrt().float())
-    assert torch.equal(double.sqrt_one_minus_abar, (1 - abar).sqrt().float())
-    assert torch.equal(single.sqrt_one_minus_abar, (1 - scheduler.alphas_cumprod).sqrt())
-    torch.testing.assert_close(single.sqrt_abar, double.sqrt_abar)  # the same schedule, to the last bits
+    assert single.alphas.dtype == double.alphas.dtype == torch.float32
+    assert torch.equal(double.alphas, abar.sqrt().float())
+    assert torch.equal(double.sigmas, (1 - abar).sqrt().float())
+    assert torch.equal(single.sigmas, (1 - scheduler.alphas_cumprod).sqrt())
+    torch.testing.assert_close(single.alphas, double.alphas)  # the same schedule, to the last bits
     a, s = single.coefficients(torch.tensor([3, 700]), ndim=4, device="cpu")
-    assert a.shape == s.shape == (2, 1, 1, 1) and torch.equal(a.flatten(), single.sqrt_abar[[3, 700]])
+    assert a.shape == s.shape == (2, 1, 1, 1) and torch.equal(a.flatten(), single.alphas[[3, 700]])
     flat, _ = single.coefficients(torch.tensor([3, 700]), ndim=1, device="cpu")
     assert flat.shape == (2,)
+
+
+def test_flow_matching_schedule_is_the_schedulers_own_forward_process():
+    """Step t is the training schedule's σ from the least noisy, shift included; x_t and the velocity
+    target are diffusers' own (``scale_noise``, and ``noise - x0`` as its training scripts)."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    scheduler.set_timesteps(28)  # a pipeline's sampling grid must not leak into the training schedule
+    schedule = NoiseSchedule(scheduler)
+    fresh = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    assert schedule.is_flow and schedule.prediction_type == "flow" and schedule.num_train_timesteps == 1000
+    assert torch.equal(schedule.sigmas, fresh.sigmas.flip(0)) and torch.equal(schedule.alphas, 1 - fresh.sigmas.flip(0))
+    x0, noise, t = _draws(3)
+    t = torch.tensor([0, 10, 500, 999])
+    timesteps = schedule.model_timesteps(t)
+    torch.testing.assert_close(timesteps, fresh.timesteps.flip(0)[t])
+    expected = torch.cat([fresh.scale_noise(x0[i : i + 1], timesteps[i : i + 1], noise[i : i + 1]) for i in range(4)])
+    torch.testing.assert_close(schedule.add_noise(x0, noise, t), expected, rtol=0, atol=1e-6)
+    assert torch.equal(schedule.target(x0, noise, t), noise - x0)
+    x_t = schedule.add_noise(x0, noise, t)
+    a, s = schedule.coefficients(t, x0.dim(), x0.device)
+    torch.testing.assert_close(x0_from_output("flow", noise - x0, x_t, a, s), x0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(schedule.to_epsilon(noise - x0, x_t, t), noise, rtol=0, atol=1e-5)
+    ddpm = NoiseSchedule(DDPMScheduler(num_train_timesteps=100))
+    assert not ddpm.is_flow and torch.equal(ddpm.model_timesteps(t), t)
+
+
+def test_a_scheduler_of_neither_kind_is_refused():
+    with pytest.raises(ConfigError, match="neither a DDPM-family scheduler .* nor a flow-matching one"):
+        NoiseSchedule(SimpleNamespace(config=SimpleNamespace()))
 
 
 def test_unsupported_prediction_types_are_refused():

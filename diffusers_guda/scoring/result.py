@@ -144,7 +144,6 @@ def mean_and_stderr(diff: torch.Tensor, scale: float) -> tuple[torch.Tensor, tor
 def scoring_metadata(estimator: ELBOEstimator, extra: dict | None) -> dict:
     """The ELBO settings and grid of ``estimator``, with ``extra`` fields on top."""
     est = estimator
-    grid = [int(est.timesteps[0]), int(est.timesteps[-1]), len(est.timesteps)]
-    meta = {"elbo": est.config.to_dict(), "num_rows": est.num_rows, "timesteps": grid}
+    meta = {"elbo": est.config.to_dict(), "num_rows": est.num_rows, **est.grid_description()}
     meta.update(extra or {})
     return meta

@@ -15,7 +15,8 @@ import torch
 from ..adapter_state import use_adapters
 from ..data import GroupedDataset
 from ..errors import ConfigError
-from ..models import Conditioning, map_conditioning, merge_conditioning, unet_call_kwargs
+from ..diffusion import NoiseSchedule
+from ..models import Conditioning, denoise, map_conditioning, merge_conditioning
 
 Forward = Callable[..., torch.Tensor]
 
@@ -31,6 +32,8 @@ class UNetForwards:
             size_conditions)`` method, its entries (SDXL's time ids) are added for each image, from the
             dataset's ``size_conditions`` when it has them.
         autocast_dtype: ``"bfloat16"``/``"float16"`` to autocast the training forwards, or ``None``.
+        schedule: The noise schedule whose integer steps ``t`` the objectives pass; it gives the model's
+            time input (``σ_t * T`` for a flow-matching model). ``None``: ``t`` is passed as it is.
     """
 
     def __init__(
@@ -39,9 +42,11 @@ class UNetForwards:
         conditional: bool,
         encode_prompts: Callable[[list[str]], Conditioning] | None = None,
         autocast_dtype: str | None = None,
+        schedule: NoiseSchedule | None = None,
     ):
         self.unet, self.conditional = unet, conditional
         self.encode_prompts, self.autocast_dtype = encode_prompts, autocast_dtype
+        self.schedule = schedule
 
     @property
     def device(self) -> torch.device:
@@ -49,20 +54,15 @@ class UNetForwards:
         return next(self.unet.parameters()).device
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
-        """The UNet's prediction for ``x_t`` at ``t`` (given the conditioning ``cond``), as it is set up now."""
-        return self.unet(x_t.to(self.unet.dtype), t, **self.inputs(cond)).sample
-
-    def inputs(self, cond: Conditioning | None) -> dict:
-        """The UNet's conditioning keyword arguments for ``cond``.
+        """The model's prediction for ``x_t`` at steps ``t`` (given the conditioning ``cond``), as it is set up now.
 
         Raises:
-            ConfigError: for a text-conditioned UNet and no ``cond``.
+            ConfigError: for a text-conditioned model and no ``cond``.
         """
-        if cond is None:
-            if self.conditional:
-                raise ConfigError("This UNet is text-conditioned; the objective must pass the text embeddings (cond).")
-            return {}
-        return unet_call_kwargs(cond, self.device, self.unet.dtype)
+        if cond is None and self.conditional:
+            raise ConfigError("This model is text-conditioned; the objective must pass the text embeddings (cond).")
+        timesteps = t if self.schedule is None else self.schedule.model_timesteps(t)
+        return denoise(self.unet, x_t, timesteps, cond)
 
     def check_prompts(self, dataset: GroupedDataset) -> None:
         """Check that a conditional UNet's dataset has prompts.

@@ -90,7 +90,7 @@ class GroupUnlearner:
                 f"The {self.config.objective} objective conditions on prompts, but this {type(self.unet).__name__} is "
                 "unconditional; use an objective for unconditional models (e.g. retrack, their default)."
             )
-        self.forwards = UNetForwards(self.unet, self.conditional, encode_prompts, self.config.autocast_dtype)
+        self.forwards = UNetForwards(self.unet, self.conditional, encode_prompts, self.config.autocast_dtype, self.schedule)
         self._fingerprint: str | None = None
 
     @property

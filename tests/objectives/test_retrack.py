@@ -42,7 +42,7 @@ def _cifar_like(schedule, k=10, seed=0):
     forget = _rand((1, 3, 32, 32), seed).expand(b, -1, -1, -1)
     neighbours = _rand((1, k, 3, 32, 32), seed + 1).expand(b, -1, -1, -1, -1)
     noise = torch.randn((b, 3, 32, 32), generator=torch.Generator().manual_seed(seed + 2))
-    a, s = schedule.sqrt_abar[t], schedule.sqrt_one_minus_abar[t]
+    a, s = schedule.alphas[t], schedule.sigmas[t]
     x_t = a.view(-1, 1, 1, 1) * forget + s.view(-1, 1, 1, 1) * noise
     return t, forget, neighbours, noise, x_t, a, s
 
@@ -155,7 +155,7 @@ def test_pool_weights_keep_small_distances_exact_at_small_t(schedule_1000):
     base = torch.rand((1, 3, 32, 32), generator=generator) * 2 - 1
     pool = base + 1e-3 * torch.randn((30, 3, 32, 32), generator=generator)  # 30 near-identical images
     t = torch.tensor([20])  # sqrt(1 - abar) ~ 0.05, about the distances between the images
-    a, s = schedule_1000.sqrt_abar[t], schedule_1000.sqrt_one_minus_abar[t]
+    a, s = schedule_1000.alphas[t], schedule_1000.sigmas[t]
     x_t = a * pool[2:3] + s * 1e-2 * torch.randn((1, 3, 32, 32), generator=generator)
     expected = neighbour_weights(x_t.double(), pool.double().unsqueeze(0), a.double(), s.double())
     assert expected.max() < 0.9  # a spread posterior: the distances matter
@@ -265,7 +265,7 @@ def test_retrack_target_with_v_prediction(tiny_dataset):
     t = torch.tensor([3, 40, 90])
     zero_v = lambda x_t, t: torch.zeros_like(x_t)  # noqa: E731
     batch = _batch(tiny_dataset, 0, schedule, zero_v, zero_v, t)
-    s = schedule.sqrt_one_minus_abar[t].view(-1, 1, 1, 1)
+    s = schedule.sigmas[t].view(-1, 1, 1, 1)
     loss_v = objective.forget_loss(batch)
     # the same loss with an epsilon-model returning s * x_t (what v = 0 means as a noise prediction)
     eps_schedule = NoiseSchedule(DDPMScheduler(num_train_timesteps=100))

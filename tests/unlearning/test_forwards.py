@@ -69,13 +69,11 @@ def test_the_base_model_of_a_unet_without_adapters_runs_as_it_is(tiny_unet):
 
 def test_conditioning_inputs(tiny_unet):
     unconditional = UNetForwards(tiny_unet, conditional=False)
-    assert unconditional.inputs(None) == {}
     assert unconditional.cond(None, torch.tensor([0, 1])) is None
     conditional = UNetForwards(tiny_unet, conditional=True, encode_prompts=lambda prompts: torch.zeros(len(prompts), 3, 4))
+    x_t = torch.zeros(2, 1, 8, 8)
     with pytest.raises(ConfigError, match="text-conditioned"):
-        conditional.inputs(None)
-    inputs = conditional.inputs(torch.zeros(2, 3, 4, dtype=torch.float64))
-    assert inputs["encoder_hidden_states"].dtype == tiny_unet.dtype
+        conditional(x_t, torch.tensor([1, 2]))
 
 
 def test_autocast_only_when_asked(tiny_unet):
