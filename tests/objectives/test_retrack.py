@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffusers_guda.errors import ConfigError
 from diffusers_guda.objectives import (
@@ -399,6 +399,57 @@ def test_teacher_posterior_targets_by_hand(tiny_dataset, tiny_scheduler):
         torch.testing.assert_close(target, expected, rtol=1e-4, atol=1e-4)
         moved = (target - 0.1 * x_t).flatten(1).norm(dim=1)
         assert (moved.max() > 0.5) == (term == "forget")  # only the group's images are redirected
+
+
+# -- flow matching: the same targets read as velocities ----------------------------------------------
+
+
+def _flow_case(dataset, group, seed=4):
+    """A flow schedule, steps across the σ range, and the optimal velocity ``(x_σ - E[x0 | x_σ]) / σ`` of a pool."""
+    schedule = NoiseSchedule(FlowMatchEulerDiscreteScheduler(num_train_timesteps=100, shift=3.0))
+    t = torch.tensor([5, 30, 60, 90])
+    a, s = schedule.alphas[t].double(), schedule.sigmas[t].double()
+
+    def optimal_velocity(x_t, pool):
+        return (x_t - _posterior_mean(x_t, pool.double(), a, s)) / s.view(-1, 1, 1, 1)
+
+    return schedule, t, optimal_velocity
+
+
+def test_flow_retrack_target_is_the_optimal_velocity_of_the_retain_set(tiny_dataset):
+    """Uncapped, 'neighbour' over every retain image regresses the velocity on (x_σ - E_retain[x0 | x_σ]) / σ."""
+    group = 1
+    schedule, t, optimal_velocity = _flow_case(tiny_dataset, group)
+    objective = ReTrack(num_neighbors="all", kl_cap=1e9)
+    objective.setup(tiny_dataset, group, schedule)
+    model = _Leaf((len(t), 1, 8, 8), seed=11)
+    batch = _batch(tiny_dataset, group, schedule, model, model, t)
+    objective.forget_loss(batch).backward()
+    (x_t, _), = model.calls
+    a = schedule.alphas[t].view(-1, 1, 1, 1)
+    # the loss is the ε-MSE: ε̂ = x_σ + (1 - σ) v̂, so the gradient in v̂ is (1 - σ)² times the velocity error
+    velocity_target = model.output.detach() - model.output.grad * model.output.numel() / 2 / a**2
+    expected = optimal_velocity(x_t.double(), tiny_dataset.images[tiny_dataset.retain_indices(group)]).float()
+    torch.testing.assert_close(velocity_target, expected, rtol=1e-4, atol=1e-4)
+    own = optimal_velocity(x_t.double(), tiny_dataset.images).float()
+    assert (expected - own).flatten(1).norm(dim=1).max() > 0.5  # the group's images are redirected
+
+
+def test_flow_teacher_posterior_target_is_the_teacher_plus_the_change_of_the_optimal_velocity(tiny_dataset):
+    group = 2
+    schedule, t, optimal_velocity = _flow_case(tiny_dataset, group)
+    objective = get_objective("retrack", {"num_neighbors": "all", "kl_cap": 1e9, "target": "teacher_posterior"})
+    objective.setup(tiny_dataset, group, schedule)
+    teacher = lambda x_t, tt: 0.2 * x_t  # noqa: E731
+    model = _Leaf((len(t), 1, 8, 8), seed=12)
+    batch = _batch(tiny_dataset, group, schedule, model, teacher, t)
+    objective.forget_loss(batch).backward()
+    (x_t, _), = model.calls
+    a = schedule.alphas[t].view(-1, 1, 1, 1)
+    velocity_target = model.output.detach() - model.output.grad * model.output.numel() / 2 / a**2
+    images, retain = tiny_dataset.images, tiny_dataset.images[tiny_dataset.retain_indices(group)]
+    change = (optimal_velocity(x_t.double(), retain) - optimal_velocity(x_t.double(), images)).float()
+    torch.testing.assert_close(velocity_target, 0.2 * x_t + change, rtol=1e-4, atol=1e-4)
 
 
 # -- config --------------------------------------------------------------------------------------
