@@ -46,8 +46,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # Stable Diffusion (and SDXL) support needs transformers (the `sd` extra): imported on first use
-    if name in ("GUDAStableDiffusionPipeline", "GUDAStableDiffusionXLPipeline"):
+    # the text-to-image pipelines need transformers (the `sd` extra): imported on first use
+    if name in ("GUDAStableDiffusionPipeline", "GUDAStableDiffusionXLPipeline", "GUDAStableDiffusion3Pipeline", "GUDAFluxPipeline"):
         from . import pipelines
 
         return getattr(pipelines, name)
@@ -67,7 +67,9 @@ __all__ = [
     "GUDAAutoPipeline",
     "GUDADDPMPipeline",
     "GUDAError",
+    "GUDAFluxPipeline",
     "GUDAPipelineMixin",
+    "GUDAStableDiffusion3Pipeline",
     "GUDAStableDiffusionPipeline",
     "GUDAStableDiffusionXLPipeline",
     "GUDAUNet2DModel",

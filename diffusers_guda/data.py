@@ -233,8 +233,9 @@ def check_pixel_range(images: torch.Tensor, what: str = "Images") -> torch.Tenso
 def _validate(images, group_ids, group_names, prompts) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise DataError("images must be a float tensor of shape [N, C, H, W].")
-    if images.shape[1] not in (1, 3, 4):
-        raise DataError(f"images must have 1, 3 or 4 channels; got {images.shape[1]} (shape {tuple(images.shape)}). Is it [N, H, W, C]? Permute to [N, C, H, W].")
+    if images.shape[1] not in (1, 3, 4, 16):  # pixels (L, RGB, RGBA), or VAE latents (4; 16 for Stable Diffusion 3 and Flux)
+        raise DataError(f"images must have 1, 3 or 4 channels (or 16: latents); got {images.shape[1]} (shape {tuple(images.shape)}). "
+                        "Is it [N, H, W, C]? Permute to [N, C, H, W].")
     if not torch.is_floating_point(images):
         raise DataError("images must be floating point in [-1, 1]; use GroupedDataset.from_arrays for uint8 data.")
     if not torch.isfinite(images).all():

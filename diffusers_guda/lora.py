@@ -1,9 +1,11 @@
 """LoRA settings and the diffusers LoRA file format used for every group's adapter.
 
-An adapter file is exactly what ``StableDiffusionPipeline.save_lora_weights`` writes: tensor keys
-prefixed with ``unet.``, and the peft ``LoraConfig`` stored as JSON in the safetensors metadata under
-``lora_adapter_metadata`` (its keys prefixed with ``unet.`` too). Stock diffusers therefore reads it
-with ``pipe.load_lora_weights(...)`` or ``unet.load_lora_adapter(..., prefix="unet")``.
+An adapter file is exactly what a pipeline's ``save_lora_weights`` writes: tensor keys prefixed with
+the denoiser's name (``unet.`` for a UNet, ``transformer.`` for Stable Diffusion 3's or Flux's
+transformer; :func:`lora_prefix`), and the peft ``LoraConfig`` stored as JSON in the safetensors
+metadata under ``lora_adapter_metadata`` (its keys prefixed the same way). Stock diffusers therefore
+reads it with ``pipe.load_lora_weights(...)`` or ``model.load_lora_adapter(..., prefix="unet")``
+(``prefix="transformer"``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .validation import is_kind
 
 LORA_METADATA_KEY = "lora_adapter_metadata"
 UNET_PREFIX = "unet"
+TRANSFORMER_PREFIX = "transformer"
 ADAPTER_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 
 DEFAULT_TARGET_MODULES = ("conv1", "conv2", "time_emb_proj", "to_q", "to_k", "to_v", "to_out.0")
@@ -104,33 +107,46 @@ class LoRASettings:
         return cls(**data)
 
 
-def adapter_state_dict(unet: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """One adapter's tensors in diffusers' key format, prefixed with ``unet.``, copied to CPU.
+def lora_prefix(model: torch.nn.Module | str) -> str:
+    """The key prefix of a denoiser's LoRA weights in diffusers' files: ``"transformer"`` for a
+    transformer (``SD3Transformer2DModel``, ``FluxTransformer2DModel``), else ``"unet"``.
 
     Args:
-        unet: The UNet holding the adapter.
+        model: The denoiser, or its class name (as a bundle's ``base_model.class_name`` records it).
+    """
+    name = model if isinstance(model, str) else type(model).__name__
+    return TRANSFORMER_PREFIX if "Transformer" in name else UNET_PREFIX
+
+
+def adapter_state_dict(unet: torch.nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """One adapter's tensors in diffusers' key format, prefixed with ``unet.`` (``transformer.``), copied to CPU.
+
+    Args:
+        unet: The denoiser holding the adapter.
         adapter_name: The peft adapter name.
 
     Returns:
         Key -> contiguous CPU copy of the tensor.
     """
+    prefix = lora_prefix(unet)
     state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    return {f"{UNET_PREFIX}.{k}": v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    return {f"{prefix}.{k}": v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
 def peft_config_metadata(unet: torch.nn.Module, adapter_name: str) -> dict:
-    """The adapter's ``LoraConfig`` as a JSON-able dict with ``unet.``-prefixed keys (diffusers' layout).
+    """The adapter's ``LoraConfig`` as a JSON-able dict with ``unet.``- (``transformer.``-) prefixed keys (diffusers' layout).
 
     Args:
-        unet: The UNet holding the adapter.
+        unet: The denoiser holding the adapter.
         adapter_name: The peft adapter name.
     """
+    prefix = lora_prefix(unet)
     config = unet.peft_config[adapter_name].to_dict()
     out = {}
     for key, value in config.items():
         if isinstance(value, set):
             value = sorted(value)
-        out[f"{UNET_PREFIX}.{key}"] = value
+        out[f"{prefix}.{key}"] = value
     return out
 
 
@@ -186,9 +202,11 @@ def load_adapter_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         config = json.loads(metadata[LORA_METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise BundleError(f"Adapter file {path} has unreadable LoRA metadata: {exc}.") from exc
-    bad = [k for k in state if not k.startswith(UNET_PREFIX + ".") or "lora_" not in k]
-    if bad:
-        raise BundleError(f"Adapter file {path} holds tensors that are not UNet LoRA weights (e.g. {bad[0]!r}).")
+    prefixes = {k.partition(".")[0] for k in state}
+    bad = [k for k in state if k.partition(".")[0] not in (UNET_PREFIX, TRANSFORMER_PREFIX) or "lora_" not in k]
+    if bad or len(prefixes) > 1:
+        example = bad[0] if bad else sorted(state)[0]
+        raise BundleError(f"Adapter file {path} holds tensors that are not the LoRA weights of one UNet or transformer (e.g. {example!r}).")
     _check_values(path, state)
     return state, config
 
@@ -211,10 +229,11 @@ def load_adapter_into(unet: torch.nn.Module, adapter_name: str, state_dict: dict
     enabled as it was, and makes the new adapter the active one (diffusers' behaviour).
 
     Args:
-        unet: A UNet with diffusers' ``PeftAdapterMixin``.
+        unet: A UNet or transformer with diffusers' ``PeftAdapterMixin``.
         adapter_name: The peft adapter name to load it under.
-        state_dict: The adapter's tensors, keys prefixed with ``unet.`` (:func:`load_adapter_file`).
-        config_metadata: Its ``LoraConfig`` metadata, keys prefixed with ``unet.``.
+        state_dict: The adapter's tensors, keys prefixed with ``unet.`` or ``transformer.`` as fits
+            ``unet`` (:func:`lora_prefix`; :func:`load_adapter_file`).
+        config_metadata: Its ``LoraConfig`` metadata, keys prefixed the same way.
 
     Raises:
         BundleError: if a tensor names a layer the UNet does not have or has a shape that does not fit it
@@ -227,31 +246,36 @@ def load_adapter_into(unet: torch.nn.Module, adapter_name: str, state_dict: dict
         # peft warns whenever a model that already holds adapters gets another one
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         unet.load_lora_adapter(
-            dict(state_dict), adapter_name=adapter_name, prefix=UNET_PREFIX, metadata=dict(config_metadata)
+            dict(state_dict), adapter_name=adapter_name, prefix=lora_prefix(unet), metadata=dict(config_metadata)
         )
 
 
 def _check_fits(unet: torch.nn.Module, adapter_name: str, state_dict: dict[str, torch.Tensor], config_metadata: dict) -> None:
     """Refuse LoRA tensors whose layer is missing from ``unet`` or whose shape does not fit that layer."""
-    modules = dict(unet.named_modules())
-    rank = None if config_metadata.get(f"{UNET_PREFIX}.rank_pattern") else config_metadata.get(f"{UNET_PREFIX}.r")
+    modules, prefix = dict(unet.named_modules()), lora_prefix(unet)
+    rank = None if config_metadata.get(f"{prefix}.rank_pattern") else config_metadata.get(f"{prefix}.r")
     for key, tensor in state_dict.items():
-        layer_name, _, param = key.removeprefix(f"{UNET_PREFIX}.").partition(".lora_")
+        if not key.startswith(f"{prefix}."):
+            raise BundleError(
+                f"Adapter {adapter_name!r} does not fit this {type(unet).__name__}: its weights are a {key.partition('.')[0]}'s "
+                f"(e.g. {key!r}), not a {prefix}'s. Load it into a pipeline of the base model it was made for."
+            )
+        layer_name, _, param = key.removeprefix(f"{prefix}.").partition(".lora_")
         layer = modules.get(layer_name)
         weight = getattr(getattr(layer, "base_layer", layer), "weight", None)
         shape = tuple(tensor.shape)
         if weight is None:
-            problem = f"{key} names no layer of this UNet"
+            problem = f"{key} names no layer of this model"
         elif param.startswith(("A.", "B.")):
             is_a = param.startswith("A.")
             r = rank or (shape[0] if is_a else shape[1] if len(shape) > 1 else 0)
             expected = (r, *weight.shape[1:]) if is_a else (weight.shape[0], r, *(1,) * (weight.dim() - 2))
             if shape == expected:
                 continue
-            problem = f"{key} has shape {shape}, but this UNet's layer needs {expected}"
+            problem = f"{key} has shape {shape}, but this model's layer needs {expected}"
         else:
             continue
         raise BundleError(
             f"Adapter {adapter_name!r} does not fit this {type(unet).__name__}: {problem}. It was made for another "
-            "UNet architecture (or the file was altered); re-run `guda unlearn` against this base model."
+            "model architecture (or the file was altered); re-run `guda unlearn` against this base model."
         )

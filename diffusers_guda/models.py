@@ -24,7 +24,6 @@ import torch
 from diffusers import FluxTransformer2DModel, UNet2DModel
 from diffusers.loaders import PeftAdapterMixin
 
-from .hashing import base_state_dict
 
 Conditioning = Union[torch.Tensor, Dict[str, torch.Tensor]]
 
@@ -66,17 +65,6 @@ def takes_text_time(unet: torch.nn.Module) -> bool:
     """Whether ``unet`` also takes SDXL's added conditions: a pooled text embedding and time ids."""
     config = getattr(unet, "config", None)
     return config is not None and config.get("addition_embed_type") == "text_time"
-
-
-def bare_unet(unet: torch.nn.Module) -> torch.nn.Module:
-    """A UNet of ``unet``'s class and config sharing its base tensors, without LoRA wrappers or adapters.
-
-    What a pipeline's ``save_pretrained`` writes: saving a UNet that holds peft wrappers would write
-    ``base_layer`` keys that stock diffusers cannot load.
-    """
-    bare = type(unet).from_config({k: v for k, v in unet.config.items() if not k.startswith("_")})
-    bare.load_state_dict(base_state_dict(unet), assign=True)
-    return bare
 
 
 def conditioning_dict(cond: Conditioning) -> dict[str, torch.Tensor]:

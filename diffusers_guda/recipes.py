@@ -31,6 +31,8 @@ RECIPE_PACKAGE = "diffusers_guda.recipe_data"
 FAMILY_RECIPES = {
     "StableDiffusionPipeline": "sd-styles",
     "StableDiffusionXLPipeline": "sdxl-styles",
+    "StableDiffusion3Pipeline": "sd3-styles",
+    "FluxPipeline": "flux-styles",
     "TextToImageDDPMPipeline": "digits-styles",
     "DDPMPipeline": "digits-ddpm",
     "DDIMPipeline": "digits-ddpm",

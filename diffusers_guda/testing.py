@@ -1,11 +1,15 @@
-"""Testing utilities: tiny Stable Diffusion and SDXL pipelines built entirely offline, from configs in code.
+"""Testing utilities: tiny Stable Diffusion, SDXL, Stable Diffusion 3 and Flux pipelines built entirely offline, from configs in code.
 
 The tests, the examples' ``--tiny`` runs and the lab's text model use them: every
 component of a real ``StableDiffusionPipeline`` (a ``UNet2DConditionModel``, an ``AutoencoderKL``, a
-``CLIPTextModel`` and a ``CLIPTokenizer``), or of a ``StableDiffusionXLPipeline`` (two text encoders,
-the second with a projection, and a UNet that takes SDXL's added conditions), at a size that runs in
-milliseconds on one CPU core, with nothing downloaded. The tokenizer is a byte-pair encoder whose vocabulary and merges are written
-here: every lowercase letter and digit is a token, and each word of ``words`` is one token.
+``CLIPTextModel`` and a ``CLIPTokenizer``), of a ``StableDiffusionXLPipeline`` (two text encoders,
+the second with a projection, and a UNet that takes SDXL's added conditions), of a
+``StableDiffusion3Pipeline`` (an ``SD3Transformer2DModel``, a 16-channel VAE, two CLIP encoders and a
+T5 encoder) or of a ``FluxPipeline`` (a ``FluxTransformer2DModel``, CLIP and T5), at a size that runs
+in milliseconds on one CPU core, with nothing downloaded. The CLIP tokenizer is a byte-pair encoder
+whose vocabulary and merges are written here: every lowercase letter and digit is a token, and each
+word of ``words`` is one token. The T5 tokenizer is a Unigram model built the same way
+(:func:`tiny_t5_tokenizer`).
 
 Example:
     ```py
@@ -193,6 +197,156 @@ def tiny_stable_diffusion_xl(
     return pipe
 
 
+def tiny_t5_tokenizer(words: Sequence[str] = DEFAULT_WORDS, max_length: int = 512):
+    """A ``T5TokenizerFast`` whose Unigram vocabulary is built here, in code.
+
+    As T5's own: ``<pad>`` (0), ``</s>`` (1), ``<unk>`` (2), word pieces that start with ``▁``, and
+    ``</s>`` appended to every prompt. Each of ``words`` is one piece; every other lowercase word
+    falls back to single letters and digits. No extra ids.
+
+    Args:
+        words: Whole-word pieces (lowercase letters and digits).
+        max_length: The tokenizer's ``model_max_length``.
+    """
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    pieces = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -2.0}
+    for word in words:
+        if not word or not all(ch in string.ascii_lowercase + string.digits for ch in word):
+            raise ValueError(f"Tiny-tokenizer words must be lowercase letters and digits; got {word!r}.")
+        pieces.setdefault("▁" + word, -1.0)  # one whole word beats any spelling of it
+    for ch in string.ascii_lowercase + string.digits:
+        pieces.setdefault("▁" + ch, -4.0)
+        pieces.setdefault(ch, -5.0)
+    backend = Tokenizer(Unigram(list(pieces.items()), unk_id=2, byte_fallback=False))
+    metaspace = dict(replacement="▁", prepend_scheme="always", split=True)
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(**metaspace)])
+    backend.decoder = decoders.Metaspace(**metaspace)
+    backend.post_processor = processors.TemplateProcessing(single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"],
+                                                           special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=backend, extra_ids=0, model_max_length=max_length)
+
+
+def tiny_stable_diffusion_3(
+    words: Sequence[str] = DEFAULT_WORDS,
+    *,
+    image_size: int = 16,
+    seed: int = 0,
+    pipeline_class=None,
+    text_dim: int = 32,
+    t5_dim: int = 96,
+    max_length: int = 16,
+    num_layers: int = 2,
+):
+    """Build a tiny, randomly initialised Stable Diffusion 3 pipeline offline.
+
+    Every component of a ``StableDiffusion3Pipeline`` in small: an ``SD3Transformer2DModel`` on 2 x 2
+    latent patches, a VAE with 16 latent channels and SD3's shift and scaling factors, two CLIP text
+    encoders with projections (their hidden states side by side, ``2 * text_dim``, are zero-padded to
+    T5's width as in SD3; their pooled outputs concatenated are the ``pooled_projections``) and a T5
+    encoder of width ``t5_dim`` (the transformer's ``joint_attention_dim``), with their tokenizers
+    built in code. The scheduler is SD3's ``FlowMatchEulerDiscreteScheduler`` (shift 3). A
+    ``16 x 16`` image maps to a ``16 x 8 x 8`` latent.
+
+    Args:
+        words: Whole-word tokens of the three tokenizers.
+        image_size: Pixel height and width the pipeline generates by default.
+        seed: Seed of the random weights.
+        pipeline_class: The pipeline class to build (default ``StableDiffusion3Pipeline``; e.g.
+            :class:`~diffusers_guda.GUDAStableDiffusion3Pipeline`).
+        text_dim: Width of each CLIP text encoder.
+        t5_dim: Width of the T5 encoder (at least ``2 * text_dim``, as in SD3).
+        max_length: Tokens per prompt of the CLIP tokenizers.
+        num_layers: Joint transformer blocks (the last one updates no text tokens, as in SD3).
+
+    Returns:
+        The pipeline, on CPU, in float32, with the progress bar disabled.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(words, max_length=max_length), tiny_clip_tokenizer(words, max_length=max_length)
+    tokenizer_3 = tiny_t5_tokenizer(words)
+    with _seeded(seed):
+        transformer = SD3Transformer2DModel(
+            sample_size=image_size // 2, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers,
+            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=t5_dim, caption_projection_dim=32,
+            pooled_projection_dim=2 * text_dim, pos_embed_max_size=image_size,
+        )
+        vae = _tiny_flow_vae(image_size)
+        text_encoder = _tiny_text_encoder(len(tokenizer.get_vocab()), text_dim, max_length, with_projection=True)
+        text_encoder_2 = _tiny_text_encoder(len(tokenizer.get_vocab()), text_dim, max_length, with_projection=True)
+        text_encoder_3 = _tiny_t5_encoder(len(tokenizer_3), t5_dim)
+    cls = pipeline_class or StableDiffusion3Pipeline
+    pipe = cls(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae.eval(),
+        text_encoder=text_encoder.eval(), tokenizer=tokenizer, text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3.eval(), tokenizer_3=tokenizer_3,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_flux(
+    words: Sequence[str] = DEFAULT_WORDS,
+    *,
+    image_size: int = 16,
+    seed: int = 0,
+    pipeline_class=None,
+    guidance_embeds: bool = True,
+    text_dim: int = 32,
+    t5_dim: int = 64,
+    max_length: int = 16,
+):
+    """Build a tiny, randomly initialised Flux pipeline offline.
+
+    Every component of a ``FluxPipeline`` in small: a ``FluxTransformer2DModel`` (one double-stream
+    and one single-stream block) on 2 x 2 patches of 16-channel latents (``in_channels`` 64), a VAE
+    with Flux's shift and scaling factors, a CLIP text encoder whose pooled output (``text_dim``) is
+    the ``pooled_projections``, and a T5 encoder of width ``t5_dim``, with their tokenizers built
+    in code. The scheduler is FLUX.1-dev's (``FlowMatchEulerDiscreteScheduler`` with the
+    resolution-dependent shift). ``FluxPipeline`` generates ``256 x 256`` images unless given
+    ``height`` and ``width``: pass ``image_size``.
+
+    Args:
+        words: Whole-word tokens of both tokenizers.
+        image_size: Pixel height and width of the images the VAE is built for.
+        seed: Seed of the random weights.
+        pipeline_class: The pipeline class to build (default ``FluxPipeline``; e.g.
+            :class:`~diffusers_guda.GUDAFluxPipeline`).
+        guidance_embeds: A guidance-distilled transformer (FLUX.1-dev), which takes the guidance
+            scale as an input; ``False`` for one without (FLUX.1-schnell).
+        text_dim: Width of the CLIP text encoder.
+        t5_dim: Width of the T5 encoder (the transformer's ``joint_attention_dim``).
+        max_length: Tokens per prompt of the CLIP tokenizer.
+
+    Returns:
+        The pipeline, on CPU, in float32, with the progress bar disabled.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer, tokenizer_2 = tiny_clip_tokenizer(words, max_length=max_length), tiny_t5_tokenizer(words)
+    with _seeded(seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=t5_dim, pooled_projection_dim=text_dim, guidance_embeds=guidance_embeds, axes_dims_rope=(4, 4, 8),
+        )
+        vae = _tiny_flow_vae(image_size)
+        text_encoder = _tiny_text_encoder(len(tokenizer.get_vocab()), text_dim, max_length)
+        text_encoder_2 = _tiny_t5_encoder(len(tokenizer_2), t5_dim)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )
+    cls = pipeline_class or FluxPipeline
+    pipe = cls(
+        scheduler=scheduler, vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2.eval(), tokenizer_2=tokenizer_2, transformer=transformer.eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @contextlib.contextmanager
 def _seeded(seed: int):
     """Seed torch's global generator for the block, and restore its state after."""
@@ -214,14 +368,20 @@ def _tiny_unet(image_size: int, channels: tuple[int, int], text_dim: int, **extr
     )
 
 
-def _tiny_vae(image_size: int):
+def _tiny_vae(image_size: int, latent_channels: int = 4, **extra):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=4, layers_per_block=1,
+        in_channels=3, out_channels=3, block_out_channels=(16, 32), latent_channels=latent_channels, layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
-        sample_size=image_size,
+        sample_size=image_size, **extra,
     )
+
+
+def _tiny_flow_vae(image_size: int):
+    """The VAE of Stable Diffusion 3 and Flux in small: 16 latent channels, no quant convs, a shift and a scaling factor."""
+    return _tiny_vae(image_size, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                     shift_factor=0.0609, scaling_factor=1.5035)
 
 
 def _tiny_text_encoder(vocab_size: int, text_dim: int, max_length: int, with_projection: bool = False):
@@ -231,4 +391,13 @@ def _tiny_text_encoder(vocab_size: int, text_dim: int, max_length: int, with_pro
         vocab_size=vocab_size, hidden_size=text_dim, intermediate_size=2 * text_dim, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=max_length, projection_dim=text_dim,
         bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    ))
+
+
+def _tiny_t5_encoder(vocab_size: int, text_dim: int):
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=text_dim, d_kv=8, d_ff=2 * text_dim, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
     ))

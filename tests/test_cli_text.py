@@ -261,11 +261,11 @@ def test_help_names_the_text_options(monkeypatch):
 # -- errors: one line, nothing written ------------------------------------------------------------
 
 
-def sd3_dir(tmp: Path) -> Path:
-    """A pipeline directory whose model_index.json names Stable Diffusion 3 (no weights needed: refused before loading)."""
-    path = tmp / "sd3"
+def unsupported_dir(tmp: Path) -> Path:
+    """A pipeline directory whose model_index.json names PixArt-Σ (no weights needed: refused before loading)."""
+    path = tmp / "pixart"
     path.mkdir()
-    (path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    (path / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline", "transformer": ["diffusers", "PixArtTransformer2DModel"]}))
     return path
 
 
@@ -294,16 +294,16 @@ ERRORS = {
         ("unconditional", "drop --prompt/--prompts"),
     ),
     "unsupported-pipeline-attribute": (
-        "attribute", lambda ws, t: ["--base", sd3_dir(t), "--images", ws["queries"], "--prompt", PROMPT],
-        ("StableDiffusion3Pipeline", "does not support yet", "StableDiffusionPipeline", "StableDiffusionXLPipeline"),
+        "attribute", lambda ws, t: ["--base", unsupported_dir(t), "--images", ws["queries"], "--prompt", PROMPT],
+        ("PixArtSigmaPipeline", "does not support yet", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline"),
     ),
     "query-size-the-vae-cannot-take": (
         "attribute", lambda ws, t: ["--images", odd_sized_query(t), "--prompt", PROMPT],
         ("15x15", "multiples of 2", "Resize"),
     ),
     "unsupported-pipeline-unlearn": (
-        "unlearn", lambda ws, t: ["--base", sd3_dir(t), "--data", ws["data"]],
-        ("StableDiffusion3Pipeline", "does not support yet"),
+        "unlearn", lambda ws, t: ["--base", unsupported_dir(t), "--data", ws["data"]],
+        ("PixArtSigmaPipeline", "does not support yet"),
     ),
     "text-base-with-uncaptioned-data": (
         "unlearn", lambda ws, t: ["--data", write_group_folder(t / "folders", ["a", "b"])],

@@ -7,7 +7,7 @@ import torch
 
 from diffusers_guda.errors import ConfigError
 from diffusers_guda.hashing import base_state_dict
-from diffusers_guda.merging import MergedAdapterRunner, can_merge
+from diffusers_guda.merging import MergedAdapterRunner, can_merge, plain_copy
 
 from conftest import with_random_adapters
 
@@ -58,3 +58,16 @@ def test_can_merge_needs_plain_lora_layers_of_every_adapter(tiny_unet):
     assert not can_merge(tiny_unet, ["g0", "missing"])  # no layers hold it
     tiny_unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["conv1"], use_dora=True), adapter_name="dora")
     assert not can_merge(tiny_unet, ["g0", "dora"])
+
+
+def test_plain_copy_drops_lora_wrappers_and_shares_the_base_weights(tiny_unet):
+    with_random_adapters(tiny_unet, ["g0"])
+    plain = plain_copy(tiny_unet)
+    assert type(plain) is type(tiny_unet) and not any("lora" in name or "base_layer" in name for name in plain.state_dict())
+    base = base_state_dict(tiny_unet)
+    assert plain.state_dict().keys() == base.keys()
+    assert all(plain.state_dict()[k].data_ptr() == v.data_ptr() for k, v in base.items())  # shared, not copied
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 50])
+    with torch.no_grad():
+        tiny_unet.disable_adapters()
+        torch.testing.assert_close(plain(x, t).sample, tiny_unet(x, t).sample, rtol=0, atol=0)

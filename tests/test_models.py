@@ -10,7 +10,6 @@ from peft import LoraConfig
 
 from diffusers_guda.models import (
     GUDAUNet2DModel,
-    bare_unet,
     map_conditioning,
     merge_conditioning,
     unet_call_kwargs,
@@ -110,12 +109,3 @@ def test_conditioning_edits_keep_its_form():
     assert merged["encoder_hidden_states"] is other and merged["time_ids"] is sdxl["time_ids"]
     assert map_conditioning(sdxl, lambda v: v[1:])["time_ids"].tolist() == [[2.0] * 6]
     assert map_conditioning(embeds, lambda v: v[:1]).shape == (1, 3, 4) and map_conditioning(None, lambda v: v) is None
-
-
-def test_bare_unet_drops_lora_wrappers_and_shares_the_base_weights():
-    unet = GUDAUNet2DModel(**tiny_unet_config())
-    unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), adapter_name="a")
-    bare = bare_unet(unet)
-    assert type(bare) is GUDAUNet2DModel and not any("lora" in k or "base_layer" in k for k in bare.state_dict())
-    assert set(bare.state_dict()) == set(GUDAUNet2DModel(**tiny_unet_config()).state_dict())
-    assert bare.conv_in.weight.data_ptr() == unet.conv_in.weight.data_ptr()

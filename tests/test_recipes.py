@@ -6,19 +6,48 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, StableDiffusionXLPipeline, UNet2DModel
+from diffusers import (
+    DDIMPipeline,
+    DDPMPipeline,
+    DDPMScheduler,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionXLPipeline,
+    UNet2DModel,
+)
 
 import diffusers_guda
 from diffusers_guda import ConfigError, GUDADDPMPipeline, Recipe, UnlearningConfig, available_recipes, default_recipe
-from diffusers_guda.pipelines import GUDAStableDiffusionPipeline, GUDAStableDiffusionXLPipeline, GUDATextToImagePipeline
+from diffusers_guda.pipelines import (
+    GUDAFluxPipeline,
+    GUDAStableDiffusion3Pipeline,
+    GUDAStableDiffusionPipeline,
+    GUDAStableDiffusionXLPipeline,
+    GUDATextToImagePipeline,
+)
+from diffusers_guda.recipes import RECIPE_PACKAGE
 
 from conftest import make_tiny_dataset, tiny_unet_config
 
 
 def test_the_shipped_recipes_are_the_package_data():
-    assert available_recipes() == ["digits-ddpm", "digits-styles", "sd-styles", "sdxl-styles"]
+    from importlib import resources
+
+    shipped = sorted(p.name.removesuffix(".json") for p in resources.files(RECIPE_PACKAGE).iterdir() if p.name.endswith(".json"))
+    assert available_recipes() == shipped
+    assert {"digits-ddpm", "digits-styles", "sd-styles", "sdxl-styles", "sd3-styles", "flux-styles"} <= set(shipped)
     for name in available_recipes():
         assert Recipe.load(name).name == name
+
+
+@pytest.mark.parametrize("name, rows", [("sd3-styles", 16), ("flux-styles", 8)])
+def test_the_flow_matching_recipes_set_a_sigma_grid_and_lora_on_the_joint_attention(name, rows):
+    recipe = Recipe.load(name)
+    assert recipe.elbo.grid_size == 100 and recipe.elbo.sigma_min == 0.005 and recipe.elbo.stride is None
+    assert recipe.elbo.rows_per_forward == rows and recipe.unlearning.autocast_dtype == "auto"
+    targets = {"to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
+    assert set(recipe.unlearning.lora.target_modules) == targets
+    assert recipe.unlearning.gradient_checkpointing is (name == "flux-styles")  # Flux's recipe recomputes activations (memory)
 
 
 @pytest.mark.parametrize(
@@ -27,6 +56,10 @@ def test_the_shipped_recipes_are_the_package_data():
         (GUDAStableDiffusionPipeline, "sd-styles"),
         (GUDAStableDiffusionXLPipeline, "sdxl-styles"),
         (StableDiffusionXLPipeline, "sdxl-styles"),
+        (GUDAStableDiffusion3Pipeline, "sd3-styles"),
+        (StableDiffusion3Pipeline, "sd3-styles"),
+        (GUDAFluxPipeline, "flux-styles"),
+        (FluxPipeline, "flux-styles"),
         (GUDATextToImagePipeline, "digits-styles"),
         (GUDADDPMPipeline, "digits-ddpm"),
         (DDPMPipeline, "digits-ddpm"),  # a stock pipeline passed to the functional API

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..lora import lora_prefix
 from .hub import looks_like_hub_id
 
 if TYPE_CHECKING:
@@ -44,10 +45,11 @@ def _body(bundle: AdapterBundle, repo_id: str | None) -> str:
     targets = ", ".join(map(str, bundle.lora.get("target_modules", [])))
     lora_desc = f"rank {bundle.lora.get('rank')}, alpha {bundle.lora.get('alpha')}, on {targets}"
     first = bundle.groups[0]
+    component = lora_prefix(base.get("class_name") or "")  # "unet" or "transformer": where the adapters go
     return f"""
 # GUDA adapter bundle ({bundle.num_groups} groups)
 
-Group data attribution by unlearning, made with diffusers-guda for the base UNet {base_desc}.
+Group data attribution by unlearning, made with diffusers-guda for the base {_component_title(component)} {base_desc}.
 
 Each of the {bundle.num_groups} LoRA adapters in `adapters/<slug>/` is **the base model with one group of
 its training data unlearned**. The attribution score of group *k* for an image *x* is
@@ -56,7 +58,7 @@ its training data unlearned**. The attribution score of group *k* for an image *
 
 and a higher score means group *k* mattered more for *x*.
 
-- Base model: {", ".join([base_desc, *details])}; UNet weight fingerprint (sha256)
+- Base model: {", ".join([base_desc, *details])}; {_component_title(component)} weight fingerprint (sha256)
   `{base['fingerprint']}`. The adapters only mean something on exactly these weights, and
   loading checks the fingerprint.
 - Objective: `{bundle.objective.get('name')}`. LoRA: {lora_desc}.
@@ -72,17 +74,17 @@ and a higher score means group *k* mattered more for *x*.
 from diffusers_guda.bundle import AdapterBundle
 
 bundle = AdapterBundle.from_pretrained("{ref}")
-names = bundle.load_into(pipe.unet)   # refuses a UNet with other base weights
-pipe.unet.set_adapter(names[0])       # the base model with group {first.name!r} unlearned
+names = bundle.load_into(pipe.{component})   # refuses a {_component_title(component)} with other base weights
+pipe.{component}.set_adapter(names[0])       # the base model with group {first.name!r} unlearned
 # or, with a GUDA pipeline: pipe.load_guda_bundle("{ref}")
 ```
 
 Every adapter is a stock diffusers LoRA file, readable without diffusers-guda:
 
 ```python
-{_stock_loading(bundle, ref, first)}
+{_stock_loading(bundle, ref, first, component)}
 ```
-{_conditional_note(bundle.base_model)}"""
+{_conditional_note(bundle.base_model)}{_guidance_note(bundle.base_model)}"""
 
 
 def _groups_table(groups: list[GroupRecord]) -> str:
@@ -96,28 +98,49 @@ def _groups_table(groups: list[GroupRecord]) -> str:
     return f"{header}\n|{'---|' * (4 + len(STAT_COLUMNS))}\n" + "\n".join(rows)
 
 
-def _stock_loading(bundle: AdapterBundle, ref: str, first: GroupRecord) -> str:
+def _component_title(component: str) -> str:
+    return "UNet" if component == "unet" else component
+
+
+def _stock_loading(bundle: AdapterBundle, ref: str, first: GroupRecord, prefix: str) -> str:
     name = bundle.adapter_name(first.slug)
     if bundle.base_model.get("latent") or bundle.base_model.get("conditional"):
         return (
             f'pipe.load_lora_weights("{ref}", weight_name="{first.adapter_file}", adapter_name="{name}")\n'
-            f"# or: pipe.unet.load_lora_adapter(\"{ref}\", weight_name=\"{first.adapter_file}\", prefix=\"unet\")"
+            f"# or: pipe.{prefix}.load_lora_adapter(\"{ref}\", weight_name=\"{first.adapter_file}\", prefix=\"{prefix}\")"
         )
     return (
-        f'pipe.unet.load_lora_adapter(\n    "{ref}",\n    weight_name="{first.adapter_file}",\n'
-        f'    prefix="unet",\n    adapter_name="{name}",\n)'
+        f'pipe.{prefix}.load_lora_adapter(\n    "{ref}",\n    weight_name="{first.adapter_file}",\n'
+        f'    prefix="{prefix}",\n    adapter_name="{name}",\n)'
+    )
+
+
+def _guidance_note(base: dict) -> str:
+    if base.get("guidance") is None:
+        return ""
+    return (
+        f"\nThe base is a guidance-distilled Flux transformer: the adapters were unlearned, and are scored, with embedded "
+        f"guidance {base['guidance']} (`base_model.guidance` in `guda_bundle.json`); `load_guda_bundle` uses it.\n"
     )
 
 
 def _conditional_note(base: dict) -> str:
     if not base.get("conditional"):
         return ""
-    latent = " of the image's VAE latent (posterior mean x scaling factor)" if base.get("latent") else ""
+    scaled = "(posterior mean - shift) x scaling factor" if base.get("vae_shift_factor") is not None else "posterior mean x scaling factor"
+    latent = f" of the image's VAE latent ({scaled})" if base.get("latent") else ""
     return (
         f"\nThe base is a text-to-image model: scores are conditional ELBOs{latent} given the image's "
         "prompt, so attribute each image with the prompt it was generated from "
-        "(`pipe.attribute(images, prompts=...)` with `GUDAStableDiffusionPipeline`).\n"
+        f"(`pipe.attribute(images, prompts=...)` with `{_guda_pipeline(base)}`).\n"
     )
+
+
+def _guda_pipeline(base: dict) -> str:
+    """The GUDA pipeline class of the bundle's base model family (``GUDAStableDiffusionPipeline`` for a bundle without one)."""
+    from ..pipelines.auto import family_pipeline  # the pipelines import bundles: imported when a card is written
+
+    return family_pipeline(base["family"]) if base.get("family") else "GUDAStableDiffusionPipeline"
 
 
 def _md(text: str) -> str:

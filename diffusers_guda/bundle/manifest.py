@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import re
 import sys
 from dataclasses import asdict, dataclass, field
@@ -20,6 +21,7 @@ import torch
 from ..elbo import ELBOConfig
 from ..errors import BundleError
 from ..lora import LoRASettings
+from ..validation import is_kind
 from .layout import MANIFEST_NAME, adapter_file_for
 from .slugs import slugify
 
@@ -234,6 +236,11 @@ def check_base_model(base: dict, where: str) -> None:
         raise BundleError(f"{where}: base_model.fingerprint must be a 64-digit sha256 hex string; got {fingerprint!r}.")
     if not isinstance(base.get("id"), (str, type(None))):
         raise BundleError(f"{where}: base_model.id must be a string or null.")
+    guidance, length = base.get("guidance"), base.get("max_sequence_length")
+    if guidance is not None and not (is_kind(guidance, float) and math.isfinite(guidance)):
+        raise BundleError(f"{where}: base_model.guidance (Flux's embedded guidance) must be a finite number or null; got {guidance!r}.")
+    if length is not None and not (is_kind(length, int) and length >= 1):
+        raise BundleError(f"{where}: base_model.max_sequence_length (T5 tokens per prompt) must be an integer >= 1; got {length!r}.")
 
 
 def check_contents(

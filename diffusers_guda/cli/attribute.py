@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     p.add_argument("--plot", help="write a PNG bar chart here (locked like --out)")
     p.add_argument("--top-k", type=int, default=3, help="groups printed per image")
     p.add_argument("--batch-size", type=int, default=64, help="images whose rows share forwards (speed and memory only)")
-    p.add_argument("--stride", type=int, help="ELBO timestep stride (default: the bundle's)")
+    p.add_argument("--stride", type=int, help="DDPM-family base: ELBO timestep stride (default: the bundle's)")
+    p.add_argument("--grid-size", type=int, help="flow-matching base (Stable Diffusion 3, Flux): ELBO noise levels (default: the bundle's)")
     p.add_argument("--draws", type=int, help="noise draws per timestep")
     p.add_argument("--elbo-seed", type=int, help="seed of the common random numbers")
     p.add_argument("--strategy", choices=["auto", "merged", "swap", "mixed"], default="auto",
@@ -79,11 +80,11 @@ def _attribute(args, files, queries, process) -> None:
     from ..elbo import ELBOConfig
     from ..errors import ConfigError
     from ..models import is_conditional
-    from ..pipelines import to_model_images
+    from ..pipelines import denoiser, to_model_images
     from ..queries import query_prompts
 
     pipe = load_base(args.base, args.dtype, revision=args.base_revision, allow_pickle_weights=args.allow_pickle_weights).to(process.device)
-    if is_conditional(pipe.unet):
+    if is_conditional(denoiser(pipe)):
         prompts = query_prompts(files, prompt=args.prompt, prompts_file=args.prompts)
     elif args.prompt is not None or args.prompts is not None:
         raise ConfigError(f"The base {args.base!r} is unconditional and scores images without prompts; drop --prompt/--prompts.")
@@ -94,7 +95,8 @@ def _attribute(args, files, queries, process) -> None:
     mode = image_mode(type(pipe))
     images = to_model_images([q.convert(mode) for q in queries] if mode else queries)
     elbo = None
-    flags = {"stride": args.stride, "num_draws": args.draws, "seed": args.elbo_seed, "autocast_dtype": args.autocast}
+    flags = {"stride": args.stride, "grid_size": args.grid_size, "num_draws": args.draws, "seed": args.elbo_seed,
+             "autocast_dtype": args.autocast}
     overrides = {k: None if v == "none" else v for k, v in flags.items() if v is not None}  # --autocast none: full precision
     if overrides:
         recorded = ELBOConfig(**bundle.elbo) if bundle.elbo else ELBOConfig()

@@ -43,7 +43,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="bundle directory to write (a killed run resumes from .<out>-partial; "
                                                  "<out>.lock keeps a second run off it meanwhile)")
     add_recipe(p, default=None, help="recipe name in adapters/ or a JSON path (default: the recipe of the base's family: sd-styles "
-                                     "for Stable Diffusion, digits-styles for a TextToImageDDPMPipeline, else digits-ddpm)")
+                                     "for Stable Diffusion, sdxl-styles, sd3-styles and flux-styles for SDXL, Stable Diffusion 3 and "
+                                     "Flux, digits-styles for a TextToImageDDPMPipeline, else digits-ddpm)")
     add_dtype(p)
     p.add_argument("--objective", help="objective name (retrack, gradient_ascent; anchor, esd for text-conditioned bases)")
     p.add_argument("--option", action="append", metavar="KEY=VALUE", help="objective option, repeatable (e.g. num_neighbors=5)")
@@ -57,6 +58,10 @@ def register(subparsers) -> None:
     p.add_argument("--rank", type=int, help="LoRA rank")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
     p.add_argument("--seed", type=int, help="base seed (each group's seed derives from it)")
+    p.add_argument("--guidance", type=float, help="Flux with a guidance-distilled transformer (FLUX.1-dev): the embedded guidance "
+                                                  "every forward takes, recorded in the bundle and used in scoring (default 3.5)")
+    p.add_argument("--max-sequence-length", type=int, metavar="N",
+                   help="Stable Diffusion 3 and Flux: T5 tokens per prompt, recorded in the bundle (default: the pipeline's, 256 or 512)")
     p.set_defaults(func=run)
 
 
@@ -75,6 +80,7 @@ def run(args) -> None:
         pipeline_class = pipeline_class_for(args.base, args.base_revision)
     except GUDAError:  # loading the base reports it, after the cheaper checks of the other flags
         pipeline_class = None
+    _check_conditioning_flags(args, pipeline_class)
     settings = {setting: getattr(args, flag) for flag, setting in _SETTINGS.items() if getattr(args, flag) is not None}
     if settings.get("autocast_dtype") == "none":  # full precision, also on CUDA
         settings["autocast_dtype"] = None
@@ -88,6 +94,20 @@ def run(args) -> None:
     process.barrier()  # every process ends once the bundle is on disk
 
 
+def _check_conditioning_flags(args, pipeline_class) -> None:
+    """Refuse --guidance for a base that is not Flux, and --max-sequence-length for one that is neither Flux nor SD3."""
+    from ..pipelines import pipeline_family
+
+    family = pipeline_family(pipeline_class) if pipeline_class is not None else None
+    if family is None:  # loading the base decides
+        return
+    if args.guidance is not None and family != "flux":
+        raise ConfigError(f"--guidance is Flux's embedded guidance, but --base {args.base} is a {family} pipeline; drop --guidance.")
+    if args.max_sequence_length is not None and family not in ("flux", "stable-diffusion-3"):
+        raise ConfigError(f"--max-sequence-length sets the T5 prompt length of Stable Diffusion 3 and Flux, but --base {args.base} is a "
+                          f"{family} pipeline; drop --max-sequence-length.")
+
+
 def _unlearn(args, recipe, settings, pipeline_class, process) -> None:
     dataset = load_training_data(args, mode=image_mode(pipeline_class))
     out = Path(args.out)
@@ -95,7 +115,8 @@ def _unlearn(args, recipe, settings, pipeline_class, process) -> None:
     pipe = load_base(args.base, args.dtype, revision=args.base_revision, allow_pickle_weights=args.allow_pickle_weights).to(process.device)
     # each process unlearns its share of the groups into the shared checkpoint; all get the whole bundle
     bundle = pipe.unlearn_groups(dataset, recipe=recipe, groups=args.groups, checkpoint_dir=partial, base_model_id=args.base_id or args.base,
-                                 progress=not args.quiet, process=process, latent_cache=args.latent_cache, **settings)
+                                 progress=not args.quiet, process=process, latent_cache=args.latent_cache, guidance=args.guidance,
+                                 max_sequence_length=args.max_sequence_length, **settings)
     if process.is_main:
         bundle.save_pretrained(out)
         shutil.rmtree(partial, ignore_errors=True)

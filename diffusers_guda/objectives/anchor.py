@@ -139,9 +139,10 @@ class Anchor(UnlearningObjective):
 
     @staticmethod
     def _embed(encode, prompts: list[str]) -> torch.Tensor:
-        """L2-normalised text embeddings ``[B, D]``: the pooled embedding (SDXL), else the token mean."""
+        """L2-normalised text embeddings ``[B, D]``: the pooled embedding (SDXL's ``text_embeds``, SD3's and
+        Flux's ``pooled_projections``), else the token mean."""
         cond = conditioning_dict(encode(prompts))
-        pooled = cond.get("text_embeds")
+        pooled = cond.get("text_embeds", cond.get("pooled_projections"))
         vectors = pooled.to(torch.float32) if pooled is not None else cond["encoder_hidden_states"].to(torch.float32).mean(dim=1)
         return torch.nn.functional.normalize(vectors, dim=-1)
 

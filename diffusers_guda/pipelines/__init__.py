@@ -1,12 +1,13 @@
 """Pipelines with group attribution.
 
-``GUDAStableDiffusionPipeline``, ``GUDAStableDiffusionXLPipeline`` and the pixel-space text-to-image
-pipelines are imported on first use: they need ``transformers`` (the ``sd`` extra), which the
-unconditional pipelines do not.
+``GUDAStableDiffusionPipeline``, ``GUDAStableDiffusionXLPipeline``, ``GUDAStableDiffusion3Pipeline``,
+``GUDAFluxPipeline`` and the pixel-space text-to-image pipelines are imported on first use: they need
+``transformers`` (the ``sd`` extra), which the unconditional pipelines do not.
 """
 
 from .attribution import attribute, load_guda_bundle, unlearn_groups, unload_guda_bundle
 from .auto import GUDAAutoPipeline, pipeline_class_for, pipeline_family, read_model_index
+from .components import denoiser
 from .ddpm import GUDADDPMPipeline
 from .mixin import GUDAPipelineMixin
 from .model_inputs import model_dataset, model_inputs, to_model_images
@@ -16,6 +17,10 @@ _LAZY = {
     "GUDAStableDiffusionOutput": "stable_diffusion",
     "GUDAStableDiffusionXLPipeline": "stable_diffusion_xl",
     "GUDAStableDiffusionXLOutput": "stable_diffusion_xl",
+    "GUDAStableDiffusion3Pipeline": "stable_diffusion_3",
+    "GUDAStableDiffusion3Output": "stable_diffusion_3",
+    "GUDAFluxPipeline": "flux",
+    "GUDAFluxOutput": "flux",
     "GUDATextToImagePipeline": "text_to_image",
     "TextToImageDDPMPipeline": "text_to_image",
 }
@@ -32,7 +37,11 @@ def __getattr__(name):
 __all__ = [
     "GUDAAutoPipeline",
     "GUDADDPMPipeline",
+    "GUDAFluxOutput",
+    "GUDAFluxPipeline",
     "GUDAPipelineMixin",
+    "GUDAStableDiffusion3Output",
+    "GUDAStableDiffusion3Pipeline",
     "GUDAStableDiffusionOutput",
     "GUDAStableDiffusionPipeline",
     "GUDAStableDiffusionXLOutput",
@@ -40,6 +49,7 @@ __all__ = [
     "GUDATextToImagePipeline",
     "TextToImageDDPMPipeline",
     "attribute",
+    "denoiser",
     "load_guda_bundle",
     "model_dataset",
     "model_inputs",

@@ -1,12 +1,15 @@
-"""GUDA operations on any diffusers pipeline with a ``unet`` and a DDPM-family ``scheduler``.
+"""GUDA operations on any diffusers pipeline with a denoiser (``unet`` or ``transformer``) and a
+DDPM-family or flow-matching ``scheduler``.
 
 These functions take the pipeline as their first argument, so scripts that hold a stock pipeline
 can use them without changing its class; :class:`~diffusers_guda.pipelines.GUDAPipelineMixin`
 exposes the same operations as methods.
 
 Pixel-space pipelines (``DDPMPipeline``) score images as they are. Latent text-to-image pipelines
-(Stable Diffusion: a ``UNet2DConditionModel``, a VAE and a text encoder) score the conditional ELBO
-of the image's deterministic VAE latent given its prompt (see :mod:`.model_inputs` and :mod:`.conditioning`).
+(Stable Diffusion 1.x/2.x and SDXL: a ``UNet2DConditionModel``; Stable Diffusion 3 and Flux: a
+flow-matching transformer; with a VAE and text encoders) score the conditional ELBO of the image's
+deterministic VAE latent given its prompt (see :mod:`.model_inputs`, :mod:`.conditioning` and
+:mod:`.flow_conditioning`). The denoiser is found by :func:`~.components.denoiser`.
 """
 
 from __future__ import annotations
@@ -14,35 +17,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from diffusers import DDPMScheduler
 
 from ..adapter_state import switch_adapters
 from ..bundle import AdapterBundle
+from ..diffusion import training_scheduler
 from ..distributed import ProcessInfo
 from ..elbo import ELBOConfig, ELBOEstimator
 from ..errors import BaseModelMismatchError, ConfigError, ScoringError
-from ..models import is_conditional, with_adapter_support
+from ..models import is_conditional
 from ..recipes import Recipe, default_recipe
 from ..scoring import AttributionResult, AttributionScorer
 from ..unlearning import GroupUnlearner, UnlearningConfig
 from ..unlearning.base_model import base_provenance
 from .auto import family_pipeline, pipeline_family
+from .components import denoiser, ensure_adapter_denoiser
 from .conditioning import is_latent, prompt_encoder
+from .flow_conditioning import conditioning_settings, recorded_settings
 from .model_inputs import check_training_set, model_dataset, model_inputs
-
-
-def _ensure_adapter_unet(pipe) -> None:
-    unet = with_adapter_support(pipe.unet)
-    if unet is not pipe.unet:
-        pipe.register_modules(unet=unet)
-
-
-def _training_scheduler(pipe):
-    """A DDPM scheduler with the pipeline's noise schedule (its own scheduler may be DDIM, PNDM...)."""
-    config = dict(pipe.scheduler.config)
-    if not hasattr(pipe.scheduler, "alphas_cumprod"):
-        raise ConfigError(f"{type(pipe.scheduler).__name__} has no alphas_cumprod; GUDA needs a DDPM-family noise schedule.")
-    return DDPMScheduler.from_config(config)
 
 
 def _model_id(pipe) -> str | None:
@@ -59,22 +50,26 @@ def load_guda_bundle(
     local_files_only: bool | None = None,
     token: str | None = None,
 ) -> AdapterBundle:
-    """Load an adapter bundle (object, local directory or Hub repo id) into ``pipe.unet``.
+    """Load an adapter bundle (object, local directory or Hub repo id) into the pipeline's denoiser
+    (``pipe.unet`` or ``pipe.transformer``).
 
     Raises:
         BaseModelMismatchError: if the bundle was made for another base model, or for a pipeline of
-            another family (e.g. an SDXL bundle and a Stable Diffusion 1.5 pipeline).
+            another family (e.g. an SDXL bundle and a Stable Diffusion 1.5 or Flux pipeline).
+        ConfigError: a bundle of an unconditional model in a text-to-image pipeline (or the reverse),
+            or a Flux bundle that records no guidance for a guidance-distilled transformer.
     """
-    _ensure_adapter_unet(pipe)
+    model = ensure_adapter_denoiser(pipe)
     if not isinstance(bundle, AdapterBundle):
         bundle = AdapterBundle.from_pretrained(
             bundle, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
         )
-    if bool(bundle.base_model.get("conditional", False)) != is_conditional(pipe.unet):
+    if bool(bundle.base_model.get("conditional", False)) != is_conditional(model):
         kind = "a text-conditioned" if bundle.base_model.get("conditional") else "an unconditional"
+        made_on = "transformer" if "Transformer" in str(bundle.base_model.get("class_name")) else "UNet"
         raise ConfigError(
-            f"This bundle was made for {kind} UNet ({bundle.base_model.get('id')!r}), but this {type(pipe).__name__}'s "
-            "UNet is not one; load it into the pipeline of the base model it was made for."
+            f"This bundle was made for {kind} {made_on} ({bundle.base_model.get('id')!r}), but this {type(pipe).__name__}'s "
+            f"{type(model).__name__} is not one; load it into the pipeline of the base model it was made for."
         )
     made_for = bundle.base_model.get("family") or pipeline_family(bundle.base_model.get("pipeline_class") or "")
     family = pipeline_family(pipe)
@@ -83,22 +78,24 @@ def load_guda_bundle(
             f"This bundle was made for a {made_for} pipeline ({bundle.base_model.get('id')!r}), but this {type(pipe).__name__} "
             f"is a {family} pipeline; load the bundle into a {family_pipeline(made_for)} of the base model it was made for."
         )
+    recorded_settings(pipe, bundle)  # refuses a Flux bundle without the guidance its scores depend on
     unload_guda_bundle(pipe)  # a pipeline holds one bundle: a new one replaces it
-    bundle.load_into(pipe.unet)
-    switch_adapters(pipe.unet, None)  # the pipeline keeps generating with the full model; scoring switches adapters on
+    bundle.load_into(model)
+    switch_adapters(model, None)  # the pipeline keeps generating with the full model; scoring switches adapters on
     pipe._guda_bundle = bundle
     return bundle
 
 
 def unload_guda_bundle(pipe) -> None:
-    """Remove the loaded bundle's adapters from ``pipe.unet``; the pipeline is then as before any bundle."""
+    """Remove the loaded bundle's adapters from the pipeline's denoiser; the pipeline is then as before any bundle."""
     bundle = getattr(pipe, "_guda_bundle", None)
     if bundle is None:
         return
-    loaded = set(getattr(pipe.unet, "peft_config", None) or {})
+    model = denoiser(pipe)
+    loaded = set(getattr(model, "peft_config", None) or {})
     names = [bundle.adapter_name(slug) for slug in bundle.slugs if bundle.adapter_name(slug) in loaded]
     if names:
-        pipe.unet.delete_adapters(names)
+        model.delete_adapters(names)
     pipe._guda_bundle = None
 
 
@@ -115,20 +112,24 @@ def unlearn_groups(
     progress: bool = True,
     process: ProcessInfo | None = None,
     latent_cache=None,
+    guidance: float | None = None,
+    max_sequence_length: int | None = None,
     **settings,
 ) -> AdapterBundle:
     """Train one unlearning adapter per group and load the resulting bundle into the pipeline.
 
     The settings are the recommended recipe of the pipeline's family (see
-    :func:`~diffusers_guda.recipes.default_recipe`: ``sd-styles`` for Stable Diffusion, ``digits-ddpm``
-    for unconditional DDPM...), another ``recipe``, or a complete ``config``; keyword ``settings``
-    override single values of the recipe. The bundle records the settings, the base model's identity
-    and the ELBO configuration it is to be scored with.
+    :func:`~diffusers_guda.recipes.default_recipe`: ``sd-styles`` for Stable Diffusion, ``sd3-styles``
+    and ``flux-styles`` for Stable Diffusion 3 and Flux, ``digits-ddpm`` for unconditional DDPM...),
+    another ``recipe``, or a complete ``config``; keyword ``settings`` override single values of the
+    recipe. The bundle records the settings, the base model's identity, the ELBO configuration it is
+    to be scored with and, for Stable Diffusion 3 and Flux, the conditioning settings (``guidance``,
+    ``max_sequence_length``), which scoring then uses.
 
     Args:
         pipe: The full model's pipeline.
         dataset: The grouped training set the model was trained on: images in [-1, 1] (pixels; a latent
-            pipeline encodes them with its VAE) and, for a text-conditioned UNet, one prompt per image.
+            pipeline encodes them with its VAE) and, for a text-conditioned denoiser, one prompt per image.
             Or a :class:`~diffusers_guda.lazy_data.LazyGroupedDataset`, read one image at a time.
         recipe: A recipe name, JSON path or :class:`~diffusers_guda.recipes.Recipe` (default: the family's).
         config: A complete :class:`UnlearningConfig` instead of a recipe and settings.
@@ -141,25 +142,32 @@ def unlearn_groups(
             processes share the groups and all return the same bundle (see :meth:`GroupUnlearner.unlearn`).
         latent_cache: A latent pipeline's :class:`~diffusers_guda.latent_cache.LatentCache` or its folder
             (see :func:`~diffusers_guda.pipelines.model_dataset`): each image is encoded once for every group, run and process.
+        guidance: Flux with a guidance-distilled transformer (FLUX.1-dev): the guidance scale every
+            forward takes, in unlearning and in scoring (default 3.5, ``FluxPipeline``'s default).
+            Refused for other models (a transformer without guidance embedding records ``None``).
+        max_sequence_length: Stable Diffusion 3 and Flux: T5 tokens per prompt (default: the
+            pipeline's ``encode_prompt`` default, 256 for SD3 and 512 for Flux).
         **settings: Overrides of the recipe's unlearning settings, e.g. ``steps=200``,
             ``learning_rate=5e-5``, ``batch_size=2``, ``lora_rank=4``, ``objective="esd"`` or an
             objective option such as ``num_neighbors=10`` (see :meth:`Recipe.unlearning_with`).
 
     Raises:
-        ConfigError: ``config`` given together with ``recipe`` or keyword settings.
+        ConfigError: ``config`` given together with ``recipe`` or keyword settings, or a conditioning
+            setting the pipeline's model does not take.
         DataError: a text-conditioned pipeline and a dataset without prompts.
     """
     check_training_set(dataset)
     config, elbo_config = _settings(pipe, recipe, config, elbo_config, settings)
-    _ensure_adapter_unet(pipe)
-    conditional = is_conditional(pipe.unet)
+    text_settings = conditioning_settings(pipe, guidance=guidance, max_sequence_length=max_sequence_length)
+    model = ensure_adapter_denoiser(pipe)
+    conditional = is_conditional(model)
     if conditional:
         dataset.require_prompts()
     unload_guda_bundle(pipe)  # the new bundle replaces the loaded one (their adapters share names)
     unlearner = GroupUnlearner(
-        pipe.unet, _training_scheduler(pipe), config, base_model_id=base_model_id or _model_id(pipe),
-        encode_prompts=prompt_encoder(pipe) if conditional else None, base_model_extra=_base_model_extra(pipe),
-        elbo_config=elbo_config,
+        model, training_scheduler(pipe.scheduler), config, base_model_id=base_model_id or _model_id(pipe),
+        encode_prompts=prompt_encoder(pipe, text_settings) if conditional else None,
+        base_model_extra=_base_model_extra(pipe, text_settings), elbo_config=elbo_config,
     )
     bundle = unlearner.unlearn(
         model_dataset(pipe, dataset, progress=progress, latent_cache=latent_cache, process=process), groups=groups,
@@ -180,11 +188,13 @@ def _settings(pipe, recipe, config, elbo_config, settings) -> tuple[UnlearningCo
     return config or chosen.unlearning_with(**settings), elbo_config or chosen.elbo
 
 
-def _base_model_extra(pipe) -> dict:
+def _base_model_extra(pipe, text_settings: dict) -> dict:
     extra = {"pipeline_class": type(pipe).__name__, "family": pipeline_family(pipe)}
     if is_latent(pipe):
         extra.update(latent=True, vae_scaling_factor=float(pipe.vae.config.get("scaling_factor") or 1.0))
-    return extra
+        if pipe.vae.config.get("shift_factor") is not None:
+            extra["vae_shift_factor"] = float(pipe.vae.config.shift_factor)
+    return {**extra, **text_settings}
 
 
 def attribute(
@@ -195,6 +205,7 @@ def attribute(
     prompt_embeds: torch.Tensor | None = None,
     pooled_prompt_embeds: torch.Tensor | None = None,
     size_conditions=None,
+    guidance: float | None = None,
     bundle: AdapterBundle | str | None = None,
     batch_size: int = 64,
     elbo_config: ELBOConfig | None = None,
@@ -206,18 +217,22 @@ def attribute(
     """Score query images against every group of the loaded bundle.
 
     Args:
-        pipe: A pipeline whose UNet holds the bundle (or pass ``bundle``).
+        pipe: A pipeline whose denoiser holds the bundle (or pass ``bundle``).
         images: ``[N, C, H, W]`` tensor in [-1, 1], a numpy array ``[N, H, W, C]`` in [0, 1] (what
             ``output_type="np"`` returns), or a list of PIL images. A latent pipeline scores the
             images' deterministic VAE latents.
-        prompts: For a text-conditioned UNet: the prompt of each image (or one string for all); the
-            score is the difference of conditional ELBOs ``log p(z | prompt)``, without guidance.
+        prompts: For a text-conditioned model: the prompt of each image (or one string for all); the
+            score is the difference of conditional ELBOs ``log p(z | prompt)``, without classifier-free
+            guidance. Stable Diffusion 3 and Flux encode it with the T5 length the bundle records.
         prompt_embeds: Instead of ``prompts``: the text embeddings ``[N, L, D]`` (or ``[1, L, D]`` for all).
-        pooled_prompt_embeds: With ``prompt_embeds`` for SDXL: the pooled text embeddings ``[N, P]``
-            (or ``[1, P]`` for all).
+        pooled_prompt_embeds: With ``prompt_embeds`` for SDXL, Stable Diffusion 3 and Flux: the pooled
+            text embeddings ``[N, P]`` (or ``[1, P]`` for all), as the pipeline's ``encode_prompt`` returns them.
         size_conditions: SDXL only: each image's original height and width, crop top and left, and
             target height and width (``[N, 6]``, or 6 numbers for all), as generated; default
             ``(H, W, 0, 0, H, W)`` of the image (docs/method.md#sdxl).
+        guidance: Flux only: the guidance scale the bundle was unlearned with, as a check (scores
+            always use the bundle's; another value is refused). The guidance an image was generated
+            with shapes the sample, not the score.
         bundle: Bundle to load first (object, directory or Hub id).
         batch_size: Images whose rows share forwards (speed and memory only; scores do not depend on it).
         elbo_config: Estimator settings; default: the ones the bundle records (a bundle that records
@@ -240,19 +255,23 @@ def attribute(
         raise ConfigError("No GUDA bundle is loaded; call pipe.load_guda_bundle(path_or_repo_id) or pipe.unlearn_groups(dataset) first.")
     if elbo_config is not None and not isinstance(elbo_config, ELBOConfig):
         raise ConfigError(f"elbo_config must be an ELBOConfig, not {type(elbo_config).__name__}; pass ELBOConfig(**settings).")
+    text_settings = recorded_settings(pipe, loaded, guidance=guidance)
     x0, unet_kwargs, used_prompts = model_inputs(
         pipe, images, prompts=prompts, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
-        size_conditions=size_conditions,
+        size_conditions=size_conditions, settings=text_settings,
     )
     if elbo_config is None:
         elbo_config = ELBOConfig(**loaded.elbo) if loaded.elbo else _family_elbo(pipe)
-    estimator = ELBOEstimator(_training_scheduler(pipe), elbo_config)
-    device = pipe.unet.device
-    scorer = AttributionScorer(pipe.unet, estimator, [loaded.adapter_name(s) for s in loaded.slugs], loaded.group_names)
-    meta = {"bundle": dict(loaded.source or {}), "base_model": loaded.base_model.get("id"), **base_provenance(pipe.unet, loaded),
+    estimator = ELBOEstimator(training_scheduler(pipe.scheduler), elbo_config)
+    model = denoiser(pipe)
+    device = model.device
+    scorer = AttributionScorer(model, estimator, [loaded.adapter_name(s) for s in loaded.slugs], loaded.group_names)
+    meta = {"bundle": dict(loaded.source or {}), "base_model": loaded.base_model.get("id"), **base_provenance(model, loaded),
             "device": str(device)}
     if used_prompts is not None:
         meta["prompts"] = used_prompts
+    if text_settings:
+        meta["conditioning"] = text_settings
     result = scorer.score(
         x0, batch_size=batch_size, unet_kwargs=unet_kwargs, progress=progress, metadata=meta, strategy=strategy,
         adaptive_z=adaptive_z, process=process,

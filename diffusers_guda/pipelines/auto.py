@@ -23,6 +23,10 @@ SUPPORTED_PIPELINES = {
     "GUDAStableDiffusionXLPipeline": "GUDAStableDiffusionXLPipeline",
     "TextToImageDDPMPipeline": "GUDATextToImagePipeline",
     "GUDATextToImagePipeline": "GUDATextToImagePipeline",
+    "StableDiffusion3Pipeline": "GUDAStableDiffusion3Pipeline",
+    "GUDAStableDiffusion3Pipeline": "GUDAStableDiffusion3Pipeline",
+    "FluxPipeline": "GUDAFluxPipeline",
+    "GUDAFluxPipeline": "GUDAFluxPipeline",
 }
 
 # the family of each GUDA pipeline: a bundle records its base's, and loads only into a pipeline of that family
@@ -31,11 +35,14 @@ PIPELINE_FAMILIES = {
     "GUDAStableDiffusionPipeline": "stable-diffusion",
     "GUDAStableDiffusionXLPipeline": "stable-diffusion-xl",
     "GUDATextToImagePipeline": "text-to-image",
+    "GUDAStableDiffusion3Pipeline": "stable-diffusion-3",
+    "GUDAFluxPipeline": "flux",
 }
 
 
 def pipeline_family(pipe) -> str | None:
-    """The family (``"stable-diffusion"``, ``"stable-diffusion-xl"``...) of a pipeline, pipeline class or class name.
+    """The family (``"stable-diffusion"``, ``"stable-diffusion-xl"``, ``"stable-diffusion-3"``, ``"flux"``...) of a
+    pipeline, pipeline class or class name.
 
     A pipeline or class belongs to the family of the first supported class in its MRO (so a stock
     ``StableDiffusionXLPipeline`` and a ``GUDAStableDiffusionXLPipeline`` share one); ``None`` if none is.
@@ -54,9 +61,9 @@ def family_pipeline(family: str) -> str:
 
 def _cannot_load(spec: str, reason: str) -> GUDAError:
     return GUDAError(
-        f"Cannot load the base pipeline {spec!r} ({reason}). Pass a directory written by `guda train` (or by a "
-        "DDPMPipeline's, StableDiffusionPipeline's or StableDiffusionXLPipeline's save_pretrained), or a Hub id (with "
-        "HF_HUB_OFFLINE=1: one in the local cache)."
+        f"Cannot load the base pipeline {spec!r} ({reason}). Pass a directory written by `guda train` (or by the "
+        "save_pretrained of a DDPMPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or "
+        "FluxPipeline), or a Hub id (with HF_HUB_OFFLINE=1: one in the local cache)."
     )
 
 
@@ -119,7 +126,7 @@ def pipeline_class_for(spec: str | Path, revision: str | None = None) -> type:
     name = read_model_index(spec, revision)["_class_name"]
     if name not in SUPPORTED_PIPELINES:
         supported = ("DDPMPipeline, DDIMPipeline, StableDiffusionPipeline (Stable Diffusion 1.x/2.x), StableDiffusionXLPipeline "
-                     "(SDXL) and TextToImageDDPMPipeline")
+                     "(SDXL), StableDiffusion3Pipeline (Stable Diffusion 3/3.5), FluxPipeline (FLUX.1) and TextToImageDDPMPipeline")
         raise ConfigError(f"The base {str(spec)!r} is a {name}, which guda does not support yet; it supports {supported}.")
     try:
         return getattr(pipelines, SUPPORTED_PIPELINES[name])

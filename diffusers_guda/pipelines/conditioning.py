@@ -12,8 +12,9 @@ batch-independent.
 
 An SDXL UNet (``addition_embed_type="text_time"``) also takes the pooled embedding of the second text
 encoder and each image's time ids (original size, crop, target size): :class:`SDXLPromptEncoder`
-(docs/method.md#sdxl). Another pipeline family plugs in its own text conditioning through a
-``guda_prompt_encoder()`` method.
+(docs/method.md#sdxl). Stable Diffusion 3's and Flux's transformers take their three (two) text
+encoders' embeddings, and Flux's guidance: :mod:`.flow_conditioning`. Another pipeline family plugs
+in its own text conditioning through a ``guda_prompt_encoder()`` method.
 """
 
 from __future__ import annotations
@@ -25,12 +26,22 @@ import torch
 
 from ..data import check_pixel_range
 from ..errors import ConfigError, DataError
-from ..models import takes_text_time
+from ..models import is_flow_transformer, takes_text_time
+from .components import denoiser, latent_multiple
+from .flow_conditioning import POOLED, conditioning_settings, flow_prompt_encoder
 
 
 def is_latent(pipe) -> bool:
-    """Whether the pipeline's UNet works on VAE latents."""
+    """Whether the pipeline's denoiser works on VAE latents."""
     return getattr(pipe, "vae", None) is not None
+
+
+def pooled_key(model: torch.nn.Module) -> str | None:
+    """The conditioning entry of a pooled text embedding: SDXL's ``"text_embeds"``, Stable Diffusion 3's
+    and Flux's ``"pooled_projections"``; ``None`` for a denoiser that takes none."""
+    if takes_text_time(model):
+        return "text_embeds"
+    return POOLED if is_flow_transformer(model) else None
 
 
 def vae_scale_factor(vae) -> int:
@@ -39,19 +50,29 @@ def vae_scale_factor(vae) -> int:
 
 
 def check_pixel_images(pipe, images: torch.Tensor) -> torch.Tensor:
-    """Check that ``images`` ``[N, C, H, W]`` in [-1, 1] can go through the pipeline's VAE.
+    """Check that ``images`` ``[N, C, H, W]`` in [-1, 1] can go through the pipeline's VAE and denoiser.
 
     Raises:
-        DataError: wrong channel count, a size the VAE cannot take, or values outside [-1, 1].
+        DataError: wrong channel count, a size the VAE (or a transformer's latent patches) cannot
+            take, or values outside [-1, 1].
     """
     channels = pipe.vae.config.in_channels
     factor = vae_scale_factor(pipe.vae)
+    patch = latent_multiple(denoiser(pipe))
     if images.dim() != 4 or images.shape[1] != channels:
         raise DataError(
             f"Images of shape {tuple(images.shape[1:])} do not fit this pipeline's VAE, which takes {channels}-channel "
             f"images [N, {channels}, H, W]; convert them to RGB."
         )
     h, w = images.shape[-2:]
+    if patch > 1 and (h % (factor * patch) or w % (factor * patch)):
+        multiple = factor * patch
+        size = max(multiple, h // multiple * multiple)
+        raise DataError(
+            f"Images of size {w}x{h} cannot go through this pipeline: its VAE downsamples by {factor} and its "
+            f"{type(denoiser(pipe)).__name__} takes {patch} x {patch} latent patches, so height and width must be multiples of "
+            f"{multiple}. Resize them (e.g. to {size}x{size})."
+        )
     if h % factor or w % factor or h < factor or w < factor:
         raise DataError(
             f"Images of size {w}x{h} cannot go through this VAE, which downsamples by {factor}: height and width must be "
@@ -119,7 +140,7 @@ def prompt_list(prompts, n: int) -> list[str]:
     """
     if prompts is None:
         raise DataError(
-            "This pipeline's UNet is text-conditioned, so attribution needs each image's prompt: pass prompts='...' "
+            "This pipeline's denoiser is text-conditioned, so attribution needs each image's prompt: pass prompts='...' "
             "(one for all images) or prompts=[...] (one per image)."
         )
     if isinstance(prompts, str):
@@ -249,16 +270,25 @@ class SDXLPromptEncoder:
         return {"time_ids": torch.cat(rows) if rows else torch.zeros(0, 6)}
 
 
-def prompt_encoder(pipe):
+def prompt_encoder(pipe, settings: dict | None = None):
     """A fresh prompt encoder for one operation (its cache lives as long as the operation).
 
-    :class:`SDXLPromptEncoder` for a UNet that takes SDXL's added conditions, else
+    :class:`SDXLPromptEncoder` for a UNet that takes SDXL's added conditions, Stable Diffusion 3's
+    or Flux's encoder (:func:`~.flow_conditioning.flow_prompt_encoder`) for their transformers, else
     :class:`PromptEncoder`. A pipeline family with other conditioning provides its own through a
     ``guda_prompt_encoder()`` method returning a callable ``list[str] ->`` conditioning (a
     ``[B, L, D]`` tensor or a flat dict of batch-first tensors, see :mod:`diffusers_guda.models`),
     optionally with an ``image_conditions`` method like :class:`SDXLPromptEncoder`'s.
+
+    Args:
+        pipe: The pipeline.
+        settings: Stable Diffusion 3 and Flux: the conditioning settings (T5 length, Flux's guidance)
+            a bundle records (default: :func:`~.flow_conditioning.conditioning_settings`'s defaults).
     """
     factory = getattr(pipe, "guda_prompt_encoder", None)
     if callable(factory):
         return factory()
-    return SDXLPromptEncoder(pipe) if takes_text_time(pipe.unet) else PromptEncoder(pipe)
+    model = denoiser(pipe)
+    if is_flow_transformer(model):
+        return flow_prompt_encoder(pipe, settings if settings is not None else conditioning_settings(pipe))
+    return SDXLPromptEncoder(pipe) if takes_text_time(model) else PromptEncoder(pipe)

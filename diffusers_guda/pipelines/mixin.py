@@ -8,10 +8,12 @@ from . import attribution as ops
 class GUDAPipelineMixin:
     """Adds :meth:`unlearn_groups`, :meth:`load_guda_bundle` and :meth:`attribute` to a diffusers pipeline.
 
-    The pipeline needs a ``unet`` and a DDPM-family ``scheduler``. With a ``vae`` the model is a
-    latent model (images are scored through their deterministic VAE latents); with a text-conditioned
-    UNet (``UNet2DConditionModel``) and a text encoder, every image is conditioned on its prompt.
-    Generation (``__call__``) is the parent pipeline's, untouched.
+    The pipeline needs a denoiser (a ``unet``, or the ``transformer`` of Stable Diffusion 3 and Flux)
+    and a DDPM-family or flow-matching ``scheduler``. With a ``vae`` the model is a latent model
+    (images are scored through their deterministic VAE latents); with a text-conditioned denoiser
+    (``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``) and its text
+    encoders, every image is conditioned on its prompt. Generation (``__call__``) is the parent
+    pipeline's, untouched.
     """
 
     def load_guda_bundle(self, bundle, **kwargs):

@@ -1,8 +1,9 @@
-"""What a pipeline's UNet takes: training data and query images in its input space, with their conditioning.
+"""What a pipeline's denoiser takes: training data and query images in its input space, with their conditioning.
 
 Pixel-space pipelines take the images as they are; latent pipelines take their deterministic VAE
 latents (a lazy dataset through a :class:`~diffusers_guda.latent_cache.LatentCache`). A
-text-conditioned UNet takes each image's prompt conditioning too (docs/method.md#latent-and-text-conditioned-models).
+text-conditioned denoiser (a UNet, or Stable Diffusion 3's or Flux's transformer) takes each image's
+prompt conditioning too (docs/method.md#latent-and-text-conditioned-models).
 """
 
 from __future__ import annotations
@@ -17,7 +18,17 @@ from ..images import standard_image
 from ..latent_cache import LatentCache
 from ..lazy_data import LazyGroupedDataset
 from ..models import conditioning_dict, is_conditional, takes_text_time
-from .conditioning import check_pixel_images, check_size_conditions, encode_latents, is_latent, per_image, prompt_encoder, prompt_list
+from .components import denoiser, latent_channels, latent_multiple
+from .conditioning import (
+    check_pixel_images,
+    check_size_conditions,
+    encode_latents,
+    is_latent,
+    per_image,
+    pooled_key,
+    prompt_encoder,
+    prompt_list,
+)
 
 
 def check_training_set(dataset) -> None:
@@ -34,7 +45,7 @@ def check_training_set(dataset) -> None:
 
 
 def model_dataset(pipe, dataset, progress: bool = False, latent_cache=None, process: ProcessInfo | None = None) -> GroupedDataset:
-    """The dataset in the UNet's input space: pixels for pixel models, VAE latents for latent models.
+    """The dataset in the denoiser's input space: pixels for pixel models, VAE latents for latent models.
 
     A :class:`~diffusers_guda.lazy_data.LazyGroupedDataset` is loaded whole for a pixel model and encoded
     through a latent cache for a latent one (``latent_cache``: a ``LatentCache`` or its folder, by default
@@ -53,57 +64,85 @@ def model_dataset(pipe, dataset, progress: bool = False, latent_cache=None, proc
         check_pixel_images(pipe, dataset.images)
     if lazy or latent_cache is not None:
         cache = latent_cache if isinstance(latent_cache, LatentCache) else LatentCache(pipe.vae, latent_cache)
-        return cache.encode(dataset, progress=progress, process=process)
-    return dataset.with_images(encode_latents(pipe, dataset.images, progress=progress))
+        return check_latents(pipe, cache.encode(dataset, progress=progress, process=process))
+    return dataset.with_images(check_latents(pipe, encode_latents(pipe, dataset.images, progress=progress)))
 
 
-def model_inputs(pipe, images, *, prompts=None, prompt_embeds=None, pooled_prompt_embeds=None, size_conditions=None):
-    """The UNet's clean inputs and per-image conditioning for query ``images`` (arguments as :func:`attribute`'s).
+def check_latents(pipe, latents):
+    """``latents`` (a tensor ``[N, C, h, w]`` or a latent dataset) itself, if the pipeline's denoiser takes their shape.
+
+    Raises:
+        ConfigError: latents of another channel count (a VAE and a denoiser that do not belong together).
+        DataError: latents a transformer cannot cut into its patches.
+    """
+    model = denoiser(pipe)
+    shape = tuple((latents if isinstance(latents, torch.Tensor) else latents.images).shape[1:])
+    channels, multiple = latent_channels(model), latent_multiple(model)
+    if shape[0] != channels:
+        raise ConfigError(
+            f"The VAE gives {shape[0]}-channel latents but the {type(model).__name__} takes {channels}; "
+            "this pipeline's components do not belong together."
+        )
+    if shape[-2] % multiple or shape[-1] % multiple:
+        raise DataError(
+            f"Latents of size {shape[-1]}x{shape[-2]} cannot be cut into the {multiple} x {multiple} patches this "
+            f"{type(model).__name__} takes; resize the images to a multiple of {multiple} times the VAE's factor (e.g. --resolution)."
+        )
+    return latents
+
+
+def model_inputs(pipe, images, *, prompts=None, prompt_embeds=None, pooled_prompt_embeds=None, size_conditions=None, settings=None):
+    """The denoiser's clean inputs and per-image conditioning for query ``images`` (arguments as :func:`attribute`'s).
+
+    Args:
+        settings: Stable Diffusion 3 and Flux: the conditioning settings (T5 length, Flux's guidance)
+            the loaded bundle records (see :mod:`.flow_conditioning`; default: the pipeline's defaults).
 
     Returns:
         ``(x0, unet_kwargs, prompts)``: ``x0`` ``[N, C, h, w]`` (pixels, or VAE latents for a latent
         pipeline), ``unet_kwargs`` one conditioning dict of ``[1, ...]`` tensors per image (``None``
-        for unconditional UNets; see :func:`~diffusers_guda.models.unet_call_kwargs`), and the
+        for unconditional denoisers; see :func:`~diffusers_guda.models.unet_call_kwargs`), and the
         prompt list used (``None`` without prompts).
 
     Raises:
         DataError: images that do not fit, missing/miscounted prompts or embeddings for a
-            text-conditioned UNet, or malformed ``size_conditions``.
-        ConfigError: prompts given to an unconditional UNet, or SDXL inputs to another UNet.
+            text-conditioned denoiser, or malformed ``size_conditions``.
+        ConfigError: prompts given to an unconditional UNet, or another family's inputs (SDXL's size
+            conditions, pooled embeddings to a model that takes none).
     """
     pixels = to_model_images(images)
     n = pixels.shape[0]
     if n == 0:
         raise DataError("No query images were given; pass at least one image.")
-    conditional = is_conditional(pipe.unet)
+    model = denoiser(pipe)
+    conditional = is_conditional(model)
     if not conditional and (prompts is not None or prompt_embeds is not None):
         raise ConfigError(f"This {type(pipe).__name__}'s UNet is unconditional; drop prompts/prompt_embeds.")
-    text_time = takes_text_time(pipe.unet)
-    if not text_time and (pooled_prompt_embeds is not None or size_conditions is not None):
-        raise ConfigError(f"This {type(pipe).__name__}'s UNet takes no pooled embeddings or size conditions (SDXL's); drop them.")
+    text_time, pooled = takes_text_time(model), pooled_key(model)
+    if pooled is None and pooled_prompt_embeds is not None:
+        raise ConfigError(f"This {type(pipe).__name__}'s {type(model).__name__} takes no pooled text embeddings; "
+                          "drop pooled_prompt_embeds.")
+    if not text_time and size_conditions is not None:
+        raise ConfigError(f"This {type(pipe).__name__}'s {type(model).__name__} takes no size conditions (SDXL's); drop size_conditions.")
     cond = used = None
     if conditional:  # prompts are checked before any image is encoded
         if prompt_embeds is not None:
             cond = {"encoder_hidden_states": per_image(prompt_embeds, n, "prompt_embeds", "[N, L, D]")}
-            if text_time:
+            if pooled is not None:
                 if pooled_prompt_embeds is None:
-                    raise DataError("This SDXL UNet also takes pooled text embeddings: pass pooled_prompt_embeds with prompt_embeds.")
-                cond["text_embeds"] = per_image(pooled_prompt_embeds, n, "pooled_prompt_embeds", "[N, P]")
+                    raise DataError(f"This {type(model).__name__} also takes pooled text embeddings: pass pooled_prompt_embeds with "
+                                    "prompt_embeds (both from pipe.encode_prompt).")
+                cond[pooled] = per_image(pooled_prompt_embeds, n, "pooled_prompt_embeds", "[N, P]")
         else:
             used = prompt_list(prompts, n)
         size_conditions = None if size_conditions is None else check_size_conditions(size_conditions, n)
     if is_latent(pipe):
-        x0 = encode_latents(pipe, check_pixel_images(pipe, pixels))
-        if x0.shape[1] != pipe.unet.config.in_channels:
-            raise ConfigError(
-                f"The VAE gives {x0.shape[1]}-channel latents but the UNet takes {pipe.unet.config.in_channels}; "
-                "this pipeline's components do not belong together."
-            )
+        x0 = check_latents(pipe, encode_latents(pipe, check_pixel_images(pipe, pixels)))
     else:
         x0 = _check_images(pipe, pixels)
     if not conditional:
         return x0, None, None
-    encoder = prompt_encoder(pipe) if used is not None or text_time else None
+    encoder = prompt_encoder(pipe, settings) if used is not None or text_time or pooled else None
     cond = conditioning_dict(encoder(used)) if cond is None else cond
     if hasattr(encoder, "image_conditions"):
         cond.update(encoder.image_conditions(x0.shape[1:], n, size_conditions))
@@ -147,7 +186,7 @@ def to_model_images(images) -> torch.Tensor:
 
 
 def _check_images(pipe, images: torch.Tensor) -> torch.Tensor:
-    config = pipe.unet.config
+    config = denoiser(pipe).config
     expected = (config.in_channels, config.sample_size, config.sample_size)
     if tuple(images.shape[1:]) != expected:
         raise DataError(

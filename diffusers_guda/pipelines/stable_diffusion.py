@@ -8,10 +8,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-from ..errors import ConfigError
-from ..models import bare_unet
 from ..scoring import AttributionResult
-from .generation import attribution_call_arguments, convert_images, prompts_per_image
+from .components import save_stock_pipeline
+from .generation import generate_and_attribute
 from .mixin import GUDAPipelineMixin
 
 
@@ -76,20 +75,7 @@ class GUDAStableDiffusionPipeline(StableDiffusionPipeline, GUDAPipelineMixin):
         """
         if not return_attribution:
             return super().__call__(*args, **kwargs)
-        arguments, output_type, return_dict = attribution_call_arguments(self, super().__call__, args, kwargs)
-        per_prompt = arguments.get("num_images_per_prompt") or 1
-        prompts, prompt_embeds = prompts_per_image(arguments), arguments.get("prompt_embeds")
-        if prompts is not None:
-            query = {"prompts": prompts}
-        elif prompt_embeds is not None:
-            query = {"prompt_embeds": prompt_embeds.repeat_interleave(per_prompt, dim=0)}
-        else:
-            raise ConfigError("Pass prompt or prompt_embeds: attribution conditions each image on its prompt.")
-
-        out = super().__call__(**arguments, output_type="pt", return_dict=True)
-        images = out.images  # [B, 3, H, W] in [0, 1], not quantised
-        result = self.attribute(images * 2.0 - 1.0, **query, **(attribution_kwargs or {}))
-        images = convert_images(self, images, output_type)
+        out, images, result, return_dict = generate_and_attribute(self, super().__call__, args, kwargs, attribution_kwargs)
         if not return_dict:
             return images, out.nsfw_content_detected, result
         return GUDAStableDiffusionOutput(images=images, nsfw_content_detected=out.nsfw_content_detected, attribution=result)
@@ -100,14 +86,12 @@ class GUDAStableDiffusionPipeline(StableDiffusionPipeline, GUDAPipelineMixin):
         Saving a UNet that holds peft wrappers would write ``base_layer`` keys that stock diffusers
         cannot load; save bundles with :meth:`AdapterBundle.save_pretrained` instead.
         """
-        components = {name: getattr(self, name) for name in self.components}
-        components["unet"] = bare_unet(self.unet)
         config = {k: v for k, v in self.config.items() if k == "requires_safety_checker"}
-        StableDiffusionPipeline(**components, **config).save_pretrained(save_directory, **kwargs)
+        save_stock_pipeline(self, StableDiffusionPipeline, save_directory, config, **kwargs)
 
     @torch.no_grad()
     def encode_latents(self, images) -> torch.Tensor:
-        """Deterministic VAE latents (posterior mean x scaling factor) of ``images``, as scored."""
+        """Deterministic VAE latents (``(posterior mean - shift_factor) * scaling_factor``) of ``images``, as scored."""
         from .conditioning import check_pixel_images, encode_latents
         from .model_inputs import to_model_images
 

@@ -7,10 +7,9 @@ from dataclasses import dataclass
 from diffusers import StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 
-from ..errors import ConfigError
-from ..models import bare_unet
 from ..scoring import AttributionResult
-from .generation import attribution_call_arguments, convert_images, prompts_per_image
+from .components import save_stock_pipeline
+from .generation import generate_and_attribute
 from .mixin import GUDAPipelineMixin
 from .stable_diffusion import GUDAStableDiffusionPipeline
 
@@ -79,27 +78,10 @@ class GUDAStableDiffusionXLPipeline(StableDiffusionXLPipeline, GUDAPipelineMixin
         """
         if not return_attribution:
             return super().__call__(*args, **kwargs)
-        arguments, output_type, return_dict = attribution_call_arguments(self, super().__call__, args, kwargs)
-        if arguments.get("prompt_2") is not None:
-            raise ConfigError("return_attribution=True scores each image with its prompt in both text encoders; drop prompt_2, "
-                              "or pass prompt_embeds and pooled_prompt_embeds from pipe.encode_prompt(prompt, prompt_2).")
-        per_prompt = arguments.get("num_images_per_prompt") or 1
-        prompts, prompt_embeds, pooled = prompts_per_image(arguments), arguments.get("prompt_embeds"), arguments.get("pooled_prompt_embeds")
-        if prompts is not None:
-            query = {"prompts": prompts}
-        elif prompt_embeds is not None and pooled is not None:
-            query = {"prompt_embeds": prompt_embeds.repeat_interleave(per_prompt, dim=0),
-                     "pooled_prompt_embeds": pooled.repeat_interleave(per_prompt, dim=0)}
-        else:
-            raise ConfigError("Pass prompt, or prompt_embeds with pooled_prompt_embeds: attribution conditions each image on its prompt.")
-
-        out = super().__call__(**arguments, output_type="pt", return_dict=True)
-        images = out.images  # [B, 3, H, W] in [0, 1], not quantised
-        size = tuple(images.shape[-2:])
-        sizes = [*(arguments.get("original_size") or size), *(arguments.get("crops_coords_top_left") or (0, 0)),
-                 *(arguments.get("target_size") or size)]
-        result = self.attribute(images * 2.0 - 1.0, **query, size_conditions=sizes, **(attribution_kwargs or {}))
-        images = convert_images(self, images, output_type)
+        out, images, result, return_dict = generate_and_attribute(
+            self, super().__call__, args, kwargs, attribution_kwargs, pooled=True, other_prompts=("prompt_2",),
+            image_query=_size_conditions,
+        )
         if not return_dict:
             return images, result
         return GUDAStableDiffusionXLOutput(images=images, attribution=result)
@@ -110,10 +92,15 @@ class GUDAStableDiffusionXLPipeline(StableDiffusionXLPipeline, GUDAPipelineMixin
         Saving a UNet that holds peft wrappers would write ``base_layer`` keys that stock diffusers
         cannot load; save bundles with :meth:`AdapterBundle.save_pretrained` instead.
         """
-        components = {name: getattr(self, name) for name in self.components}
-        components["unet"] = bare_unet(self.unet)
         config = {k: v for k, v in self.config.items() if k == "force_zeros_for_empty_prompt"}
-        stock = StableDiffusionXLPipeline(**components, **config, add_watermarker=False)
-        stock.save_pretrained(save_directory, **kwargs)
+        save_stock_pipeline(self, StableDiffusionXLPipeline, save_directory, {**config, "add_watermarker": False}, **kwargs)
 
     encode_latents = GUDAStableDiffusionPipeline.encode_latents
+
+
+def _size_conditions(arguments: dict, images) -> dict:
+    """The size conditions each image was generated with: ``original_size``, ``crops_coords_top_left``
+    and ``target_size``, by default the image's size, uncropped."""
+    size = tuple(images.shape[-2:])
+    return {"size_conditions": [*(arguments.get("original_size") or size), *(arguments.get("crops_coords_top_left") or (0, 0)),
+                                *(arguments.get("target_size") or size)]}

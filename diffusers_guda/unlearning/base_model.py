@@ -82,8 +82,8 @@ def base_model_record(
         "fingerprint": fingerprint,
         "class_name": type(unet).__name__,
         "dtype": str(unet.dtype).replace("torch.", ""),
-        "sample_size": unet.config.sample_size,
-        "in_channels": unet.config.in_channels,
+        "sample_size": unet.config.get("sample_size"),  # FluxTransformer2DModel has none
+        "in_channels": unet.config.get("in_channels"),
         "conditional": conditional,
         **extra,
     }

@@ -293,9 +293,11 @@ class GroupUnlearner:
         )
 
     def _run_record(self, dataset: GroupedDataset) -> dict:
-        """What a checkpoint's groups depend on: base model, settings and data."""
+        """What a checkpoint's groups depend on: base model (with its VAE and conditioning settings, such as
+        Flux's guidance), settings and data."""
         return {
             "fingerprint": self.fingerprint,
+            "base_model": self.base_model_extra,
             "config": self.config.to_dict(),
             "groups": dataset.group_names,
             "group_sizes": dataset.group_sizes(),
