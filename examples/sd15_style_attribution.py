@@ -26,12 +26,12 @@ Precision and memory (SD 1.5, one GPU):
 * Memory is dominated by activations: an unlearning step (batch 4 + 4, LoRA rank 8, anchor
   objective: 2 student forward/backward + 2 teacher forwards) keeps the student's activations for
   backward; ELBO scoring holds ``rows_per_forward`` rows (4x64x64 latents with 77x768 text
-  embeddings) per no-grad forward. ``benchmarks/sd15_gpu_check.py`` reports the peak of each on your
+  embeddings) per no-grad forward. ``benchmarks/gpu_check.py`` reports the peak of each on your
   card (not measured for this example). Lower ``--rows-per-forward`` / ``--batch`` on smaller cards;
   ``pipe.enable_vae_slicing()`` helps large generation batches.
 * Training images are held on the CPU as float32 (3 MB each at 512x512) and encoded to latents one
   at a time (deterministic posterior means).
-* ``benchmarks/sd15_gpu_check.py`` measures steps/s and ELBO rows/s on your card.
+* ``benchmarks/gpu_check.py`` measures steps/s and ELBO rows/s on your card.
 """
 
 from __future__ import annotations
