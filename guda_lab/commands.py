@@ -67,6 +67,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output directory (finished stages in it are reused)")
     add_recipe(p, help="recipe name in adapters/ or a JSON path (default: the benchmark's, e.g. digits-styles; else digits-ddpm)", default=None)
     p.add_argument("--queries", type=int, help="number of generated query images (default from the recipe)")
+    p.add_argument("--query-seed", type=int,
+                   help="seed of query 0, query i from seed + i (default from the recipe; another seed gives held-out queries)")
     p.add_argument("--methods", nargs="+", help="methods to score (default: guda similarity nearest_neighbour gradient instance_unlearning)")
     p.add_argument("--seed-b", type=int, help="training seed of the second LOGO set, the ceiling (default: the recipe's seed + 1)")
     p.add_argument("--gradient-option", action="append", metavar="KEY=VALUE",
@@ -158,7 +160,7 @@ def evaluate(args) -> None:
         name = args.benchmark or (DIGITS_BENCHMARK if args.data == "digits" else None)
         benchmark = get_benchmark(name) if name else None
         recipe = args.recipe or (benchmark.recipe if benchmark else DEFAULT_RECIPE)
-        run_evaluation(args.out, dataset, recipe, num_queries=args.queries, methods=args.methods or METHODS,
+        run_evaluation(args.out, dataset, recipe, num_queries=args.queries, query_seed=args.query_seed, methods=args.methods or METHODS,
                        seed_b=args.seed_b, ceiling=not args.no_ceiling, gradient_config=gradient,
                        instance_config=instance, progress=not args.quiet, benchmark=benchmark)
     print(f"\nartifacts in {args.out}: report.json report.md metrics.png score_heatmaps.png scores/ base/ logo/ bundle/ queries/")

@@ -68,7 +68,7 @@ def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-d
     t0 = time.perf_counter()
     seed = int(recipe.queries.get("seed", 0))
     steps = int(recipe.queries.get("num_inference_steps", 1000))
-    log(f"[3/5] generating {num_queries} queries (seeds {seed}..{seed + num_queries - 1}, {steps} DDPM steps) -> {out / 'queries'}")
+    log(f"[3/5] generating {num_queries} queries (seeds {seed}..{seed + num_queries - 1}, {steps} {type(pipe.scheduler).__name__} steps) -> {out / 'queries'}")
     paths = generate_queries(pipe, num_queries, seed, steps, out / "queries")
     queries = load_query_images(paths)
     wall["generate"] = time.perf_counter() - t0

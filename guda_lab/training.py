@@ -3,6 +3,10 @@
 The result is a stock ``DDPMPipeline`` directory: ``DDPMPipeline.from_pretrained(path)`` loads it
 without diffusers-guda installed. A text-conditioned recipe (:mod:`diffusers_guda.text_model`) goes
 through the same loop and gives a pixel-space text-to-image pipeline directory.
+
+A recipe with ``"scheduler": "flow"`` trains a rectified-flow model instead (the noise process of
+Stable Diffusion 3 and Flux, docs/method.md#flow-matching-models): its pipeline holds a
+``FlowMatchEulerDiscreteScheduler``, whose Euler sampler the same pipeline classes run unchanged.
 """
 
 from __future__ import annotations
@@ -10,25 +14,32 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.diffusion import NoiseSchedule
 from diffusers_guda.errors import ConfigError
 from diffusers_guda.io_utils import atomic_directory
+from diffusers_guda.models import denoise
 from diffusers_guda.validation import check_types
 
 TRAIN_LOG_NAME = "guda_train.json"
+#: The noise processes a recipe's ``scheduler`` field names.
+SCHEDULERS = ("ddpm", "flow")
+#: The fields only one of them reads (``scheduler`` itself counts as flow's). :meth:`TrainConfig.to_dict`
+#: leaves out the other one's, so a DDPM recipe records exactly what it recorded before flow matching existed.
+SCHEDULER_FIELDS = {"ddpm": ("beta_schedule", "prediction_type"), "flow": ("scheduler", "shift")}
 
 
 @dataclass
 class TrainConfig:
-    """Recipe of the base model: a small ``UNet2DModel`` with a DDPM scheduler, trained on ε-MSE.
+    """Recipe of the base model: a small ``UNet2DModel`` with a DDPM scheduler, trained on ε-MSE, or
+    with ``scheduler="flow"`` a rectified-flow model trained on the velocity ``ε - x0``.
 
     The defaults are the digits recipe (`digits-ddpm`, see docs/formats.md#recipes).
     """
@@ -38,8 +49,10 @@ class TrainConfig:
     attention: bool = field(default=False, metadata={"help": "Use attention blocks at the lowest level."})
     norm_num_groups: int = field(default=32, metadata={"help": "GroupNorm groups (must divide every channel count)."})
     num_train_timesteps: int = field(default=1000, metadata={"help": "Diffusion steps T."})
-    beta_schedule: str = field(default="linear", metadata={"help": "diffusers beta schedule."})
-    prediction_type: str = field(default="epsilon", metadata={"help": "epsilon, v_prediction or sample."})
+    scheduler: str = field(default="ddpm", metadata={"help": "'ddpm' (DDPMScheduler) or 'flow' (FlowMatchEulerDiscreteScheduler)."})
+    beta_schedule: str = field(default="linear", metadata={"help": "DDPM: diffusers beta schedule."})
+    prediction_type: str = field(default="epsilon", metadata={"help": "DDPM: epsilon, v_prediction or sample."})
+    shift: float = field(default=1.0, metadata={"help": "Flow: the scheduler's σ shift (1 = none; Stable Diffusion 3 uses 3)."})
     steps: int = field(default=4000, metadata={"help": "Optimiser steps."})
     batch_size: int = field(default=64, metadata={"help": "Images per step."})
     learning_rate: float = field(default=2e-3, metadata={"help": "Peak AdamW learning rate."})
@@ -50,8 +63,9 @@ class TrainConfig:
 
     def __post_init__(self):
         check_types(self, ints=("layers_per_block", "norm_num_groups", "num_train_timesteps", "steps", "batch_size", "warmup_steps", "seed"),
-                    reals=("learning_rate", "weight_decay", "ema_decay"))
+                    reals=("learning_rate", "weight_decay", "ema_decay", "shift"))
         self.block_out_channels = tuple(self.block_out_channels)
+        self._check_scheduler()
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("steps and batch_size must be >= 1.")
         if not self.learning_rate > 0:
@@ -61,6 +75,24 @@ class TrainConfig:
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
             raise ConfigError(f"norm_num_groups={self.norm_num_groups} must divide every block_out_channels entry; {bad} do not.")
+
+    def _check_scheduler(self) -> None:
+        """Refuse an unknown scheduler, and a setting of the other scheduler changed from its default."""
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"scheduler must be one of {SCHEDULERS}, got {self.scheduler!r}.")
+        if not self.shift > 0:
+            raise ConfigError(f"shift must be > 0, got {self.shift}.")
+        defaults = {f.name: f.default for f in fields(TrainConfig)}
+        other = "flow" if self.scheduler == "ddpm" else "ddpm"
+        changed = [name for name in SCHEDULER_FIELDS[other] if name != "scheduler" and getattr(self, name) != defaults[name]]
+        if changed:
+            raise ConfigError(f"{changed} {'is a setting' if len(changed) == 1 else 'are settings'} of the {other} scheduler; "
+                              f"this recipe trains with scheduler {self.scheduler!r}.")
+
+    @property
+    def is_flow(self) -> bool:
+        """Whether this recipe trains a flow-matching model."""
+        return self.scheduler == "flow"
 
     def _check_image_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
         """``(channels, size, levels)`` of a square image size the UNet's levels can halve."""
@@ -98,7 +130,9 @@ class TrainConfig:
         ``(table [P, L, D], index [N])`` (the conditioning of image ``i`` is ``table[index[i]]``)."""
         return None
 
-    def build_scheduler(self) -> DDPMScheduler:
+    def build_scheduler(self) -> DDPMScheduler | FlowMatchEulerDiscreteScheduler:
+        if self.is_flow:
+            return FlowMatchEulerDiscreteScheduler(num_train_timesteps=self.num_train_timesteps, shift=self.shift)
         return DDPMScheduler(
             num_train_timesteps=self.num_train_timesteps,
             beta_schedule=self.beta_schedule,
@@ -107,8 +141,11 @@ class TrainConfig:
         )
 
     def to_dict(self) -> dict:
+        """The settings as JSON values, without the fields of the scheduler it does not use."""
         data = asdict(self)
         data["block_out_channels"] = list(self.block_out_channels)
+        for name in SCHEDULER_FIELDS["flow" if self.scheduler == "ddpm" else "ddpm"]:
+            del data[name]
         return data
 
 
@@ -130,7 +167,7 @@ def train_base_model(
 ) -> DiffusionPipeline:
     """Train the recipe's model on every image of ``dataset``.
 
-    A :class:`TrainConfig` trains a ``UNet2DModel`` + ``DDPMScheduler`` (a ``DDPMPipeline``); a
+    A :class:`TrainConfig` trains a ``UNet2DModel`` + ``DDPMScheduler`` or ``FlowMatchEulerDiscreteScheduler`` (a ``DDPMPipeline``); a
     :class:`~diffusers_guda.text_model.TextTrainConfig` a text-conditioned pixel-space UNet on each
     image's prompt, with a frozen text encoder (a
     :class:`~diffusers_guda.pipelines.text_to_image.TextToImageDDPMPipeline`). Same loop, seeds and
@@ -174,13 +211,18 @@ def train_base_model(
 
 
 def _fit(pipeline, dataset: GroupedDataset, config: TrainConfig, generator, device, progress: bool, description: str) -> list[float]:
-    """Train ``pipeline.unet`` in place on ε-MSE (or its prediction type's target); return the loss of every step."""
+    """Train ``pipeline.unet`` in place on ε-MSE (or its prediction type's target); return the loss of every step.
+
+    Each image's step ``t`` is uniform over the scheduler's ``T`` training steps: a DDPM timestep, or
+    for flow matching one of the ``T`` training σ (uniform in σ without a shift, rectified flow's
+    choice), given to the model as ``σ T`` as diffusers' pipelines do.
+    """
     conditioning = config.training_conditioning(pipeline, dataset)
     if conditioning is not None:
         table, prompt_index = conditioning[0].to(device), conditioning[1]
     unet = pipeline.unet.to(device)
-    scheduler = pipeline.scheduler
-    noise_schedule = NoiseSchedule(scheduler, device=device)  # the regression target of its prediction_type
+    # computed on the training device: the DDPM coefficients then match diffusers' add_noise bit for bit
+    noise_schedule = NoiseSchedule(pipeline.scheduler, device=device)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps))
     images = dataset.images
@@ -195,8 +237,8 @@ def _fit(pipeline, dataset: GroupedDataset, config: TrainConfig, generator, devi
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, config.num_train_timesteps, (x0.shape[0],), generator=generator)
         x0, noise, t = x0.to(device), noise.to(device), t.to(device)
-        kwargs = {} if conditioning is None else {"encoder_hidden_states": table[prompt_index[idx].to(device)]}
-        pred = unet(scheduler.add_noise(x0, noise, t), t, **kwargs).sample
+        cond = None if conditioning is None else table[prompt_index[idx].to(device)]
+        pred = denoise(unet, noise_schedule.add_noise(x0, noise, t), noise_schedule.model_timesteps(t), cond)
         loss = torch.nn.functional.mse_loss(pred, noise_schedule.target(x0, noise, t))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -102,7 +102,8 @@ def pool_weights(x_t: torch.Tensor, pool: torch.Tensor, sqrt_abar: torch.Tensor,
 
 def _pool_logits(x_t: torch.Tensor, pool: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
     """``[B, R]`` unnormalised log-weights of :func:`pool_weights`."""
-    a = sqrt_abar.view(-1, 1)
+    # a flow-matching schedule reaches sqrt_abar = 0 (σ = 1), where the weights are uniform: keep x_t / a finite
+    a = sqrt_abar.clamp_min(1e-12).view(-1, 1)
     squared = (_distances(x_t / a.view((-1,) + (1,) * (x_t.dim() - 1)), pool) * a) ** 2
     return -squared / (2 * sqrt_one_minus_abar.view(-1, 1) ** 2)
 

@@ -1,7 +1,8 @@
 """Named evaluation benchmarks: grouped datasets built deterministically from embedded data.
 
 ``digits-styles`` (text-conditioned, groups = styles across all digits) is built in
-:mod:`.digits_styles`.
+:mod:`.digits_styles`; ``digits-styles-flow`` and ``digits-styles-flow-uncond`` are the same
+construction evaluated with a flow-matching model, text-conditioned and unconditional.
 
 Each benchmark is declared as a :class:`Benchmark` in :data:`BENCHMARKS`: its loader, description,
 default recipe, group-level comparisons and whether ``label_top1`` applies. The evaluation asks the
@@ -57,7 +58,7 @@ import torch
 from diffusers_guda.data import GroupedDataset, load_digits
 from diffusers_guda.errors import ConfigError
 
-from .digits_styles import digits_styles
+from .digits_styles import digits_styles, digits_styles_unconditional
 
 COPY_NOISE = 0.05
 COPIED_FRACTION_INVERSE = 4  # copies of a quarter of the 3s
@@ -255,6 +256,10 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               comparisons=hobbyist_comparisons),
     Benchmark("digits-styles", digits_styles, "text-conditioned digits with prompts; groups = 4 styles (plain, thick, "
               "slanted, inverted) applied across all digits", recipe="digits-styles"),
+    Benchmark("digits-styles-flow", digits_styles, "digits-styles with a flow-matching model (rectified flow, velocity "
+              "target, Euler sampling)", recipe="digits-styles-flow"),
+    Benchmark("digits-styles-flow-uncond", digits_styles_unconditional, "the digits-styles images and style groups without "
+              "prompts, an unconditional flow-matching model", recipe="digits-styles-flow-uncond"),
 )}
 
 

@@ -3,10 +3,13 @@ instance unlearning; see docs/evaluation.md#baselines).
 
 The noise of an image's loss is a pure function of (salt, seed, image content hash, t, draw), as in
 :mod:`diffusers_guda.elbo`, and every image is evaluated alone, so a score does not depend on the batch
-it was computed in. The UNet is called as ``unet(x_t, t).sample``; a text-conditioned UNet
-(``UNet2DConditionModel``) as ``unet(x_t, t, encoder_hidden_states=c).sample`` with ``c`` the
-embeddings of each image's own prompt (the baselines take them as ``query_conditioning`` /
-``train_conditioning``, ``[N, L, D]``).
+it was computed in. A timestep ``t`` is an integer training step of the scheduler's
+:class:`~diffusers_guda.diffusion.NoiseSchedule` (for a flow-matching model: the ``t``-th training σ,
+from the least noisy), and the model is called through :func:`~diffusers_guda.models.denoise` at its
+time input ``schedule.model_timesteps(t)``; a text-conditioned UNet (``UNet2DConditionModel``) with
+the embeddings ``c`` of each image's own prompt (the baselines take them as ``query_conditioning`` /
+``train_conditioning``, ``[N, L, D]``). The loss is the MSE of the model's regression target (ε, v,
+x0, or the flow velocity ``ε - x0``).
 """
 
 from __future__ import annotations
@@ -18,8 +21,9 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers_guda.errors import ConfigError
+from diffusers_guda.diffusion import NoiseSchedule
 from diffusers_guda.hashing import derive_seed, image_content_hash
-from diffusers_guda.objectives.base import NoiseSchedule
+from diffusers_guda.models import denoise
 
 from .aggregation import AGGREGATES
 
@@ -74,12 +78,13 @@ def default_timesteps(num_train_timesteps: int, count: int = 10) -> tuple[int, .
 
 
 def resolve_timesteps(timesteps: Sequence[int] | None, scheduler) -> torch.Tensor:
-    """The loss timesteps as a long tensor: ``timesteps``, or :func:`default_timesteps` of the scheduler's ``T``.
+    """The loss timesteps as a long tensor: ``timesteps``, or :func:`default_timesteps` of the scheduler's ``T``
+    (DDPM-family or flow-matching: see :class:`~diffusers_guda.diffusion.NoiseSchedule`).
 
     Raises:
         ConfigError: an empty list, or a timestep outside ``[0, T)``.
     """
-    T = len(scheduler.alphas_cumprod)
+    T = NoiseSchedule(scheduler).num_train_timesteps
     steps = default_timesteps(T) if timesteps is None else tuple(int(t) for t in timesteps)
     if not steps or any(not 0 <= t < T for t in steps):
         raise ConfigError(f"timesteps must be a non-empty list of integers in [0, {T}); got {steps}.")
@@ -117,8 +122,8 @@ def denoising_loss(unet, schedule: NoiseSchedule, image: torch.Tensor, rows: tup
     x_in = x_t.to(param.device, param.dtype)
     if with_input:
         x_in.requires_grad_(True)
-    kwargs = {} if cond is None else {"encoder_hidden_states": cond.to(param.device, param.dtype).expand(len(t), *cond.shape[-2:])}
-    output = unet(x_in, t.to(param.device), **kwargs).sample
+    cond = None if cond is None else cond.to(param.device, param.dtype).expand(len(t), *cond.shape[-2:])
+    output = denoise(unet, x_in, schedule.model_timesteps(t).to(param.device), cond)
     loss = torch.nn.functional.mse_loss(output.float(), target.to(output.device))
     return (loss, x_in) if with_input else loss
 

@@ -30,6 +30,11 @@ seed-to-seed noise). Removing group ``k`` removes *every* image in style ``k``, 
 Pixel similarity can find ``inverted`` (its images are the negatives of the rest) but confuses
 ``plain``, ``thick`` and ``slanted`` images of the same digit, which overlap in most pixels; the
 counterfactual answer follows the style, not the digit shape.
+
+``digits-styles-flow`` trains the same construction as a flow-matching model, and
+``digits-styles-flow-uncond`` (:func:`digits_styles_unconditional`) as an unconditional one on the
+same images and groups without their prompts: every query is then a style-free one, whose style
+only the image tells (docs/evaluation.md#digits-styles-flow).
 """
 
 from __future__ import annotations
@@ -106,3 +111,9 @@ def digits_styles(seed: int = 0, images_per_digit: int | None = None) -> Grouped
         prompts += [style_prompt(d, None if i % STYLE_FREE_EVERY == STYLE_FREE_EVERY - 1 else style) for i, d in enumerate(labels)]
     return GroupedDataset(torch.cat(images), torch.tensor(ids), list(STYLES), prompts,
                           group_descriptors={style: [style] for style in STYLES})
+
+
+def digits_styles_unconditional(seed: int = 0, images_per_digit: int | None = None) -> GroupedDataset:
+    """The images and style groups of :func:`digits_styles` without prompts (``digits-styles-flow-uncond``)."""
+    styled = digits_styles(seed, images_per_digit)
+    return GroupedDataset(styled.images, styled.group_ids, styled.group_names)

@@ -13,7 +13,7 @@ import torch
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import ConfigError
 from diffusers_guda.hashing import derive_seed
-from diffusers_guda.objectives.base import NoiseSchedule
+from diffusers_guda.diffusion import NoiseSchedule
 
 from .aggregation import check_queries, group_reduce
 from .denoising import (
@@ -133,8 +133,8 @@ def gradient_scores(unet, scheduler, queries: torch.Tensor, dataset: GroupedData
     omitted. Positive = the query's loss and the group's losses descend together.
 
     Args:
-        unet: The base UNet (called as ``unet(x_t, t).sample``); left unchanged.
-        scheduler: Its noise scheduler (``alphas_cumprod``, ``prediction_type``).
+        unet: The base UNet (called through :func:`~diffusers_guda.models.denoise`); left unchanged.
+        scheduler: Its noise scheduler, DDPM-family or flow-matching.
         queries: ``[N, C, H, W]`` like the training images.
         dataset: The training set.
         config: Baseline settings.

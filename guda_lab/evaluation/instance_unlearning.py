@@ -11,7 +11,7 @@ import torch
 
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import ConfigError, UnlearningDivergedError
-from diffusers_guda.objectives.base import NoiseSchedule
+from diffusers_guda.diffusion import NoiseSchedule
 
 from .aggregation import check_queries, group_reduce
 from .denoising import (
@@ -78,8 +78,8 @@ def instance_unlearning_scores(
     (or averages) these over group ``k``. The original UNet is not modified.
 
     Args:
-        unet: The base UNet (called as ``unet(x_t, t).sample``).
-        scheduler: Its noise scheduler.
+        unet: The base UNet (called through :func:`~diffusers_guda.models.denoise`).
+        scheduler: Its noise scheduler, DDPM-family or flow-matching.
         queries: ``[N, C, H, W]`` like the training images.
         dataset: The training set.
         config: Baseline settings.

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from diffusers_guda.data import GroupedDataset
+from diffusers_guda.diffusion import training_scheduler
 from diffusers_guda.elbo import ELBOEstimator
 from diffusers_guda.recipes import Recipe
 
@@ -61,13 +62,11 @@ class MethodScorer:
     def __init__(self, base_dir: Path, pipe, dataset: GroupedDataset, recipe: Recipe, train, logo: dict,
                  queries: torch.Tensor, prompts: list[str] | None, gradient_config: GradientConfig,
                  instance_config: InstanceUnlearningConfig, progress: bool):
-        from diffusers import DDPMScheduler
-
         self.pipe, self.dataset, self.recipe, self.train, self.logo = pipe, dataset, recipe, train, logo
         self.queries, self.prompts, self.progress = queries, prompts, progress
         self.gradient_config, self.instance_config = gradient_config, instance_config
         self.unet_class = model_classes(prompts is not None)[1]
-        self.scheduler = DDPMScheduler.from_pretrained(base_dir, subfolder="scheduler")
+        self.scheduler = training_scheduler(pipe.scheduler)  # DDPM-family or flow-matching, at its training schedule
         self.full_unet = self.unet_class.from_pretrained(base_dir, subfolder="unet").eval()
         self.conditioning = _Conditioning(pipe, dataset, prompts) if prompts is not None else None
         self.elbo_rows = ELBOEstimator(self.scheduler, recipe.elbo).num_rows

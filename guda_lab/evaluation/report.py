@@ -13,12 +13,15 @@ import numpy as np
 
 from diffusers_guda.data import GroupedDataset
 
-from .metrics import METRIC_NAMES, group_level_agreement, group_level_comparison, pairwise_agreement, summarize
+from .metrics import METRIC_NAMES, group_level_agreement, group_level_comparison, pairwise_agreement, per_query_metrics, summarize
 
 #: The reference every method is compared with (LOGO, the recipe's training seed), and the ceiling
 #: (LOGO with another training seed: how well retraining agrees with itself).
 REFERENCE = "logo_seed_a"
 CEILING = "logo_seed_b"
+#: The method the ``paired`` section compares with every other one, and on which metrics.
+PAIRED_METHOD = "guda"
+PAIRED_METRICS = ("top1", "ndcg@3", "spearman")
 
 
 def metric_sections(scores: dict[str, np.ndarray], compared: Sequence[str], labels: np.ndarray | None, ceiling: bool) -> dict:
@@ -37,6 +40,29 @@ def metric_sections(scores: dict[str, np.ndarray], compared: Sequence[str], labe
         }
     reference_label = summarize(reference, reference, names=["top1"], labels=labels).get("label_top1") if labels is not None else None
     return {"metric_names": metric_names, "methods": results, "fraction_of_ceiling": fractions, "reference_label_top1": reference_label}
+
+
+def paired_differences(scores: dict[str, np.ndarray], others: Sequence[str], method: str = PAIRED_METHOD,
+                       names: Sequence[str] = PAIRED_METRICS) -> dict:
+    """The report's ``paired``: ``method`` against each of ``others`` on the same queries.
+
+    For each metric, ``d_n`` is ``method``'s value on query n minus the other's (both against the
+    reference); the entry holds ``mean_diff``, its standard error ``std(d, ddof=1) / sqrt(N)`` and ``n``.
+    Paired differences cancel what the queries share (an easy query is easy for both), so their
+    standard error is the one that says whether two methods differ.
+    """
+    reference = scores[REFERENCE]
+    own = per_query_metrics(scores[method], reference, names)
+    out = {}
+    for other in others:
+        theirs = per_query_metrics(scores[other], reference, names)
+        entry = {}
+        for name in names:
+            d = own[name] - theirs[name]
+            n = len(d)
+            entry[name] = {"mean_diff": float(d.mean()), "stderr": float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else None, "n": n}
+        out[other] = entry
+    return {"method": method, "metrics": list(names), "versus": out}
 
 
 def prompt_subsets(dataset: GroupedDataset, prompts: list[str], scores: dict[str, np.ndarray], methods: Sequence[str]) -> dict:
@@ -123,6 +149,8 @@ def format_markdown(report: dict) -> str:
         for m in methods:
             cells = [("n/a" if report["fraction_of_ceiling"][m][n] is None else f"{report['fraction_of_ceiling'][m][n]:.2f}") for n in names]
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if report.get("paired"):
+        lines += _paired_lines(report["paired"])
     if report.get("group_level"):
         lines += _group_level_lines(report)
     if report.get("prompt_subsets"):
@@ -158,6 +186,17 @@ def _group_level_lines(report: dict) -> list[str]:
         agree = gl["agreement"][m]
         lines.append(f"| {m} | " + " | ".join(cells) + f" | {'n/a' if agree is None else f'{agree:.2f}'} | "
                      f"{gl['pairwise_agreement'][m]:.3f} |")
+    return lines
+
+
+def _paired_lines(paired: dict) -> list[str]:
+    """The Markdown of the paired section: a row per other method, ``mean ± standard error`` of the differences."""
+    names, method = paired["metrics"], paired["method"]
+    lines = ["", f"## {method} − each method, paired over the queries (mean ± standard error)", "",
+             "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for other, entry in paired["versus"].items():
+        cells = [f"{entry[n]['mean_diff']:+.3f}" + ("" if entry[n]["stderr"] is None else f" ± {entry[n]['stderr']:.3f}") for n in names]
+        lines.append(f"| {other} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -48,11 +48,13 @@ from .logo import train_logo_models
 from .methods import METHODS, MethodScorer, model_classes
 from .report import (
     CEILING,
+    PAIRED_METHOD,
     REFERENCE,
     format_markdown,
     format_summary,
     group_level,
     metric_sections,
+    paired_differences,
     plot_metrics,
     plot_score_heatmaps,
     prompt_subsets,
@@ -80,6 +82,7 @@ def run_evaluation(
     recipe: str | Recipe,
     *,
     num_queries: int | None = None,
+    query_seed: int | None = None,
     methods: Sequence[str] = METHODS,
     seed_b: int | None = None,
     ceiling: bool = True,
@@ -96,6 +99,8 @@ def run_evaluation(
         dataset: The grouped training set (at least 2 groups).
         recipe: A :class:`Recipe` or a recipe name / JSON path.
         num_queries: Generated query images (default: the recipe's ``queries.num_queries`` or 100).
+        query_seed: Seed of query 0; query i comes from seed ``query_seed + i`` (default: the recipe's
+            ``queries.seed`` or 0). Another seed gives held-out queries for settings chosen on the first ones.
         methods: Subset of :data:`METHODS`; LOGO seed A and seed B always run.
         seed_b: Training seed of the second LOGO set (default: seed A + 1).
         ceiling: Train and score LOGO seed B (the ceiling). ``False`` halves the LOGO cost and leaves
@@ -113,7 +118,7 @@ def run_evaluation(
     Raises:
         ConfigError: unknown method names or benchmark, or seed B equal to seed A.
     """
-    return Evaluation(out_dir, dataset, recipe, num_queries=num_queries, methods=methods, seed_b=seed_b, ceiling=ceiling,
+    return Evaluation(out_dir, dataset, recipe, num_queries=num_queries, query_seed=query_seed, methods=methods, seed_b=seed_b, ceiling=ceiling,
                       gradient_config=gradient_config, instance_config=instance_config, progress=progress, log=log,
                       benchmark=benchmark).run()
 
@@ -126,7 +131,7 @@ class Evaluation:
     """
 
     def __init__(self, out_dir, dataset: GroupedDataset, recipe: str | Recipe, *, num_queries: int | None = None,
-                 methods: Sequence[str] = METHODS, seed_b: int | None = None, ceiling: bool = True,
+                 query_seed: int | None = None, methods: Sequence[str] = METHODS, seed_b: int | None = None, ceiling: bool = True,
                  gradient_config: GradientConfig | None = None, instance_config: InstanceUnlearningConfig | None = None,
                  progress: bool = True, log=print, benchmark: str | Benchmark | None = None):
         self.methods = _check_methods(methods)
@@ -144,6 +149,7 @@ class Evaluation:
         self.num_queries = int(num_queries or self.recipe.queries.get("num_queries", 100))
         if self.num_queries < 1:
             raise ConfigError(f"num_queries must be >= 1, got {self.num_queries}.")
+        self.query_seed = int(self.recipe.queries.get("seed", 0) if query_seed is None else query_seed)
         self.dataset, self.ceiling, self.progress, self.log = dataset, ceiling, progress, log
         self.gradient_config = gradient_config or GradientConfig()
         self.instance_config = instance_config or InstanceUnlearningConfig()
@@ -228,7 +234,7 @@ class Evaluation:
     def make_queries(self, pipe, fingerprint: str):
         """Stage 5: the queries in ``queries/``; ``(images, prompts or None, content hashes)``."""
         out, n = self.out, self.num_queries
-        q_seed = int(self.recipe.queries.get("seed", 0))
+        q_seed = self.query_seed
         q_steps = int(self.recipe.queries.get("num_inference_steps", 1000))
         prompts = query_prompts(self.dataset, n) if self.conditional else None
         q_meta = {"base_fingerprint": fingerprint, "seed": q_seed, "num_inference_steps": q_steps, "num_queries": n}
@@ -239,7 +245,7 @@ class Evaluation:
             self.log(f"[5/{STAGES}] queries: reusing {n} images in {out / 'queries'}")
             paths = existing
         else:
-            self.log(f"[5/{STAGES}] generating {n} queries (seeds {q_seed}..{q_seed + n - 1}, {q_steps} DDPM steps) -> {out / 'queries'}")
+            self.log(f"[5/{STAGES}] generating {n} queries (seeds {q_seed}..{q_seed + n - 1}, {q_steps} {type(pipe.scheduler).__name__} steps) -> {out / 'queries'}")
             paths = generate_queries(pipe, n, q_seed, q_steps, out / "queries", prompts=prompts)
             write_json_atomic(out / QUERIES_META, q_meta)
         queries = load_query_images(paths)
@@ -282,6 +288,8 @@ class Evaluation:
             label_info = {"source": LABEL_SOURCE, "counts": np.bincount(labels, minlength=self.dataset.num_groups).tolist()}
         compared = all_methods[1:]
         sections = metric_sections(scores, compared, labels, self.ceiling)
+        others = [m for m in compared if m != PAIRED_METHOD]
+        sections["paired"] = paired_differences(scores, others) if PAIRED_METHOD in compared and others else None
         comparisons = self.benchmark.group_comparisons(self.dataset, queries) if self.benchmark is not None else []
         sections.update(
             labels=label_info,
@@ -301,7 +309,7 @@ class Evaluation:
         report = {
             "recipe": recipe.to_dict(),
             "seeds": {"logo_seed_a": self.seed_a, "logo_seed_b": self.seed_b if self.ceiling else None, "train": self.seed_a,
-                      "unlearning": recipe.unlearning.seed, "elbo": recipe.elbo.seed, "queries": int(recipe.queries.get("seed", 0))},
+                      "unlearning": recipe.unlearning.seed, "elbo": recipe.elbo.seed, "queries": self.query_seed},
             "num_queries": self.num_queries,
             "groups": list(self.dataset.group_names),
             "group_sizes": self.dataset.group_sizes(),
@@ -310,6 +318,7 @@ class Evaluation:
             "metric_names": sections["metric_names"],
             "methods": sections["methods"],
             "fraction_of_ceiling": sections["fraction_of_ceiling"],
+            "paired": sections["paired"],
             "labels": sections["labels"],
             "reference_label_top1": sections["reference_label_top1"],
             "group_level": sections["group_level"],

@@ -99,3 +99,21 @@ def test_loss_baselines_need_conditioning_for_a_conditional_unet(trained, data):
     cond = torch.cat([pipe.encode_prompt(p)[0] for p in small.prompts])
     scores = gradient_scores(pipe.unet, pipe.scheduler, small.images[:2], small, config, query_conditioning=cond[:2], train_conditioning=cond)
     assert scores.shape == (2, 4) and torch.isfinite(scores).all()
+
+
+def test_flow_recipe_trains_a_text_to_image_flow_model_that_samples_at_sigma_times_t(data, tmp_path):
+    """A text recipe with ``scheduler: flow`` saves a pipeline with a flow-matching scheduler; its sampler
+    gives the UNet σ T, the time input it was trained at, and 4 Euler steps go from σ = 1 to σ = 0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    train_base_model(data, tiny_config(scheduler="flow", num_train_timesteps=1000), output_dir=tmp_path / "base", progress=False)
+    pipe = GUDATextToImagePipeline.from_pretrained(tmp_path / "base")
+    assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+    seen = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda x, t, **kwargs: seen.append(float(t)) or forward(x, t, **kwargs)
+    images = pipe(["digit 3, thick", "digit 7"], generator=[torch.Generator().manual_seed(s) for s in range(2)],
+                  num_inference_steps=4, output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and 0 <= images.min() and images.max() <= 1
+    assert seen == pytest.approx([1000.0, 667.0, 334.0, 1.0])  # σ T on the sampler's grid from σ = 1 to 1/T
+    assert pipe.scheduler.sigmas[-1] == 0

@@ -1,9 +1,11 @@
-"""Tests of guda_lab.training: a stock DDPMPipeline directory, reproducibility, learning, config errors."""
+"""Tests of guda_lab.training: a stock DDPMPipeline directory, reproducibility, learning, config errors,
+DDPM and flow-matching training loops."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline, UNet2DModel
@@ -11,7 +13,7 @@ from diffusers import DDPMPipeline, UNet2DModel
 from diffusers_guda import GroupedDataset
 from guda_lab import TrainConfig, train_base_model
 from diffusers_guda.errors import ConfigError
-from guda_lab.training import TRAIN_LOG_NAME
+from guda_lab.training import TRAIN_LOG_NAME, cosine_with_warmup
 
 
 def tiny_config(**overrides) -> TrainConfig:
@@ -129,3 +131,106 @@ def test_ema_weights_are_the_running_average(tiny_dataset, monkeypatch):
 def test_ema_decay_must_be_below_one():
     with pytest.raises(ConfigError, match="ema_decay"):
         tiny_config(ema_decay=1.0)
+
+
+# -- flow matching (``scheduler="flow"``) and the unchanged DDPM path ------------------------------
+
+
+def reference_fit(config: TrainConfig, dataset, noisy_input) -> dict:
+    """The training loop written out by hand (no EMA): ``noisy_input(scheduler, x0, noise, t)`` gives the
+    UNet's input, its time input and its regression target for a batch's integer steps ``t``."""
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    pipeline = config.build_pipeline(dataset.image_shape)
+    unet = pipeline.unet
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    lr = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, config.steps, config.warmup_steps))
+    unet.train()
+    for _ in range(config.steps):
+        idx = torch.randint(0, len(dataset.images), (config.batch_size,), generator=generator)
+        x0 = dataset.images[idx]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, config.num_train_timesteps, (x0.shape[0],), generator=generator)
+        x_t, timestep, target = noisy_input(pipeline.scheduler, x0, noise, t)
+        loss = torch.nn.functional.mse_loss(unet(x_t, timestep).sample, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        lr.step()
+    return unet.state_dict()
+
+
+def test_ddpm_training_is_diffusers_add_noise_at_integer_timesteps(tiny_dataset):
+    """The DDPM path is what it was before flow matching: diffusers' ``add_noise`` at the integer timestep, ε target."""
+    config = tiny_config(steps=4)
+    trained = train_base_model(tiny_dataset, config, progress=False).unet.state_dict()
+    expected = reference_fit(config, tiny_dataset, lambda s, x0, noise, t: (s.add_noise(x0, noise, t), t, noise))
+    assert all(torch.equal(trained[k], expected[k]) for k in expected)
+    assert set(config.to_dict()) == {"block_out_channels", "layers_per_block", "attention", "norm_num_groups", "num_train_timesteps",
+                                     "beta_schedule", "prediction_type", "steps", "batch_size", "learning_rate", "warmup_steps",
+                                     "weight_decay", "ema_decay", "seed"}  # the record of a DDPM recipe, unchanged
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_flow_training_regresses_the_velocity_at_sigma_times_t(tiny_dataset, shift):
+    """Step t is the scheduler's t-th training σ from the least noisy: x_t = (1 - σ) x0 + σ ε (diffusers'
+    ``scale_noise``), the model sees σ T (the timesteps diffusers' pipelines pass) and regresses ε - x0."""
+    config = tiny_config(steps=4, scheduler="flow", shift=shift)
+
+    def flow_input(scheduler, x0, noise, t):
+        timestep = scheduler.timesteps.flip(0)[t]  # ascending σ T
+        return scheduler.scale_noise(x0, timestep, noise), timestep, noise - x0
+
+    trained = train_base_model(tiny_dataset, config, progress=False).unet.state_dict()
+    expected = reference_fit(config, tiny_dataset, flow_input)
+    assert all(torch.equal(trained[k], expected[k]) for k in expected)
+
+
+def test_flow_training_is_deterministic_and_learns(tiny_dataset):
+    config = tiny_config(steps=60, warmup_steps=5, scheduler="flow")
+    a = train_base_model(tiny_dataset, config, progress=False)
+    b = train_base_model(tiny_dataset, config, progress=False).unet.state_dict()
+    assert all(torch.equal(v, b[k]) for k, v in a.unet.state_dict().items())
+    losses = []
+    original = torch.nn.functional.mse_loss
+
+    def recording_mse(*args, **kwargs):
+        loss = original(*args, **kwargs)
+        losses.append(loss.item())
+        return loss
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.functional, "mse_loss", recording_mse)
+        train_base_model(tiny_dataset, config, progress=False)
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+
+
+def test_flow_pipeline_reloads_in_stock_diffusers_and_samples(tiny_dataset, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = tiny_config(steps=3, scheduler="flow", shift=2.0)
+    train_base_model(tiny_dataset, config, output_dir=tmp_path / "base", progress=False)
+    stock = DDPMPipeline.from_pretrained(tmp_path / "base")
+    assert type(stock.scheduler) is FlowMatchEulerDiscreteScheduler and stock.scheduler.config.shift == 2.0
+    log = json.loads((tmp_path / "base" / TRAIN_LOG_NAME).read_text())
+    assert log["config"] == config.to_dict() and log["config"]["scheduler"] == "flow"
+    assert "prediction_type" not in log["config"] and "beta_schedule" not in log["config"]
+    assert TrainConfig(**log["config"]) == config
+    images = stock(batch_size=2, generator=[torch.Generator().manual_seed(s) for s in (0, 1)], num_inference_steps=4,
+                   output_type="np").images
+    again = stock(batch_size=1, generator=[torch.Generator().manual_seed(1)], num_inference_steps=4, output_type="np").images
+    assert images.shape == (2, 8, 8, 1) and np.allclose(images[1], again[0], atol=1e-5)  # each image's noise is its own
+    assert not np.allclose(images[0], images[1], atol=1e-2)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scheduler="ddim"), "scheduler must be one of"),
+    (dict(shift=3.0), r"\['shift'\] is a setting of the flow scheduler"),
+    (dict(scheduler="flow", prediction_type="v_prediction"), r"\['prediction_type'\] is a setting of the ddpm scheduler"),
+    (dict(scheduler="flow", beta_schedule="squaredcos_cap_v2"), "beta_schedule"),
+    (dict(scheduler="flow", shift=0.0), "shift must be > 0"),
+])
+def test_scheduler_settings_are_checked(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        tiny_config(**kwargs)

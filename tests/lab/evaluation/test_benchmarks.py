@@ -138,6 +138,8 @@ def test_each_benchmark_declares_its_recipe_comparisons_and_labels():
         "digits-contributors": ("digits-ddpm", benchmarks.contributors_comparisons, False),
         "digits-contributors-hobbyist": ("digits-ddpm", benchmarks.hobbyist_comparisons, False),
         "digits-styles": ("digits-styles", None, False),
+        "digits-styles-flow": ("digits-styles-flow", None, False),
+        "digits-styles-flow-uncond": ("digits-styles-flow-uncond", None, False),
     }
     assert all(b.name == name for name, b in benchmarks.BENCHMARKS.items())
     assert benchmarks.available_benchmarks() == {name: b.description for name, b in benchmarks.BENCHMARKS.items()}

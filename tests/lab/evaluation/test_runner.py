@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_RECIPE, write_evaluation_recipe, write_group_folder
 
 from diffusers_guda.cli import main
@@ -152,6 +153,40 @@ def test_methods_subset_reuses_scores(workspace, tmp_path):
     report = json.loads((workspace["out"] / "report.json").read_text())
     assert set(report["methods"]) == {"logo_seed_b", "similarity", "guda"}
     assert report["methods"]["guda"] == workspace["report"]["methods"]["guda"]
+
+
+def test_query_seed_gives_the_same_queries_and_scores_as_those_seeds_in_a_longer_run(workspace, tmp_path):
+    """Queries from --query-seed 2 are queries 2 and 3 of the first run (seeds 2, 3), scored alike on the same models."""
+    import shutil
+
+    for stage in ("base", "logo", "bundle"):
+        shutil.copytree(workspace["out"] / stage, tmp_path / "held-out" / stage)
+    code, stdout, stderr = run("evaluate", "--data", workspace["data"], "--out", tmp_path / "held-out", "--recipe", workspace["recipe"],
+                               "--queries", 2, "--query-seed", 2, "--methods", "guda", "similarity", "--quiet")
+    assert code == 0, stderr
+    assert "adapters: reusing" in stdout and "seeds 2..3" in stdout
+    report = json.loads((tmp_path / "held-out" / "report.json").read_text())
+    assert report["seeds"]["queries"] == 2 and json.loads((tmp_path / "held-out" / "queries.json").read_text())["seed"] == 2
+    first = load_query_images(sorted((workspace["out"] / "queries").glob("*.png")))
+    again = load_query_images(sorted((tmp_path / "held-out" / "queries").glob("*.png")))
+    assert torch.equal(again, first[2:])
+    for method in ("logo_seed_a", "guda"):
+        scores = json.loads((tmp_path / "held-out" / "scores" / f"{method}.json").read_text())["scores"]
+        assert scores == json.loads(workspace["scores"][f"{method}.json"])["scores"][2:], method
+
+
+def test_paired_section_compares_guda_with_every_other_method(workspace):
+    from guda_lab.evaluation.metrics import per_query_metrics
+
+    report = workspace["report"]
+    paired = report["paired"]
+    assert paired["method"] == "guda" and paired["metrics"] == ["top1", "ndcg@3", "spearman"]
+    assert set(paired["versus"]) == {"logo_seed_b", *METHODS} - {"guda"}
+    scores = {name[:-5]: np.asarray(json.loads(text)["scores"]) for name, text in workspace["scores"].items()}
+    d = per_query_metrics(scores["guda"], scores["logo_seed_a"])["spearman"] - per_query_metrics(scores["logo_seed_b"], scores["logo_seed_a"])["spearman"]
+    entry = paired["versus"]["logo_seed_b"]["spearman"]
+    assert entry["mean_diff"] == pytest.approx(d.mean()) and entry["stderr"] == pytest.approx(d.std(ddof=1) / 2) and entry["n"] == 4
+    assert "guda − each method, paired" in (workspace["out"] / "report.md").read_text()
 
 
 def test_unknown_method(workspace, tmp_path):
