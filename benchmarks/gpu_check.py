@@ -19,6 +19,9 @@ model and in this order, each written to ``--out`` the moment it is measured:
   ``sdxl-styles``, ``sd3-styles``, ``flux-styles``) at its batch size for ``--steps`` steps: seconds per step, the run's fixed cost
   (loss evaluations before and after), peak memory, and the projected time of one group with the
   recipe's full step count;
+* ``joint_unlearning``: four groups unlearned one after the other and together (``joint_groups=4``,
+  without gradient checkpointing): seconds per group-step of the training loops, the ratio, peak memory
+  (or what did not fit);
 * ``elbo_rows_per_s``: scoring throughput at K = 16 groups (one row = one image at one (t, draw) under
   one model): the bare denoiser forward at the same batch and dtype, and the ``merged``, ``swap`` and
   ``mixed`` strategies through :class:`~diffusers_guda.AttributionScorer`, with the ratio of each to
@@ -263,6 +266,14 @@ def measure(model: str, args, device: torch.device, results: Results) -> None:
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    # -- four groups one after the other against trained together (joint_groups=4), without checkpointing ---
+    try:
+        results.record(model, "joint_unlearning", time_joint_unlearning(pipe, dataset, recipe, args, device))
+    except BatchTooLargeError as exc:
+        results.record(model, "joint_unlearning_does_not_fit", str(exc))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
     # -- a bundle of 16 groups (few steps: only its shape matters for the scoring costs) ------------------
     bundle = pipe.unlearn_groups(dataset, recipe=recipe, steps=1, eval_images=1, eval_draws=1, progress=False)
     scheduler = training_scheduler(pipe.scheduler)
@@ -342,6 +353,20 @@ def time_unlearning(pipe, dataset: GroupedDataset, recipe: Recipe, args, device:
         "s_per_step": round(per_step, 4), "fixed_s": round(fixed, 2), "peak_memory_gib": peak_memory_gib(device),
         "recipe_steps": config.steps, "projected_group_s": round(fixed + config.steps * per_step, 1),
     }
+
+
+def time_joint_unlearning(pipe, dataset: GroupedDataset, recipe: Recipe, args, device: torch.device, joint: int = 4) -> dict:
+    """Seconds per group-step of ``joint`` groups unlearned one after the other and together (the training loops only)."""
+    settings = dict(steps=args.steps, eval_images=1, eval_draws=1, progress=False, gradient_checkpointing=False)
+    rates = {}
+    for label, joint_groups in (("sequential", 1), (f"joint_groups={joint}", joint)):
+        peak_memory_gib(device)
+        bundle = pipe.unlearn_groups(dataset, recipe=recipe, groups=list(range(joint)), joint_groups=joint_groups, **settings)
+        sync(device)
+        rates[f"{label} s per group-step"] = round(sum(g.stats["wall_s"] for g in bundle.groups) / (joint * args.steps), 4)
+        rates[f"{label} peak_memory_gib"] = peak_memory_gib(device)
+    rates["speedup"] = round(rates["sequential s per group-step"] / rates[f"joint_groups={joint} s per group-step"], 2)
+    return rates
 
 
 def autocast(device: torch.device, dtype: str | None):

@@ -243,6 +243,20 @@ def test_data_source_is_a_folder_or_a_benchmark(command, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_unlearn_groups_together(workspace, tmp_path):
+    out = tmp_path / "joint"
+    code, _, err = run("unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", out, "--recipe", workspace["recipe"],
+                       "--steps", 1, "--groups", "right", "left", "--joint-groups", 2, "--quiet")
+    assert code == 0, err
+    bundle = AdapterBundle.from_pretrained(out)
+    assert bundle.training["joint_groups"] == 2
+    assert [g.stats["trained_with"] for g in bundle.groups] == [["left"], ["right"]]
+    code, _, err = run("unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", tmp_path / "refused",
+                       "--recipe", workspace["recipe"], "--joint-groups", 2, "--gradient-checkpointing", "--quiet")
+    assert code == 2 and "joint_groups > 1 cannot be combined with gradient_checkpointing" in err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_unlearn_a_subset_of_groups(workspace, tmp_path):
     out = tmp_path / "subset"
     code, _, err = run(

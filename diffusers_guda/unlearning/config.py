@@ -14,7 +14,7 @@ from ..objectives import get_objective
 from ..validation import check_types
 
 AUTOCAST_DTYPES = ("auto", None, "bfloat16", "float16")
-_INTS = ("steps", "forget_batch_size", "retain_batch_size", "seed", "eval_images", "eval_draws")
+_INTS = ("steps", "forget_batch_size", "retain_batch_size", "seed", "eval_images", "eval_draws", "joint_groups")
 _REALS = ("size_exponent", "learning_rate", "max_grad_norm")
 
 
@@ -46,6 +46,11 @@ class UnlearningConfig:
         gradient_checkpointing: Recompute the UNet's activations in the backward pass instead of
             keeping them: fewer activations held, one more forward pass of each block per step. The
             adapter it trains is the same up to float rounding.
+        joint_groups: Groups whose adapters train together in one loop: each forward holds the rows
+            of all of them, one adapter per row (docs/method.md#adapters-trained-together). Each group
+            keeps its own seed, batches and optimiser, so its adapter is the one it gets alone up to
+            float rounding. 1 (default) trains the groups one after the other. Not with
+            ``gradient_checkpointing``.
     """
 
     objective: str = field(default="retrack", metadata={"help": "Registered objective name."})
@@ -62,6 +67,7 @@ class UnlearningConfig:
     eval_draws: int = field(default=4, metadata={"help": "Fixed draws per evaluation image."})
     autocast_dtype: str | None = field(default="auto", metadata={"help": "'auto' (bfloat16 on CUDA), bfloat16, float16, or None."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass (memory)."})
+    joint_groups: int = field(default=1, metadata={"help": "Groups trained together, one adapter per row of each forward."})
 
     def __post_init__(self):
         check_types(self, ints=_INTS, reals=_REALS)
@@ -75,6 +81,12 @@ class UnlearningConfig:
             raise ConfigError(f"lora must be a JSON object such as {{\"rank\": 8, \"alpha\": 8}}, got {self.lora!r}.")
         if self.steps < 1 or self.forget_batch_size < 1 or self.retain_batch_size < 1:
             raise ConfigError("steps and batch sizes must be >= 1.")
+        if self.joint_groups < 1:
+            raise ConfigError(f"joint_groups must be >= 1 (1: one group after the other), got {self.joint_groups}.")
+        if self.joint_groups > 1 and self.gradient_checkpointing:
+            # the recomputation in the backward pass would run without the rows' adapter assignment
+            raise ConfigError("joint_groups > 1 cannot be combined with gradient_checkpointing; train the groups one at a time "
+                              "(joint_groups=1) to save memory, or turn gradient checkpointing off to train them together.")
         if self.eval_images < 1 or self.eval_draws < 1:
             raise ConfigError(f"eval_images and eval_draws must be >= 1, got {self.eval_images} and {self.eval_draws}.")
         if not 0 <= self.size_exponent < math.inf:

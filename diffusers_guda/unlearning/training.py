@@ -57,18 +57,27 @@ def _step(objective, batch, params, optimizer, config, autocast, step: int, grou
     """One optimiser step on ``batch``; returns the loss parts."""
     with autocast():
         loss, parts = objective.loss(batch)
-    if not math.isfinite(loss.item()):
-        raise UnlearningDivergedError(
-            f"Unlearning group '{group_name}' diverged at step {step} (loss {loss.item()}). "
-            f"Lower the learning rate (now {config.learning_rate:g}, e.g. --lr {config.learning_rate / 10:g}); "
-            "finished groups are kept."
-        )
+    check_finite(loss, config, group_name, step)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if config.max_grad_norm is not None:
         torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     optimizer.step()
     return parts
+
+
+def check_finite(loss: torch.Tensor, config: UnlearningConfig, group_name: str, step: int) -> None:
+    """Refuse a NaN or infinite loss.
+
+    Raises:
+        UnlearningDivergedError: naming the group, the step and a lower learning rate.
+    """
+    if not math.isfinite(loss.item()):
+        raise UnlearningDivergedError(
+            f"Unlearning group '{group_name}' diverged at step {step} (loss {loss.item()}). "
+            f"Lower the learning rate (now {config.learning_rate:g}, e.g. --lr {config.learning_rate / 10:g}); "
+            "finished groups are kept."
+        )
 
 
 def out_of_memory_advice(config: UnlearningConfig, group_name: str, step: int) -> str:
@@ -96,6 +105,7 @@ def run_statistics(
     before: dict[str, float],
     after: dict[str, float],
     curve: list[dict[str, float]],
+    trained_with: list[str] | None = None,
 ) -> dict:
     """The ``stats`` of a group's run, as recorded in the bundle (docs/formats.md#manifest).
 
@@ -107,6 +117,8 @@ def run_statistics(
         before: Forget and retain losses before unlearning.
         after: The same after.
         curve: The loss parts of every step.
+        trained_with: The other groups of its joint loop (``config.joint_groups`` > 1), whose
+            wall time it shares equally; recorded only when given.
     """
     return {
         "seed": seed,
@@ -121,4 +133,4 @@ def run_statistics(
         "retain_loss_change": after["retain"] / before["retain"] - 1.0,
         "curve_first": curve[0],
         "curve_last": {k: sum(c[k] for c in curve[-10:]) / len(curve[-10:]) for k in curve[-1]},
-    }
+    } | ({"trained_with": list(trained_with)} if trained_with else {})

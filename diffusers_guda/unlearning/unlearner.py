@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..adapter_state import adapter_state, restore_adapter_state
+from ..adapter_state import adapter_state, loaded_adapters, restore_adapter_state
 from ..bundle import AdapterBundle, GroupRecord, adapter_file_for, unique_slugs
 from ..data import GroupedDataset
 from ..distributed import ProcessInfo, current_process
@@ -33,6 +33,7 @@ from .checkpoint import UnlearningCheckpoint
 from .config import UnlearningConfig
 from .evaluation import EvaluationSets, evaluation_sets, mean_losses
 from .forwards import UNetForwards
+from .joint import GroupRun, optimise_jointly
 from .training import optimise, run_statistics
 
 GroupResult = tuple[dict[str, torch.Tensor], dict, dict]  # (state_dict, config_metadata, stats) of one adapter
@@ -125,6 +126,46 @@ class GroupUnlearner:
         Raises:
             UnlearningDivergedError: if a loss becomes NaN or infinite.
         """
+        run = self._prepare(dataset, group, adapter_name)
+        with self._new_adapter(adapter_name, run.seed) as params:
+            start = time.perf_counter()
+            bar = tqdm(range(run.steps), desc=f"unlearn {run.name}", disable=not progress, leave=False, dynamic_ncols=True)
+            curve = optimise(run.objective, run.next_batch, params, self.config, self.forwards.autocast, bar, run.name)
+            return self._finish(run, curve, time.perf_counter() - start)
+
+    def unlearn_jointly(self, dataset: GroupedDataset, groups: Sequence[int], adapter_names: Sequence[str],
+                        progress: bool = True) -> list[GroupResult]:
+        """Train the adapters of several groups in one loop, the rows of all of them in each forward.
+
+        See docs/method.md#adapters-trained-together. Each group keeps its own seed, batches,
+        optimiser and step count, so its adapter is :meth:`unlearn_group`'s up to float rounding.
+        Each group's ``stats`` record the loop's wall time shared equally and the groups it was
+        trained with. The UNet's adapter state is the same afterwards.
+
+        Args:
+            dataset: The grouped training set.
+            groups: The groups' ids in ``dataset``.
+            adapter_names: The peft name each adapter is trained under.
+            progress: Show a progress bar of the steps.
+
+        Returns:
+            ``(state_dict, config_metadata, stats)`` of each group's adapter, in the order of ``groups``.
+
+        Raises:
+            UnlearningDivergedError: if a group's loss becomes NaN or infinite.
+            ConfigError: if the objective's model inputs depend on model outputs (it cannot be batched this way).
+        """
+        runs = [self._prepare(dataset, g, name) for g, name in zip(groups, adapter_names)]
+        with self._new_adapters(runs):
+            start = time.perf_counter()
+            names = ", ".join(r.name for r in runs)
+            bar = tqdm(range(max(r.steps for r in runs)), desc=f"unlearn {names}", disable=not progress, leave=False, dynamic_ncols=True)
+            curves = optimise_jointly(runs, self.forwards, self.config, self.forwards.autocast, bar)
+            wall = (time.perf_counter() - start) / len(runs)
+            return [self._finish(run, curve, wall, trained_with=[r.name for r in runs if r is not run]) for run, curve in zip(runs, curves)]
+
+    def _prepare(self, dataset: GroupedDataset, group: int, adapter_name: str) -> GroupRun:
+        """Everything a group's run needs before its adapter exists: seed, objective, steps, batches, the losses before."""
         cfg, name = self.config, dataset.group_names[group]
         seed = derive_seed("guda-unlearn", cfg.seed, group, name)
         generator = torch.Generator().manual_seed(seed)
@@ -136,24 +177,20 @@ class GroupUnlearner:
         steps = cfg.steps_for(len(forget_idx), sum(sizes) / len(sizes))
         evaluation = evaluation_sets(dataset, group, forget_idx, retain_idx, cfg, self.schedule, self.forwards)
         before = self._evaluate(evaluation, adapter=None)
-        with self._new_adapter(adapter_name, seed) as params:
-            start = time.perf_counter()
-            bar = tqdm(range(steps), desc=f"unlearn {name}", disable=not progress, leave=False, dynamic_ncols=True)
-            teacher = self.forwards.teacher()
-            batches = partial(draw_batch, dataset, group, forget_idx, retain_idx, generator, cfg, self.schedule, self.forwards, teacher)
-            curve = optimise(objective, batches, params, cfg, self.forwards.autocast, bar, name)
-            wall = time.perf_counter() - start
-            after = self._evaluate(evaluation, adapter=adapter_name)
-            if not all(math.isfinite(v) for v in after.values()):
-                raise UnlearningDivergedError(
-                    f"Unlearning group '{name}' produced non-finite outputs; lower the learning rate."
-                )
-            state = adapter_state_dict(self.unet, adapter_name)
-            metadata = peft_config_metadata(self.unet, adapter_name)
+        next_batch = partial(draw_batch, dataset, group, forget_idx, retain_idx, generator, cfg, self.schedule, self.forwards, self.forwards.teacher())
+        return GroupRun(name, adapter_name, seed, generator, objective, steps, next_batch, evaluation, before)
+
+    def _finish(self, run: GroupRun, curve: list[dict[str, float]], wall: float, trained_with: list[str] | None = None) -> GroupResult:
+        """A trained group's result: its losses after, its adapter's weights and config, its statistics."""
+        cfg = self.config
+        after = self._evaluate(run.evaluation, adapter=run.adapter_name)
+        if not all(math.isfinite(v) for v in after.values()):
+            raise UnlearningDivergedError(f"Unlearning group '{run.name}' produced non-finite outputs; lower the learning rate.")
+        state = adapter_state_dict(self.unet, run.adapter_name)
+        metadata = peft_config_metadata(self.unet, run.adapter_name)
         # teacher forwards count as passes too
-        batch_size = cfg.forget_batch_size + cfg.retain_batch_size
-        passes_per_step = batch_size + objective.teacher_passes(cfg.forget_batch_size, cfg.retain_batch_size)
-        stats = run_statistics(seed, steps, wall, steps * passes_per_step, before, after, curve)
+        passes_per_step = cfg.forget_batch_size + cfg.retain_batch_size + run.objective.teacher_passes(cfg.forget_batch_size, cfg.retain_batch_size)
+        stats = run_statistics(run.seed, run.steps, wall, run.steps * passes_per_step, run.before, after, curve, trained_with)
         return state, metadata, stats
 
     @contextlib.contextmanager
@@ -161,19 +198,45 @@ class GroupUnlearner:
         """Add a fresh adapter, run the block with it active (yielding its trainable parameters), delete it."""
         unet = self.unet
         previous = adapter_state(unet)
-        torch.manual_seed(seed)  # peft initialises lora_A from the global generator
-        unet.add_adapter(self.config.lora.to_peft(unet), adapter_name=adapter_name)
         try:
-            params = [p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
-            for p in params:
-                if p.dtype != torch.float32:  # a half-precision base: train the adapter in float32
-                    p.data = p.data.float()
-                p.requires_grad_(True)
+            params = self._add_trainable(adapter_name, seed)
             with self.forwards.running(adapter_name), self._gradient_checkpointing():
                 yield params
         finally:
             restore_adapter_state(unet, previous)  # first, so that the adapter is deleted while inactive
-            unet.delete_adapters(adapter_name)
+            if adapter_name in loaded_adapters(unet):
+                unet.delete_adapters(adapter_name)
+
+    @contextlib.contextmanager
+    def _new_adapters(self, runs: list[GroupRun]) -> Iterator[None]:
+        """Add a fresh adapter per run (its ``params`` set), run the block with all of them active, delete them."""
+        unet = self.unet
+        previous = adapter_state(unet)
+        names = [r.adapter_name for r in runs]
+        try:
+            for run in runs:
+                run.params = self._add_trainable(run.adapter_name, run.seed)
+            # all active and enabled for the whole loop: peft keeps only active adapters trainable, and the
+            # state each forward restores (a disabled one turns requires_grad off before the backward)
+            unet.enable_adapters()
+            unet.set_adapter(names)
+            yield  # never with gradient checkpointing (UnlearningConfig refuses it with joint_groups > 1)
+        finally:
+            restore_adapter_state(unet, previous)
+            added = [n for n in names if n in loaded_adapters(unet)]
+            if added:
+                unet.delete_adapters(added)
+
+    def _add_trainable(self, adapter_name: str, seed: int) -> list[torch.nn.Parameter]:
+        """Add a fresh adapter initialised from ``seed``; its parameters, in float32 and trainable."""
+        torch.manual_seed(seed)  # peft initialises lora_A from the global generator
+        self.unet.add_adapter(self.config.lora.to_peft(self.unet), adapter_name=adapter_name)
+        params = [p for n, p in self.unet.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+        for p in params:
+            if p.dtype != torch.float32:  # a half-precision base: train the adapter in float32
+                p.data = p.data.float()
+            p.requires_grad_(True)
+        return params
 
     @contextlib.contextmanager
     def _gradient_checkpointing(self) -> Iterator[None]:
@@ -248,16 +311,25 @@ class GroupUnlearner:
         self, dataset: GroupedDataset, group_ids: list[int], slugs: list[str], checkpoint: UnlearningCheckpoint | None,
         progress: bool, process: ProcessInfo,
     ) -> dict[int, GroupResult]:
-        """Unlearn ``group_ids`` here, one after the other, checkpointing each."""
+        """Unlearn ``group_ids`` here, ``config.joint_groups`` at a time, checkpointing each."""
         trained = {}
         desc = f"groups (process 0 of {process.world_size})" if process.is_distributed else "groups"
-        outer = tqdm(group_ids, desc=desc, disable=not (progress and process.is_main), dynamic_ncols=True)
-        for gid in outer:
-            slug = slugs[gid]
-            outer.set_postfix(group=dataset.group_names[gid])
-            trained[gid] = self.unlearn_group(dataset, gid, AdapterBundle.adapter_name(slug), progress=progress and process.is_main)
-            if checkpoint is not None:
-                checkpoint.save(slug, *trained[gid])
+        outer = tqdm(total=len(group_ids), desc=desc, disable=not (progress and process.is_main), dynamic_ncols=True)
+        size, inner = self.config.joint_groups, progress and process.is_main
+        for start in range(0, len(group_ids), size):
+            chunk = group_ids[start : start + size]
+            outer.set_postfix(group=", ".join(dataset.group_names[g] for g in chunk))
+            names = [AdapterBundle.adapter_name(slugs[g]) for g in chunk]
+            if size == 1:
+                results = [self.unlearn_group(dataset, chunk[0], names[0], progress=inner)]
+            else:
+                results = self.unlearn_jointly(dataset, chunk, names, progress=inner)
+            for gid, result in zip(chunk, results):
+                trained[gid] = result
+                if checkpoint is not None:
+                    checkpoint.save(slugs[gid], *result)
+            outer.update(len(chunk))
+        outer.close()
         return trained
 
     def _bundle(self, dataset: GroupedDataset, group_ids: list[int], slugs: list[str], results: dict[int, GroupResult]) -> AdapterBundle:

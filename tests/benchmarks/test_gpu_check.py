@@ -25,6 +25,9 @@ def test_tiny_run_writes_every_measurement(tmp_path):
         assert unlearning["s_per_step"] > 0 and unlearning["steps_timed"] == 1 and unlearning["recipe_steps"] == 400
         assert unlearning["gradient_checkpointing"] is (model == "flux")  # the recipe's own setting
         assert unlearning["projected_group_s"] == pytest.approx(unlearning["fixed_s"] + 400 * unlearning["s_per_step"], abs=0.2)
+        joint = entry["joint_unlearning"]
+        assert joint["sequential s per group-step"] > 0 and joint["joint_groups=4 s per group-step"] > 0
+        assert joint["speedup"] == pytest.approx(joint["sequential s per group-step"] / joint["joint_groups=4 s per group-step"], rel=0.02)
         rates = entry["elbo_rows_per_s"]
         assert rates["groups"] == 16 and all(rates[name] > 0 for name in ("bare denoiser forward", "merged", "swap", "mixed"))
         assert rates["auto_picks"] == "merged"  # float32 weights, no autocast
