@@ -5,6 +5,7 @@
 from .benchmarks import BENCHMARKS, Benchmark, GroupComparison, available_benchmarks, get_benchmark, load_benchmark
 from .gradient import GradientConfig, gradient_scores
 from .instance_unlearning import InstanceUnlearningConfig, instance_unlearning_scores
+from .kernel import DASConfig, DTRAKConfig, das_scores, dtrak_scores
 from .logo import logo_attribution, logo_model_dir, train_logo_models
 from .metrics import (
     METRIC_NAMES,
@@ -37,7 +38,11 @@ __all__ = [
     "load_benchmark",
     "GradientConfig",
     "InstanceUnlearningConfig",
+    "DTRAKConfig",
+    "DASConfig",
     "gradient_scores",
+    "dtrak_scores",
+    "das_scores",
     "instance_unlearning_scores",
     "nearest_neighbour_scores",
     "similarity_scores",

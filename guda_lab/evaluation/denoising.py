@@ -1,5 +1,6 @@
 """Denoising losses with common random numbers, shared by the loss-based baselines (gradient and
-instance unlearning; see docs/evaluation.md#baselines).
+instance unlearning) and the kernel baselines D-TRAK and DAS, which differentiate other functions of
+the same model outputs (:func:`denoising_output`; see docs/evaluation.md#baselines).
 
 The noise of an image's loss is a pure function of (salt, seed, image content hash, t, draw), as in
 :mod:`diffusers_guda.elbo`, and every image is evaluated alone, so a score does not depend on the batch
@@ -33,6 +34,7 @@ __all__ = [
     "check_conditioning",
     "default_timesteps",
     "denoising_loss",
+    "denoising_output",
     "denoising_noise",
     "progress_bar",
     "resolve_timesteps",
@@ -103,16 +105,13 @@ def denoising_noise(image: torch.Tensor, timesteps: torch.Tensor, num_draws: int
     return row_t, noise
 
 
-def denoising_loss(unet, schedule: NoiseSchedule, image: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], with_input: bool = False,
-                   cond: torch.Tensor | None = None):
-    """Mean squared error of the model's regression target over one image's (t, draw) rows.
+def denoising_output(unet, schedule: NoiseSchedule, image: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], with_input: bool = False,
+                     cond: torch.Tensor | None = None):
+    """The model's output on one image's (t, draw) rows: ``(output, target, x_t)``.
 
-    ``cond`` (``[L, D]``) is the image's text conditioning for a text-conditioned UNet.
-
-    With ``with_input`` the noisy input is made to require gradients and ``(loss, x_t)`` is returned.
-    Differentiating w.r.t. ``x_t`` as well is a workaround: on torch 2.13 CPU, ``autograd.grad`` w.r.t.
-    a subset of a UNet's parameters (e.g. ``param_filter="up_blocks"``) was seen to segfault, and
-    asking for the input's gradient too (so every node computes all its input gradients) avoids it.
+    ``output`` is the prediction on the noisy inputs ``x_t`` (float32 ``[R, C, H, W]``), ``target`` its
+    regression target. ``cond`` (``[L, D]``) is the image's text conditioning for a text-conditioned
+    UNet. With ``with_input`` the noisy input ``x_t`` requires gradients (see :func:`denoising_loss`).
     """
     param = next(unet.parameters())
     t, noise = rows
@@ -124,7 +123,22 @@ def denoising_loss(unet, schedule: NoiseSchedule, image: torch.Tensor, rows: tup
         x_in.requires_grad_(True)
     cond = None if cond is None else cond.to(param.device, param.dtype).expand(len(t), *cond.shape[-2:])
     output = denoise(unet, x_in, schedule.model_timesteps(t).to(param.device), cond)
-    loss = torch.nn.functional.mse_loss(output.float(), target.to(output.device))
+    return output.float(), target.to(output.device), x_in
+
+
+def denoising_loss(unet, schedule: NoiseSchedule, image: torch.Tensor, rows: tuple[torch.Tensor, torch.Tensor], with_input: bool = False,
+                   cond: torch.Tensor | None = None):
+    """Mean squared error of the model's regression target over one image's (t, draw) rows.
+
+    ``cond`` (``[L, D]``) is the image's text conditioning for a text-conditioned UNet.
+
+    With ``with_input`` the noisy input is made to require gradients and ``(loss, x_t)`` is returned.
+    Differentiating w.r.t. ``x_t`` as well is a workaround: on torch 2.13 CPU, ``autograd.grad`` w.r.t.
+    a subset of a UNet's parameters (e.g. ``param_filter="up_blocks"``) was seen to segfault, and
+    asking for the input's gradient too (so every node computes all its input gradients) avoids it.
+    """
+    output, target, x_in = denoising_output(unet, schedule, image, rows, with_input, cond)
+    loss = torch.nn.functional.mse_loss(output, target)
     return (loss, x_in) if with_input else loss
 
 

@@ -1,5 +1,9 @@
 """The gradient baseline (TRAK / D-TRAK style; see docs/evaluation.md#baselines): randomly projected
 per-example gradients of the denoising loss, their inner products summed per group.
+
+Also the home of the projected per-example gradients that the kernel baselines (:mod:`.kernel`:
+D-TRAK, DAS) build on: gradients of a scalar *output function* of the model's output (the denoising
+loss, the mean squared output or the mean output) times one fixed random projection.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from .denoising import (
     DenoisingLossConfig,
     GradientsOn,
     check_conditioning,
-    denoising_loss,
     denoising_noise,
+    denoising_output,
     progress_bar,
     resolve_timesteps,
     select_parameters,
@@ -31,30 +35,59 @@ from .denoising import (
 #: it changes the projection (and every gradient score).
 PROJECTION_BLOCK_ROWS = 8192
 
-__all__ = ["GradientConfig", "PROJECTION_BLOCK_ROWS", "gradient_scores", "projected_gradients", "projection_blocks"]
+__all__ = [
+    "GradientConfig",
+    "OUTPUT_FUNCTIONS",
+    "PROJECTION_BLOCK_ROWS",
+    "ProjectionConfig",
+    "gradient_scores",
+    "projected_gradients",
+    "projected_output_gradients",
+    "projection_blocks",
+]
+
+#: Scalar output functions ``f(output, target)`` of one image's model output over its (t, draw) rows
+#: (the mean runs over rows and pixels) whose parameter gradients are projected: the denoising loss
+#: (``gradient``, TRAK), the mean squared output (D-TRAK's best, its ``mean-squared-l2-norm``) and the
+#: mean output (DAS's output compressed to one dimension).
+OUTPUT_FUNCTIONS = {
+    "loss": lambda output, target: torch.nn.functional.mse_loss(output, target),
+    "squared_norm": lambda output, target: output.pow(2).mean(),
+    "mean": lambda output, target: output.mean(),
+}
 
 
 @dataclass
-class GradientConfig(DenoisingLossConfig):
-    """Settings of the gradient baseline (and the fields of :class:`DenoisingLossConfig`).
+class ProjectionConfig(DenoisingLossConfig):
+    """Fields of the baselines built on projected per-example gradients (and of :class:`DenoisingLossConfig`).
 
     Args:
         projection_dim: Dimension ``D`` of the random projection of the gradients.
         gradient_batch_size: Examples whose full gradients are held at once before they are
             projected together (memory: this × #parameters floats). Does not change the result
             beyond float rounding.
-        normalize: Score with the cosine of the projected gradients instead of their inner product
-            (removes the dominance of images with large gradient norms). Default off (docs/evaluation.md#baselines).
     """
 
     projection_dim: int = field(default=512, metadata={"help": "Dimension of the random projection."})
     gradient_batch_size: int = field(default=32, metadata={"help": "Examples projected together (memory)."})
-    normalize: bool = field(default=False, metadata={"help": "Cosine of projected gradients instead of the inner product."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.projection_dim < 1 or self.gradient_batch_size < 1:
-            raise ConfigError("projection_dim, num_draws and gradient_batch_size must be >= 1.")
+        for name in ("projection_dim", "gradient_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}.")
+
+
+@dataclass
+class GradientConfig(ProjectionConfig):
+    """Settings of the gradient baseline (and the fields of :class:`ProjectionConfig`).
+
+    Args:
+        normalize: Score with the cosine of the projected gradients instead of their inner product
+            (removes the dominance of images with large gradient norms). Default off (docs/evaluation.md#baselines).
+    """
+
+    normalize: bool = field(default=False, metadata={"help": "Cosine of projected gradients instead of the inner product."})
 
 
 def projection_blocks(name: str, numel: int, dim: int, seed: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -88,7 +121,56 @@ def _project(grads: list[list[torch.Tensor]], names: list[str], dim: int, seed: 
     return out.cpu()
 
 
-def projected_gradients(unet, scheduler, images: torch.Tensor, config: GradientConfig | None = None, progress: bool = False,
+def projected_output_gradients(unet, scheduler, images: torch.Tensor, config: ProjectionConfig, output_function: str = "loss",
+                               progress: bool = False, conditioning: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Randomly projected per-example gradients of an output function, and each image's denoising loss.
+
+    For each image, ``f = OUTPUT_FUNCTIONS[output_function]`` of the model's output over
+    ``config.timesteps`` × ``config.num_draws`` rows with common random numbers (the same noise for
+    every output function) is differentiated w.r.t. the selected UNet parameters (flattened in
+    ``named_parameters`` order) and multiplied by the projection of :func:`projection_blocks`. The
+    UNet runs in eval mode; its weights, ``requires_grad`` flags and train/eval mode are left as they were.
+
+    Args:
+        unet: The UNet (called through :func:`~diffusers_guda.models.denoise`).
+        scheduler: Its noise scheduler, DDPM-family or flow-matching.
+        images: ``[N, C, H, W]``.
+        config: Timesteps, draws, seed, parameters and projection.
+        output_function: A key of :data:`OUTPUT_FUNCTIONS`.
+        progress: Show a progress bar.
+        conditioning: ``[N, L, D]``: each image's text embeddings, for a text-conditioned UNet.
+
+    Returns:
+        ``(features, losses)``: float64 ``[N, D]`` and the denoising loss (MSE of the regression
+        target over the same rows) of each image, float64 ``[N]``.
+    """
+    if output_function not in OUTPUT_FUNCTIONS:
+        raise ConfigError(f"output_function must be one of {sorted(OUTPUT_FUNCTIONS)}, got {output_function!r}.")
+    f = OUTPUT_FUNCTIONS[output_function]
+    schedule = NoiseSchedule(scheduler)
+    timesteps = resolve_timesteps(config.timesteps, scheduler)
+    selected = select_parameters(unet, config.param_filter)
+    names = [n for n, _ in selected]
+    params = [p for _, p in selected]
+    out, losses = [], []
+    with GradientsOn(unet, selected):
+        pending: list[list[torch.Tensor]] = []
+        for i in progress_bar(range(len(images)), progress, "gradients"):
+            rows = denoising_noise(images[i], timesteps, config.num_draws, config.seed, "guda-gradient")
+            cond = None if conditioning is None else conditioning[i]
+            output, target, x_in = denoising_output(unet, schedule, images[i], rows, with_input=True, cond=cond)
+            value = f(output, target)
+            # the input's gradient too: see denoising_loss
+            pending.append([g.detach() for g in torch.autograd.grad(value, params + [x_in])[:-1]])
+            losses.append(float(value.detach()) if output_function == "loss" else float(torch.nn.functional.mse_loss(output.detach(), target)))
+            if len(pending) == config.gradient_batch_size or i == len(images) - 1:
+                out.append(_project(pending, names, config.projection_dim, config.seed))
+                pending = []
+    features = torch.cat(out) if out else torch.zeros((0, config.projection_dim), dtype=torch.float64)
+    return features, torch.tensor(losses, dtype=torch.float64)
+
+
+def projected_gradients(unet, scheduler, images: torch.Tensor, config: ProjectionConfig | None = None, progress: bool = False,
                         conditioning: torch.Tensor | None = None) -> torch.Tensor:
     """Randomly projected per-example gradients of the denoising loss, ``[N, D]`` float64.
 
@@ -96,28 +178,9 @@ def projected_gradients(unet, scheduler, images: torch.Tensor, config: GradientC
 
     For each image, the loss is the regression-target MSE averaged over ``config.timesteps`` ×
     ``config.num_draws`` rows with common random numbers, differentiated w.r.t. the selected UNet
-    parameters (flattened in ``named_parameters`` order) and multiplied by the projection of
-    :func:`projection_blocks`. The UNet runs in eval mode; its weights, ``requires_grad`` flags and
-    train/eval mode are left as they were.
+    parameters and projected: :func:`projected_output_gradients` with ``output_function="loss"``.
     """
-    config = config or GradientConfig()
-    schedule = NoiseSchedule(scheduler)
-    timesteps = resolve_timesteps(config.timesteps, scheduler)
-    selected = select_parameters(unet, config.param_filter)
-    names = [n for n, _ in selected]
-    params = [p for _, p in selected]
-    out = []
-    with GradientsOn(unet, selected):
-        pending: list[list[torch.Tensor]] = []
-        for i in progress_bar(range(len(images)), progress, "gradients"):
-            rows = denoising_noise(images[i], timesteps, config.num_draws, config.seed, "guda-gradient")
-            cond = None if conditioning is None else conditioning[i]
-            loss, x_in = denoising_loss(unet, schedule, images[i], rows, with_input=True, cond=cond)
-            pending.append([g.detach() for g in torch.autograd.grad(loss, params + [x_in])[:-1]])
-            if len(pending) == config.gradient_batch_size or i == len(images) - 1:
-                out.append(_project(pending, names, config.projection_dim, config.seed))
-                pending = []
-    return torch.cat(out) if out else torch.zeros((0, config.projection_dim), dtype=torch.float64)
+    return projected_output_gradients(unet, scheduler, images, config or GradientConfig(), "loss", progress, conditioning)[0]
 
 
 def gradient_scores(unet, scheduler, queries: torch.Tensor, dataset: GroupedDataset, config: GradientConfig | None = None, progress: bool = False,

@@ -17,12 +17,13 @@ from diffusers_guda.recipes import Recipe
 from .denoising import resolve_timesteps
 from .gradient import GradientConfig, gradient_scores
 from .instance_unlearning import InstanceUnlearningConfig, instance_unlearning_scores
+from .kernel import DASConfig, DTRAKConfig, das_scores, dtrak_scores
 from .logo import logo_attribution
 from .report import CEILING, REFERENCE
 from .similarity import nearest_neighbour_scores, similarity_scores
 
 #: The methods ``guda evaluate --methods`` accepts (LOGO seed A and seed B always run).
-METHODS = ("guda", "similarity", "nearest_neighbour", "gradient", "instance_unlearning")
+METHODS = ("guda", "similarity", "nearest_neighbour", "gradient", "instance_unlearning", "dtrak", "das")
 PIXELS = {"features": "pixels"}
 NO_PASSES = {"forwards": 0, "backwards": 0, "note": "pixel cosines, no UNet passes"}
 
@@ -57,21 +58,25 @@ class MethodScorer:
         gradient_config: Settings of the gradient baseline.
         instance_config: Settings of the instance-unlearning baseline.
         progress: Show progress bars.
+        dtrak_config: Settings of the D-TRAK baseline (default ``DTRAKConfig()``).
+        das_config: Settings of the DAS baseline (default ``DASConfig()``).
     """
 
     def __init__(self, base_dir: Path, pipe, dataset: GroupedDataset, recipe: Recipe, train, logo: dict,
                  queries: torch.Tensor, prompts: list[str] | None, gradient_config: GradientConfig,
-                 instance_config: InstanceUnlearningConfig, progress: bool):
+                 instance_config: InstanceUnlearningConfig, progress: bool, dtrak_config: DTRAKConfig | None = None,
+                 das_config: DASConfig | None = None):
         self.pipe, self.dataset, self.recipe, self.train, self.logo = pipe, dataset, recipe, train, logo
         self.queries, self.prompts, self.progress = queries, prompts, progress
         self.gradient_config, self.instance_config = gradient_config, instance_config
+        self.dtrak_config, self.das_config = dtrak_config or DTRAKConfig(), das_config or DASConfig()
         self.unet_class = model_classes(prompts is not None)[1]
         self.scheduler = training_scheduler(pipe.scheduler)  # DDPM-family or flow-matching, at its training schedule
         self.full_unet = self.unet_class.from_pretrained(base_dir, subfolder="unet").eval()
         self.conditioning = _Conditioning(pipe, dataset, prompts) if prompts is not None else None
         self.elbo_rows = ELBOEstimator(self.scheduler, recipe.elbo).num_rows
-        self.gradient_rows = len(resolve_timesteps(gradient_config.timesteps, self.scheduler)) * gradient_config.num_draws
-        self.instance_rows = len(resolve_timesteps(instance_config.timesteps, self.scheduler)) * instance_config.num_draws
+        self.configs = {"gradient": gradient_config, "instance_unlearning": instance_config, "dtrak": self.dtrak_config, "das": self.das_config}
+        self.rows = {m: len(resolve_timesteps(c.timesteps, self.scheduler)) * c.num_draws for m, c in self.configs.items()}
 
     def settings(self, method: str) -> dict:
         """What a method's scores depend on besides the queries, groups and base: part of their cache key."""
@@ -81,7 +86,7 @@ class MethodScorer:
             return {"elbo": self.recipe.elbo.to_dict(), "unlearning": self.recipe.unlearning.to_dict()}
         if method in ("similarity", "nearest_neighbour"):
             return dict(PIXELS)
-        return (self.gradient_config if method == "gradient" else self.instance_config).to_dict()
+        return self.configs[method].to_dict()
 
     def passes(self, method: str) -> dict:
         """A method's sample passes: ``forwards``, ``backwards`` and, where approximate, a ``note``."""
@@ -90,11 +95,12 @@ class MethodScorer:
             return {"forwards": n * self.elbo_rows * (k + 1), "backwards": 0}
         if method in ("similarity", "nearest_neighbour"):
             return dict(NO_PASSES)
-        if method == "gradient":
-            rows = self.gradient_rows
+        if method in ("gradient", "dtrak", "das"):
+            rows = self.rows[method]
             return {"forwards": (n + n_train) * rows, "backwards": (n + n_train) * rows,
-                    "note": "approximate: (queries + training images) x loss rows; projection not counted"}
-        rows, steps = self.instance_rows, self.instance_config.steps
+                    "note": "approximate: (queries + training images) x loss rows; projection"
+                            + (" and kernel inverse" if method != "gradient" else "") + " not counted"}
+        rows, steps = self.rows[method], self.instance_config.steps
         return {"forwards": n_train * rows + n * (steps * rows + n_train * rows), "backwards": n * steps * rows,
                 "note": "approximate: training losses before, per query ascent steps and training losses after"}
 
@@ -115,6 +121,9 @@ class MethodScorer:
         cond = self.conditioning.baseline_kwargs() if self.conditioning else {}
         if method == "gradient":
             return gradient_scores(self.full_unet, self.scheduler, queries, dataset, self.gradient_config, progress=progress, **cond)
+        if method in ("dtrak", "das"):
+            score = dtrak_scores if method == "dtrak" else das_scores
+            return score(self.full_unet, self.scheduler, queries, dataset, self.configs[method], progress=progress, **cond)
         return instance_unlearning_scores(self.full_unet, self.scheduler, queries, dataset, self.instance_config, progress=progress, **cond)
 
 

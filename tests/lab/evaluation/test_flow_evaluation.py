@@ -14,7 +14,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from diffusers_guda.cli import main
 from diffusers_guda.models import is_conditional
-from guda_lab.evaluation import GradientConfig, InstanceUnlearningConfig
+from guda_lab.evaluation import DASConfig, DTRAKConfig, GradientConfig, InstanceUnlearningConfig
 from guda_lab.evaluation.benchmarks import get_benchmark
 from guda_lab.evaluation.digits_styles import STYLES
 from guda_lab.evaluation.methods import model_classes
@@ -45,6 +45,7 @@ def evaluation(request, tmp_path_factory):
     dataset = get_benchmark(name).loader(images_per_digit=8)
     report = run_evaluation(root / "out", dataset, recipe, progress=False, log=lambda msg: None, benchmark=name,
                             gradient_config=GradientConfig(timesteps=(500,), projection_dim=16),
+                            dtrak_config=DTRAKConfig(timesteps=(500,), projection_dim=16), das_config=DASConfig(timesteps=(500,), projection_dim=16),
                             instance_config=InstanceUnlearningConfig(timesteps=(500,), steps=1))
     return {"name": name, "out": root / "out", "report": report, "dataset": dataset}
 

@@ -11,6 +11,7 @@ from diffusers_guda.recipes import Recipe
 from guda_lab import training_config
 from guda_lab.evaluation.gradient import GradientConfig
 from guda_lab.evaluation.instance_unlearning import InstanceUnlearningConfig
+from guda_lab.evaluation.kernel import DASConfig, DTRAKConfig
 from guda_lab.evaluation.methods import METHODS, MethodScorer, model_classes
 from guda_lab.evaluation.report import CEILING, REFERENCE
 from guda_lab.evaluation.similarity import nearest_neighbour_scores, similarity_scores
@@ -22,7 +23,8 @@ def _scorer(stock_pipeline_dir, tiny_dataset, tiny_recipe) -> MethodScorer:
     logo = {REFERENCE: (0, {}), CEILING: (7, {})}
     return MethodScorer(stock_pipeline_dir, pipe, tiny_dataset, recipe, training_config(recipe, "evaluate"), logo,
                         tiny_dataset.images[[0, 20]], None, GradientConfig(timesteps=(10, 50), num_draws=3),
-                        InstanceUnlearningConfig(timesteps=(30,), steps=4), progress=False)
+                        InstanceUnlearningConfig(timesteps=(30,), steps=4), progress=False,
+                        dtrak_config=DTRAKConfig(timesteps=(20, 40, 60), damping=0.5), das_config=DASConfig(num_draws=2, leverage=False))
 
 
 def test_settings_key_each_method_by_what_its_scores_depend_on(stock_pipeline_dir, tiny_dataset, tiny_recipe):
@@ -34,6 +36,8 @@ def test_settings_key_each_method_by_what_its_scores_depend_on(stock_pipeline_di
     assert scorer.settings("similarity") == scorer.settings("nearest_neighbour") == {"features": "pixels"}
     assert scorer.settings("gradient") == GradientConfig(timesteps=(10, 50), num_draws=3).to_dict()
     assert scorer.settings("instance_unlearning")["steps"] == 4
+    assert scorer.settings("dtrak") == DTRAKConfig(timesteps=(20, 40, 60), damping=0.5).to_dict()
+    assert scorer.settings("das") == DASConfig(num_draws=2, leverage=False).to_dict() != DASConfig().to_dict()
 
 
 def test_passes_count_sample_passes(stock_pipeline_dir, tiny_dataset, tiny_recipe):
@@ -45,6 +49,10 @@ def test_passes_count_sample_passes(stock_pipeline_dir, tiny_dataset, tiny_recip
     assert scorer.passes("similarity")["forwards"] == scorer.passes("nearest_neighbour")["backwards"] == 0
     gradient = scorer.passes("gradient")  # 2 timesteps x 3 draws per image
     assert gradient["forwards"] == gradient["backwards"] == (n + m) * 6
+    dtrak = scorer.passes("dtrak")  # 3 timesteps x 1 draw per image
+    assert dtrak["forwards"] == dtrak["backwards"] == (n + m) * 3 and "kernel inverse" in dtrak["note"]
+    das = scorer.passes("das")  # the default 10 timesteps x 2 draws per image
+    assert das["forwards"] == das["backwards"] == (n + m) * 20
     instance = scorer.passes("instance_unlearning")  # 1 timestep x 1 draw, 4 ascent steps
     assert instance["forwards"] == m + n * (4 + m) and instance["backwards"] == n * 4
 
@@ -53,6 +61,6 @@ def test_similarity_methods_compute_the_baselines(stock_pipeline_dir, tiny_datas
     scorer = _scorer(stock_pipeline_dir, tiny_dataset, tiny_recipe)
     assert torch.equal(scorer.compute("similarity"), similarity_scores(scorer.queries, tiny_dataset))
     assert torch.equal(scorer.compute("nearest_neighbour"), nearest_neighbour_scores(scorer.queries, tiny_dataset))
-    assert set(METHODS) == {"guda", "similarity", "nearest_neighbour", "gradient", "instance_unlearning"}
+    assert set(METHODS) == {"guda", "similarity", "nearest_neighbour", "gradient", "instance_unlearning", "dtrak", "das"}
     assert model_classes(False) == (GUDADDPMPipeline, UNet2DModel)
     assert type(scorer.full_unet) is UNet2DModel and not scorer.full_unet.training

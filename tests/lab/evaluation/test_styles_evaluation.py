@@ -13,7 +13,7 @@ import pytest
 from diffusers_guda.cli import main
 from diffusers_guda.models import is_conditional
 from diffusers_guda.pipelines.text_to_image import GUDATextToImagePipeline
-from guda_lab.evaluation import GradientConfig, InstanceUnlearningConfig
+from guda_lab.evaluation import DASConfig, DTRAKConfig, GradientConfig, InstanceUnlearningConfig
 from guda_lab.evaluation.digits_styles import STYLES, digits_styles
 from guda_lab.evaluation.runner import METHODS, run_evaluation
 
@@ -40,6 +40,7 @@ def evaluation(tmp_path_factory):
     dataset = digits_styles(images_per_digit=8)
     report = run_evaluation(root / "out", dataset, recipe, progress=False, log=lambda msg: None,
                             gradient_config=GradientConfig(timesteps=(50,), projection_dim=16),
+                            dtrak_config=DTRAKConfig(timesteps=(50,), projection_dim=16), das_config=DASConfig(timesteps=(50,), projection_dim=16),
                             instance_config=InstanceUnlearningConfig(timesteps=(50,), steps=1))
     return {"out": root / "out", "report": report, "dataset": dataset, "recipe": recipe}
 
@@ -88,6 +89,7 @@ def test_rerun_reuses_everything(evaluation):
     lines = []
     again = run_evaluation(evaluation["out"], evaluation["dataset"], evaluation["recipe"], progress=False, log=lines.append,
                            gradient_config=GradientConfig(timesteps=(50,), projection_dim=16),
+                           dtrak_config=DTRAKConfig(timesteps=(50,), projection_dim=16), das_config=DASConfig(timesteps=(50,), projection_dim=16),
                            instance_config=InstanceUnlearningConfig(timesteps=(50,), steps=1))
     assert all(stage.get("reused") for stage in again["cost"].values())
     assert again["methods"] == evaluation["report"]["methods"]
