@@ -6,6 +6,7 @@ Registered through the ``diffusers_guda.commands`` entry point (see :mod:`diffus
 from __future__ import annotations
 
 import math
+import shlex
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -69,15 +70,25 @@ def register(subparsers) -> None:
     p.add_argument("--queries", type=int, help="number of generated query images (default from the recipe)")
     p.add_argument("--query-seed", type=int,
                    help="seed of query 0, query i from seed + i (default from the recipe; another seed gives held-out queries)")
-    p.add_argument("--methods", nargs="+", help="methods to score (default: guda similarity nearest_neighbour gradient instance_unlearning)")
+    p.add_argument("--methods", nargs="+",
+                   help="methods to score (default: guda similarity nearest_neighbour gradient instance_unlearning dtrak das)")
     p.add_argument("--seed-b", type=int, help="training seed of the second LOGO set, the ceiling (default: the recipe's seed + 1)")
     p.add_argument("--gradient-option", action="append", metavar="KEY=VALUE",
                    help="gradient baseline setting, repeatable (e.g. projection_dim=1024, timesteps=[50,200,500])")
     p.add_argument("--instance-option", action="append", metavar="KEY=VALUE",
                    help="instance-unlearning baseline setting, repeatable (e.g. steps=10, learning_rate=0.003)")
+    p.add_argument("--dtrak-option", action="append", metavar="KEY=VALUE",
+                   help="D-TRAK baseline setting, repeatable (e.g. projection_dim=1024, damping=0.1, output_function=loss)")
+    p.add_argument("--das-option", action="append", metavar="KEY=VALUE",
+                   help="DAS baseline setting, repeatable (e.g. projection_dim=1024, damping=0.1, leverage=false)")
     p.add_argument("--no-ceiling", action="store_true",
                    help="skip LOGO seed B (half the LOGO cost; the report then has no ceiling and no fractions of it)")
     p.set_defaults(func=evaluate)
+
+    p = add_common(subparsers.add_parser("results", help="the results tables (docs/results.md) of finished evaluations"))
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="finished `guda evaluate` output directories, in table order")
+    p.add_argument("--out", help="write the Markdown here (default: print it)")
+    p.set_defaults(func=results)
 
 
 def train(args) -> None:
@@ -146,6 +157,7 @@ def evaluate(args) -> None:
     from .evaluation.benchmarks import get_benchmark
     from .evaluation.gradient import GradientConfig
     from .evaluation.instance_unlearning import InstanceUnlearningConfig
+    from .evaluation.kernel import DASConfig, DTRAKConfig
     from .evaluation.runner import METHODS, run_evaluation
 
     one_process_only("evaluate")
@@ -154,6 +166,8 @@ def evaluate(args) -> None:
     require_positive(queries=args.queries)
     gradient = _baseline_config(GradientConfig, args.gradient_option, "--gradient-option")
     instance = _baseline_config(InstanceUnlearningConfig, args.instance_option, "--instance-option")
+    dtrak = _baseline_config(DTRAKConfig, args.dtrak_option, "--dtrak-option")
+    das = _baseline_config(DASConfig, args.das_option, "--das-option")
     with output_lock(args.out, command="guda evaluate"):  # one run at a time on --out
         dataset = load_dataset(args)
         # the embedded digits (--data digits) are the digits-classes benchmark's dataset
@@ -162,5 +176,19 @@ def evaluate(args) -> None:
         recipe = args.recipe or (benchmark.recipe if benchmark else DEFAULT_RECIPE)
         run_evaluation(args.out, dataset, recipe, num_queries=args.queries, query_seed=args.query_seed, methods=args.methods or METHODS,
                        seed_b=args.seed_b, ceiling=not args.no_ceiling, gradient_config=gradient,
-                       instance_config=instance, progress=not args.quiet, benchmark=benchmark)
+                       instance_config=instance, progress=not args.quiet, benchmark=benchmark, dtrak_config=dtrak, das_config=das,
+                       command="guda " + shlex.join(args.argv))
     print(f"\nartifacts in {args.out}: report.json report.md metrics.png score_heatmaps.png scores/ base/ logo/ bundle/ queries/")
+
+
+def results(args) -> None:
+    from diffusers_guda.io_utils import write_text_atomic
+
+    from .evaluation.results_table import results_markdown
+
+    markdown = results_markdown(args.dirs)
+    if args.out is None:
+        print(markdown, end="")
+        return
+    write_text_atomic(Path(args.out), markdown)
+    print(f"tables of {len(args.dirs)} evaluation(s) -> {args.out}")

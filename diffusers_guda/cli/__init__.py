@@ -64,6 +64,7 @@ class _TorchvisionFallbackNotice(logging.Filter):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]  # what a command records of its own invocation
     notices = logging.getLogger("transformers.utils.import_utils")  # the logger it is emitted on
     if not any(isinstance(f, _TorchvisionFallbackNotice) for f in notices.filters):
         notices.addFilter(_TorchvisionFallbackNotice())

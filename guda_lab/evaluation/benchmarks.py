@@ -58,6 +58,7 @@ import torch
 from diffusers_guda.data import GroupedDataset, load_digits
 from diffusers_guda.errors import ConfigError
 
+from ..emoji import benchmarks as emoji
 from .digits_styles import digits_styles, digits_styles_unconditional
 
 COPY_NOISE = 0.05
@@ -260,6 +261,13 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "target, Euler sampling)", recipe="digits-styles-flow"),
     Benchmark("digits-styles-flow-uncond", digits_styles_unconditional, "the digits-styles images and style groups without "
               "prompts, an unconditional flow-matching model", recipe="digits-styles-flow-uncond"),
+    Benchmark("emoji-styles", emoji.emoji_styles, "real colour art: the same emoji drawn by google, twitter and openmoji "
+              "(16 px RGB), captioned by category; groups = styles (run `guda prepare emoji-styles` first)", recipe="emoji-styles"),
+    Benchmark("emoji-styles-uncond", emoji.emoji_styles_unconditional, "the emoji-styles images and style groups without "
+              "captions, an unconditional DDPM model", recipe="emoji-styles-uncond"),
+    Benchmark("emoji-contributors", emoji.emoji_contributors, "emoji-styles-uncond with a collector holding a quarter of "
+              "every style (pixel nearest neighbour is wrong by design)", recipe="emoji-styles-uncond",
+              comparisons=emoji.contributors_comparisons),
 )}
 
 

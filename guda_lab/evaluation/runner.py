@@ -44,6 +44,7 @@ from ..training import TRAIN_LOG_NAME, train_base_model
 from .benchmarks import Benchmark, get_benchmark
 from .gradient import GradientConfig
 from .instance_unlearning import InstanceUnlearningConfig
+from .kernel import DASConfig, DTRAKConfig
 from .logo import train_logo_models
 from .methods import METHODS, MethodScorer, model_classes
 from .report import (
@@ -91,6 +92,9 @@ def run_evaluation(
     progress: bool = True,
     log=print,
     benchmark: str | Benchmark | None = None,
+    dtrak_config: DTRAKConfig | None = None,
+    das_config: DASConfig | None = None,
+    command: str | None = None,
 ) -> dict:
     """Evaluate GUDA and the baselines against LOGO (seed A), with LOGO seed B as the ceiling.
 
@@ -111,6 +115,9 @@ def run_evaluation(
         log: Where stage lines go.
         benchmark: The named benchmark (or its name) ``dataset`` was loaded from: its group-level
             comparisons and ``label_top1`` join the report. ``None``: a dataset of one's own.
+        dtrak_config: Settings of the D-TRAK baseline (default ``DTRAKConfig()``).
+        das_config: Settings of the DAS baseline (default ``DASConfig()``).
+        command: The command line that runs this evaluation, recorded in the report (``guda evaluate`` passes its own).
 
     Returns:
         The report dict (also written to ``out_dir/report.json``).
@@ -120,7 +127,7 @@ def run_evaluation(
     """
     return Evaluation(out_dir, dataset, recipe, num_queries=num_queries, query_seed=query_seed, methods=methods, seed_b=seed_b, ceiling=ceiling,
                       gradient_config=gradient_config, instance_config=instance_config, progress=progress, log=log,
-                      benchmark=benchmark).run()
+                      benchmark=benchmark, dtrak_config=dtrak_config, das_config=das_config, command=command).run()
 
 
 class Evaluation:
@@ -133,7 +140,8 @@ class Evaluation:
     def __init__(self, out_dir, dataset: GroupedDataset, recipe: str | Recipe, *, num_queries: int | None = None,
                  query_seed: int | None = None, methods: Sequence[str] = METHODS, seed_b: int | None = None, ceiling: bool = True,
                  gradient_config: GradientConfig | None = None, instance_config: InstanceUnlearningConfig | None = None,
-                 progress: bool = True, log=print, benchmark: str | Benchmark | None = None):
+                 progress: bool = True, log=print, benchmark: str | Benchmark | None = None,
+                 dtrak_config: DTRAKConfig | None = None, das_config: DASConfig | None = None, command: str | None = None):
         self.methods = _check_methods(methods)
         self.benchmark = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
         self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
@@ -153,7 +161,8 @@ class Evaluation:
         self.dataset, self.ceiling, self.progress, self.log = dataset, ceiling, progress, log
         self.gradient_config = gradient_config or GradientConfig()
         self.instance_config = instance_config or InstanceUnlearningConfig()
-        self.out = Path(out_dir)
+        self.dtrak_config, self.das_config = dtrak_config or DTRAKConfig(), das_config or DASConfig()
+        self.out, self.command = Path(out_dir), command
         self.cost: dict[str, dict] = {}
 
     def run(self) -> dict:
@@ -165,7 +174,7 @@ class Evaluation:
         pipe, fingerprint = self.make_bundle()
         queries, prompts, query_hashes = self.make_queries(pipe, fingerprint)
         scorer = MethodScorer(self.out / "base", pipe, self.dataset, self.recipe, self.train, logo, queries, prompts,
-                              self.gradient_config, self.instance_config, self.progress)
+                              self.gradient_config, self.instance_config, self.progress, self.dtrak_config, self.das_config)
         all_methods = [REFERENCE, *([CEILING] if self.ceiling else []), *self.methods]
         scores = self.score(scorer, all_methods, query_hashes, fingerprint)
         sections = self.compute_metrics(scores, all_methods, queries, prompts)
@@ -307,6 +316,8 @@ class Evaluation:
         logo_passes = cost[REFERENCE]["forwards"] + cost[REFERENCE]["backwards"]
         guda_passes = cost["guda_unlearning"]["forwards"] + cost["guda_unlearning"]["backwards"]
         report = {
+            "benchmark": self.benchmark.name if self.benchmark is not None else None,
+            "command": self.command,
             "recipe": recipe.to_dict(),
             "seeds": {"logo_seed_a": self.seed_a, "logo_seed_b": self.seed_b if self.ceiling else None, "train": self.seed_a,
                       "unlearning": recipe.unlearning.seed, "elbo": recipe.elbo.seed, "queries": self.query_seed},
@@ -328,6 +339,7 @@ class Evaluation:
             "cost_ratio_logo_over_guda": logo_wall / guda_wall if guda_wall > 0 else None,
             "cost_ratio_logo_over_guda_passes": logo_passes / guda_passes if guda_passes > 0 else None,
             "baseline_settings": {"gradient": self.gradient_config.to_dict(), "instance_unlearning": self.instance_config.to_dict(),
+                                  "dtrak": self.dtrak_config.to_dict(), "das": self.das_config.to_dict(),
                                   "similarity": {"features": "pixels"}, "nearest_neighbour": {"features": "pixels"}},
             "cost_note": COST_NOTE,
             "artifacts": {"base": "base", "logo": "logo", "bundle": "bundle", "queries": "queries", "scores": "scores"},

@@ -12,6 +12,7 @@ import torch
 
 from diffusers_guda.data import load_digits
 from diffusers_guda.errors import ConfigError
+from guda_lab import emoji
 from guda_lab.evaluation import benchmarks
 
 SETUP_CFG = Path(__file__).resolve().parents[3] / "setup.cfg"
@@ -140,6 +141,9 @@ def test_each_benchmark_declares_its_recipe_comparisons_and_labels():
         "digits-styles": ("digits-styles", None, False),
         "digits-styles-flow": ("digits-styles-flow", None, False),
         "digits-styles-flow-uncond": ("digits-styles-flow-uncond", None, False),
+        "emoji-styles": ("emoji-styles", None, False),
+        "emoji-styles-uncond": ("emoji-styles-uncond", None, False),
+        "emoji-contributors": ("emoji-styles-uncond", emoji.contributors_comparisons, False),
     }
     assert all(b.name == name for name, b in benchmarks.BENCHMARKS.items())
     assert benchmarks.available_benchmarks() == {name: b.description for name, b in benchmarks.BENCHMARKS.items()}
