@@ -121,7 +121,7 @@ def _concat_conditioning(conds: Sequence[Conditioning | None]) -> Conditioning |
     return torch.cat(list(conds))
 
 
-def fused_outputs(forwards: UNetForwards, calls: list[list[_Call]], adapter_names: list[str], objective: str) -> list[list[torch.Tensor]]:
+def _fused_outputs(forwards: UNetForwards, calls: list[list[_Call]], adapter_names: list[str], objective: str) -> list[list[torch.Tensor]]:
     """Run the calls at each position of every group's sequence as one forward; the outputs per group.
 
     Raises:
@@ -200,7 +200,7 @@ def _joint_step(groups, optimizers, forwards, config, autocast, step: int) -> li
         g.objective.loss(replace(batch, model=rec.caller(STUDENT), teacher=rec.caller(TEACHER)))
     objective = groups[0].objective.name
     with autocast():
-        outputs = fused_outputs(forwards, [r.calls for r in recorders], [g.adapter_name for g in groups], objective)
+        outputs = _fused_outputs(forwards, [r.calls for r in recorders], [g.adapter_name for g in groups], objective)
         losses, parts = [], []
         for g, batch, rec, out, state in zip(groups, batches, recorders, outputs, states):
             g.generator.set_state(state)  # the second pass draws what the first drew
