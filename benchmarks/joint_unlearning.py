@@ -70,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
             # the training loops alone (each group's share of its loop), not the before/after loss evaluation
             walls[g].append(sum(group.stats["wall_s"] for group in bundle.groups))
             adapters[g] = bundle.adapters
+            group_steps = sum(group.stats["steps"] for group in bundle.groups)  # the recipe may scale steps with group size
 
     config = settings[1]
     rows = []
@@ -80,11 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
     for g in args.joint:
         wall = statistics.median(walls[g])
         diff = max((adapters[g][slug][k] - adapters[1][slug][k]).abs().max().item() for slug in adapters[1] for k in adapters[1][slug])
-        row = {"joint_groups": g, "wall_s": wall, "walls": walls[g], "per_group_step_s": wall / (dataset.num_groups * args.steps),
+        row = {"joint_groups": g, "wall_s": wall, "walls": walls[g], "per_group_step_s": wall / group_steps,
                "speedup": base / wall, "max_adapter_diff": diff}
         rows.append(row)
         print(f"{g:12d} {wall:10.2f} {row['per_group_step_s']:15.4f} {row['speedup']:13.2f}x {diff:16.2e}")
-    result = {"recipe": recipe.name, "groups": dataset.num_groups, "steps": args.steps, "device": args.device,
+    result = {"recipe": recipe.name, "groups": dataset.num_groups, "steps": args.steps, "group_steps": group_steps, "device": args.device,
               "threads": torch.get_num_threads(), "batch": [config.forget_batch_size, config.retain_batch_size], "rows": rows}
     if args.save:
         Path(args.save).write_text(json.dumps(result, indent=1))

@@ -100,6 +100,15 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             raise
 
 
+def cache_dir_from_env(variable: str, name: str) -> Path:
+    """``$variable`` if set, else ``<HF_HOME>/diffusers_guda/<name>`` (``~/.cache/huggingface/...``)."""
+    if os.environ.get(variable):
+        return Path(os.environ[variable]).expanduser()
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "diffusers_guda" / name
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename (see :func:`atomic_file`)."""
     with atomic_file(path) as tmp:

@@ -21,7 +21,7 @@ from .data import GroupedDataset
 from .distributed import ProcessInfo, current_process
 from .errors import DataError, DistributedError, GUDAError
 from .hashing import image_content_digest, model_fingerprint
-from .io_utils import atomic_file
+from .io_utils import atomic_file, cache_dir_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +33,7 @@ SHARD_GLOB = "shard-*.safetensors"
 
 def default_latent_cache_dir() -> Path:
     """``$GUDA_LATENT_CACHE`` if set, else ``<HF_HOME>/diffusers_guda/latents`` (``~/.cache/huggingface/...``)."""
-    if os.environ.get(LATENT_CACHE_ENV):
-        return Path(os.environ[LATENT_CACHE_ENV]).expanduser()
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HOME) / "diffusers_guda" / "latents"
+    return cache_dir_from_env(LATENT_CACHE_ENV, "latents")
 
 
 class LatentCache:

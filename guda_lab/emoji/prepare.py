@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from diffusers_guda.errors import ConfigError, DataError
+from diffusers_guda.io_utils import atomic_directory, cache_dir_from_env
 
 from .sources import SOURCE_SIZE, SOURCES, EmojiSource, check_styles, read_source, tarball
 
@@ -42,11 +43,7 @@ IMAGES_NAME = "images.safetensors"
 
 def default_cache_dir() -> Path:
     """``$GUDA_EMOJI_CACHE`` if set, else ``<HF_HOME>/diffusers_guda/emoji``."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    from huggingface_hub import constants
-
-    return Path(constants.HF_HOME) / "diffusers_guda" / "emoji"
+    return cache_dir_from_env(CACHE_ENV, "emoji")
 
 
 def dataset_dir(styles, size: int = DEFAULT_SIZE, cache_dir: str | os.PathLike | None = None,
@@ -79,7 +76,6 @@ def prepare_emoji_styles(styles=None, size: int = DEFAULT_SIZE, cache_dir: str |
         ConfigError: an unknown style, a bad size, a missing tarball, a failed download.
         DataError: a checksum mismatch, a corrupt tarball, a package without the style's images, no emoji common to all styles.
     """
-    from diffusers_guda.io_utils import atomic_directory
 
     sources = SOURCES if sources is None else sources
     styles = check_styles(styles, sources)

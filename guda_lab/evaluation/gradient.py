@@ -42,6 +42,7 @@ __all__ = [
     "ProjectionConfig",
     "gradient_scores",
     "projected_gradients",
+    "query_and_train_features",
     "projected_output_gradients",
     "projection_blocks",
 ]
@@ -183,6 +184,18 @@ def projected_gradients(unet, scheduler, images: torch.Tensor, config: Projectio
     return projected_output_gradients(unet, scheduler, images, config or GradientConfig(), "loss", progress, conditioning)[0]
 
 
+def query_and_train_features(unet, scheduler, queries: torch.Tensor, dataset: GroupedDataset, config: ProjectionConfig,
+                             output_function: str, progress: bool, query_conditioning: torch.Tensor | None,
+                             train_conditioning: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The checked inputs' :func:`projected_output_gradients`: ``(query features [N, D], training features [M, D],
+    training images' denoising losses [M])``, the inputs of every projected-gradient baseline."""
+    check_queries(queries, dataset)
+    check_conditioning(unet, query_conditioning, train_conditioning, len(queries), len(dataset))
+    query, _ = projected_output_gradients(unet, scheduler, queries, config, output_function, progress, query_conditioning)
+    train, losses = projected_output_gradients(unet, scheduler, dataset.images, config, output_function, progress, train_conditioning)
+    return query, train, losses
+
+
 def gradient_scores(unet, scheduler, queries: torch.Tensor, dataset: GroupedDataset, config: GradientConfig | None = None, progress: bool = False,
                     query_conditioning: torch.Tensor | None = None, train_conditioning: torch.Tensor | None = None) -> torch.Tensor:
     """TRAK/D-TRAK-style gradient attribution, summed per group.
@@ -209,10 +222,8 @@ def gradient_scores(unet, scheduler, queries: torch.Tensor, dataset: GroupedData
         Float64 tensor ``[N, K]``.
     """
     config = config or GradientConfig()
-    check_queries(queries, dataset)
-    check_conditioning(unet, query_conditioning, train_conditioning, len(queries), len(dataset))
-    query_grads = projected_gradients(unet, scheduler, queries, config, progress, query_conditioning)
-    train_grads = projected_gradients(unet, scheduler, dataset.images, config, progress, train_conditioning)
+    query_grads, train_grads, _ = query_and_train_features(unet, scheduler, queries, dataset, config, "loss", progress,
+                                                           query_conditioning, train_conditioning)
     if config.normalize:
         query_grads = torch.nn.functional.normalize(query_grads, dim=1, eps=1e-30)
         train_grads = torch.nn.functional.normalize(train_grads, dim=1, eps=1e-30)

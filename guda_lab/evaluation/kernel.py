@@ -35,9 +35,8 @@ import torch
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import ConfigError
 
-from .aggregation import check_queries, group_reduce
-from .denoising import check_conditioning
-from .gradient import OUTPUT_FUNCTIONS, ProjectionConfig, projected_output_gradients
+from .aggregation import group_reduce
+from .gradient import OUTPUT_FUNCTIONS, ProjectionConfig, query_and_train_features
 
 __all__ = ["DASConfig", "DTRAKConfig", "KernelConfig", "das_scores", "dtrak_scores", "kernel_solve"]
 
@@ -106,14 +105,6 @@ def kernel_solve(train: torch.Tensor, damping: float) -> torch.Tensor:
     return torch.linalg.solve(kernel + lam * eye, phi.T)
 
 
-def _features(unet, scheduler, queries, dataset, config, output_function, progress, query_conditioning, train_conditioning):
-    check_queries(queries, dataset)
-    check_conditioning(unet, query_conditioning, train_conditioning, len(queries), len(dataset))
-    query, _ = projected_output_gradients(unet, scheduler, queries, config, output_function, progress, query_conditioning)
-    train, losses = projected_output_gradients(unet, scheduler, dataset.images, config, output_function, progress, train_conditioning)
-    return query, train, losses
-
-
 def dtrak_scores(unet, scheduler, queries: torch.Tensor, dataset: GroupedDataset, config: DTRAKConfig | None = None, progress: bool = False,
                  query_conditioning: torch.Tensor | None = None, train_conditioning: torch.Tensor | None = None) -> torch.Tensor:
     """D-TRAK attribution, summed per group.
@@ -137,8 +128,8 @@ def dtrak_scores(unet, scheduler, queries: torch.Tensor, dataset: GroupedDataset
         Float64 tensor ``[N, K]``.
     """
     config = config or DTRAKConfig()
-    query, train, _ = _features(unet, scheduler, queries, dataset, config, config.output_function, progress,
-                                query_conditioning, train_conditioning)
+    query, train, _ = query_and_train_features(unet, scheduler, queries, dataset, config, config.output_function, progress,
+                                               query_conditioning, train_conditioning)
     per_image = query @ kernel_solve(train, config.damping)
     return group_reduce(per_image, dataset.group_ids, dataset.num_groups, config.aggregate)
 
@@ -158,7 +149,8 @@ def das_scores(unet, scheduler, queries: torch.Tensor, dataset: GroupedDataset, 
         Float64 tensor ``[N, K]``, every entry ``>= 0``.
     """
     config = config or DASConfig()
-    query, train, losses = _features(unet, scheduler, queries, dataset, config, "mean", progress, query_conditioning, train_conditioning)
+    query, train, losses = query_and_train_features(unet, scheduler, queries, dataset, config, "mean", progress,
+                                                    query_conditioning, train_conditioning)
     solved = kernel_solve(train, config.damping)  # [D, M]
     weight = losses.clamp_min(0).sqrt()
     if config.leverage:

@@ -23,5 +23,6 @@ def test_rows_compare_joint_loops_with_the_sequential_one(tiny_recipe, tmp_path,
     assert (sequential["joint_groups"], joint["joint_groups"]) == (1, 5)
     assert sequential["speedup"] == 1.0 and sequential["max_adapter_diff"] == 0.0
     assert joint["max_adapter_diff"] < 1e-3  # rounding, not another adapter
-    assert joint["per_group_step_s"] == pytest.approx(joint["wall_s"] / 20)
+    assert result["group_steps"] >= 10  # at least one step per group, 2 for a group of the mean size
+    assert joint["per_group_step_s"] == pytest.approx(joint["wall_s"] / result["group_steps"])
     assert "vs sequential" in capsys.readouterr().out

@@ -59,7 +59,8 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(tiny_datase
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_loss_decreases(tiny_dataset, monkeypatch):
+def record_losses(monkeypatch) -> list[float]:
+    """The list every training loss (``F.mse_loss``) is appended to while ``monkeypatch`` holds."""
     losses = []
     original = torch.nn.functional.mse_loss
 
@@ -69,6 +70,11 @@ def test_loss_decreases(tiny_dataset, monkeypatch):
         return loss
 
     monkeypatch.setattr(torch.nn.functional, "mse_loss", recording_mse)
+    return losses
+
+
+def test_loss_decreases(tiny_dataset, monkeypatch):
+    losses = record_losses(monkeypatch)
     train_base_model(tiny_dataset, tiny_config(steps=60, warmup_steps=5), progress=False)
     assert len(losses) == 60
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
@@ -192,16 +198,8 @@ def test_flow_training_is_deterministic_and_learns(tiny_dataset):
     a = train_base_model(tiny_dataset, config, progress=False)
     b = train_base_model(tiny_dataset, config, progress=False).unet.state_dict()
     assert all(torch.equal(v, b[k]) for k, v in a.unet.state_dict().items())
-    losses = []
-    original = torch.nn.functional.mse_loss
-
-    def recording_mse(*args, **kwargs):
-        loss = original(*args, **kwargs)
-        losses.append(loss.item())
-        return loss
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.nn.functional, "mse_loss", recording_mse)
+        losses = record_losses(patch)
         train_base_model(tiny_dataset, config, progress=False)
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
 
