@@ -42,6 +42,16 @@ nearest neighbour is wrong by design (the three above mislead mean similarity, n
   digit's contributor above ``hobbyist``. The price is smaller effects: with a quarter of a digit
   left, removing its contributor lowers a query's ELBO by ~5-9 nats instead of ~17-32.
 
+``digits-crowd-10``, ``digits-crowd-30``, ``digits-crowd-120``: one construction at three group
+counts, for scaling studies (docs/evaluation.md#digits-crowd). K contributors of unequal size
+(log-normal weights, σ = 0.8, as real contributions are: a few large, many small), each with a main
+digit (K / 10 contributors per digit). An image of digit d goes to one of d's contributors with
+probability 0.8 and to any other contributor with probability 0.2, in proportion to their weights;
+every contributor first gets 5 images of its main digit. At K = 120 the mean contributor holds 15
+images. Expected: for a query of digit d, d's largest contributors above its small ones, and those
+above contributors of other digits; the nearest training image belongs to a contributor roughly in
+proportion to its share, so nearest neighbour names a small contributor about as often as its share.
+
 Each construction is also scored at group level (:meth:`Benchmark.group_comparisons`): over the queries it
 concerns, does group a have the larger mean Δ than group b, with a paired interval? Per-query ranks
 of small effects drown in LOGO's own seed-to-seed noise; a mean over the query set does not.
@@ -50,6 +60,7 @@ of small effects drown in LOGO's own seed-to-seed noise; a mean over the query s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import numpy as np
@@ -67,6 +78,46 @@ SMALL_SEVENS = 20
 HOBBYIST_SHARE_INVERSE = 4  # the hobbyist holds a quarter of each of its digits
 HOBBYIST_DIGITS = {0: "zeros", 1: "ones", 2: "twos", 4: "fours", 7: "sevens"}
 STYLE_DIGITS = {5: "fives", 6: "sixes", 8: "eights", 9: "nines"}
+
+
+CROWD_SIZES = (10, 30, 120)
+CROWD_MAIN_SHARE = 0.8  # chance that an image goes to one of its digit's own contributors
+CROWD_SIZE_SIGMA = 0.8  # log-normal spread of contributor weights
+CROWD_MIN_IMAGES = 5  # of its main digit, given to every contributor first
+
+
+def digits_crowd(num_contributors: int, seed: int = 0) -> GroupedDataset:
+    """The ``digits-crowd-K`` benchmark: ``num_contributors`` (a multiple of 10) contributors of unequal
+    size, each mostly holding one digit; see the module docstring."""
+    if num_contributors % 10 or num_contributors < 10:
+        raise ConfigError(f"digits-crowd needs a multiple of 10 contributors, got {num_contributors}.")
+    digits = load_digits()
+    generator = torch.Generator().manual_seed(seed)
+    k, labels = num_contributors, digits.group_ids
+    main = torch.arange(k) % 10
+    weight = torch.exp(CROWD_SIZE_SIGMA * torch.randn(k, generator=generator))
+    owner = torch.full_like(labels, -1)
+
+    def pick(candidates: torch.Tensor, n: int) -> torch.Tensor:  # n draws in proportion to the candidates' weights
+        return candidates[torch.multinomial(weight[candidates], n, replacement=True, generator=generator)] if n else candidates[:0]
+
+    for digit in range(10):
+        idx = torch.nonzero(labels == digit).flatten()
+        idx = idx[torch.randperm(len(idx), generator=generator)]
+        own, other = torch.nonzero(main == digit).flatten(), torch.nonzero(main != digit).flatten()
+        seeded = CROWD_MIN_IMAGES * len(own)
+        owner[idx[:seeded]] = own.repeat_interleave(CROWD_MIN_IMAGES)
+        rest = idx[seeded:]
+        home = torch.rand(len(rest), generator=generator) < CROWD_MAIN_SHARE
+        owner[rest[home]] = pick(own, int(home.sum()))
+        owner[rest[~home]] = pick(other, int((~home).sum()))
+    order = torch.argsort(owner, stable=True)
+    names = [f"crowd-{c:03d}" for c in range(k)]
+    return GroupedDataset(digits.images[order], owner[order], names)
+
+
+digits_crowd_10, digits_crowd_30, digits_crowd_120 = (partial(digits_crowd, k) for k in CROWD_SIZES)
+CROWD_LOADERS = dict(zip(CROWD_SIZES, (digits_crowd_10, digits_crowd_30, digits_crowd_120)))
 
 
 def digits_contributors(seed: int = 0) -> GroupedDataset:
@@ -255,6 +306,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
     Benchmark("digits-contributors-hobbyist", digits_contributors_hobbyist, "digits-contributors with the 7s split replaced "
               "by a hobbyist holding a quarter of five digits (pixel nearest neighbour is wrong by design)",
               comparisons=hobbyist_comparisons),
+    *(Benchmark(f"digits-crowd-{k}", CROWD_LOADERS[k], f"{k} contributors of unequal size, each mostly holding one "
+                f"digit (the scaling study's construction at K = {k})") for k in CROWD_SIZES),
     Benchmark("digits-styles", digits_styles, "text-conditioned digits with prompts; groups = 4 styles (plain, thick, "
               "slanted, inverted) applied across all digits", recipe="digits-styles"),
     Benchmark("digits-styles-flow", digits_styles, "digits-styles with a flow-matching model (rectified flow, velocity "

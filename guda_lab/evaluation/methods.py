@@ -81,7 +81,9 @@ class MethodScorer:
     def settings(self, method: str) -> dict:
         """What a method's scores depend on besides the queries, groups and base: part of their cache key."""
         if method in (REFERENCE, CEILING):
-            return {"elbo": self.recipe.elbo.to_dict(), "train": self.train.to_dict(), "seed": self.logo[method][0]}
+            seed, models = self.logo[method]
+            key = {"elbo": self.recipe.elbo.to_dict(), "train": self.train.to_dict(), "seed": seed}
+            return key if len(models) == self.dataset.num_groups else {**key, "logo_groups": list(models)}
         if method == "guda":
             return {"elbo": self.recipe.elbo.to_dict(), "unlearning": self.recipe.unlearning.to_dict()}
         if method in ("similarity", "nearest_neighbour"):
@@ -91,7 +93,9 @@ class MethodScorer:
     def passes(self, method: str) -> dict:
         """A method's sample passes: ``forwards``, ``backwards`` and, where approximate, a ``note``."""
         n, n_train, k = len(self.queries), len(self.dataset), self.dataset.num_groups
-        if method in (REFERENCE, CEILING, "guda"):
+        if method in (REFERENCE, CEILING):
+            return {"forwards": n * self.elbo_rows * (len(self.logo[method][1]) + 1), "backwards": 0}
+        if method == "guda":
             return {"forwards": n * self.elbo_rows * (k + 1), "backwards": 0}
         if method in ("similarity", "nearest_neighbour"):
             return dict(NO_PASSES)

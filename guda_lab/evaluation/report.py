@@ -136,6 +136,9 @@ def format_markdown(report: dict) -> str:
         f"`{report['reference']}` (LOGO, seed {report['seeds']['logo_seed_a']}), "
         + (f"ceiling `{report['ceiling']}` (LOGO, seed {report['seeds']['logo_seed_b']})." if report["ceiling"] else "no ceiling (run without LOGO seed B)."),
         "",
+        *([f"LOGO was trained for {len(report['logo_groups'])} of the {len(report['groups'])} groups (a random subset fixed by "
+           f"seed A: {', '.join(report['logo_groups'])}); every metric compares the methods' scores on those groups only, "
+           f"and LOGO's cost is scaled by {report['logo_cost_scale']:.2f} to all groups.", ""] if report.get("logo_groups") else []),
         "## Agreement with the reference (mean ± std over queries)",
         "",
         "| method | " + " | ".join(names) + " |",

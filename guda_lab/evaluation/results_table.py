@@ -70,8 +70,10 @@ def run_table(report: dict) -> str:
     """One evaluation's results table (markdown): a heading line, the command, and one row per method."""
     queries, seed = report["num_queries"], report["seeds"]["queries"]
     title = report.get("benchmark") or report["recipe"]["name"]
+    subset = report.get("logo_groups")
     lines = [f"**{title}** — {queries} queries from seed {seed}, recipe `{report['recipe']['name']}`, "
-             f"against LOGO seed {report['seeds']['logo_seed_a']}"]
+             f"against LOGO seed {report['seeds']['logo_seed_a']}"
+             + (f" on {len(subset)} of the {len(report['groups'])} groups (LOGO trained for those only)" if subset else "")]
     if report.get("command"):
         lines += ["", "```bash", report["command"], "```"]
     paired = (report.get("paired") or {}).get("versus", {})

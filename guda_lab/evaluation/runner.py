@@ -30,9 +30,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from diffusers_guda.bundle import unique_slugs
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import ConfigError
-from diffusers_guda.hashing import image_content_hash, unet_fingerprint
+from diffusers_guda.hashing import derive_seed, image_content_hash, unet_fingerprint
 from diffusers_guda.io_utils import write_json_atomic, write_text_atomic
 from diffusers_guda.recipes import Recipe
 
@@ -45,7 +46,7 @@ from .benchmarks import Benchmark, get_benchmark
 from .gradient import GradientConfig
 from .instance_unlearning import InstanceUnlearningConfig
 from .kernel import DASConfig, DTRAKConfig
-from .logo import train_logo_models
+from .logo import logo_model_dir, train_logo_models
 from .methods import METHODS, MethodScorer, model_classes
 from .report import (
     CEILING,
@@ -61,14 +62,15 @@ from .report import (
     prompt_subsets,
 )
 
-__all__ = ["CEILING", "METHODS", "REFERENCE", "Evaluation", "cost_stage", "run_evaluation"]
+__all__ = ["CEILING", "METHODS", "REFERENCE", "Evaluation", "cost_stage", "logo_subset", "run_evaluation"]
 
 COST_NAME = "cost.json"
 QUERIES_META = "queries.json"
 STAGES = 9
 LABEL_SOURCE = "5-nearest-neighbour digit classifier on the real digits (demo.digit_classifier)"
 COST_NOTE = ("forwards/backwards count sample passes (an image, or one (t, draw) row of an image, through the UNet); "
-             "LOGO and base wall times are the training loops from guda_train.json; baseline counts are approximate.")
+             "LOGO and base wall times are the training loops from guda_train.json; baseline counts are approximate; "
+             "with LOGO on a subset of groups, the LOGO / GUDA ratios scale LOGO's cost by logo_cost_scale (all groups / subset).")
 
 
 def cost_stage(method: str) -> str:
@@ -95,6 +97,7 @@ def run_evaluation(
     dtrak_config: DTRAKConfig | None = None,
     das_config: DASConfig | None = None,
     command: str | None = None,
+    logo_groups: int | None = None,
 ) -> dict:
     """Evaluate GUDA and the baselines against LOGO (seed A), with LOGO seed B as the ceiling.
 
@@ -118,6 +121,11 @@ def run_evaluation(
         dtrak_config: Settings of the D-TRAK baseline (default ``DTRAKConfig()``).
         das_config: Settings of the DAS baseline (default ``DASConfig()``).
         command: The command line that runs this evaluation, recorded in the report (``guda evaluate`` passes its own).
+        logo_groups: Train LOGO models for this many groups only, a random subset fixed by seed A
+            (:func:`logo_subset`), for group counts where LOGO for every group is too dear; every
+            method is then compared with LOGO on the subset's columns only (top-1, NDCG@3 and
+            Spearman among those groups), and LOGO's cost is scaled to all groups
+            (docs/evaluation.md#logo-on-a-subset-of-groups). ``None``: every group.
 
     Returns:
         The report dict (also written to ``out_dir/report.json``).
@@ -127,7 +135,8 @@ def run_evaluation(
     """
     return Evaluation(out_dir, dataset, recipe, num_queries=num_queries, query_seed=query_seed, methods=methods, seed_b=seed_b, ceiling=ceiling,
                       gradient_config=gradient_config, instance_config=instance_config, progress=progress, log=log,
-                      benchmark=benchmark, dtrak_config=dtrak_config, das_config=das_config, command=command).run()
+                      benchmark=benchmark, dtrak_config=dtrak_config, das_config=das_config, command=command,
+                      logo_groups=logo_groups).run()
 
 
 class Evaluation:
@@ -141,7 +150,8 @@ class Evaluation:
                  query_seed: int | None = None, methods: Sequence[str] = METHODS, seed_b: int | None = None, ceiling: bool = True,
                  gradient_config: GradientConfig | None = None, instance_config: InstanceUnlearningConfig | None = None,
                  progress: bool = True, log=print, benchmark: str | Benchmark | None = None,
-                 dtrak_config: DTRAKConfig | None = None, das_config: DASConfig | None = None, command: str | None = None):
+                 dtrak_config: DTRAKConfig | None = None, das_config: DASConfig | None = None, command: str | None = None,
+                 logo_groups: int | None = None):
         self.methods = _check_methods(methods)
         self.benchmark = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
         self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
@@ -158,6 +168,7 @@ class Evaluation:
         if self.num_queries < 1:
             raise ConfigError(f"num_queries must be >= 1, got {self.num_queries}.")
         self.query_seed = int(self.recipe.queries.get("seed", 0) if query_seed is None else query_seed)
+        self.logo_subset = logo_subset(dataset.num_groups, logo_groups, self.seed_a)
         self.dataset, self.ceiling, self.progress, self.log = dataset, ceiling, progress, log
         self.gradient_config = gradient_config or GradientConfig()
         self.instance_config = instance_config or InstanceUnlearningConfig()
@@ -177,11 +188,13 @@ class Evaluation:
                               self.gradient_config, self.instance_config, self.progress, self.dtrak_config, self.das_config)
         all_methods = [REFERENCE, *([CEILING] if self.ceiling else []), *self.methods]
         scores = self.score(scorer, all_methods, query_hashes, fingerprint)
+        if self.logo_subset is not None:  # LOGO's columns are the subset's; compare every method there
+            scores = {m: s if m in (REFERENCE, CEILING) else s[:, self.logo_subset] for m, s in scores.items()}
         sections = self.compute_metrics(scores, all_methods, queries, prompts)
         report = self.write_report(sections)
         self.log(f"[9/{STAGES}] plots -> {self.out / 'metrics.png'}, {self.out / 'score_heatmaps.png'}")
         plot_metrics(report, self.out / "metrics.png")
-        plot_score_heatmaps({m: scores[m] for m in all_methods}, report["groups"], self.out / "score_heatmaps.png")
+        plot_score_heatmaps({m: scores[m] for m in all_methods}, report["logo_groups"] or report["groups"], self.out / "score_heatmaps.png")
         self.log(format_summary(report))
         return report
 
@@ -199,16 +212,18 @@ class Evaluation:
 
     def train_logo(self) -> dict[str, tuple[int, dict[str, Path]]]:
         """Stages 2-3: the LOGO models of seed A and (with the ceiling) seed B; ``{method: (seed, {group: dir})}``."""
-        logo, K = {}, self.dataset.num_groups
+        logo = {}
+        ids = range(self.dataset.num_groups) if self.logo_subset is None else self.logo_subset
+        slugs = unique_slugs(self.dataset.group_names)
         logo_sets = ((REFERENCE, self.seed_a), (CEILING, self.seed_b)) if self.ceiling else ((REFERENCE, self.seed_a),)
         for step, (key, seed) in enumerate(logo_sets, start=2):
             config = replace(self.train, seed=seed)
             root = self.out / "logo" / f"seed_{seed}"
-            done = root.is_dir() and sum((p / TRAIN_LOG_NAME).is_file() for p in root.iterdir() if p.is_dir()) == K
-            self.log(f"[{step}/{STAGES}] LOGO models, seed {seed} ({K} groups, {config.steps} steps each): "
+            done = all((logo_model_dir(self.out / "logo", seed, slugs[g]) / TRAIN_LOG_NAME).is_file() for g in ids)
+            self.log(f"[{step}/{STAGES}] LOGO models, seed {seed} ({len(ids)} groups, {config.steps} steps each): "
                      f"{'reusing' if done else 'training'} -> {root}")
-            paths = train_logo_models(self.dataset, self.train, self.out / "logo", seed=seed, progress=self.progress,
-                                      log=lambda msg: None)
+            paths = train_logo_models(self.dataset, self.train, self.out / "logo", groups=self.logo_subset, seed=seed,
+                                      progress=self.progress, log=lambda msg: None)
             logo[key] = (seed, paths)
             self.cost[key] = _training_cost(list(paths.values()), config) | {"reused": done}
         return logo
@@ -292,19 +307,21 @@ class Evaluation:
         """Stage 7: the report's sections computed from the scores (metrics, labels, group level, prompt subsets)."""
         self.log(f"[7/{STAGES}] metrics against {REFERENCE} (ceiling: {CEILING if self.ceiling else 'none'})")
         labels = label_info = None
-        if self.benchmark is not None and self.benchmark.label_top1:
+        # a subset's columns are not the classes, comparisons or prompt groups the benchmark indexes
+        whole = self.logo_subset is None
+        if whole and self.benchmark is not None and self.benchmark.label_top1:
             labels = digit_classifier(self.dataset).predict(queries.flatten(1).numpy()).astype(np.int64)
             label_info = {"source": LABEL_SOURCE, "counts": np.bincount(labels, minlength=self.dataset.num_groups).tolist()}
         compared = all_methods[1:]
         sections = metric_sections(scores, compared, labels, self.ceiling)
         others = [m for m in compared if m != PAIRED_METHOD]
         sections["paired"] = paired_differences(scores, others) if PAIRED_METHOD in compared and others else None
-        comparisons = self.benchmark.group_comparisons(self.dataset, queries) if self.benchmark is not None else []
+        comparisons = self.benchmark.group_comparisons(self.dataset, queries) if whole and self.benchmark is not None else []
         sections.update(
             labels=label_info,
             group_level=group_level(comparisons, scores, all_methods),
             query_prompts=prompts,
-            prompt_subsets=prompt_subsets(self.dataset, prompts, scores, compared) if prompts is not None else None,
+            prompt_subsets=prompt_subsets(self.dataset, prompts, scores, compared) if whole and prompts is not None else None,
         )
         return sections
 
@@ -312,8 +329,10 @@ class Evaluation:
         """Stage 8: ``report.json`` and ``report.md``; returns the report."""
         out, recipe, cost = self.out, self.recipe, self.cost
         self.log(f"[8/{STAGES}] report -> {out / 'report.json'}, {out / 'report.md'}")
-        logo_wall, guda_wall = cost[REFERENCE]["wall_s"], cost["guda_unlearning"]["wall_s"]
-        logo_passes = cost[REFERENCE]["forwards"] + cost[REFERENCE]["backwards"]
+        # LOGO on a subset: its cost per model times every group, what LOGO for all of them would cost
+        scale = 1.0 if self.logo_subset is None else self.dataset.num_groups / len(self.logo_subset)
+        logo_wall, guda_wall = scale * cost[REFERENCE]["wall_s"], cost["guda_unlearning"]["wall_s"]
+        logo_passes = scale * (cost[REFERENCE]["forwards"] + cost[REFERENCE]["backwards"])
         guda_passes = cost["guda_unlearning"]["forwards"] + cost["guda_unlearning"]["backwards"]
         report = {
             "benchmark": self.benchmark.name if self.benchmark is not None else None,
@@ -324,6 +343,8 @@ class Evaluation:
             "num_queries": self.num_queries,
             "groups": list(self.dataset.group_names),
             "group_sizes": self.dataset.group_sizes(),
+            "logo_groups": None if self.logo_subset is None else [self.dataset.group_names[g] for g in self.logo_subset],
+            "logo_cost_scale": scale,
             "reference": REFERENCE,
             "ceiling": CEILING if self.ceiling else None,
             "metric_names": sections["metric_names"],
@@ -348,6 +369,21 @@ class Evaluation:
         write_json_atomic(out / "report.json", report)
         write_text_atomic(out / "report.md", format_markdown(report))
         return report
+
+
+def logo_subset(num_groups: int, size: int | None, seed: int) -> list[int] | None:
+    """The groups LOGO is trained for when only ``size`` of ``num_groups`` are: a random subset fixed
+    by ``seed`` (LOGO seed A), in group order; ``None`` for every group.
+
+    Raises:
+        ConfigError: ``size`` below 2 or above ``num_groups``.
+    """
+    if size is None or size == num_groups:
+        return None
+    if not 2 <= size <= num_groups:
+        raise ConfigError(f"logo_groups must be between 2 and the {num_groups} groups, got {size}.")
+    generator = torch.Generator().manual_seed(derive_seed("logo-groups", seed))
+    return sorted(torch.randperm(num_groups, generator=generator)[:size].tolist())
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:

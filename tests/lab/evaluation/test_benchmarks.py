@@ -38,6 +38,29 @@ def test_contributors_is_deterministic_and_complete():
     assert a.images.min() >= -1 and a.images.max() <= 1
 
 
+@pytest.mark.parametrize("k", benchmarks.CROWD_SIZES)
+def test_crowd_holds_every_digit_once_mostly_with_its_own_contributors(k):
+    data, again = benchmarks.load_benchmark(f"digits-crowd-{k}"), benchmarks.digits_crowd(k)
+    assert torch.equal(data.images, again.images) and torch.equal(data.group_ids, again.group_ids)
+    assert data.num_groups == k and len(data) == 1797
+    # the same multiset of images as the digits: each image given to exactly one contributor
+    digits = load_digits()
+    assert torch.equal(data.images.flatten(1).sort(0).values, digits.images.flatten(1).sort(0).values)
+    sizes = torch.tensor(data.group_sizes())
+    assert sizes.min() >= benchmarks.CROWD_MIN_IMAGES
+    # the main digit (contributor c's is c mod 10) holds most of each contributor's images overall
+    label = {tuple(img.flatten().tolist()): int(d) for img, d in zip(digits.images, digits.group_ids)}
+    main = torch.tensor([label[tuple(img.flatten().tolist())] for img in data.images]) == data.group_ids % 10
+    assert 0.75 < main.float().mean() < 0.9
+
+
+def test_crowd_sizes_are_unequal_and_refuse_other_counts():
+    sizes = torch.tensor(benchmarks.digits_crowd(120).group_sizes()).float()
+    assert sizes.max() > 3 * sizes.median()  # a few large contributors, many small
+    with pytest.raises(ConfigError, match="multiple of 10"):
+        benchmarks.digits_crowd(25)
+
+
 def test_copies_are_light_noise_on_originals():
     data = benchmarks.digits_contributors()
     threes = data.images[data.forget_indices(data.group_index("threes"))].flatten(1)
@@ -138,6 +161,9 @@ def test_each_benchmark_declares_its_recipe_comparisons_and_labels():
         "digits-classes": ("digits-ddpm", None, True),
         "digits-contributors": ("digits-ddpm", benchmarks.contributors_comparisons, False),
         "digits-contributors-hobbyist": ("digits-ddpm", benchmarks.hobbyist_comparisons, False),
+        "digits-crowd-10": ("digits-ddpm", None, False),
+        "digits-crowd-30": ("digits-ddpm", None, False),
+        "digits-crowd-120": ("digits-ddpm", None, False),
         "digits-styles": ("digits-styles", None, False),
         "digits-styles-flow": ("digits-styles-flow", None, False),
         "digits-styles-flow-uncond": ("digits-styles-flow-uncond", None, False),

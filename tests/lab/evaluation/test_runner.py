@@ -17,7 +17,7 @@ from diffusers_guda.errors import ConfigError
 from guda_lab.evaluation.benchmarks import Benchmark, GroupComparison, get_benchmark, load_benchmark
 from guda_lab.evaluation.metrics import METRIC_NAMES
 from guda_lab.evaluation.report import format_markdown, group_level
-from guda_lab.evaluation.runner import METHODS, Evaluation, run_evaluation
+from guda_lab.evaluation.runner import METHODS, Evaluation, logo_subset, run_evaluation
 from guda_lab.queries import load_query_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
@@ -302,4 +302,60 @@ def test_the_runner_reports_the_comparisons_a_benchmark_declares(tmp_path):
 def test_unknown_benchmark_name_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(ConfigError, match="digits-contributors"):
         Evaluation(tmp_path / "o", load_benchmark("digits-classes"), _micro_recipe(tmp_path), benchmark="nope")
+    assert not (tmp_path / "o").exists()
+
+
+def test_logo_subset_is_fixed_by_the_seed():
+    assert logo_subset(10, None, 0) is None and logo_subset(10, 10, 0) is None
+    subset = logo_subset(120, 12, 0)
+    assert subset == logo_subset(120, 12, 0) == sorted(set(subset)) and len(subset) == 12 and 0 <= subset[0] and subset[-1] < 120
+    assert logo_subset(120, 12, 1) != subset
+    for size in (1, 121):
+        with pytest.raises(ConfigError, match="between 2 and the 120 groups"):
+            logo_subset(120, size, 0)
+
+
+def test_logo_on_a_subset_compares_every_method_on_its_groups(workspace, tmp_path):
+    """--logo-groups 2 of 3: LOGO is trained and scored for the subset only, every method is compared on
+    those columns (the full run's scores restricted to them), and LOGO's cost is scaled to all groups."""
+    import shutil
+
+    out = tmp_path / "subset"
+    for stage in ("base", "bundle", "queries", "logo"):  # the same models: nothing is trained again
+        shutil.copytree(workspace["out"] / stage, out / stage)
+    shutil.copy(workspace["out"] / "queries.json", out / "queries.json")
+    code, stdout, stderr = run("evaluate", "--data", workspace["data"], "--out", out, "--recipe", workspace["recipe"],
+                               "--logo-groups", "2", "--methods", "similarity", "guda", "--quiet")
+    assert code == 0, stderr
+    assert "training" not in stdout and "LOGO models, seed 0 (2 groups" in stdout
+    subset = logo_subset(3, 2, 0)
+    report = json.loads((out / "report.json").read_text())
+    groups = [report["groups"][g] for g in subset]
+    assert report["logo_groups"] == groups and report["logo_cost_scale"] == pytest.approx(1.5)
+    full = {m: np.asarray(json.loads((workspace["out"] / "scores" / f"{m}.json").read_text())["scores"])
+            for m in ("logo_seed_a", "logo_seed_b", "similarity", "guda")}
+    for m in ("logo_seed_a", "logo_seed_b"):
+        assert np.asarray(json.loads((out / "scores" / f"{m}.json").read_text())["scores"]) == pytest.approx(full[m][:, subset])
+    from guda_lab.evaluation.metrics import summarize
+
+    for m in ("logo_seed_b", "similarity", "guda"):
+        expected = summarize(full[m][:, subset], full["logo_seed_a"][:, subset])
+        assert report["methods"][m] == json.loads(json.dumps(expected)), m
+    first = workspace["report"]
+    assert report["cost"]["logo_seed_a"]["models"] == 2
+    assert report["cost_ratio_logo_over_guda_passes"] == pytest.approx(first["cost_ratio_logo_over_guda_passes"])
+    assert "LOGO was trained for 2 of the 3 groups" in (out / "report.md").read_text()
+    from guda_lab.evaluation.results_table import run_table
+
+    assert "against LOGO seed 0 on 2 of the 3 groups (LOGO trained for those only)" in run_table(report).splitlines()[0]
+
+
+def test_logo_groups_outside_the_group_count_is_refused(workspace, tmp_path):
+    for n in ("1", "4"):
+        line = assert_one_line_error(*run("evaluate", "--data", workspace["data"], "--out", tmp_path / "o", "--recipe",
+                                          workspace["recipe"], "--logo-groups", n, "--quiet"))
+        assert "between 2 and the 3 groups" in line
+    line = assert_one_line_error(*run("evaluate", "--data", workspace["data"], "--out", tmp_path / "o", "--recipe",
+                                      workspace["recipe"], "--logo-groups", "0", "--quiet"))
+    assert "--logo-groups must be >= 1" in line
     assert not (tmp_path / "o").exists()
