@@ -11,8 +11,10 @@ Methods (the same queries, the same ELBO draws):
 * ``merged+adaptive(z=Z)``: ``merged`` with adaptive draws (stratified blocks of the grid; groups
   trailing the leader by ``Z`` standard errors are dropped; a query stops when one group is left).
 
-For K = 50 the digits are split into 50 groups (each digit's images dealt into 5 groups) and
-unlearned with a short recipe; both bundles are cached in ``--work``. Wall times are medians over
+``--ks`` lists the group counts measured: the ``--bundle``'s own K (10 for the demo's; any
+bundle, e.g. an evaluation's ``bundle/`` with its ``base/`` and ``queries/``), and 50, for which the
+digits are split into 50 groups (each digit's images dealt into 5 groups) and unlearned with a short
+recipe from ``--base``, cached in ``--work``. Wall times are medians over
 interleaved repeats; ``forwards`` counts (t, draw) rows through the UNet; ``top1_agreement`` is the
 fraction of queries whose top group equals the full-grid answer (``sequential``).
 
@@ -149,19 +151,23 @@ def print_table(entry: dict, k: int, n: int, rows: int, repeats: int) -> None:
 def benchmark_k(k: int, args, images, work: Path) -> dict:
     """Every method on the K-group bundle: the summary of :func:`summarise`, also printed as a table."""
     from diffusers_guda import GUDADDPMPipeline
+    from diffusers_guda.bundle import AdapterBundle
     from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
 
     pipe = GUDADDPMPipeline.from_pretrained(args.base)
     pipe.set_progress_bar_config(disable=True)
-    bundle = args.bundle if k == 10 else build_k50_bundle(args.base, work, args.recipe, args.k50_steps)
+    given = AdapterBundle.from_pretrained(args.bundle)
+    if k != len(given.groups) and k != 50:
+        raise SystemExit(f"--ks {k}: the bundle has {len(given.groups)} groups, and only K=50 is built here")
+    bundle = given if k == len(given.groups) else build_k50_bundle(args.base, work, args.recipe, args.k50_steps)
     pipe.load_guda_bundle(bundle)
     loaded = pipe.guda_bundle
-    if len(loaded.groups) != k:
-        raise SystemExit(f"the K={k} bundle has {len(loaded.groups)} groups")
     estimator = ELBOEstimator(pipe.scheduler, ELBOConfig(**loaded.elbo) if loaded.elbo else ELBOConfig())
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         full_models = save_full_models(pipe, Path(tmp))
-        walls, results = measure(scoring_methods(pipe, estimator, images, full_models, args.adaptive_z), args.repeats)
+        methods = scoring_methods(pipe, estimator, images, full_models, args.adaptive_z)
+        skipped = set(args.skip) - {"sequential"}  # the reference of every ratio
+        walls, results = measure({m: run for m, run in methods.items() if m not in skipped}, args.repeats)
     n, rows = len(images), estimator.num_rows
     entry = summarise(walls, results, default_forwards=n * rows * (k + 1))
     print_table(entry, k, n, rows, args.repeats)
@@ -180,7 +186,9 @@ def main() -> None:
     parser.add_argument("--k50-steps", type=int, default=10, help="unlearning steps per group of the K=50 bundle")
     parser.add_argument("--recipe", default="digits-ddpm")
     parser.add_argument("--work", default="benchmark-work", help="cache of the K=50 bundle")
-    parser.add_argument("--ks", nargs="+", type=int, default=[10, 50], choices=[10, 50])
+    parser.add_argument("--ks", nargs="+", type=int, default=[10, 50], help="the --bundle's K and/or 50 (the digits split)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["reload", "mixed", "merged"],
+                        help="methods not measured (e.g. mixed at large K: one forward holds K + 1 models' rows)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     if args.threads:
