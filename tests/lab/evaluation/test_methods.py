@@ -17,10 +17,11 @@ from guda_lab.evaluation.report import CEILING, REFERENCE
 from guda_lab.evaluation.similarity import nearest_neighbour_scores, similarity_scores
 
 
-def _scorer(stock_pipeline_dir, tiny_dataset, tiny_recipe) -> MethodScorer:
+def _scorer(stock_pipeline_dir, tiny_dataset, tiny_recipe, logo_groups=None) -> MethodScorer:
     recipe = Recipe.load(str(tiny_recipe))
     pipe = GUDADDPMPipeline.from_pretrained(stock_pipeline_dir)
-    logo = {REFERENCE: (0, {}), CEILING: (7, {})}
+    models = {g: stock_pipeline_dir / "logo" / g for g in (logo_groups or tiny_dataset.group_names)}  # never loaded here
+    logo = {REFERENCE: (0, models), CEILING: (7, models)}
     return MethodScorer(stock_pipeline_dir, pipe, tiny_dataset, recipe, training_config(recipe, "evaluate"), logo,
                         tiny_dataset.images[[0, 20]], None, GradientConfig(timesteps=(10, 50), num_draws=3),
                         InstanceUnlearningConfig(timesteps=(30,), steps=4), progress=False,
@@ -38,6 +39,10 @@ def test_settings_key_each_method_by_what_its_scores_depend_on(stock_pipeline_di
     assert scorer.settings("instance_unlearning")["steps"] == 4
     assert scorer.settings("dtrak") == DTRAKConfig(timesteps=(20, 40, 60), damping=0.5).to_dict()
     assert scorer.settings("das") == DASConfig(num_draws=2, leverage=False).to_dict() != DASConfig().to_dict()
+    # LOGO for a subset of the groups: its scores are another matrix, so the subset is part of the key
+    subset = _scorer(stock_pipeline_dir, tiny_dataset, tiny_recipe, logo_groups=tiny_dataset.group_names[:2])
+    assert subset.settings(REFERENCE) == {**scorer.settings(REFERENCE), "logo_groups": tiny_dataset.group_names[:2]}
+    assert subset.settings("guda") == scorer.settings("guda")
 
 
 def test_passes_count_sample_passes(stock_pipeline_dir, tiny_dataset, tiny_recipe):
@@ -46,6 +51,9 @@ def test_passes_count_sample_passes(stock_pipeline_dir, tiny_dataset, tiny_recip
     rows = ELBOEstimator(scorer.scheduler, scorer.recipe.elbo).num_rows
     for method in (REFERENCE, CEILING, "guda"):
         assert scorer.passes(method) == {"forwards": n * rows * (k + 1), "backwards": 0}
+    subset = _scorer(stock_pipeline_dir, tiny_dataset, tiny_recipe, logo_groups=tiny_dataset.group_names[:2])
+    assert subset.passes(REFERENCE) == {"forwards": n * rows * 3, "backwards": 0}  # the full model and 2 LOGO models
+    assert subset.passes("guda") == scorer.passes("guda")
     assert scorer.passes("similarity")["forwards"] == scorer.passes("nearest_neighbour")["backwards"] == 0
     gradient = scorer.passes("gradient")  # 2 timesteps x 3 draws per image
     assert gradient["forwards"] == gradient["backwards"] == (n + m) * 6
