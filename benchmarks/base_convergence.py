@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from diffusers_guda.scoring import mean_and_stderr
 
 HELD_OUT_EVERY = 10  # every 10th image of each digit (in a seeded order) is held out
 
@@ -54,7 +55,8 @@ def neg_elbo(pipe, images: torch.Tensor, elbo_config) -> torch.Tensor:
 
 
 def mean_se(values: torch.Tensor) -> tuple[float, float]:
-    return float(values.mean()), float(values.std() / math.sqrt(len(values)))
+    """Mean over the images and its standard error."""
+    return tuple(float(v) for v in mean_and_stderr(values, 1.0))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
