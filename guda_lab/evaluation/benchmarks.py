@@ -2,7 +2,8 @@
 
 ``digits-styles`` (text-conditioned, groups = styles across all digits) is built in
 :mod:`.digits_styles`; ``digits-styles-flow`` and ``digits-styles-flow-uncond`` are the same
-construction evaluated with a flow-matching model, text-conditioned and unconditional.
+construction evaluated with a flow-matching model, text-conditioned and unconditional;
+``digits-contributors-flow`` is ``digits-contributors`` with an unconditional flow-matching model.
 
 Each benchmark is declared as a :class:`Benchmark` in :data:`BENCHMARKS`: its loader, description,
 default recipe, group-level comparisons and whether ``label_top1`` applies. The evaluation asks the
@@ -303,6 +304,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
               "see docs/evaluation.md#benchmarks)", label_top1=True),
     Benchmark("digits-contributors", digits_contributors, "13 overlapping contributors built from the digits: near-copies, "
               "very different sizes, a stroke style across digits", comparisons=contributors_comparisons),
+    Benchmark("digits-contributors-flow", digits_contributors, "digits-contributors with an unconditional flow-matching "
+              "model (rectified flow, velocity target, Euler sampling)", recipe="digits-flow", comparisons=contributors_comparisons),
     Benchmark("digits-contributors-hobbyist", digits_contributors_hobbyist, "digits-contributors with the 7s split replaced "
               "by a hobbyist holding a quarter of five digits (pixel nearest neighbour is wrong by design)",
               comparisons=hobbyist_comparisons),

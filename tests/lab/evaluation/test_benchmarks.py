@@ -160,6 +160,7 @@ def test_each_benchmark_declares_its_recipe_comparisons_and_labels():
     assert declared == {
         "digits-classes": ("digits-ddpm", None, True),
         "digits-contributors": ("digits-ddpm", benchmarks.contributors_comparisons, False),
+        "digits-contributors-flow": ("digits-flow", benchmarks.contributors_comparisons, False),
         "digits-contributors-hobbyist": ("digits-ddpm", benchmarks.hobbyist_comparisons, False),
         "digits-crowd-10": ("digits-ddpm", None, False),
         "digits-crowd-30": ("digits-ddpm", None, False),

@@ -10,8 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from diffusers_guda import Recipe
 from diffusers_guda.cli import main
 from diffusers_guda.models import is_conditional
 from guda_lab.evaluation import DASConfig, DTRAKConfig, GradientConfig, InstanceUnlearningConfig
@@ -60,6 +62,18 @@ def test_the_benchmarks_are_the_styles_with_flow_recipes():
     assert unconditional.group_names == conditional.group_names == list(STYLES)
     assert np.array_equal(unconditional.images.numpy(), conditional.images.numpy())
     assert np.array_equal(unconditional.group_ids.numpy(), conditional.group_ids.numpy())
+
+
+def test_the_contributors_flow_benchmark_is_the_contributors_with_a_size_scaled_flow_recipe():
+    benchmark, ddpm = get_benchmark("digits-contributors-flow"), get_benchmark("digits-contributors")
+    a, b = benchmark.load(), ddpm.load()
+    assert a.group_names == b.group_names and torch.equal(a.images, b.images) and a.prompts is None
+    assert benchmark.comparisons is ddpm.comparisons
+    recipe = Recipe.load(benchmark.recipe)
+    assert recipe.train["scheduler"] == "flow" and recipe.unlearning.objective == "retrack"
+    sizes = [len(a.forget_indices(k)) for k in range(len(a.group_names))]
+    steps = [recipe.unlearning.steps_for(n, sum(sizes) / len(sizes)) for n in sizes]
+    assert steps[a.group_index("thick-strokes")] > recipe.unlearning.steps > steps[a.group_index("sevens-small")]
 
 
 def test_every_model_is_a_flow_model_and_every_method_scores(evaluation):
