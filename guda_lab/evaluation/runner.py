@@ -208,7 +208,7 @@ class Evaluation:
             self.log(f"[1/{STAGES}] training the base model ({train.steps} steps) -> {base}")
             train_base_model(self.dataset, train, output_dir=base, progress=self.progress)
             reused = False
-        self.cost["base"] = _training_cost([base], train) | {"reused": reused}
+        self.cost["base"] = training_cost([base], train) | {"reused": reused}
 
     def train_logo(self) -> dict[str, tuple[int, dict[str, Path]]]:
         """Stages 2-3: the LOGO models of seed A and (with the ceiling) seed B; ``{method: (seed, {group: dir})}``."""
@@ -225,7 +225,7 @@ class Evaluation:
             paths = train_logo_models(self.dataset, self.train, self.out / "logo", groups=self.logo_subset, seed=seed,
                                       progress=self.progress, log=lambda msg: None)
             logo[key] = (seed, paths)
-            self.cost[key] = _training_cost(list(paths.values()), config) | {"reused": done}
+            self.cost[key] = training_cost(list(paths.values()), config) | {"reused": done}
         return logo
 
     def make_bundle(self):
@@ -250,7 +250,7 @@ class Evaluation:
             bundle = unlearn_bundle(pipe, self.dataset, recipe, out, resume=False, progress=self.progress)
             wall = round(time.perf_counter() - t0, 3)
             reused = False
-        self.cost["guda_unlearning"] = _unlearning_cost(bundle, recipe, self.dataset.num_groups, wall, reused)
+        self.cost["guda_unlearning"] = unlearning_cost(bundle, recipe, self.dataset.num_groups, wall, reused)
         stored_cost["guda_unlearning"] = {"wall_s": wall}
         write_json_atomic(out / COST_NAME, stored_cost)
         return pipe, fingerprint
@@ -396,13 +396,15 @@ def _check_methods(methods: Sequence[str]) -> list[str]:
     return methods
 
 
-def _training_cost(paths: Sequence[Path], config) -> dict:
+def training_cost(paths: Sequence[Path], config) -> dict:
+    """Sample passes and loop wall time of the trained models at ``paths`` (docs/evaluation.md#cost)."""
     passes = len(paths) * config.steps * config.batch_size
     wall = sum(float(json.loads((Path(p) / TRAIN_LOG_NAME).read_text())["wall_s"]) for p in paths)
     return {"wall_s": round(wall, 3), "forwards": passes, "backwards": passes, "models": len(paths)}
 
 
-def _unlearning_cost(bundle, recipe: Recipe, models: int, wall: float, reused: bool) -> dict:
+def unlearning_cost(bundle, recipe: Recipe, models: int, wall: float, reused: bool) -> dict:
+    """Sample passes of ``bundle``'s unlearning, teacher forwards included (docs/evaluation.md#cost)."""
     u = recipe.unlearning
     return {
         "wall_s": wall,
