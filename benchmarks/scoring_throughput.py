@@ -174,7 +174,7 @@ def benchmark_k(k: int, args, images, work: Path) -> dict:
     return entry
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="guda-demo/base")
     parser.add_argument("--bundle", default="guda-demo/bundle", help="the K=10 bundle")
@@ -190,7 +190,7 @@ def main() -> None:
     parser.add_argument("--skip", nargs="*", default=[], choices=["reload", "mixed", "merged"],
                         help="methods not measured (e.g. mixed at large K: one forward holds K + 1 models' rows)")
     parser.add_argument("--out", help="write the results as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
