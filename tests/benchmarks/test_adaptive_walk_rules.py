@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +27,7 @@ def test_the_replay_reproduces_the_engines_scores_and_adaptive_answers(tmp_path)
     pipe = GUDADDPMPipeline.from_pretrained(out / "base")
     pipe.set_progress_bar_config(disable=True)
     pipe.load_guda_bundle(out / "bundle")
-    images = load_query_images(sorted(Path(out / "queries").glob("*.png")))
+    images = load_query_images(sorted((out / "queries").glob("*.png")))
     terms, est = module.full_grid_terms(pipe, images)
     full = pipe.attribute(images, progress=False)
     assert terms.shape == (len(images), full.scores.shape[1] + 1, est.num_rows)
