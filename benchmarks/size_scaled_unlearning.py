@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, help="steps of a group of mean size (default: the recipe's)")
     parser.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="objective option override, repeatable")
+    parser.add_argument("--shared-draws", type=int, help="UnlearningConfig.shared_draws (default: the recipe's)")
     parser.add_argument("--save", help="write the score matrix and the steps per group to this JSON file")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
@@ -58,20 +59,23 @@ def main(argv: list[str] | None = None) -> None:
     options = parse_options(args.option)  # parsed as `guda unlearn --option` is; merged into the recipe's options
     settings = dict(objective_options=options, steps=base_steps, size_exponent=args.exponent,
                     learning_rate=args.lr or recipe.unlearning.learning_rate)
+    if args.shared_draws is not None:
+        settings["shared_draws"] = args.shared_draws
     config = recipe.unlearning_with(**settings)
     sizes = dataset.group_sizes()
-    columns, budgets, loss_changes, start = [], [], [], time.perf_counter()
-    for k, name in enumerate(dataset.group_names):
-        pipe = GUDADDPMPipeline.from_pretrained(out / "base")
-        pipe.set_progress_bar_config(disable=True)
-        bundle = pipe.unlearn_groups(dataset, recipe=recipe, groups=[name], progress=False, **settings)
-        stats = bundle.groups[0].stats
-        budgets.append(stats["steps"])
-        loss_changes.append((stats["forget_loss_change"], stats["retain_loss_change"]))
-        # a group's scores depend on its adapter alone, so one group at a time gives the joint matrix
-        columns.append(pipe.attribute(queries, progress=False).scores[:, 0].double().numpy())  # the bundle records recipe.elbo
-        print(f"{name}: {sizes[k]} images, {budgets[-1]} steps ({time.perf_counter() - start:.0f} s)", flush=True)
-    scores = np.stack(columns, 1)
+    start = time.perf_counter()
+    pipe = GUDADDPMPipeline.from_pretrained(out / "base")
+    pipe.set_progress_bar_config(disable=True)
+    bundle = pipe.unlearn_groups(dataset, recipe=recipe, progress=False, **settings)  # one run: shared draws serve every group
+    unlearned = time.perf_counter() - start
+    budgets = [g.stats["steps"] for g in bundle.groups]
+    loss_changes = [(g.stats["forget_loss_change"], g.stats["retain_loss_change"]) for g in bundle.groups]
+    for name, size, steps in zip(dataset.group_names, sizes, budgets):
+        print(f"{name}: {size} images, {steps} steps", flush=True)
+    forwards = sum(g.stats["sample_passes"] for g in bundle.groups)
+    backwards = sum(budgets) * (config.forget_batch_size + config.retain_batch_size)
+    print(f"unlearning: {forwards:,} forward + {backwards:,} backward sample passes, {unlearned:.0f} s", flush=True)
+    scores = pipe.attribute(queries, progress=False).scores.double().numpy()  # the bundle records recipe.elbo
     summary = summarize(scores, reference, names=("top1", "ndcg@3", "spearman"))
     print(f"steps {base_steps}, lr {config.learning_rate:g}, exponent {args.exponent:g}: " + ", ".join(f"{n} {v['mean']:.3f}" for n, v in summary.items()))
     forget, retain = (np.array(change) * 100 for change in zip(*loss_changes))
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         pairwise = np.mean([g["guda"]["pairwise_agreement"] for g in group_level.values()])
         print(f"  group-level agreement {agreement:.2f}, pairwise {pairwise:.3f}")
     if args.save:
-        record = {"groups": dataset.group_names, "steps": budgets, "exponent": args.exponent, "scores": scores.tolist(),
+        record = {"groups": dataset.group_names, "steps": budgets, "exponent": args.exponent, "shared_draws": config.shared_draws,
+                  "sample_passes": {"forwards": forwards, "backwards": backwards}, "scores": scores.tolist(),
                   "summary": summary, "group_level": group_level,
                   "forget_loss_change": forget.tolist(), "retain_loss_change": retain.tolist()}
         Path(args.save).write_text(json.dumps(record, indent=1))

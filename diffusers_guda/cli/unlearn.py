@@ -28,7 +28,8 @@ from .arguments import (
 # flag -> unlearn_groups setting
 _SETTINGS = {"steps": "steps", "size_exponent": "size_exponent", "lr": "learning_rate", "seed": "seed", "autocast": "autocast_dtype",
              "batch_size": "batch_size", "gradient_checkpointing": "gradient_checkpointing", "rank": "lora_rank", "alpha": "lora_alpha",
-             "objective": "objective", "joint_groups": "joint_groups"}
+             "objective": "objective", "joint_groups": "joint_groups",
+             "shared_draws": "shared_draws"}
 
 
 def register(subparsers) -> None:
@@ -57,6 +58,9 @@ def register(subparsers) -> None:
                    help="recompute the UNet's activations in the backward pass instead of keeping them (less memory, more time)")
     p.add_argument("--joint-groups", type=int, metavar="N",
                    help="train N groups' adapters together, the rows of all of them in each forward (default 1: one after the other)")
+    p.add_argument("--shared-draws", type=int, metavar="D",
+                   help="D fixed (t, noise) draws per training image shared by every group, so that the teacher's outputs on them "
+                        "are computed once for all groups (default 0: fresh draws at every step)")
     p.add_argument("--rank", type=int, help="LoRA rank")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
     p.add_argument("--seed", type=int, help="base seed (each group's seed derives from it)")

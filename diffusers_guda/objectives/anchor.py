@@ -191,7 +191,7 @@ class Anchor(UnlearningObjective):
             raise ConfigError("The anchor objective needs a text-conditioned UNet and prompts (use it through pipe.unlearn_groups).")
         anchors = self.anchor_prompts(batch.forget_prompts, batch.encode_prompts, batch.generator)
         anchor_cond = batch.prompt_cond(anchors, batch.forget_cond)
-        x_t = batch.schedule.add_noise(batch.forget_x0, batch.forget_noise, batch.forget_t)
+        x_t = batch.noisy("forget")
         target = batch.teach(x_t, batch.forget_t, anchor_cond).float()
         output = batch.predict(x_t, batch.forget_t, batch.forget_cond).float()
         return torch.nn.functional.mse_loss(output, target)

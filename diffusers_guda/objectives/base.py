@@ -35,6 +35,10 @@ class UnlearningBatch:
     ``encode_prompts`` maps a list of prompts to their conditioning; objectives that condition on
     other prompts (e.g. ``anchor``) use :meth:`prompt_cond`.
     ``dataset`` is the grouped (latent) training set the batch was drawn from.
+
+    With shared draws (``UnlearningConfig.shared_draws``), ``forget_draw``/``retain_draw`` name
+    each row's draw and ``shared_draws`` holds the teacher's outputs on them: objectives ask for the
+    teacher at the batch's own rows through :meth:`teacher_output`, which looks them up there.
     """
 
     forget_x0: torch.Tensor
@@ -55,6 +59,9 @@ class UnlearningBatch:
     retain_prompts: list[str] | None = None
     encode_prompts: Callable[[list[str]], Conditioning] | None = None
     group: int | None = None
+    forget_draw: torch.Tensor | None = None
+    retain_draw: torch.Tensor | None = None
+    shared_draws: object | None = None  # a diffusers_guda.unlearning.SharedDraws
 
     def prompt_cond(self, prompts: list[str], images: Conditioning) -> Conditioning:
         """The conditioning of ``images`` (e.g. ``forget_cond``) with other ``prompts``.
@@ -76,6 +83,21 @@ class UnlearningBatch:
     def teach(self, x_t: torch.Tensor, t: torch.Tensor, cond: Conditioning | None = None) -> torch.Tensor:
         """The teacher's (adapters off, no gradients) raw output, conditioned on ``cond`` when given."""
         return self.teacher(x_t, t) if cond is None else self.teacher(x_t, t, cond)
+
+    def noisy(self, part: str) -> torch.Tensor:
+        """``x_t`` of the batch's ``"forget"`` or ``"retain"`` rows."""
+        x0, noise, t = (getattr(self, f"{part}_{name}") for name in ("x0", "noise", "t"))
+        return self.schedule.add_noise(x0, noise, t)
+
+    def teacher_output(self, part: str) -> torch.Tensor:
+        """The teacher's raw output at the batch's own ``"forget"`` or ``"retain"`` rows (at :meth:`noisy`).
+
+        With shared draws it is looked up (computed once per row for every group); otherwise the
+        teacher runs on the rows.
+        """
+        if self.shared_draws is not None:
+            return self.shared_draws.teacher_outputs(getattr(self, f"{part}_index"), getattr(self, f"{part}_draw"), self.group)
+        return self.teach(self.noisy(part), getattr(self, f"{part}_t"), getattr(self, f"{part}_cond"))
 
 
 @dataclass
@@ -137,14 +159,19 @@ class UnlearningObjective:
         raise NotImplementedError
 
     def teacher_passes(self, forget_batch_size: int, retain_batch_size: int) -> int:
-        """Teacher forwards per step (counted as sample passes next to the student's)."""
+        """Teacher forwards per step with fresh draws (counted as sample passes next to the student's)."""
+        return self.row_teacher_passes(forget_batch_size, retain_batch_size)
+
+    def row_teacher_passes(self, forget_batch_size: int, retain_batch_size: int) -> int:
+        """The part of :meth:`teacher_passes` at the batch's own rows (:meth:`UnlearningBatch.teacher_output`),
+        which shared draws compute once per row instead of once per step."""
         return retain_batch_size if self.config.preserve == "distill" else 0
 
     def preserve_loss(self, batch: UnlearningBatch) -> torch.Tensor:
-        x_t = batch.schedule.add_noise(batch.retain_x0, batch.retain_noise, batch.retain_t)
+        x_t = batch.noisy("retain")
         output = batch.predict(x_t, batch.retain_t, batch.retain_cond)
         if self.config.preserve == "distill":
-            target = batch.teach(x_t, batch.retain_t, batch.retain_cond)
+            target = batch.teacher_output("retain")
         else:
             target = batch.schedule.target(batch.retain_x0, batch.retain_noise, batch.retain_t)
         return torch.nn.functional.mse_loss(output.float(), target.float())

@@ -42,14 +42,18 @@ class ESD(UnlearningObjective):
             raise DataError("The esd objective is for text-conditioned models: the dataset needs one prompt per image.")
 
     def teacher_passes(self, forget_batch_size: int, retain_batch_size: int) -> int:
-        return 2 * forget_batch_size + super().teacher_passes(forget_batch_size, retain_batch_size)
+        # the unconditional prediction is at the batch's rows but not with their own prompts
+        return forget_batch_size + self.row_teacher_passes(forget_batch_size, retain_batch_size)
+
+    def row_teacher_passes(self, forget_batch_size: int, retain_batch_size: int) -> int:
+        return forget_batch_size + super().row_teacher_passes(forget_batch_size, retain_batch_size)
 
     def forget_loss(self, batch: UnlearningBatch) -> torch.Tensor:
         if batch.encode_prompts is None or batch.forget_cond is None:
             raise ConfigError("The esd objective needs a text-conditioned UNet and prompts (use it through pipe.unlearn_groups).")
-        x_t = batch.schedule.add_noise(batch.forget_x0, batch.forget_noise, batch.forget_t)
+        x_t = batch.noisy("forget")
         empty = batch.prompt_cond([""], batch.forget_cond)
-        cond = batch.teach(x_t, batch.forget_t, batch.forget_cond).float()
+        cond = batch.teacher_output("forget").float()
         uncond = batch.teach(x_t, batch.forget_t, empty).float()
         target = uncond - self.config.guidance_weight * (cond - uncond)
         output = batch.predict(x_t, batch.forget_t, batch.forget_cond).float()

@@ -24,7 +24,7 @@ class GradientAscent(UnlearningObjective):
     config_class = GradientAscentConfig
 
     def forget_loss(self, batch: UnlearningBatch) -> torch.Tensor:
-        x_t = batch.schedule.add_noise(batch.forget_x0, batch.forget_noise, batch.forget_t)
+        x_t = batch.noisy("forget")
         output = batch.predict(x_t, batch.forget_t, batch.forget_cond).float()
         target = batch.schedule.target(batch.forget_x0, batch.forget_noise, batch.forget_t).float()
         per_sample = (output - target).flatten(1).pow(2).mean(1)

@@ -170,10 +170,15 @@ class ReTrack(UnlearningObjective):
         self._retained: torch.Tensor | None = None
 
     def teacher_passes(self, forget_batch_size: int, retain_batch_size: int) -> int:
-        extra = forget_batch_size if self.config.target in ("teacher_neighbour", POSTERIOR) else 0
+        # teacher_neighbour runs the teacher at a neighbour's x_t, not at the batch's own rows
+        neighbour = forget_batch_size if self.config.target == "teacher_neighbour" else 0
+        return neighbour + self.row_teacher_passes(forget_batch_size, retain_batch_size)
+
+    def row_teacher_passes(self, forget_batch_size: int, retain_batch_size: int) -> int:
+        extra = forget_batch_size if self.config.target == POSTERIOR else 0
         if self.config.preserve == POSTERIOR:
             extra += retain_batch_size
-        return extra + super().teacher_passes(forget_batch_size, retain_batch_size)
+        return extra + super().row_teacher_passes(forget_batch_size, retain_batch_size)
 
     def setup(self, dataset, group: int, schedule: NoiseSchedule) -> None:
         from sklearn.neighbors import NearestNeighbors
@@ -199,12 +204,12 @@ class ReTrack(UnlearningObjective):
 
     def forget_loss(self, batch: UnlearningBatch) -> torch.Tensor:
         if self.config.target == POSTERIOR:
-            return self._posterior_loss(batch, batch.forget_x0, batch.forget_noise, batch.forget_t, batch.forget_cond)
+            return self._posterior_loss(batch, "forget")
         schedule, t = batch.schedule, batch.forget_t
         device = batch.forget_x0.device
         a, s = schedule.coefficients(t, 1, device)
         shape = (-1,) + (1,) * (batch.forget_x0.dim() - 1)
-        x_t = schedule.add_noise(batch.forget_x0, batch.forget_noise, t)
+        x_t = batch.noisy("forget")
         if self._pool is not None:
             self._pool = self._pool.to(device)  # moved once, kept there
             weights = pool_weights(x_t, self._pool, a, s)
@@ -235,15 +240,16 @@ class ReTrack(UnlearningObjective):
     def preserve_loss(self, batch: UnlearningBatch) -> torch.Tensor:
         if self.config.preserve != POSTERIOR:
             return super().preserve_loss(batch)
-        return self._posterior_loss(batch, batch.retain_x0, batch.retain_noise, batch.retain_t, batch.retain_cond)
+        return self._posterior_loss(batch, "retain")
 
-    def _posterior_loss(self, batch: UnlearningBatch, x0, noise, t, cond) -> torch.Tensor:
-        """ε-MSE between the student and ``teacher + posterior_shift`` at ``x0`` noised with ``(t, noise)``."""
+    def _posterior_loss(self, batch: UnlearningBatch, part: str) -> torch.Tensor:
+        """ε-MSE between the student and ``teacher + posterior_shift`` at the batch's ``part`` rows."""
+        x0, t, cond = (getattr(batch, f"{part}_{name}") for name in ("x0", "t", "cond"))
         schedule, device = batch.schedule, x0.device
         a, s = schedule.coefficients(t, 1, device)
-        x_t = schedule.add_noise(x0, noise, t)
+        x_t = batch.noisy(part)
         self._full_pool, self._retained = self._full_pool.to(device), self._retained.to(device)  # moved once, kept there
         shift = posterior_shift(x0, x_t, self._full_pool, self._retained, a, s, self.config.kl_cap)
-        teacher_eps = schedule.to_epsilon(batch.teach(x_t, t, cond), x_t, t).float()
+        teacher_eps = schedule.to_epsilon(batch.teacher_output(part), x_t, t).float()
         eps_hat = schedule.to_epsilon(batch.predict(x_t, t, cond), x_t, t).float()
         return torch.nn.functional.mse_loss(eps_hat, teacher_eps + shift)

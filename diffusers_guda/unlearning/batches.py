@@ -8,6 +8,7 @@ from ..data import GroupedDataset
 from ..objectives import NoiseSchedule, UnlearningBatch
 from .config import UnlearningConfig
 from .forwards import Forward, UNetForwards
+from .shared_draws import SharedDraws
 
 
 def draw_batch(
@@ -20,11 +21,14 @@ def draw_batch(
     schedule: NoiseSchedule,
     forwards: UNetForwards,
     teacher: Forward,
+    shared: SharedDraws | None = None,
 ) -> UnlearningBatch:
     """Draw one step's batch from ``generator``.
 
     The draws come in a fixed order (forget images, retain images, then the forget timesteps and
-    noise, then the retain ones), so a group's batches depend only on its seed.
+    noise, then the retain ones), so a group's batches depend only on its seed. With ``shared``,
+    each image's row is one of its shared draws instead (picked in the same order), and the batch's
+    ``teacher_output`` looks the teacher's outputs up there.
 
     Args:
         dataset: The grouped training set.
@@ -36,6 +40,7 @@ def draw_batch(
         schedule: The noise schedule.
         forwards: The UNet's forwards: the batch's ``model``, and the text embeddings.
         teacher: The base model's forward.
+        shared: The run's shared draws (``config.shared_draws``), or ``None`` for fresh draws.
 
     Returns:
         The batch, on the UNet's device.
@@ -44,15 +49,22 @@ def draw_batch(
     fi = forget_idx[torch.randint(0, len(forget_idx), (config.forget_batch_size,), generator=generator)]
     ri = retain_idx[torch.randint(0, len(retain_idx), (config.retain_batch_size,), generator=generator)]
     shape = dataset.image_shape
+    if shared is None:
+        fd = rd = None
+        ft, fn = torch.randint(0, T, (len(fi),), generator=generator), torch.randn((len(fi), *shape), generator=generator)
+        rt, rn = torch.randint(0, T, (len(ri),), generator=generator), torch.randn((len(ri), *shape), generator=generator)
+    else:
+        fd, rd = shared.pick(fi, generator), shared.pick(ri, generator)
+        (ft, fn), (rt, rn) = shared.rows(fi, fd), shared.rows(ri, rd)
     return UnlearningBatch(
         forget_x0=dataset.images[fi].to(device),
         forget_index=fi,
-        forget_t=torch.randint(0, T, (len(fi),), generator=generator).to(device),
-        forget_noise=torch.randn((len(fi), *shape), generator=generator).to(device),
+        forget_t=ft.to(device),
+        forget_noise=fn.to(device),
         retain_x0=dataset.images[ri].to(device),
         retain_index=ri,
-        retain_t=torch.randint(0, T, (len(ri),), generator=generator).to(device),
-        retain_noise=torch.randn((len(ri), *shape), generator=generator).to(device),
+        retain_t=rt.to(device),
+        retain_noise=rn.to(device),
         model=forwards,
         teacher=teacher,
         schedule=schedule,
@@ -63,4 +75,7 @@ def draw_batch(
         retain_prompts=[dataset.prompts[i] for i in ri.tolist()] if dataset.prompts is not None else None,
         encode_prompts=forwards.encode_prompts,
         group=group,
+        forget_draw=fd,
+        retain_draw=rd,
+        shared_draws=shared,
     )

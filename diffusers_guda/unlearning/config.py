@@ -14,7 +14,7 @@ from ..objectives import get_objective
 from ..validation import check_types
 
 AUTOCAST_DTYPES = ("auto", None, "bfloat16", "float16")
-_INTS = ("steps", "forget_batch_size", "retain_batch_size", "seed", "eval_images", "eval_draws", "joint_groups")
+_INTS = ("steps", "forget_batch_size", "retain_batch_size", "seed", "eval_images", "eval_draws", "joint_groups", "shared_draws")
 _REALS = ("size_exponent", "learning_rate", "max_grad_norm")
 
 
@@ -51,6 +51,11 @@ class UnlearningConfig:
             keeps its own seed, batches and optimiser, so its adapter is the one it gets alone up to
             float rounding. 1 (default) trains the groups one after the other. Not with
             ``gradient_checkpointing``.
+        shared_draws: Fixed ``(t, noise)`` draws per training image that every group's batches pick
+            from, so that the teacher's output on each is computed once for all groups
+            (docs/method.md#shared-draws): the teacher then costs at most ``shared_draws`` forwards
+            per image for the whole bundle instead of its rows' share of every step. 0 (default):
+            fresh draws at every step.
     """
 
     objective: str = field(default="retrack", metadata={"help": "Registered objective name."})
@@ -68,6 +73,7 @@ class UnlearningConfig:
     autocast_dtype: str | None = field(default="auto", metadata={"help": "'auto' (bfloat16 on CUDA), bfloat16, float16, or None."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass (memory)."})
     joint_groups: int = field(default=1, metadata={"help": "Groups trained together, one adapter per row of each forward."})
+    shared_draws: int = field(default=0, metadata={"help": "Fixed draws per image shared by every group, teacher outputs computed once (0: fresh draws)."})
 
     def __post_init__(self):
         check_types(self, ints=_INTS, reals=_REALS)
@@ -87,6 +93,8 @@ class UnlearningConfig:
             # the recomputation in the backward pass would run without the rows' adapter assignment
             raise ConfigError("joint_groups > 1 cannot be combined with gradient_checkpointing; train the groups one at a time "
                               "(joint_groups=1) to save memory, or turn gradient checkpointing off to train them together.")
+        if self.shared_draws < 0:
+            raise ConfigError(f"shared_draws must be >= 0 (0: fresh draws at every step), got {self.shared_draws}.")
         if self.eval_images < 1 or self.eval_draws < 1:
             raise ConfigError(f"eval_images and eval_draws must be >= 1, got {self.eval_images} and {self.eval_draws}.")
         if not 0 <= self.size_exponent < math.inf:

@@ -45,6 +45,7 @@ class GroupRun:
         next_batch: Draws its next step's batch from ``generator``.
         evaluation: Its before/after evaluation sets.
         before: Its forget and retain losses before unlearning.
+        group: Its id in the dataset.
         params: Its adapter's trainable parameters, once the adapter is added.
     """
 
@@ -57,6 +58,7 @@ class GroupRun:
     next_batch: Callable[[], UnlearningBatch]
     evaluation: EvaluationSets
     before: dict[str, float]
+    group: int
     params: list[torch.nn.Parameter] = field(default_factory=list)
 
 

@@ -106,6 +106,7 @@ def run_statistics(
     after: dict[str, float],
     curve: list[dict[str, float]],
     trained_with: list[str] | None = None,
+    shared_teacher_rows: int | None = None,
 ) -> dict:
     """The ``stats`` of a group's run, as recorded in the bundle (docs/formats.md#manifest).
 
@@ -119,6 +120,9 @@ def run_statistics(
         curve: The loss parts of every step.
         trained_with: The other groups of its joint loop (``config.joint_groups`` > 1), whose
             wall time it shares equally; recorded only when given.
+        shared_teacher_rows: With shared draws, the teacher rows computed while serving this group
+            (included in ``sample_passes``; rows computed for earlier groups are reused free);
+            recorded only when given.
     """
     return {
         "seed": seed,
@@ -133,4 +137,5 @@ def run_statistics(
         "retain_loss_change": after["retain"] / before["retain"] - 1.0,
         "curve_first": curve[0],
         "curve_last": {k: sum(c[k] for c in curve[-10:]) / len(curve[-10:]) for k in curve[-1]},
-    } | ({"trained_with": list(trained_with)} if trained_with else {})
+    } | ({"trained_with": list(trained_with)} if trained_with else {}) | (
+        {"shared_teacher_rows": shared_teacher_rows} if shared_teacher_rows is not None else {})

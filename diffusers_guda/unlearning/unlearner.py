@@ -34,6 +34,7 @@ from .config import UnlearningConfig
 from .evaluation import EvaluationSets, evaluation_sets, mean_losses
 from .forwards import UNetForwards
 from .joint import GroupRun, optimise_jointly
+from .shared_draws import SharedDraws
 from .training import optimise, run_statistics
 
 GroupResult = tuple[dict[str, torch.Tensor], dict, dict]  # (state_dict, config_metadata, stats) of one adapter
@@ -93,6 +94,7 @@ class GroupUnlearner:
             )
         self.forwards = UNetForwards(self.unet, self.conditional, encode_prompts, self.config.autocast_dtype, self.schedule)
         self._fingerprint: str | None = None
+        self._shared: SharedDraws | None = None
 
     @property
     def fingerprint(self) -> str:
@@ -177,8 +179,19 @@ class GroupUnlearner:
         steps = cfg.steps_for(len(forget_idx), sum(sizes) / len(sizes))
         evaluation = evaluation_sets(dataset, group, forget_idx, retain_idx, cfg, self.schedule, self.forwards)
         before = self._evaluate(evaluation, adapter=None)
-        next_batch = partial(draw_batch, dataset, group, forget_idx, retain_idx, generator, cfg, self.schedule, self.forwards, self.forwards.teacher())
-        return GroupRun(name, adapter_name, seed, generator, objective, steps, next_batch, evaluation, before)
+        next_batch = partial(draw_batch, dataset, group, forget_idx, retain_idx, generator, cfg, self.schedule, self.forwards,
+                             self.forwards.teacher(), self._shared_draws(dataset))
+        return GroupRun(name, adapter_name, seed, generator, objective, steps, next_batch, evaluation, before, group)
+
+    def _shared_draws(self, dataset: GroupedDataset) -> SharedDraws | None:
+        """The shared draws of ``dataset`` (kept while the unlearner serves that dataset), or ``None``."""
+        cfg = self.config
+        if cfg.shared_draws == 0:
+            return None
+        if self._shared is None or self._shared.dataset is not dataset:
+            self._shared = SharedDraws(dataset, cfg.shared_draws, derive_seed("guda-shared-draws", cfg.seed), self.schedule,
+                                       self.forwards, cfg.forget_batch_size + cfg.retain_batch_size)
+        return self._shared
 
     def _finish(self, run: GroupRun, curve: list[dict[str, float]], wall: float, trained_with: list[str] | None = None) -> GroupResult:
         """A trained group's result: its losses after, its adapter's weights and config, its statistics."""
@@ -188,9 +201,16 @@ class GroupUnlearner:
             raise UnlearningDivergedError(f"Unlearning group '{run.name}' produced non-finite outputs; lower the learning rate.")
         state = adapter_state_dict(self.unet, run.adapter_name)
         metadata = peft_config_metadata(self.unet, run.adapter_name)
-        # teacher forwards count as passes too
-        passes_per_step = cfg.forget_batch_size + cfg.retain_batch_size + run.objective.teacher_passes(cfg.forget_batch_size, cfg.retain_batch_size)
-        stats = run_statistics(run.seed, run.steps, wall, run.steps * passes_per_step, run.before, after, curve, trained_with)
+        # teacher forwards count as passes too; with shared draws, those at the batch's own rows are the ones
+        # the table computed while serving this group
+        fb, rb = cfg.forget_batch_size, cfg.retain_batch_size
+        passes_per_step = fb + rb + run.objective.teacher_passes(fb, rb)
+        shared_rows = None
+        if cfg.shared_draws:
+            passes_per_step -= run.objective.row_teacher_passes(fb, rb)
+            shared_rows = self._shared.computed_for.pop(run.group, 0)
+        passes = run.steps * passes_per_step + (shared_rows or 0)
+        stats = run_statistics(run.seed, run.steps, wall, passes, run.before, after, curve, trained_with, shared_rows)
         return state, metadata, stats
 
     @contextlib.contextmanager
