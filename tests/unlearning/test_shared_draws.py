@@ -10,10 +10,11 @@ import torch
 from diffusers_guda import GroupUnlearner, UnlearningConfig
 from diffusers_guda.errors import ConfigError
 from diffusers_guda.objectives import NoiseSchedule
+from diffusers_guda.pipelines import GUDAStableDiffusionPipeline
 from diffusers_guda.unlearning.forwards import UNetForwards
 from diffusers_guda.unlearning.shared_draws import SharedDraws
 
-from conftest import GUDAUNet2DModel, tiny_unet_config
+from conftest import GUDAUNet2DModel, make_sd_dataset, tiny_unet_config
 from unlearning_helpers import assert_same_adapters, small_config
 
 pytest_plugins = ["unlearning_helpers"]
@@ -100,6 +101,21 @@ def test_shared_draws_with_adapters_trained_together(tiny_scheduler, tiny_datase
     alone, together = run(1), run(3)
     assert_close_adapters(alone, together)
     assert sum(g.stats["shared_teacher_rows"] for g in alone.groups) == sum(g.stats["shared_teacher_rows"] for g in together.groups)
+
+
+def test_text_conditioned_teacher_rows_are_shared(tiny_sd_dir):
+    """esd's conditional teacher prediction is at the batch's own rows and prompts: shared; its unconditional one is not."""
+    pipe = GUDAStableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    dataset = make_sd_dataset(per_group=4)
+    config = UnlearningConfig(objective="esd", lora={"rank": 2, "alpha": 2.0}, steps=3, forget_batch_size=2, retain_batch_size=2,
+                              eval_images=2, eval_draws=1, learning_rate=1e-2, shared_draws=2)
+    alone = pipe.unlearn_groups(dataset, config=config, groups=["blue"], progress=False)
+    after_others = pipe.unlearn_groups(dataset, config=config, progress=False)
+    assert_same_adapters(alone, after_others, slugs=["blue"])
+    for g in after_others.groups:
+        unconditional, student = g.stats["steps"] * 2, g.stats["steps"] * 4
+        assert g.stats["sample_passes"] == student + unconditional + g.stats["shared_teacher_rows"]
+    assert 0 < sum(g.stats["shared_teacher_rows"] for g in after_others.groups) <= 3 * 2 * 4  # forget rows only: ≤ 2 per image
 
 
 def test_shared_draws_must_not_be_negative():
