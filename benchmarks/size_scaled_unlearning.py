@@ -6,11 +6,14 @@ unlearns each group again with ``steps_k = max(1, round(steps · (n_k / mean n) 
 (``UnlearningConfig.size_exponent``) on a
 finished ``guda evaluate`` directory (its base model, queries and LOGO seed-A scores), scores the
 same queries with the same ELBO draws and prints top-1 / NDCG@3 / Spearman against LOGO seed A.
-``--exponent 0`` gives every group the same budget, to try another ``--steps``.
+``--exponent 0`` gives every group the same budget, to try another ``--steps``. It also prints the
+unlearning's sample passes; ``--shared-draws D`` trains on shared draws (docs/method.md#shared-draws)
+and ``--held-out-from N`` reports development and held-out queries apart, each paired with the
+evaluation's own GUDA scores.
 
 Usage:
     python benchmarks/size_scaled_unlearning.py --eval-dir guda-eval/digits-contributors \
-        --benchmark digits-contributors --exponent 1.0 [--threads 2]
+        --benchmark digits-contributors --exponent 1.0 [--shared-draws 4] [--held-out-from 100] [--threads 2]
 """
 
 from __future__ import annotations
@@ -36,6 +39,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, help="learning rate (default: the recipe's)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="objective option override, repeatable")
     parser.add_argument("--shared-draws", type=int, help="UnlearningConfig.shared_draws (default: the recipe's)")
+    parser.add_argument("--held-out-from", type=int, metavar="N",
+                        help="also report queries [0, N) and [N, end) apart (e.g. development and held-out queries), each as "
+                             "the mean and its difference from the evaluation's own GUDA scores, paired per query")
     parser.add_argument("--save", help="write the score matrix and the steps per group to this JSON file")
     parser.add_argument("--threads", type=int)
     args = parser.parse_args(argv)
@@ -76,8 +82,12 @@ def main(argv: list[str] | None = None) -> None:
     backwards = sum(budgets) * (config.forget_batch_size + config.retain_batch_size)
     print(f"unlearning: {forwards:,} forward + {backwards:,} backward sample passes, {unlearned:.0f} s", flush=True)
     scores = pipe.attribute(queries, progress=False).scores.double().numpy()  # the bundle records recipe.elbo
-    summary = summarize(scores, reference, names=("top1", "ndcg@3", "spearman"))
+    summary = summarize(scores, reference, names=METRICS)
     print(f"steps {base_steps}, lr {config.learning_rate:g}, exponent {args.exponent:g}: " + ", ".join(f"{n} {v['mean']:.3f}" for n, v in summary.items()))
+    if args.held_out_from is not None:
+        evaluated = np.asarray(json.loads((out / "scores" / "guda.json").read_text())["scores"])
+        for name, part in (("queries before", slice(0, args.held_out_from)), ("queries from", slice(args.held_out_from, None))):
+            print(f"  {name} {args.held_out_from}: " + paired_against(scores[part], evaluated[part], reference[part]))
     forget, retain = (np.array(change) * 100 for change in zip(*loss_changes))
     print(f"  forget-set loss change min {forget.min():+.1f} %, retain-set loss change max {retain.max():+.1f} %")
     group_level = {}
@@ -97,6 +107,21 @@ def main(argv: list[str] | None = None) -> None:
                   "summary": summary, "group_level": group_level,
                   "forget_loss_change": forget.tolist(), "retain_loss_change": retain.tolist()}
         Path(args.save).write_text(json.dumps(record, indent=1))
+
+
+METRICS = ("top1", "ndcg@3", "spearman")
+
+
+def paired_against(scores: np.ndarray, evaluated: np.ndarray, reference: np.ndarray) -> str:
+    """Each metric's mean over these queries, and its difference from ``evaluated``'s ± standard error, paired per query."""
+    from guda_lab.evaluation.metrics import per_query_metrics
+
+    ours, theirs = per_query_metrics(scores, reference, METRICS), per_query_metrics(evaluated, reference, METRICS)
+    cells = []
+    for m in METRICS:
+        diff = np.asarray(ours[m]) - np.asarray(theirs[m])
+        cells.append(f"{m} {np.mean(ours[m]):.3f} ({diff.mean():+.3f} ± {diff.std(ddof=1) / np.sqrt(len(diff)):.3f})")
+    return ", ".join(cells)
 
 
 if __name__ == "__main__":
