@@ -200,3 +200,19 @@ def test_the_dataset_entry_points_name_the_benchmarks_loaders():
     for name, target in targets.items():
         module, attribute = target.split(":")
         assert getattr(importlib.import_module(module), attribute) is benchmarks.BENCHMARKS[name].loader, name
+
+
+@pytest.mark.parametrize("name", ["digits-classes", "digits-contributors"])
+def test_the_converged_recipe_plans_logo_at_least_100_times_dearer(name):
+    """Its budget, with the teacher at its bound of one forward per shared draw of every image (docs/results.md#shared-draws)."""
+    from diffusers_guda.recipes import Recipe
+
+    dataset = benchmarks.get_benchmark(name).load()
+    sizes = dataset.group_sizes()
+    recipe = Recipe.load("digits-ddpm-converged")
+    train, unlearning = recipe.train, recipe.unlearning
+    logo = 2 * len(sizes) * train["steps"] * train["batch_size"]
+    rows = unlearning.forget_batch_size + unlearning.retain_batch_size
+    student = 2 * rows * sum(unlearning.steps_for(n, sum(sizes) / len(sizes)) for n in sizes)
+    assert unlearning.shared_draws > 0
+    assert logo / (student + unlearning.shared_draws * len(dataset)) >= 100
