@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from diffusers_guda import GroupUnlearner, UnlearningConfig
 from diffusers_guda.errors import ConfigError
@@ -61,10 +62,12 @@ def test_teacher_outputs_are_the_teachers_on_the_rows_and_computed_once(tiny_dat
     assert torch.equal(again, out[[3, 0]]) and table.computed_for[1] == 0
 
 
-def test_a_groups_adapter_does_not_depend_on_the_groups_trained_before_it(tiny_scheduler, tiny_dataset):
+@pytest.mark.parametrize("flow", [False, True], ids=["ddpm", "flow-matching"])
+def test_a_groups_adapter_does_not_depend_on_the_groups_trained_before_it(flow, tiny_scheduler, tiny_dataset):
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=100, shift=3.0) if flow else tiny_scheduler
     config = small_config(objective_options=POSTERIOR, shared_draws=2)
-    alone = GroupUnlearner(fresh_unet(), tiny_scheduler, config).unlearn(tiny_dataset, groups=["right"], progress=False)
-    after_others = GroupUnlearner(fresh_unet(), tiny_scheduler, config).unlearn(tiny_dataset, progress=False)
+    alone = GroupUnlearner(fresh_unet(), scheduler, config).unlearn(tiny_dataset, groups=["right"], progress=False)
+    after_others = GroupUnlearner(fresh_unet(), scheduler, config).unlearn(tiny_dataset, progress=False)
     assert_same_adapters(alone, after_others, slugs=["right"])
     # the rows the first two groups drew were reused: the last group computed fewer teacher rows alone than
     # its steps asked for, and fewer still after the others
