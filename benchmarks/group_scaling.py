@@ -8,7 +8,10 @@ random subset of 12 groups where K > 12). Per K it prints, from each run's ``rep
   the question is whether the cost per group falls or stays flat as K grows;
 * LOGO's cost per model and the LOGO / GUDA unlearning ratio (LOGO scaled to every group);
 * top-1 / NDCG@3 / Spearman ± standard error against LOGO seed A for GUDA, the ceiling (when the
-  run has one) and each baseline, on the groups LOGO was trained for.
+  run has one) and each baseline, on the groups LOGO was trained for;
+* with ``--main-digit``, for each method and LOGO itself, how often its top group among LOGO's
+  groups is a contributor of the query's digit (over the queries whose digit has one there): the
+  answer the construction expects, which tells a method that is noisy from a LOGO that is.
 
 Usage:
     python benchmarks/group_scaling.py guda-eval/digits-crowd-10 guda-eval/digits-crowd-30 \
@@ -21,6 +24,8 @@ import argparse
 import json
 import math
 from pathlib import Path
+
+import numpy as np
 
 METRICS = ("top1", "ndcg@3", "spearman")
 
@@ -50,6 +55,25 @@ def scaling_row(report: dict) -> dict:
         "logo_over_guda_wall": report["cost_ratio_logo_over_guda"],
         "metrics": metrics,
     }
+
+
+def main_digit_rates(run: Path, report: dict) -> dict[str, float]:
+    """Per score file of a digits-crowd run: the share of queries whose top group among LOGO's groups has
+    the query's digit as its main digit, over the queries whose digit has such a group."""
+    from guda_lab.evaluation.benchmarks import crowd_main_digit, query_digits
+    from guda_lab.queries import load_query_images
+
+    groups = report["logo_groups"] or report["groups"]
+    main = np.array([crowd_main_digit(g) for g in groups])
+    digit = query_digits(load_query_images(sorted((run / "queries").glob("*.png")))[: report["num_queries"]])
+    covered = np.array([(main == d).any() for d in digit])
+    rates = {}
+    for path in sorted((run / "scores").glob("*.json")):
+        scores = np.asarray(json.loads(path.read_text())["scores"])
+        if scores.shape[1] != len(groups):  # every group scored: keep LOGO's
+            scores = scores[:, [report["groups"].index(g) for g in groups]]
+        rates[path.stem] = float((main[scores.argmax(1)] == digit)[covered].mean())
+    return rates
 
 
 def print_tables(rows: list[dict]) -> None:
@@ -93,12 +117,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("dirs", nargs="+", help="finished `guda evaluate` directories, one per K")
     parser.add_argument("--out", help="also write the rows as JSON here")
     parser.add_argument("--plot", help="draw cost per group and top-1 against K here (PNG)")
+    parser.add_argument("--main-digit", action="store_true", help="digits-crowd runs: how often each method's top group is "
+                                                                  "a contributor of the query's digit")
     args = parser.parse_args(argv)
 
     from guda_lab.evaluation.results_table import load_report
 
-    rows = sorted((scaling_row(load_report(d)) for d in args.dirs), key=lambda r: r["k"])
+    rows = []
+    for d in args.dirs:
+        report = load_report(d)
+        rows.append(scaling_row(report))
+        if args.main_digit:
+            rows[-1]["main_digit_top1"] = main_digit_rates(Path(d), report)
+    rows.sort(key=lambda r: r["k"])
     print_tables(rows)
+    if args.main_digit:
+        names = list(dict.fromkeys(m for r in rows for m in r["main_digit_top1"]))
+        print("\n| K | " + " | ".join(names) + " |")
+        print("|---" * (1 + len(names)) + "|")
+        for r in rows:
+            print(f"| {r['k']} | " + " | ".join(f"{r['main_digit_top1'][m]:.2f}" if m in r["main_digit_top1"] else "" for m in names) + " |")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
     if args.plot:

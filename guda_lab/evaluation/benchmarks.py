@@ -204,6 +204,18 @@ def _knn(images: torch.Tensor, labels: torch.Tensor, queries: torch.Tensor, k: i
     return model.predict(queries.flatten(1).numpy())
 
 
+def query_digits(queries: torch.Tensor) -> np.ndarray:
+    """The digit of each ``[N, 1, 8, 8]`` query by a pixel 5-nearest-neighbour classifier on the real digits
+    (it looks at no attribution score)."""
+    digits = load_digits()
+    return _knn(digits.images, digits.group_ids, queries)
+
+
+def crowd_main_digit(group_name: str) -> int:
+    """The main digit of a ``digits-crowd`` contributor: contributor ``c`` (``crowd-<c>``) mostly holds ``c mod 10``."""
+    return int(group_name.removeprefix("crowd-")) % 10
+
+
 def contributors_comparisons(dataset: GroupedDataset, queries: torch.Tensor) -> list[GroupComparison]:
     """The group-level comparisons of ``digits-contributors`` on a query set: ``copies``, ``sizes``,
     ``style-thick`` and ``style-thin`` (see :func:`_contributor_comparisons`)."""
@@ -227,8 +239,7 @@ def _contributor_comparisons(dataset: GroupedDataset, queries: torch.Tensor, hob
     if tuple(queries.shape[1:]) != (1, 8, 8):
         return []
     names = list(dataset.group_names)
-    digits = load_digits()
-    digit = _knn(digits.images, digits.group_ids, queries)
+    digit = query_digits(queries)
     index = {name: dataset.group_index(name) for name in names}
     style_groups = [index[name] for name in (*STYLE_DIGITS.values(), "thick-strokes")]
     in_style = torch.isin(dataset.group_ids, torch.tensor(style_groups))

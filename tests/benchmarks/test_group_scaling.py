@@ -34,3 +34,28 @@ def test_rows_divide_each_runs_costs_by_its_groups(tiny_evaluation, tmp_path, ca
     out = capsys.readouterr().out
     assert "| 3 | 8 | 3 |" in out and "| 4 | 8 | 2 |" in out and "| similarity |" in out
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_main_digit_rates_count_top_groups_holding_the_querys_digit(tmp_path):
+    """Queries of digits 0, 1, 2 against contributors crowd-010 (main digit 0), crowd-001 (1) and crowd-003 (3)."""
+    from PIL import Image
+
+    from diffusers_guda.data import load_digits
+
+    digits = load_digits()
+    run = tmp_path / "run"
+    (run / "queries").mkdir(parents=True)
+    (run / "scores").mkdir()
+    for i, d in enumerate((0, 1, 2)):
+        index = int((digits.group_ids == d).nonzero()[0])
+        pixels = ((digits.images[index, 0].numpy() + 1) * 127.5).round().astype("uint8")
+        Image.fromarray(pixels, mode="L").save(run / "queries" / f"{i:04d}.png")
+    groups = ["crowd-010", "crowd-001", "crowd-003", "crowd-005"]
+    report = {"groups": groups, "logo_groups": groups[:3], "num_queries": 3}
+    # all four groups scored; the digit-2 query has no contributor of its digit among LOGO's three
+    right = [[5, 0, 0, 9], [0, 5, 0, 0], [0, 0, 5, 0]]
+    wrong = [[0, 5, 0, 0], [0, 5, 0, 0], [5, 0, 0, 0]]
+    (run / "scores" / "guda.json").write_text(json.dumps({"scores": right}))
+    (run / "scores" / "logo_seed_a.json").write_text(json.dumps({"scores": [row[:3] for row in wrong]}))
+    rates = load_benchmark_script("group_scaling").main_digit_rates(run, report)
+    assert rates == {"guda": 1.0, "logo_seed_a": 0.5}
