@@ -63,7 +63,7 @@ def main_digit_rates(run: Path, report: dict) -> dict[str, float]:
     from guda_lab.evaluation.benchmarks import crowd_main_digit, query_digits
     from guda_lab.queries import load_query_images
 
-    groups = report["logo_groups"] or report["groups"]
+    groups = report.get("logo_groups") or report["groups"]
     main = np.array([crowd_main_digit(g) for g in groups])
     digit = query_digits(load_query_images(sorted((run / "queries").glob("*.png")))[: report["num_queries"]])
     covered = np.array([(main == d).any() for d in digit])
