@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+METRICS = ("top1", "ndcg@3", "spearman")
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -107,9 +109,6 @@ def main(argv: list[str] | None = None) -> None:
                   "summary": summary, "group_level": group_level,
                   "forget_loss_change": forget.tolist(), "retain_loss_change": retain.tolist()}
         Path(args.save).write_text(json.dumps(record, indent=1))
-
-
-METRICS = ("top1", "ndcg@3", "spearman")
 
 
 def paired_against(scores: np.ndarray, evaluated: np.ndarray, reference: np.ndarray) -> str:

@@ -87,6 +87,11 @@ CROWD_SIZE_SIGMA = 0.8  # log-normal spread of contributor weights
 CROWD_MIN_IMAGES = 5  # of its main digit, given to every contributor first
 
 
+def crowd_main_digit(group_name: str) -> int:
+    """The main digit of a ``digits-crowd`` contributor: contributor ``c`` (``crowd-<c>``) mostly holds ``c mod 10``."""
+    return int(group_name.removeprefix("crowd-")) % 10
+
+
 def digits_crowd(num_contributors: int, seed: int = 0) -> GroupedDataset:
     """The ``digits-crowd-K`` benchmark: ``num_contributors`` (a multiple of 10) contributors of unequal
     size, each mostly holding one digit; see the module docstring."""
@@ -95,7 +100,8 @@ def digits_crowd(num_contributors: int, seed: int = 0) -> GroupedDataset:
     digits = load_digits()
     generator = torch.Generator().manual_seed(seed)
     k, labels = num_contributors, digits.group_ids
-    main = torch.arange(k) % 10
+    names = [f"crowd-{c:03d}" for c in range(k)]
+    main = torch.tensor([crowd_main_digit(name) for name in names])
     weight = torch.exp(CROWD_SIZE_SIGMA * torch.randn(k, generator=generator))
     owner = torch.full_like(labels, -1)
 
@@ -113,7 +119,6 @@ def digits_crowd(num_contributors: int, seed: int = 0) -> GroupedDataset:
         owner[rest[home]] = pick(own, int(home.sum()))
         owner[rest[~home]] = pick(other, int((~home).sum()))
     order = torch.argsort(owner, stable=True)
-    names = [f"crowd-{c:03d}" for c in range(k)]
     return GroupedDataset(digits.images[order], owner[order], names)
 
 
@@ -209,11 +214,6 @@ def query_digits(queries: torch.Tensor) -> np.ndarray:
     (it looks at no attribution score)."""
     digits = load_digits()
     return _knn(digits.images, digits.group_ids, queries)
-
-
-def crowd_main_digit(group_name: str) -> int:
-    """The main digit of a ``digits-crowd`` contributor: contributor ``c`` (``crowd-<c>``) mostly holds ``c mod 10``."""
-    return int(group_name.removeprefix("crowd-")) % 10
 
 
 def contributors_comparisons(dataset: GroupedDataset, queries: torch.Tensor) -> list[GroupComparison]:
