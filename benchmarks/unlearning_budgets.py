@@ -1,0 +1,210 @@
+"""Unlearning budgets against fidelity and cost, each measured in one run on a finished evaluation.
+
+Takes a finished ``guda evaluate`` directory (its base model, queries, LOGO models and LOGO scores)
+and, for each ``--setting``, unlearns every group again in one run (so shared draws serve every
+group), scores the same queries with the same ELBO draws and prints:
+
+* top-1 / NDCG@3 / Spearman against LOGO seed A, beside the seed-B ceiling when the run has one;
+* the unlearning's sample passes (forwards, teacher included, plus backwards, as ``guda evaluate``
+  counts them) and wall time, and the LOGO / GUDA ratios of both (LOGO: the seed-A training loops
+  recorded in the same directory);
+* the forget- and retain-set loss changes of the adapters;
+* with ``--held-out-from N``, queries ``[0, N)`` and ``[N, end)`` apart (development and held-out),
+  each metric paired per query against the evaluation's own GUDA scores;
+* for a ``--benchmark`` with constructed group comparisons, how well they are ordered.
+
+A setting is ``KEY=VALUE`` pairs joined by commas over ``steps``, ``lr``, ``exponent`` (steps grow as
+``(group size / mean size) ** exponent``, ``UnlearningConfig.size_exponent``) and ``shared_draws``
+(docs/method.md#shared-draws); what a setting leaves out is the recipe's, so ``--setting ""`` is the
+recipe itself, which retrains the evaluation's very adapters. ``--option`` overrides an objective
+option in every setting. ``--plot`` draws each metric against the LOGO / GUDA passes ratio: the
+fidelity-against-cost curve, with the ceiling beside it.
+
+Usage:
+    python benchmarks/unlearning_budgets.py --eval-dir guda-eval/digits-classes --benchmark digits-classes \
+        --setting steps=40,lr=2e-3,exponent=0 steps=20,lr=4e-3,exponent=0 steps=36,exponent=1,shared_draws=4 \
+        [--held-out-from 100] [--option KEY=JSON] [--threads 2] [--out sweep.json] [--plot sweep.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+METRICS = ("top1", "ndcg@3", "spearman")
+SETTING_KEYS = {"steps": ("steps", int), "lr": ("learning_rate", float), "exponent": ("size_exponent", float),
+                "shared_draws": ("shared_draws", int)}
+
+
+def parse_setting(text: str) -> dict:
+    """``"steps=40,lr=2e-3"`` as unlearning settings (``{"steps": 40, "learning_rate": 0.002}``)."""
+    settings = {}
+    for pair in filter(None, text.split(",")):
+        key, _, value = pair.partition("=")
+        if key not in SETTING_KEYS or not value:
+            raise SystemExit(f"bad setting {pair!r} in {text!r}: use KEY=VALUE with KEY one of {', '.join(SETTING_KEYS)}")
+        field, kind = SETTING_KEYS[key]
+        settings[field] = kind(value)
+    return settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--eval-dir", required=True, help="a finished `guda evaluate` output directory")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--benchmark", help="its benchmark")
+    source.add_argument("--data", help="its image folder (one subfolder per group)")
+    parser.add_argument("--recipe", default="digits-ddpm", help="its recipe")
+    parser.add_argument("--setting", nargs="+", default=[""], type=parse_setting,
+                        help="KEY=VALUE,... over steps, lr, exponent, shared_draws (default: the recipe's own)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="objective option override, repeatable")
+    parser.add_argument("--held-out-from", type=int, metavar="N",
+                        help="also report queries [0, N) and [N, end) apart, each paired with the evaluation's own GUDA scores")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out", help="also write the rows (scores and steps per group included) as JSON here")
+    parser.add_argument("--plot", help="draw fidelity against the LOGO/GUDA passes ratio here (PNG)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from diffusers_guda import GroupedDataset, GUDADDPMPipeline
+    from diffusers_guda.cli.arguments import parse_options
+    from diffusers_guda.recipes import Recipe
+    from guda_lab.evaluation.benchmarks import get_benchmark
+    from guda_lab.evaluation.metrics import summarize
+    from guda_lab.evaluation.runner import training_cost, unlearning_cost
+    from guda_lab.queries import load_query_images
+    from guda_lab.recipes import training_config
+    from guda_lab.training import TRAIN_LOG_NAME
+
+    out = Path(args.eval_dir)
+    recipe = Recipe.load(args.recipe)
+    benchmark = get_benchmark(args.benchmark) if args.benchmark else None
+    dataset = benchmark.load() if benchmark else GroupedDataset.from_image_folder(args.data)
+    reference = read_scores(out / "scores" / "logo_seed_a.json")
+    if reference is None or reference.shape[1] != dataset.num_groups:
+        raise SystemExit(f"{out / 'scores' / 'logo_seed_a.json'}: expected LOGO seed-A scores of all {dataset.num_groups} groups")
+    ceiling = read_scores(out / "scores" / "logo_seed_b.json")
+    queries = load_query_images(sorted((out / "queries").glob("*.png")))
+    train = training_config(recipe, "unlearning_budgets.py")
+    logo_models = [p.parent for p in (out / "logo" / f"seed_{train.seed}").glob(f"*/{TRAIN_LOG_NAME}")]
+    if len(logo_models) != dataset.num_groups:
+        raise SystemExit(f"expected {dataset.num_groups} LOGO models of seed {train.seed} in {out / 'logo'}, found {len(logo_models)}")
+    logo = training_cost(logo_models, train)
+    logo_passes = logo["forwards"] + logo["backwards"]
+    options = parse_options(args.option)  # parsed as `guda unlearn --option` is; merged into the recipe's options
+
+    rows = []
+    for settings in args.setting:
+        settings = {**settings, "objective_options": options}
+        config = recipe.unlearning_with(**settings)
+        pipe = GUDADDPMPipeline.from_pretrained(out / "base")
+        pipe.set_progress_bar_config(disable=True)
+        start = time.perf_counter()
+        bundle = pipe.unlearn_groups(dataset, recipe=recipe, progress=False, **settings)
+        cost = unlearning_cost(bundle, recipe, dataset.num_groups, time.perf_counter() - start, reused=False)
+        scores = pipe.attribute(queries, progress=False).scores.double().numpy()  # the bundle records recipe.elbo
+        passes = cost["forwards"] + cost["backwards"]
+        loop_wall = sum(float(g.stats["wall_s"]) for g in bundle.groups)
+        row = {
+            "steps": config.steps, "learning_rate": config.learning_rate, "exponent": config.size_exponent,
+            "shared_draws": config.shared_draws, "objective_options": dict(config.objective_options),
+            **{m: v["mean"] for m, v in summarize(scores, reference, names=METRICS).items()},
+            "sample_passes": passes, "loop_wall_s": round(loop_wall, 2), "total_wall_s": round(cost["wall_s"], 2),
+            "ratio_passes": logo_passes / passes, "ratio_wall": logo["wall_s"] / loop_wall,
+            "forget_loss_change_pct": [100 * g.stats["forget_loss_change"] for g in bundle.groups],
+            "retain_loss_change_pct": [100 * g.stats["retain_loss_change"] for g in bundle.groups],
+            "steps_per_group": dict(zip(dataset.group_names, (g.stats["steps"] for g in bundle.groups))),
+            "scores": scores.tolist(),
+        }
+        if args.held_out_from is not None:
+            row["parts"] = held_out_parts(scores, read_scores(out / "scores" / "guda.json"), reference, args.held_out_from)
+        if benchmark:
+            row["group_level"] = group_level(benchmark, dataset, queries, scores, reference)
+        rows.append(row)
+        print(f"done {describe(row)}: " + ", ".join(f"{m} {row[m]:.3f}" for m in METRICS) + f", {passes:,} passes", flush=True)
+
+    print(f"\n{len(queries)} queries x {dataset.num_groups} groups; LOGO seed A: {logo_passes:,} sample passes, "
+          f"{logo['wall_s']:.0f} s of training loops")
+    ceiling_means = {m: v["mean"] for m, v in summarize(ceiling, reference, names=METRICS).items()} if ceiling is not None else None
+    if ceiling_means:
+        print("ceiling (LOGO seed B vs A): " + ", ".join(f"{m} {ceiling_means[m]:.3f}" for m in METRICS))
+    print("| setting | top1 | ndcg@3 | spearman | passes | loop wall (s) | LOGO/GUDA passes | LOGO/GUDA wall | forget min | retain max |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {describe(r)} | {r['top1']:.3f} | {r['ndcg@3']:.3f} | {r['spearman']:.3f} | {r['sample_passes']:,} | "
+              f"{r['loop_wall_s']:.1f} | {r['ratio_passes']:.0f}x | {r['ratio_wall']:.0f}x | "
+              f"{min(r['forget_loss_change_pct']):+.1f}% | {max(r['retain_loss_change_pct']):+.1f}% |")
+    for r in rows:
+        for name, part in r.get("parts", {}).items():
+            print(f"{describe(r)}, {name}: " + ", ".join(f"{m} {v['mean']:.3f} ({v['diff']:+.3f} ± {v['diff_se']:.3f})"
+                                                        for m, v in part.items()))
+        for name, comparison in r.get("group_level", {}).items():
+            print(f"{describe(r)}, {name}: pairwise agreement with LOGO {comparison['pairwise_agreement']:.3f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"ceiling": ceiling_means, "logo": logo, "groups": dataset.group_names,
+                                              "rows": rows}, indent=1))
+    if args.plot:
+        plot(rows, ceiling_means, Path(args.plot))
+
+
+def read_scores(path: Path) -> np.ndarray | None:
+    return np.asarray(json.loads(path.read_text())["scores"]) if path.is_file() else None
+
+
+def describe(row: dict) -> str:
+    """A setting as it reads in the tables: steps, learning rate, exponent, shared draws."""
+    shared = f", D={row['shared_draws']}" if row["shared_draws"] else ""
+    return f"{row['steps']} steps, lr {row['learning_rate']:g}, exponent {row['exponent']:g}{shared}"
+
+
+def held_out_parts(scores: np.ndarray, evaluated: np.ndarray, reference: np.ndarray, split: int) -> dict:
+    """Per part of the queries, each metric's mean and its difference from ``evaluated`` ± standard error, paired per query."""
+    from guda_lab.evaluation.metrics import per_query_metrics
+
+    parts = {}
+    for name, part in ((f"queries before {split}", slice(0, split)), (f"queries from {split}", slice(split, None))):
+        ours = per_query_metrics(scores[part], reference[part], METRICS)
+        theirs = per_query_metrics(evaluated[part], reference[part], METRICS)
+        parts[name] = {}
+        for m in METRICS:
+            diff = np.asarray(ours[m]) - np.asarray(theirs[m])
+            parts[name][m] = {"mean": float(np.mean(ours[m])), "diff": float(diff.mean()),
+                              "diff_se": float(diff.std(ddof=1) / np.sqrt(len(diff)))}
+    return parts
+
+
+def group_level(benchmark, dataset, queries, scores: np.ndarray, reference: np.ndarray) -> dict:
+    """The benchmark's constructed group comparisons: how often the scores order their pairs as LOGO does."""
+    from guda_lab.evaluation.metrics import pairwise_agreement
+
+    return {c.name: {"pairwise_agreement": pairwise_agreement(*c.deltas(scores), *c.deltas(reference))}
+            for c in benchmark.group_comparisons(dataset, queries)}
+
+
+def plot(rows: list[dict], ceiling: dict[str, float] | None, path: Path) -> None:
+    """Each metric against LOGO/GUDA sample passes, one point per setting, the seed-B ceiling dashed."""
+    from diffusers_guda.plotting import pyplot, save_figure
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rows = sorted(rows, key=lambda r: r["ratio_passes"])
+    for name, colour in zip(METRICS, ("C0", "C1", "C2")):
+        ax.plot([r["ratio_passes"] for r in rows], [r[name] for r in rows], "o-", color=colour, label=name)
+        if ceiling:
+            ax.axhline(ceiling[name], color=colour, linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("LOGO / GUDA sample passes (higher = cheaper unlearning)")
+    ax.set_ylabel("agreement with LOGO seed A")
+    ax.set_title("fidelity against unlearning cost" + (" (dashed: LOGO seed B)" if ceiling else ""))
+    ax.legend()
+    save_figure(fig, path)
+
+
+if __name__ == "__main__":
+    main()

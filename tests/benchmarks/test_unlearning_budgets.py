@@ -1,0 +1,62 @@
+"""The unlearning-budget sweep: the recipe's own setting reproduces the evaluation; other settings are counted as it counts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import load_benchmark_script, write_evaluation_recipe, write_group_folder
+from diffusers_guda.cli import main as guda
+
+pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
+
+
+def test_budgets_reproduce_the_evaluation_and_count_passes_as_it_does(tmp_path, capsys):
+    recipe_path = write_evaluation_recipe(tmp_path / "recipe.json")
+    steps = json.loads(recipe_path.read_text())["unlearning"]["steps"]
+    data, out = write_group_folder(tmp_path / "data", ["left", "middle", "right"]), tmp_path / "eval"
+    assert guda(["evaluate", "--data", str(data), "--out", str(out), "--recipe", str(recipe_path), "--methods", "guda", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    module = load_benchmark_script("unlearning_budgets")
+    capsys.readouterr()
+    module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path), "--held-out-from", "2",
+                 "--setting", "", f"steps={2 * steps}", "--out", str(tmp_path / "sweep.json"), "--plot", str(tmp_path / "sweep.png")])
+    printed = capsys.readouterr().out
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    own, doubled = sweep["rows"]
+
+    # the recipe's own setting retrains the evaluation's very adapters: same scores, ratio, agreement, loss changes
+    expected = np.asarray(json.loads((out / "scores" / "guda.json").read_text())["scores"])
+    np.testing.assert_allclose(np.asarray(own["scores"]), expected, rtol=0, atol=1e-6)
+    assert own["ratio_passes"] == pytest.approx(report["cost_ratio_logo_over_guda_passes"], rel=1e-12)
+    for name in ("top1", "ndcg@3", "spearman"):
+        assert own[name] == pytest.approx(report["methods"]["guda"][name]["mean"], abs=1e-9)
+        assert sweep["ceiling"][name] == pytest.approx(report["methods"]["logo_seed_b"][name]["mean"], abs=1e-9)
+        for part in own["parts"].values():
+            assert part[name]["diff"] == pytest.approx(0, abs=1e-9)
+    bundle_stats = [g["stats"] for g in json.loads((out / "bundle" / "guda_bundle.json").read_text())["groups"]]
+    np.testing.assert_allclose(own["retain_loss_change_pct"], [100 * s["retain_loss_change"] for s in bundle_stats], rtol=1e-5)
+    assert f"{own['ratio_passes']:.0f}x" in printed and "queries from 2: top1" in printed
+
+    assert doubled["sample_passes"] == 2 * own["sample_passes"]  # fresh draws: the same batches, twice the steps
+    assert set(doubled["steps_per_group"].values()) == {2 * steps}
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path), "--setting", "exponent=0,shared_draws=2",
+                 "--option", "num_neighbors=all", "--option", "target=teacher_posterior", "--option", "preserve=teacher_posterior",
+                 "--out", str(tmp_path / "shared.json")])
+    (shared,) = json.loads((tmp_path / "shared.json").read_text())["rows"]
+    assert shared["objective_options"]["target"] == "teacher_posterior"
+    # shared draws: the teacher runs at most twice per image (3 groups of 8) on top of the student's rows
+    student = sum(shared["steps_per_group"].values()) * 8  # 4 forget + 4 retain rows per step (the evaluation recipe)
+    assert shared["shared_draws"] == 2 and student < shared["sample_passes"] - student <= student + 2 * 24
+
+
+def test_a_bad_setting_names_the_keys():
+    module = load_benchmark_script("unlearning_budgets")
+    with pytest.raises(SystemExit, match="KEY one of steps, lr, exponent, shared_draws"):
+        module.parse_setting("steps=40,rate=1e-3")
+    assert module.parse_setting("steps=40,lr=2e-3,exponent=1,shared_draws=4") == {
+        "steps": 40, "learning_rate": 2e-3, "size_exponent": 1.0, "shared_draws": 4}
