@@ -1,0 +1,140 @@
+"""Which base UNet generates a benchmark's images? Train wider variants of its recipe and look at samples.
+
+The emoji benchmarks wait on this (docs/results.md#emoji-styles): the recipe's small UNet denoises
+emoji well at low noise but samples coloured blobs, so no LOGO model is worth training on it yet.
+This trains the benchmark's recipe and wider variants of it, one after the other, and writes for
+each, the moment it is done, to ``--out``:
+
+* ``<variant>.png``: a contact sheet of ``--samples`` images (1,000 DDPM steps, seeds 0, 1, ...);
+* a line in ``capacity.json``: parameters, steps, batch, wall time, final training loss, and the
+  mean pixel distance from each sample to its nearest training image beside the same distance for
+  as many training images to their nearest *other* training image (a model that makes emoji should
+  come out near the second; blobs are far from every emoji).
+
+Variants (each the recipe's ``train`` section with these changes):
+
+* ``recipe``: unchanged;
+* ``wide``: ``block_out_channels`` (64, 128, 256), two layers per block, attention at the lowest level;
+* ``wide-ema``: ``wide`` sampled from an EMA of the weights (decay 0.9995).
+
+Sized for one GPU (``--device cuda``: a few minutes per variant at the defaults); ``--tiny`` shrinks
+every variant and the sampling for a CPU check. The training loop is the lab's, so a variant's
+settings can go into a recipe as they are.
+
+Usage:
+    python benchmarks/base_capacity.py --benchmark emoji-styles-uncond --device cuda --steps 8000 --batch-size 256 --out capacity/
+    python benchmarks/base_capacity.py --benchmark digits-classes --tiny --threads 2 --out /tmp/capacity
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+VARIANTS = {
+    "recipe": {},
+    "wide": {"block_out_channels": (64, 128, 256), "layers_per_block": 2, "attention": True},
+    "wide-ema": {"block_out_channels": (64, 128, 256), "layers_per_block": 2, "attention": True, "ema_decay": 0.9995},
+}
+TINY = {"block_out_channels": (32, 32), "layers_per_block": 1, "steps": 3, "batch_size": 8}
+
+
+def nearest_distances(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per image, the root-mean-square pixel distance to its nearest ``reference`` image (both in [-1, 1])."""
+    flat, ref = images.flatten(1).double(), reference.flatten(1).double()
+    return (torch.cdist(flat, ref).pow(2) / flat.shape[1]).min(dim=1).values.sqrt()
+
+
+def contact_sheet(images: torch.Tensor, path: Path, scale: int = 4) -> None:
+    """``images`` ([N, C, H, W] in [-1, 1]) tiled eight to a row, each pixel shown as ``scale`` x ``scale``."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    cols = min(8, n)
+    rows = -(-n // cols)
+    grid = torch.ones(c, rows * (h + 1), cols * (w + 1))
+    for i, image in enumerate(images):
+        r, q = divmod(i, cols)
+        grid[:, r * (h + 1): r * (h + 1) + h, q * (w + 1): q * (w + 1) + w] = (image.clamp(-1, 1) + 1) / 2
+    array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    picture = Image.fromarray(array[..., 0] if c == 1 else array)
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+
+
+def sample(pipe, count: int, steps: int) -> torch.Tensor:
+    """``count`` samples of ``pipe`` in [-1, 1], image ``i`` from seed ``i``."""
+    generators = [torch.Generator(device="cpu").manual_seed(i) for i in range(count)]
+    out = pipe(batch_size=count, generator=generators, num_inference_steps=steps, output_type="np").images
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float() * 2 - 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--benchmark", default="emoji-styles-uncond", help="an unconditional benchmark with a train recipe")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
+    parser.add_argument("--batch-size", type=int, help="images per step (default: the recipe's)")
+    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--sampling-steps", type=int, default=1000)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="tiny variants, 3 training steps and 10 sampling steps: a CPU check")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out", required=True, help="folder for the contact sheets and capacity.json")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from diffusers_guda.recipes import Recipe
+    from guda_lab.evaluation.benchmarks import get_benchmark
+    from guda_lab.recipes import training_config
+    from guda_lab.training import TRAIN_LOG_NAME, train_base_model
+
+    benchmark = get_benchmark(args.benchmark)
+    dataset = benchmark.load()
+    base_config = training_config(Recipe.load(benchmark.recipe), "base_capacity.py")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record_path = out / "capacity.json"
+    record = {"benchmark": args.benchmark, "images": len(dataset.images), "device": args.device, "variants": {}}
+    reference = training_neighbour_distances(dataset.images, args.samples)
+    record["training_nearest_other_rms"] = float(reference.mean())
+    sampling_steps = 10 if args.tiny else args.sampling_steps
+    for name in args.variants:
+        settings = {**VARIANTS[name], **(TINY if args.tiny else {})}
+        if args.steps and not args.tiny:
+            settings["steps"] = args.steps
+        if args.batch_size and not args.tiny:
+            settings["batch_size"] = args.batch_size
+        config = replace(base_config, **settings)
+        with tempfile.TemporaryDirectory() as tmp:  # the training log; the weights are not kept
+            pipe = train_base_model(dataset, config, output_dir=Path(tmp) / name, progress=False, description=name, device=args.device)
+            log = json.loads((Path(tmp) / name / TRAIN_LOG_NAME).read_text())
+        pipe.set_progress_bar_config(disable=True)
+        samples = sample(pipe, args.samples, sampling_steps)
+        contact_sheet(samples, out / f"{name}.png")
+        record["variants"][name] = {
+            "block_out_channels": list(config.block_out_channels), "layers_per_block": config.layers_per_block,
+            "attention": config.attention, "ema_decay": config.ema_decay, "steps": config.steps, "batch_size": config.batch_size,
+            "parameters": sum(p.numel() for p in pipe.unet.parameters()), "train_wall_s": round(log["wall_s"], 1),
+            "final_loss": log["final_loss"], "sample_nearest_training_rms": float(nearest_distances(samples, dataset.images).mean()),
+        }
+        record_path.write_text(json.dumps(record, indent=1))
+        print(f"{name}: {record['variants'][name]}", flush=True)
+
+
+def training_neighbour_distances(images: torch.Tensor, count: int) -> torch.Tensor:
+    """For ``count`` training images (seeded choice), the distance to their nearest *other* training image."""
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]
+    flat, ref = images[chosen].flatten(1).double(), images.flatten(1).double()
+    squared = torch.cdist(flat, ref).pow(2) / flat.shape[1]
+    squared[torch.arange(len(chosen)), chosen] = float("inf")
+    return squared.min(dim=1).values.sqrt()
+
+
+if __name__ == "__main__":
+    main()

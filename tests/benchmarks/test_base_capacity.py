@@ -1,0 +1,32 @@
+"""The base-capacity probe: each variant's contact sheet and record are written as it finishes."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from PIL import Image
+
+from conftest import load_benchmark_script
+
+
+def test_tiny_variants_write_their_sheets_and_records(tmp_path):
+    module = load_benchmark_script("base_capacity")
+    module.main(["--benchmark", "digits-classes", "--tiny", "--variants", "recipe", "wide-ema", "--samples", "10", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "capacity.json").read_text())
+    assert list(record["variants"]) == ["recipe", "wide-ema"] and record["images"] == 1797
+    recipe, wide = record["variants"]["recipe"], record["variants"]["wide-ema"]
+    assert wide["attention"] and not recipe["attention"] and wide["ema_decay"] == 0.9995
+    assert wide["parameters"] > recipe["parameters"] and recipe["steps"] == 3
+    # 3 training steps make noise, far from every digit; real digits lie much nearer each other
+    assert recipe["sample_nearest_training_rms"] > 2 * record["training_nearest_other_rms"] > 0
+    sheet = Image.open(tmp_path / "recipe.png")
+    assert sheet.size == (8 * 9 * 4, 2 * 9 * 4)  # 10 samples of 8 x 8, eight to a row, 1-pixel gaps, shown 4x
+
+
+def test_nearest_distances_are_rms_pixel_distances():
+    module = load_benchmark_script("base_capacity")
+    images = torch.tensor([[[[0.0, 0.0]]], [[[1.0, 1.0]]], [[[1.0, -1.0]]]])
+    assert module.nearest_distances(images, images).tolist() == [0.0, 0.0, 0.0]
+    # image 1's nearest other image is image 0 (rms 1), image 2's is image 0 too (rms 1), image 0's is at rms 1
+    assert module.training_neighbour_distances(images, 3).sort().values.tolist() == [1.0, 1.0, 1.0]
