@@ -44,10 +44,16 @@ VARIANTS = {
 TINY = {"block_out_channels": (32, 32), "layers_per_block": 1, "steps": 3, "batch_size": 8}
 
 
-def nearest_distances(images: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Per image, the root-mean-square pixel distance to its nearest ``reference`` image (both in [-1, 1])."""
+def nearest_distances(images: torch.Tensor, reference: torch.Tensor, itself: torch.Tensor | None = None) -> torch.Tensor:
+    """Per image, the root-mean-square pixel distance to its nearest ``reference`` image (both in [-1, 1]).
+
+    ``itself[i]``: the index of image ``i`` in ``reference``, which is then not counted (its nearest *other* image).
+    """
     flat, ref = images.flatten(1).double(), reference.flatten(1).double()
-    return (torch.cdist(flat, ref).pow(2) / flat.shape[1]).min(dim=1).values.sqrt()
+    squared = torch.cdist(flat, ref).pow(2) / flat.shape[1]
+    if itself is not None:
+        squared[torch.arange(len(itself)), itself] = float("inf")
+    return squared.min(dim=1).values.sqrt()
 
 
 def contact_sheet(images: torch.Tensor, path: Path, scale: int = 4) -> None:
@@ -95,14 +101,17 @@ def main(argv: list[str] | None = None) -> None:
     from guda_lab.training import TRAIN_LOG_NAME, train_base_model
 
     benchmark = get_benchmark(args.benchmark)
+    recipe = Recipe.load(benchmark.recipe)
+    if (recipe.train or {}).get("conditioning") == "text":
+        raise SystemExit(f"{args.benchmark} is text-conditioned; give an unconditional benchmark (e.g. {args.benchmark}-uncond)")
     dataset = benchmark.load()
-    base_config = training_config(Recipe.load(benchmark.recipe), "base_capacity.py")
+    base_config = training_config(recipe, "base_capacity.py")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "capacity.json"
     record = {"benchmark": args.benchmark, "images": len(dataset.images), "device": args.device, "variants": {}}
-    reference = training_neighbour_distances(dataset.images, args.samples)
-    record["training_nearest_other_rms"] = float(reference.mean())
+    chosen = torch.randperm(len(dataset.images), generator=torch.Generator().manual_seed(0))[: args.samples]
+    record["training_nearest_other_rms"] = float(nearest_distances(dataset.images[chosen], dataset.images, itself=chosen).mean())
     sampling_steps = 10 if args.tiny else args.sampling_steps
     for name in args.variants:
         settings = {**VARIANTS[name], **(TINY if args.tiny else {})}
@@ -126,14 +135,6 @@ def main(argv: list[str] | None = None) -> None:
         record_path.write_text(json.dumps(record, indent=1))
         print(f"{name}: {record['variants'][name]}", flush=True)
 
-
-def training_neighbour_distances(images: torch.Tensor, count: int) -> torch.Tensor:
-    """For ``count`` training images (seeded choice), the distance to their nearest *other* training image."""
-    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:count]
-    flat, ref = images[chosen].flatten(1).double(), images.flatten(1).double()
-    squared = torch.cdist(flat, ref).pow(2) / flat.shape[1]
-    squared[torch.arange(len(chosen)), chosen] = float("inf")
-    return squared.min(dim=1).values.sqrt()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -29,4 +30,11 @@ def test_nearest_distances_are_rms_pixel_distances():
     images = torch.tensor([[[[0.0, 0.0]]], [[[1.0, 1.0]]], [[[1.0, -1.0]]]])
     assert module.nearest_distances(images, images).tolist() == [0.0, 0.0, 0.0]
     # image 1's nearest other image is image 0 (rms 1), image 2's is image 0 too (rms 1), image 0's is at rms 1
-    assert module.training_neighbour_distances(images, 3).sort().values.tolist() == [1.0, 1.0, 1.0]
+    assert module.nearest_distances(images, images, itself=torch.tensor([0, 1, 2])).tolist() == [1.0, 1.0, 1.0]
+    assert module.nearest_distances(images[1:], images, itself=torch.tensor([1, 2])).tolist() == [1.0, 1.0]
+
+
+def test_a_text_conditioned_benchmark_is_refused():
+    module = load_benchmark_script("base_capacity")
+    with pytest.raises(SystemExit, match="text-conditioned; give an unconditional benchmark"):
+        module.main(["--benchmark", "digits-styles", "--tiny", "--out", "unused"])
