@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     if reference is None or reference.shape[1] != dataset.num_groups:
         raise SystemExit(f"{out / 'scores' / 'logo_seed_a.json'}: expected LOGO seed-A scores of all {dataset.num_groups} groups")
     ceiling = read_scores(out / "scores" / "logo_seed_b.json")
+    evaluated = read_scores(out / "scores" / "guda.json")
+    if args.held_out_from is not None and evaluated is None:
+        raise SystemExit(f"--held-out-from pairs with the evaluation's GUDA scores, and {out / 'scores' / 'guda.json'} does not exist")
     queries = load_query_images(sorted((out / "queries").glob("*.png")))
     train = training_config(recipe, "unlearning_budgets.py")
     logo_models = [p.parent for p in (out / "logo" / f"seed_{train.seed}").glob(f"*/{TRAIN_LOG_NAME}")]
@@ -123,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             "scores": scores.tolist(),
         }
         if args.held_out_from is not None:
-            row["parts"] = held_out_parts(scores, read_scores(out / "scores" / "guda.json"), reference, args.held_out_from)
+            row["parts"] = held_out_parts(scores, evaluated, reference, args.held_out_from)
         if benchmark:
             row["group_level"] = group_level(benchmark, dataset, queries, scores, reference)
         rows.append(row)
