@@ -10,7 +10,7 @@ group), scores the same queries with the same ELBO draws and prints:
   recorded in the same directory);
 * the forget- and retain-set loss changes of the adapters;
 * with ``--held-out-from N``, queries ``[0, N)`` and ``[N, end)`` apart (development and held-out),
-  each metric paired per query against the evaluation's own GUDA scores;
+  each metric paired per query against the evaluation's own GUDA scores and the ceiling;
 * for a ``--benchmark`` with constructed group comparisons, how well they are ordered.
 
 A setting is ``KEY=VALUE`` pairs joined by commas over ``steps``, ``lr``, ``exponent`` (steps grow as
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             "scores": scores.tolist(),
         }
         if args.held_out_from is not None:
-            row["parts"] = held_out_parts(scores, evaluated, reference, args.held_out_from)
+            row["parts"] = held_out_parts(scores, evaluated, ceiling, reference, args.held_out_from)
         if benchmark:
             row["group_level"] = group_level(benchmark, dataset, queries, scores, reference)
         rows.append(row)
@@ -145,8 +145,10 @@ def main(argv: list[str] | None = None) -> None:
               f"{min(r['forget_loss_change_pct']):+.1f}% | {max(r['retain_loss_change_pct']):+.1f}% |")
     for r in rows:
         for name, part in r.get("parts", {}).items():
-            print(f"{describe(r)}, {name}: " + ", ".join(f"{m} {v['mean']:.3f} ({v['diff']:+.3f} ± {v['diff_se']:.3f})"
-                                                        for m, v in part.items()))
+            print(f"{describe(r)}, {name}: " + ", ".join(
+                f"{m} {v['mean']:.3f} ({v['diff']:+.3f} ± {v['diff_se']:.3f}"
+                + (f"; vs ceiling {v['ceiling_diff']:+.3f} ± {v['ceiling_diff_se']:.3f}" if "ceiling_diff" in v else "") + ")"
+                for m, v in part.items()))
         for name, comparison in r.get("group_level", {}).items():
             print(f"{describe(r)}, {name}: pairwise agreement with LOGO {comparison['pairwise_agreement']:.3f}")
     if args.out:
@@ -166,19 +168,23 @@ def describe(row: dict) -> str:
     return f"{row['steps']} steps, lr {row['learning_rate']:g}, exponent {row['exponent']:g}{shared}"
 
 
-def held_out_parts(scores: np.ndarray, evaluated: np.ndarray, reference: np.ndarray, split: int) -> dict:
-    """Per part of the queries, each metric's mean and its difference from ``evaluated`` ± standard error, paired per query."""
+def held_out_parts(scores: np.ndarray, evaluated: np.ndarray, ceiling: np.ndarray | None, reference: np.ndarray, split: int) -> dict:
+    """Per part of the queries, each metric's mean and its differences ± standard error, paired per query, from
+    ``evaluated`` (``diff``, ``diff_se``) and, when given, from the ``ceiling`` (``ceiling_diff``, ``ceiling_diff_se``)."""
     from guda_lab.evaluation.metrics import per_query_metrics
 
     parts = {}
     for name, part in ((f"queries before {split}", slice(0, split)), (f"queries from {split}", slice(split, None))):
         ours = per_query_metrics(scores[part], reference[part], METRICS)
-        theirs = per_query_metrics(evaluated[part], reference[part], METRICS)
+        others = {"diff": evaluated, "ceiling_diff": ceiling}
+        theirs = {key: per_query_metrics(s[part], reference[part], METRICS) for key, s in others.items() if s is not None}
         parts[name] = {}
         for m in METRICS:
-            diff = np.asarray(ours[m]) - np.asarray(theirs[m])
-            parts[name][m] = {"mean": float(np.mean(ours[m])), "diff": float(diff.mean()),
-                              "diff_se": float(diff.std(ddof=1) / np.sqrt(len(diff)))}
+            parts[name][m] = {"mean": float(np.mean(ours[m]))}
+            for key, metrics in theirs.items():
+                diff = np.asarray(ours[m]) - np.asarray(metrics[m])
+                parts[name][m][key] = float(diff.mean())
+                parts[name][m][f"{key}_se"] = float(diff.std(ddof=1) / np.sqrt(len(diff)))
     return parts
 
 

@@ -36,6 +36,10 @@ def test_budgets_reproduce_the_evaluation_and_count_passes_as_it_does(tmp_path, 
         assert sweep["ceiling"][name] == pytest.approx(report["methods"]["logo_seed_b"][name]["mean"], abs=1e-9)
         for part in own["parts"].values():
             assert part[name]["diff"] == pytest.approx(0, abs=1e-9)
+        # against the ceiling, over both parts together: the evaluation's GUDA − seed B, as the report has it
+        sizes = (2, 2)  # 4 queries split at 2
+        joint = sum(n * part[name]["ceiling_diff"] for n, part in zip(sizes, own["parts"].values())) / sum(sizes)
+        assert joint == pytest.approx(report["methods"]["guda"][name]["mean"] - report["methods"]["logo_seed_b"][name]["mean"], abs=1e-9)
     bundle_stats = [g["stats"] for g in json.loads((out / "bundle" / "guda_bundle.json").read_text())["groups"]]
     np.testing.assert_allclose(own["retain_loss_change_pct"], [100 * s["retain_loss_change"] for s in bundle_stats], rtol=1e-5)
     assert f"{own['ratio_passes']:.0f}x" in printed and "queries from 2: top1" in printed
