@@ -57,19 +57,16 @@ def nearest_distances(images: torch.Tensor, reference: torch.Tensor, itself: tor
 
 
 def contact_sheet(images: torch.Tensor, path: Path, scale: int = 4) -> None:
-    """``images`` ([N, C, H, W] in [-1, 1]) tiled eight to a row, each pixel shown as ``scale`` x ``scale``."""
+    """``images`` ([N, C, H, W] in [-1, 1]) tiled eight to a row (white where the last row is short), shown ``scale`` x larger."""
+    from diffusers.utils import make_image_grid, numpy_to_pil
     from PIL import Image
 
-    n, c, h, w = images.shape
-    cols = min(8, n)
-    rows = -(-n // cols)
-    grid = torch.ones(c, rows * (h + 1), cols * (w + 1))
-    for i, image in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[:, r * (h + 1): r * (h + 1) + h, q * (w + 1): q * (w + 1) + w] = (image.clamp(-1, 1) + 1) / 2
-    array = (grid.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
-    picture = Image.fromarray(array[..., 0] if c == 1 else array)
-    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+    pictures = numpy_to_pil(((images.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).numpy())
+    cols = min(8, len(pictures))
+    rows = -(-len(pictures) // cols)
+    pictures += [Image.new(pictures[0].mode, pictures[0].size, "white")] * (rows * cols - len(pictures))
+    grid = make_image_grid(pictures, rows, cols)
+    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
 
 
 def sample(pipe, count: int, steps: int) -> torch.Tensor:

@@ -22,7 +22,8 @@ def test_tiny_variants_write_their_sheets_and_records(tmp_path):
     # 3 training steps make noise, far from every digit; real digits lie much nearer each other
     assert recipe["sample_nearest_training_rms"] > 2 * record["training_nearest_other_rms"] > 0
     sheet = Image.open(tmp_path / "recipe.png")
-    assert sheet.size == (8 * 9 * 4, 2 * 9 * 4)  # 10 samples of 8 x 8, eight to a row, 1-pixel gaps, shown 4x
+    assert sheet.size == (8 * 8 * 4, 2 * 8 * 4)  # 10 samples of 8 x 8, eight to a row, shown 4x
+    assert sheet.getpixel((sheet.width - 1, sheet.height - 1)) == (255, 255, 255)  # the short last row is padded white
 
 
 def test_nearest_distances_are_rms_pixel_distances():
