@@ -90,6 +90,8 @@ def register(subparsers) -> None:
 
     p = add_common(subparsers.add_parser("results", help="the results tables (docs/results.md) of finished evaluations"))
     p.add_argument("dirs", nargs="+", metavar="DIR", help="finished `guda evaluate` output directories, in table order")
+    p.add_argument("--queries", metavar="START:STOP",
+                   help="tabulate these queries only, e.g. 100: for the held-out ones from query 100 on (default: all)")
     p.add_argument("--out", help="write the Markdown here (default: print it)")
     p.set_defaults(func=results)
 
@@ -187,9 +189,9 @@ def evaluate(args) -> None:
 def results(args) -> None:
     from diffusers_guda.io_utils import write_text_atomic
 
-    from .evaluation.results_table import results_markdown
+    from .evaluation.results_table import parse_query_range, results_markdown
 
-    markdown = results_markdown(args.dirs)
+    markdown = results_markdown(args.dirs, None if args.queries is None else parse_query_range(args.queries))
     if args.out is None:
         print(markdown, end="")
         return

@@ -14,14 +14,16 @@ import math
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from diffusers_guda.errors import ConfigError
 
-from .report import CEILING, PAIRED_METHOD, REFERENCE
+from .report import CEILING, PAIRED_METHOD, REFERENCE, metric_sections, paired_differences
 
 #: The metrics of the results tables, in the column order and with the headings of docs/results.md.
 TABLE_METRICS = {"top1": "top-1", "ndcg@3": "NDCG@3", "spearman": "Spearman"}
 
-__all__ = ["TABLE_METRICS", "load_report", "results_markdown", "run_table"]
+__all__ = ["TABLE_METRICS", "load_report", "parse_query_range", "restrict_to_queries", "results_markdown", "run_table"]
 
 
 def load_report(run_dir: str | Path) -> dict:
@@ -37,6 +39,55 @@ def load_report(run_dir: str | Path) -> dict:
         raise ConfigError(f"{run_dir} has no report.json; finish the evaluation there first (rerun `guda evaluate` to resume).") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"Cannot read {path}: {exc}; rerun `guda evaluate` there to rewrite it.") from None
+
+
+def parse_query_range(text: str) -> tuple[int, int | None]:
+    """``"START:STOP"`` or ``"START:"`` (to the last query) as ``(start, stop)``, e.g. ``"100:"`` for held-out queries 100 on.
+
+    Raises:
+        ConfigError: if the text is not of that form.
+    """
+    head, sep, tail = text.partition(":")
+    try:
+        start, stop = int(head), (int(tail) if tail.strip() else None)
+    except ValueError:
+        start = stop = None
+    if not sep or start is None or start < 0 or (stop is not None and stop <= start):
+        raise ConfigError(f"A query range is START:STOP or START: with 0 <= START < STOP (e.g. 100:300 or 100:), got {text!r}.")
+    return start, stop
+
+
+def restrict_to_queries(report: dict, run_dir: str | Path, start: int, stop: int | None = None) -> dict:
+    """The report with its ``methods`` and ``paired`` sections recomputed on queries ``start`` to ``stop - 1``.
+
+    The scores come from the run's ``scores/<method>.json`` files, so a run whose first queries chose
+    a setting can report its held-out ones alone. Costs stay the whole run's. The returned report
+    carries ``query_range: [start, stop]``.
+
+    Raises:
+        ConfigError: if the range is outside the run's queries or a method's scores file is missing.
+    """
+    n = report["num_queries"]
+    stop = n if stop is None else stop
+    if not 0 <= start < stop <= n:
+        raise ConfigError(f"{run_dir} has {n} queries; the range {start}:{stop} is outside 0:{n}.")
+    names = report["groups"]
+    subset = [names.index(g) for g in report["logo_groups"]] if report.get("logo_groups") else None
+    scores = {}
+    for method in [REFERENCE, *report["methods"]]:
+        path = Path(run_dir) / "scores" / f"{method}.json"
+        try:
+            values = np.asarray(json.loads(path.read_text())["scores"], dtype=np.float64)
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise ConfigError(f"Cannot read {method}'s scores in {path} ({exc}); rerun `guda evaluate` there to rewrite them.") from None
+        if subset is not None and method not in (REFERENCE, CEILING):  # LOGO's files hold the subset's columns only
+            values = values[:, subset]
+        scores[method] = values[start:stop]
+    compared = list(report["methods"])
+    sections = metric_sections(scores, compared, labels=None, ceiling=CEILING in compared)
+    others = [m for m in compared if m != PAIRED_METHOD]
+    paired = paired_differences(scores, others) if PAIRED_METHOD in compared and others else None
+    return report | {"methods": sections["methods"], "paired": paired, "query_range": [start, stop]}
 
 
 def _mean_se(entry: dict) -> str:
@@ -71,7 +122,13 @@ def run_table(report: dict) -> str:
     queries, seed = report["num_queries"], report["seeds"]["queries"]
     title = report.get("benchmark") or report["recipe"]["name"]
     subset = report.get("logo_groups")
-    lines = [f"**{title}** — {queries} queries from seed {seed}, recipe `{report['recipe']['name']}`, "
+    if report.get("query_range"):
+        start, stop = report["query_range"]
+        described = (f"queries {start}–{stop - 1} of {queries} (seeds {seed + start}–{seed + stop - 1}; "
+                     f"costs are the whole run's)")
+    else:
+        described = f"{queries} queries from seed {seed}"
+    lines = [f"**{title}** — {described}, recipe `{report['recipe']['name']}`, "
              f"against LOGO seed {report['seeds']['logo_seed_a']}"
              + (f" on {len(subset)} of the {len(report['groups'])} groups (LOGO trained for those only)" if subset else "")]
     if report.get("command"):
@@ -89,8 +146,17 @@ def run_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def results_markdown(run_dirs: Sequence[str | Path]) -> str:
-    """The tables of several evaluation directories, in the order given, separated by blank lines."""
+def results_markdown(run_dirs: Sequence[str | Path], queries: tuple[int, int | None] | None = None) -> str:
+    """The tables of several evaluation directories, in the order given, separated by blank lines.
+
+    Args:
+        run_dirs: finished ``guda evaluate`` output directories.
+        queries: ``(start, stop)`` to tabulate those queries only (``stop`` ``None``: to the last),
+            e.g. the held-out ones (:func:`restrict_to_queries`); ``None``: every query.
+    """
     if not run_dirs:
         raise ConfigError("Name at least one finished evaluation directory.")
-    return "\n\n".join(run_table(load_report(d)) for d in run_dirs) + "\n"
+    reports = [load_report(d) for d in run_dirs]
+    if queries is not None:
+        reports = [restrict_to_queries(r, d, *queries) for r, d in zip(reports, run_dirs)]
+    return "\n\n".join(run_table(r) for r in reports) + "\n"

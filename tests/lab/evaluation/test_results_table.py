@@ -52,3 +52,49 @@ def test_unfinished_or_broken_runs_are_named(tmp_path, capsys):
         load_report(tmp_path)
     with pytest.raises(ConfigError, match="at least one"):
         results_markdown([])
+
+
+def test_a_query_range_is_tabulated_from_the_runs_scores(tiny_evaluation, capsys):
+    import json
+
+    import numpy as np
+
+    from diffusers_guda.cli import main as guda
+    from guda_lab.evaluation.metrics import per_query_metrics
+    from guda_lab.evaluation.results_table import parse_query_range, restrict_to_queries
+
+    recipe, data, out = tiny_evaluation
+    assert guda(["evaluate", "--data", str(data), "--out", str(out), "--recipe", str(recipe), "--no-ceiling",
+                 "--methods", "guda", "similarity", "--quiet"]) == 0  # adds a baseline to the finished run
+    report = load_report(out)
+    capsys.readouterr()
+
+    whole = restrict_to_queries(report, out, 0)
+    for method in ("guda", "similarity"):
+        for name in TABLE_METRICS:
+            assert whole["methods"][method][name]["mean"] == pytest.approx(report["methods"][method][name]["mean"])
+    assert whole["paired"] == report["paired"]  # the scores files hold the exact float64 values
+
+    part = restrict_to_queries(report, out, 2)
+    scores = {m: np.asarray(json.loads((out / "scores" / f"{m}.json").read_text())["scores"])[2:]
+              for m in ("logo_seed_a", "guda", "similarity")}
+    own = per_query_metrics(scores["guda"], scores["logo_seed_a"], list(TABLE_METRICS))
+    theirs = per_query_metrics(scores["similarity"], scores["logo_seed_a"], list(TABLE_METRICS))
+    for name in TABLE_METRICS:
+        assert part["methods"]["guda"][name]["n"] == 2
+        assert part["methods"]["guda"][name]["mean"] == pytest.approx(own[name].mean())
+        assert part["paired"]["versus"]["similarity"][name]["mean_diff"] == pytest.approx((own[name] - theirs[name]).mean())
+    assert part["cost"] == report["cost"] and part["query_range"] == [2, 4]
+    assert run_table(part).splitlines()[0].startswith(f"**{report['recipe']['name']}** — queries 2–3 of 4 (seeds 2–3; costs are the whole run's)")
+
+    assert guda(["results", str(out), "--queries", "2:"]) == 0
+    assert capsys.readouterr().out == results_markdown([out], (2, None))
+    assert parse_query_range("100:300") == (100, 300)
+    for bad in ("3:2", "2", "a:", "-1:"):
+        with pytest.raises(ConfigError, match="START:STOP or START:"):
+            parse_query_range(bad)
+    with pytest.raises(ConfigError, match="has 4 queries; the range 0:9 is outside 0:4"):
+        restrict_to_queries(report, out, 0, 9)
+    (out / "scores" / "similarity.json").unlink()
+    assert guda(["results", str(out), "--queries", "0:"]) == 2
+    assert "Cannot read similarity's scores" in capsys.readouterr().err
