@@ -13,6 +13,9 @@ group), scores the same queries with the same ELBO draws and prints:
   each metric paired per query against the evaluation's own GUDA scores and the ceiling;
 * for a ``--benchmark`` with constructed group comparisons, how well they are ordered.
 
+An evaluation with LOGO on a subset of groups (``guda evaluate --logo-groups N``) is compared on
+that subset, with LOGO's cost scaled to every group, as the evaluation does.
+
 A setting is ``KEY=VALUE`` pairs joined by commas over ``steps``, ``lr``, ``exponent`` (steps grow as
 ``(group size / mean size) ** exponent``, ``UnlearningConfig.size_exponent``) and ``shared_draws``
 (docs/method.md#shared-draws); what a setting leaves out is the recipe's, so ``--setting ""`` is the
@@ -60,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--benchmark", help="its benchmark")
     source.add_argument("--data", help="its image folder (one subfolder per group)")
     parser.add_argument("--recipe", default="digits-ddpm", help="its recipe")
-    parser.add_argument("--setting", nargs="+", default=[""], type=parse_setting,
+    parser.add_argument("--setting", nargs="+", default=[{}], type=parse_setting,
                         help="KEY=VALUE,... over steps, lr, exponent, shared_draws (default: the recipe's own)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="objective option override, repeatable")
     parser.add_argument("--held-out-from", type=int, metavar="N",
@@ -86,20 +89,26 @@ def main(argv: list[str] | None = None) -> None:
     recipe = Recipe.load(args.recipe)
     benchmark = get_benchmark(args.benchmark) if args.benchmark else None
     dataset = benchmark.load() if benchmark else GroupedDataset.from_image_folder(args.data)
+    # an evaluation with LOGO on a subset of groups (`--logo-groups`) compares every method on the subset's columns
+    report_path = out / "report.json"
+    subset = json.loads(report_path.read_text()).get("logo_groups") if report_path.is_file() else None
+    columns = [dataset.group_names.index(g) for g in subset] if subset else list(range(dataset.num_groups))
     reference = read_scores(out / "scores" / "logo_seed_a.json")
-    if reference is None or reference.shape[1] != dataset.num_groups:
-        raise SystemExit(f"{out / 'scores' / 'logo_seed_a.json'}: expected LOGO seed-A scores of all {dataset.num_groups} groups")
+    if reference is None or reference.shape[1] != len(columns):
+        raise SystemExit(f"{out / 'scores' / 'logo_seed_a.json'}: expected LOGO seed-A scores of the {len(columns)} groups LOGO was trained for")
     ceiling = read_scores(out / "scores" / "logo_seed_b.json")
     evaluated = read_scores(out / "scores" / "guda.json")
+    evaluated = None if evaluated is None else evaluated[:, columns]
     if args.held_out_from is not None and evaluated is None:
         raise SystemExit(f"--held-out-from pairs with the evaluation's GUDA scores, and {out / 'scores' / 'guda.json'} does not exist")
     queries = load_query_images(sorted((out / "queries").glob("*.png")))
     train = training_config(recipe, "unlearning_budgets.py")
     logo_models = [p.parent for p in (out / "logo" / f"seed_{train.seed}").glob(f"*/{TRAIN_LOG_NAME}")]
-    if len(logo_models) != dataset.num_groups:
-        raise SystemExit(f"expected {dataset.num_groups} LOGO models of seed {train.seed} in {out / 'logo'}, found {len(logo_models)}")
+    if len(logo_models) != len(columns):
+        raise SystemExit(f"expected {len(columns)} LOGO models of seed {train.seed} in {out / 'logo'}, found {len(logo_models)}")
     logo = training_cost(logo_models, train)
-    logo_passes = logo["forwards"] + logo["backwards"]
+    scale = dataset.num_groups / len(columns)  # LOGO for every group, as `guda evaluate` scales a subset's cost
+    logo_passes, logo_wall = scale * (logo["forwards"] + logo["backwards"]), scale * logo["wall_s"]
     options = parse_options(args.option)  # parsed as `guda unlearn --option` is; merged into the recipe's options
 
     rows = []
@@ -112,28 +121,29 @@ def main(argv: list[str] | None = None) -> None:
         bundle = pipe.unlearn_groups(dataset, recipe=recipe, progress=False, **settings)
         cost = unlearning_cost(bundle, recipe, dataset.num_groups, time.perf_counter() - start, reused=False)
         scores = pipe.attribute(queries, progress=False).scores.double().numpy()  # the bundle records recipe.elbo
+        compared = scores[:, columns]
         passes = cost["forwards"] + cost["backwards"]
         loop_wall = sum(float(g.stats["wall_s"]) for g in bundle.groups)
         row = {
             "steps": config.steps, "learning_rate": config.learning_rate, "exponent": config.size_exponent,
             "shared_draws": config.shared_draws, "objective_options": dict(config.objective_options),
-            **{m: v["mean"] for m, v in summarize(scores, reference, names=METRICS).items()},
+            **{m: v["mean"] for m, v in summarize(compared, reference, names=METRICS).items()},
             "sample_passes": passes, "loop_wall_s": round(loop_wall, 2), "total_wall_s": round(cost["wall_s"], 2),
-            "ratio_passes": logo_passes / passes, "ratio_wall": logo["wall_s"] / loop_wall,
+            "ratio_passes": logo_passes / passes, "ratio_wall": logo_wall / loop_wall,
             "forget_loss_change_pct": [100 * g.stats["forget_loss_change"] for g in bundle.groups],
             "retain_loss_change_pct": [100 * g.stats["retain_loss_change"] for g in bundle.groups],
             "steps_per_group": dict(zip(dataset.group_names, (g.stats["steps"] for g in bundle.groups))),
             "scores": scores.tolist(),
         }
         if args.held_out_from is not None:
-            row["parts"] = held_out_parts(scores, evaluated, ceiling, reference, args.held_out_from)
-        if benchmark:
+            row["parts"] = held_out_parts(compared, evaluated, ceiling, reference, args.held_out_from)
+        if benchmark and not subset:  # the constructed comparisons index every group
             row["group_level"] = group_level(benchmark, dataset, queries, scores, reference)
         rows.append(row)
         print(f"done {describe(row)}: " + ", ".join(f"{m} {row[m]:.3f}" for m in METRICS) + f", {passes:,} passes", flush=True)
 
-    print(f"\n{len(queries)} queries x {dataset.num_groups} groups; LOGO seed A: {logo_passes:,} sample passes, "
-          f"{logo['wall_s']:.0f} s of training loops")
+    print(f"\n{len(queries)} queries x {dataset.num_groups} groups; LOGO seed A: {logo_passes:,.0f} sample passes, "
+          f"{logo_wall:.0f} s of training loops" + (f" (its {len(columns)} models scaled to every group)" if subset else ""))
     ceiling_means = {m: v["mean"] for m, v in summarize(ceiling, reference, names=METRICS).items()} if ceiling is not None else None
     if ceiling_means:
         print("ceiling (LOGO seed B vs A): " + ", ".join(f"{m} {ceiling_means[m]:.3f}" for m in METRICS))

@@ -64,3 +64,25 @@ def test_a_bad_setting_names_the_keys():
         module.parse_setting("steps=40,rate=1e-3")
     assert module.parse_setting("steps=40,lr=2e-3,exponent=1,shared_draws=4") == {
         "steps": 40, "learning_rate": 2e-3, "size_exponent": 1.0, "shared_draws": 4}
+
+
+def test_budgets_on_an_evaluation_with_logo_on_a_subset_of_groups(tmp_path, capsys):
+    recipe_path = write_evaluation_recipe(tmp_path / "recipe.json")
+    data, out = write_group_folder(tmp_path / "data", ["left", "middle", "right"]), tmp_path / "eval"
+    assert guda(["evaluate", "--data", str(data), "--out", str(out), "--recipe", str(recipe_path), "--methods", "guda",
+                 "--logo-groups", "2", "--no-ceiling", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    columns = [report["groups"].index(g) for g in report["logo_groups"]]
+    module = load_benchmark_script("unlearning_budgets")
+    module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path), "--held-out-from", "2",
+                 "--out", str(tmp_path / "sweep.json")])
+    assert "(its 2 models scaled to every group)" in capsys.readouterr().out
+    (own,) = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    # every group is unlearned and scored again; the metrics and the ratio are the evaluation's, on LOGO's columns
+    expected = np.asarray(json.loads((out / "scores" / "guda.json").read_text())["scores"])
+    np.testing.assert_allclose(np.asarray(own["scores"]), expected, rtol=0, atol=1e-6)
+    assert np.asarray(own["scores"]).shape[1] == 3 and len(columns) == 2
+    assert own["ratio_passes"] == pytest.approx(report["cost_ratio_logo_over_guda_passes"], rel=1e-12)
+    for name in ("top1", "ndcg@3", "spearman"):
+        assert own[name] == pytest.approx(report["methods"]["guda"][name]["mean"], abs=1e-9)
+        assert all(part[name]["diff"] == pytest.approx(0, abs=1e-9) for part in own["parts"].values())
