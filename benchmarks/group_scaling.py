@@ -61,6 +61,7 @@ def main_digit_rates(run: Path, report: dict) -> dict[str, float]:
     """Per score file of a digits-crowd run: the share of queries whose top group among LOGO's groups has
     the query's digit as its main digit, over the queries whose digit has such a group."""
     from guda_lab.evaluation.benchmarks import crowd_main_digit, query_digits
+    from guda_lab.evaluation.results_table import logo_columns
     from guda_lab.queries import load_query_images
 
     groups = report.get("logo_groups") or report["groups"]
@@ -71,7 +72,7 @@ def main_digit_rates(run: Path, report: dict) -> dict[str, float]:
     for path in sorted((run / "scores").glob("*.json")):
         scores = np.asarray(json.loads(path.read_text())["scores"])
         if scores.shape[1] != len(groups):  # every group scored: keep LOGO's
-            scores = scores[:, [report["groups"].index(g) for g in groups]]
+            scores = scores[:, logo_columns(report)]
         rates[path.stem] = float((main[scores.argmax(1)] == digit)[covered].mean())
     return rates
 

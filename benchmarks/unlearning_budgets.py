@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers_guda.recipes import Recipe
     from guda_lab.evaluation.benchmarks import get_benchmark
     from guda_lab.evaluation.metrics import summarize
+    from guda_lab.evaluation.results_table import load_report, logo_columns
     from guda_lab.evaluation.runner import training_cost, unlearning_cost
     from guda_lab.queries import load_query_images
     from guda_lab.recipes import training_config
@@ -91,8 +92,8 @@ def main(argv: list[str] | None = None) -> None:
     dataset = benchmark.load() if benchmark else GroupedDataset.from_image_folder(args.data)
     # an evaluation with LOGO on a subset of groups (`--logo-groups`) compares every method on the subset's columns
     report_path = out / "report.json"
-    subset = json.loads(report_path.read_text()).get("logo_groups") if report_path.is_file() else None
-    columns = [dataset.group_names.index(g) for g in subset] if subset else list(range(dataset.num_groups))
+    columns = logo_columns(load_report(out)) if report_path.is_file() else list(range(dataset.num_groups))
+    subset = len(columns) < dataset.num_groups
     reference = read_scores(out / "scores" / "logo_seed_a.json")
     if reference is None or reference.shape[1] != len(columns):
         raise SystemExit(f"{out / 'scores' / 'logo_seed_a.json'}: expected LOGO seed-A scores of the {len(columns)} groups LOGO was trained for")

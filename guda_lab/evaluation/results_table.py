@@ -41,6 +41,12 @@ def load_report(run_dir: str | Path) -> dict:
         raise ConfigError(f"Cannot read {path}: {exc}; rerun `guda evaluate` there to rewrite it.") from None
 
 
+def logo_columns(report: dict) -> list[int]:
+    """Indices into ``report["groups"]`` of the groups LOGO was trained for: a ``--logo-groups`` subset, else every group."""
+    names = report["groups"]
+    return [names.index(g) for g in report.get("logo_groups") or names]
+
+
 def parse_query_range(text: str) -> tuple[int, int | None]:
     """``"START:STOP"`` or ``"START:"`` (to the last query) as ``(start, stop)``, e.g. ``"100:"`` for held-out queries 100 on.
 
@@ -71,8 +77,7 @@ def restrict_to_queries(report: dict, run_dir: str | Path, start: int, stop: int
     stop = n if stop is None else stop
     if not 0 <= start < stop <= n:
         raise ConfigError(f"{run_dir} has {n} queries; the range {start}:{stop} is outside 0:{n}.")
-    names = report["groups"]
-    subset = [names.index(g) for g in report["logo_groups"]] if report.get("logo_groups") else None
+    columns = logo_columns(report)
     scores = {}
     for method in [REFERENCE, *report["methods"]]:
         path = Path(run_dir) / "scores" / f"{method}.json"
@@ -80,8 +85,8 @@ def restrict_to_queries(report: dict, run_dir: str | Path, start: int, stop: int
             values = np.asarray(json.loads(path.read_text())["scores"], dtype=np.float64)
         except (OSError, json.JSONDecodeError, KeyError) as exc:
             raise ConfigError(f"Cannot read {method}'s scores in {path} ({exc}); rerun `guda evaluate` there to rewrite them.") from None
-        if subset is not None and method not in (REFERENCE, CEILING):  # LOGO's files hold the subset's columns only
-            values = values[:, subset]
+        if method not in (REFERENCE, CEILING):  # LOGO's files hold the subset's columns only
+            values = values[:, columns]
         scores[method] = values[start:stop]
     compared = list(report["methods"])
     sections = metric_sections(scores, compared, labels=None, ceiling=CEILING in compared)
