@@ -58,22 +58,24 @@ def scaling_row(report: dict) -> dict:
 
 
 def main_digit_rates(run: Path, report: dict) -> dict[str, float]:
-    """Per score file of a digits-crowd run: the share of queries whose top group among LOGO's groups has
-    the query's digit as its main digit, over the queries whose digit has such a group."""
+    """Per method of a digits-crowd run's report (LOGO seed A included): the share of queries whose top
+    group among LOGO's groups has the query's digit as its main digit, over the queries whose digit has
+    such a group."""
     from guda_lab.evaluation.benchmarks import crowd_main_digit, query_digits
+    from guda_lab.evaluation.report import REFERENCE
     from guda_lab.evaluation.results_table import logo_columns
     from guda_lab.queries import load_query_images
 
-    groups = report.get("logo_groups") or report["groups"]
-    main = np.array([crowd_main_digit(g) for g in groups])
+    columns = logo_columns(report)
+    main = np.array([crowd_main_digit(report["groups"][c]) for c in columns])
     digit = query_digits(load_query_images(sorted((run / "queries").glob("*.png")))[: report["num_queries"]])
     covered = np.array([(main == d).any() for d in digit])
     rates = {}
-    for path in sorted((run / "scores").glob("*.json")):
-        scores = np.asarray(json.loads(path.read_text())["scores"])
-        if scores.shape[1] != len(groups):  # every group scored: keep LOGO's
-            scores = scores[:, logo_columns(report)]
-        rates[path.stem] = float((main[scores.argmax(1)] == digit)[covered].mean())
+    for method in [REFERENCE, *report["methods"]]:  # a scores file of a method the report does not hold may be stale
+        scores = np.asarray(json.loads((run / "scores" / f"{method}.json").read_text())["scores"])
+        if scores.shape[1] != len(columns):  # every group scored: keep LOGO's
+            scores = scores[:, columns]
+        rates[method] = float((main[scores.argmax(1)] == digit)[covered].mean())
     return rates
 
 

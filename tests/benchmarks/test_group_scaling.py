@@ -51,11 +51,13 @@ def test_main_digit_rates_count_top_groups_holding_the_querys_digit(tmp_path):
         pixels = ((digits.images[index, 0].numpy() + 1) * 127.5).round().astype("uint8")
         Image.fromarray(pixels, mode="L").save(run / "queries" / f"{i:04d}.png")
     groups = ["crowd-010", "crowd-001", "crowd-003", "crowd-005"]
-    report = {"groups": groups, "logo_groups": groups[:3], "num_queries": 3}
+    report = {"groups": groups, "logo_groups": groups[:3], "num_queries": 3, "methods": ["guda"]}
     # all four groups scored; the digit-2 query has no contributor of its digit among LOGO's three
     right = [[5, 0, 0, 9], [0, 5, 0, 0], [0, 0, 5, 0]]
     wrong = [[0, 5, 0, 0], [0, 5, 0, 0], [5, 0, 0, 0]]
     (run / "scores" / "guda.json").write_text(json.dumps({"scores": right}))
     (run / "scores" / "logo_seed_a.json").write_text(json.dumps({"scores": [row[:3] for row in wrong]}))
+    # a method of an earlier run on fewer queries, which this run's report does not hold
+    (run / "scores" / "gradient.json").write_text(json.dumps({"scores": right[:1]}))
     rates = load_benchmark_script("group_scaling").main_digit_rates(run, report)
     assert rates == {"guda": 1.0, "logo_seed_a": 0.5}
