@@ -86,6 +86,9 @@ def register(subparsers) -> None:
     p.add_argument("--logo-groups", type=int, metavar="N",
                    help="train LOGO for N groups only (a random subset fixed by the recipe's seed) and compare every method "
                         "with it on those groups; for many groups, where LOGO for all is too dear")
+    p.add_argument("--reference-draws", type=int, metavar="N",
+                   help="noise draws per timestep when scoring the LOGO models (default: the recipe's); more make the "
+                        "reference less noisy where groups are near-ties (docs/evaluation.md#noise-in-the-reference)")
     p.set_defaults(func=evaluate)
 
     p = add_common(subparsers.add_parser("results", help="the results tables (docs/results.md) of finished evaluations"))
@@ -168,7 +171,7 @@ def evaluate(args) -> None:
     one_process_only("evaluate")
     check_output_dir(args.out)
     check_apart({"--out": args.out}, {"--data": args.data, "--recipe": args.recipe})
-    require_positive(queries=args.queries, logo_groups=args.logo_groups)
+    require_positive(queries=args.queries, logo_groups=args.logo_groups, reference_draws=args.reference_draws)
     gradient = _baseline_config(GradientConfig, args.gradient_option, "--gradient-option")
     instance = _baseline_config(InstanceUnlearningConfig, args.instance_option, "--instance-option")
     dtrak = _baseline_config(DTRAKConfig, args.dtrak_option, "--dtrak-option")
@@ -182,7 +185,7 @@ def evaluate(args) -> None:
         run_evaluation(args.out, dataset, recipe, num_queries=args.queries, query_seed=args.query_seed, methods=args.methods or METHODS,
                        seed_b=args.seed_b, ceiling=not args.no_ceiling, gradient_config=gradient,
                        instance_config=instance, progress=not args.quiet, benchmark=benchmark, dtrak_config=dtrak, das_config=das,
-                       command="guda " + shlex.join(args.argv), logo_groups=args.logo_groups)
+                       command="guda " + shlex.join(args.argv), logo_groups=args.logo_groups, reference_draws=args.reference_draws)
     print(f"\nartifacts in {args.out}: report.json report.md metrics.png score_heatmaps.png scores/ base/ logo/ bundle/ queries/")
 
 

@@ -11,7 +11,7 @@ import torch
 
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.diffusion import training_scheduler
-from diffusers_guda.elbo import ELBOEstimator
+from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
 from diffusers_guda.recipes import Recipe
 
 from .denoising import resolve_timesteps
@@ -50,7 +50,7 @@ class MethodScorer:
         base_dir: The base pipeline directory.
         pipe: The base pipeline, with the GUDA bundle loaded.
         dataset: The grouped training set.
-        recipe: The evaluation's recipe (its ELBO settings score LOGO and GUDA).
+        recipe: The evaluation's recipe (its ELBO settings score GUDA, and LOGO unless ``reference_elbo`` is given).
         train: The base model's training config (part of LOGO's settings).
         logo: ``{REFERENCE: (seed, {group: model dir}), CEILING: ...}``, the LOGO models of each seed.
         queries: ``[N, C, H, W]`` query images.
@@ -60,12 +60,13 @@ class MethodScorer:
         progress: Show progress bars.
         dtrak_config: Settings of the D-TRAK baseline (default ``DTRAKConfig()``).
         das_config: Settings of the DAS baseline (default ``DASConfig()``).
+        reference_elbo: ELBO settings of the LOGO models' scores (default: the recipe's).
     """
 
     def __init__(self, base_dir: Path, pipe, dataset: GroupedDataset, recipe: Recipe, train, logo: dict,
                  queries: torch.Tensor, prompts: list[str] | None, gradient_config: GradientConfig,
                  instance_config: InstanceUnlearningConfig, progress: bool, dtrak_config: DTRAKConfig | None = None,
-                 das_config: DASConfig | None = None):
+                 das_config: DASConfig | None = None, reference_elbo: ELBOConfig | None = None):
         self.pipe, self.dataset, self.recipe, self.train, self.logo = pipe, dataset, recipe, train, logo
         self.queries, self.prompts, self.progress = queries, prompts, progress
         self.gradient_config, self.instance_config = gradient_config, instance_config
@@ -74,7 +75,9 @@ class MethodScorer:
         self.scheduler = training_scheduler(pipe.scheduler)  # DDPM-family or flow-matching, at its training schedule
         self.full_unet = self.unet_class.from_pretrained(base_dir, subfolder="unet").eval()
         self.conditioning = _Conditioning(pipe, dataset, prompts) if prompts is not None else None
+        self.reference_elbo = reference_elbo or recipe.elbo
         self.elbo_rows = ELBOEstimator(self.scheduler, recipe.elbo).num_rows
+        self.reference_rows = ELBOEstimator(self.scheduler, self.reference_elbo).num_rows
         self.configs = {"gradient": gradient_config, "instance_unlearning": instance_config, "dtrak": self.dtrak_config, "das": self.das_config}
         self.rows = {m: len(resolve_timesteps(c.timesteps, self.scheduler)) * c.num_draws for m, c in self.configs.items()}
 
@@ -82,7 +85,7 @@ class MethodScorer:
         """What a method's scores depend on besides the queries, groups and base: part of their cache key."""
         if method in (REFERENCE, CEILING):
             seed, models = self.logo[method]
-            key = {"elbo": self.recipe.elbo.to_dict(), "train": self.train.to_dict(), "seed": seed}
+            key = {"elbo": self.reference_elbo.to_dict(), "train": self.train.to_dict(), "seed": seed}
             return key if len(models) == self.dataset.num_groups else {**key, "logo_groups": list(models)}
         if method == "guda":
             return {"elbo": self.recipe.elbo.to_dict(), "unlearning": self.recipe.unlearning.to_dict()}
@@ -94,7 +97,7 @@ class MethodScorer:
         """A method's sample passes: ``forwards``, ``backwards`` and, where approximate, a ``note``."""
         n, n_train, k = len(self.queries), len(self.dataset), self.dataset.num_groups
         if method in (REFERENCE, CEILING):
-            return {"forwards": n * self.elbo_rows * (len(self.logo[method][1]) + 1), "backwards": 0}
+            return {"forwards": n * self.reference_rows * (len(self.logo[method][1]) + 1), "backwards": 0}
         if method == "guda":
             return {"forwards": n * self.elbo_rows * (k + 1), "backwards": 0}
         if method in ("similarity", "nearest_neighbour"):
@@ -114,7 +117,7 @@ class MethodScorer:
         if method in (REFERENCE, CEILING):
             unets = {name: self.unet_class.from_pretrained(p, subfolder="unet").eval() for name, p in self.logo[method][1].items()}
             kwargs = self.conditioning.query_kwargs() if self.conditioning else None
-            return logo_attribution(self.full_unet, unets, self.scheduler, queries, self.recipe.elbo, progress=progress, unet_kwargs=kwargs).scores
+            return logo_attribution(self.full_unet, unets, self.scheduler, queries, self.reference_elbo, progress=progress, unet_kwargs=kwargs).scores
         if method == "guda":
             # the bundle may be reused from a run whose recipe had other ELBO settings
             return self.pipe.attribute(queries, prompts=self.prompts, elbo_config=self.recipe.elbo, progress=progress).scores

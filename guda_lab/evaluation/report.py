@@ -125,6 +125,13 @@ def group_level(comparisons, scores: dict[str, np.ndarray], methods: Sequence[st
 # -- formatting ----------------------------------------------------------------------------------
 
 
+def reference_draws(report: dict) -> int | None:
+    """Noise draws per timestep of the LOGO scores where they differ from the recipe's (``guda evaluate
+    --reference-draws``), else ``None``."""
+    draws = (report.get("reference_elbo") or {}).get("num_draws")
+    return draws if draws is not None and draws != report["recipe"]["elbo"].get("num_draws", 1) else None
+
+
 def format_markdown(report: dict) -> str:
     """The report as Markdown: metrics (mean ± std) and fractions of the ceiling, methods × metrics."""
     names = report["metric_names"]
@@ -136,6 +143,8 @@ def format_markdown(report: dict) -> str:
         f"`{report['reference']}` (LOGO, seed {report['seeds']['logo_seed_a']}), "
         + (f"ceiling `{report['ceiling']}` (LOGO, seed {report['seeds']['logo_seed_b']})." if report["ceiling"] else "no ceiling (run without LOGO seed B)."),
         "",
+        *([f"LOGO's scores use {reference_draws(report)} noise draws per timestep; every other method's the recipe's.", ""]
+          if reference_draws(report) else []),
         *([f"LOGO was trained for {len(report['logo_groups'])} of the {len(report['groups'])} groups (a random subset fixed by "
            f"seed A: {', '.join(report['logo_groups'])}); every metric compares the methods' scores on those groups only, "
            f"and LOGO's cost is scaled by {report['logo_cost_scale']:.2f} to all groups.", ""] if report.get("logo_groups") else []),

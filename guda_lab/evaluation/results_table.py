@@ -18,7 +18,7 @@ import numpy as np
 
 from diffusers_guda.errors import ConfigError
 
-from .report import CEILING, PAIRED_METHOD, REFERENCE, metric_sections, paired_differences
+from .report import CEILING, PAIRED_METHOD, REFERENCE, metric_sections, paired_differences, reference_draws
 
 #: The metrics of the results tables, in the column order and with the headings of docs/results.md.
 TABLE_METRICS = {"top1": "top-1", "ndcg@3": "NDCG@3", "spearman": "Spearman"}
@@ -135,7 +135,8 @@ def run_table(report: dict) -> str:
         described = f"{queries} queries from seed {seed}"
     lines = [f"**{title}** — {described}, recipe `{report['recipe']['name']}`, "
              f"against LOGO seed {report['seeds']['logo_seed_a']}"
-             + (f" on {len(subset)} of the {len(report['groups'])} groups (LOGO trained for those only)" if subset else "")]
+             + (f" on {len(subset)} of the {len(report['groups'])} groups (LOGO trained for those only)" if subset else "")
+             + (f", LOGO scored with {reference_draws(report)} draws per timestep" if reference_draws(report) else "")]
     if report.get("command"):
         lines += ["", "```bash", report["command"], "```"]
     paired = (report.get("paired") or {}).get("versus", {})

@@ -98,6 +98,7 @@ def run_evaluation(
     das_config: DASConfig | None = None,
     command: str | None = None,
     logo_groups: int | None = None,
+    reference_draws: int | None = None,
 ) -> dict:
     """Evaluate GUDA and the baselines against LOGO (seed A), with LOGO seed B as the ceiling.
 
@@ -126,6 +127,9 @@ def run_evaluation(
             method is then compared with LOGO on the subset's columns only (top-1, NDCG@3 and
             Spearman among those groups), and LOGO's cost is scaled to all groups
             (docs/evaluation.md#logo-on-a-subset-of-groups). ``None``: every group.
+        reference_draws: Noise draws per timestep when scoring the LOGO models (seed A and the
+            ceiling); other methods keep the recipe's. More draws make the reference less noisy where
+            groups are near-ties (docs/evaluation.md#noise-in-the-reference). ``None``: the recipe's.
 
     Returns:
         The report dict (also written to ``out_dir/report.json``).
@@ -136,7 +140,7 @@ def run_evaluation(
     return Evaluation(out_dir, dataset, recipe, num_queries=num_queries, query_seed=query_seed, methods=methods, seed_b=seed_b, ceiling=ceiling,
                       gradient_config=gradient_config, instance_config=instance_config, progress=progress, log=log,
                       benchmark=benchmark, dtrak_config=dtrak_config, das_config=das_config, command=command,
-                      logo_groups=logo_groups).run()
+                      logo_groups=logo_groups, reference_draws=reference_draws).run()
 
 
 class Evaluation:
@@ -151,7 +155,7 @@ class Evaluation:
                  gradient_config: GradientConfig | None = None, instance_config: InstanceUnlearningConfig | None = None,
                  progress: bool = True, log=print, benchmark: str | Benchmark | None = None,
                  dtrak_config: DTRAKConfig | None = None, das_config: DASConfig | None = None, command: str | None = None,
-                 logo_groups: int | None = None):
+                 logo_groups: int | None = None, reference_draws: int | None = None):
         self.methods = _check_methods(methods)
         self.benchmark = get_benchmark(benchmark) if isinstance(benchmark, str) else benchmark
         self.recipe = recipe if isinstance(recipe, Recipe) else Recipe.load(recipe)
@@ -169,6 +173,9 @@ class Evaluation:
             raise ConfigError(f"num_queries must be >= 1, got {self.num_queries}.")
         self.query_seed = int(self.recipe.queries.get("seed", 0) if query_seed is None else query_seed)
         self.logo_subset = logo_subset(dataset.num_groups, logo_groups, self.seed_a)
+        if reference_draws is not None and (isinstance(reference_draws, bool) or not isinstance(reference_draws, int) or reference_draws < 1):
+            raise ConfigError(f"reference_draws must be a positive integer, got {reference_draws!r}.")
+        self.reference_elbo = self.recipe.elbo if reference_draws is None else replace(self.recipe.elbo, num_draws=reference_draws)
         self.dataset, self.ceiling, self.progress, self.log = dataset, ceiling, progress, log
         self.gradient_config = gradient_config or GradientConfig()
         self.instance_config = instance_config or InstanceUnlearningConfig()
@@ -185,7 +192,8 @@ class Evaluation:
         pipe, fingerprint = self.make_bundle()
         queries, prompts, query_hashes = self.make_queries(pipe, fingerprint)
         scorer = MethodScorer(self.out / "base", pipe, self.dataset, self.recipe, self.train, logo, queries, prompts,
-                              self.gradient_config, self.instance_config, self.progress, self.dtrak_config, self.das_config)
+                              self.gradient_config, self.instance_config, self.progress, self.dtrak_config, self.das_config,
+                              reference_elbo=self.reference_elbo)
         all_methods = [REFERENCE, *([CEILING] if self.ceiling else []), *self.methods]
         scores = self.score(scorer, all_methods, query_hashes, fingerprint)
         if self.logo_subset is not None:  # LOGO's columns are the subset's; compare every method there
@@ -347,6 +355,7 @@ class Evaluation:
             "logo_cost_scale": scale,
             "reference": REFERENCE,
             "ceiling": CEILING if self.ceiling else None,
+            "reference_elbo": self.reference_elbo.to_dict(),
             "metric_names": sections["metric_names"],
             "methods": sections["methods"],
             "fraction_of_ceiling": sections["fraction_of_ceiling"],

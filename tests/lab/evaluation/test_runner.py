@@ -359,3 +359,55 @@ def test_logo_groups_outside_the_group_count_is_refused(workspace, tmp_path):
                                       workspace["recipe"], "--logo-groups", "0", "--quiet"))
     assert "--logo-groups must be >= 1" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_reference_draws_rescore_logo_alone(workspace, tmp_path):
+    """--reference-draws 3: both LOGO sets are scored again with 3 draws per timestep (their scores are the
+    estimator's with those settings, their scoring passes tripled); the other methods' scores are reused."""
+    import shutil
+    from dataclasses import replace
+
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffusers_guda.recipes import Recipe
+    from guda_lab.evaluation.logo import logo_attribution
+
+    out = tmp_path / "draws"
+    shutil.copytree(workspace["out"], out)
+    kept = {m: (out / "scores" / f"{m}.json").read_text() for m in ("guda", "similarity")}
+    code, stdout, stderr = run("evaluate", "--data", workspace["data"], "--out", out, "--recipe", workspace["recipe"],
+                               "--reference-draws", "3", "--methods", "guda", "similarity", "--quiet")
+    assert code == 0, stderr
+    assert stdout.count("cached in") == 2 and "logo_seed_a: cached" not in stdout
+    first, report = workspace["report"], json.loads((out / "report.json").read_text())
+    elbo = replace(Recipe.load(workspace["recipe"]).elbo, num_draws=3)
+    assert report["reference_elbo"] == elbo.to_dict() and first["reference_elbo"]["num_draws"] == 1
+    for name, seed in (("logo_seed_a", 0), ("logo_seed_b", 1)):
+        assert report["cost"][f"{name}_scoring"]["forwards"] == 3 * first["cost"][f"{name}_scoring"]["forwards"]
+        saved = json.loads((out / "scores" / f"{name}.json").read_text())
+        assert saved["key"]["settings"]["elbo"]["num_draws"] == 3
+        logo = {g: UNet2DModel.from_pretrained(out / "logo" / f"seed_{seed}" / g, subfolder="unet") for g in report["groups"]}
+        expected = logo_attribution(UNet2DModel.from_pretrained(out / "base", subfolder="unet"), logo,
+                                    DDPMScheduler.from_pretrained(out / "base", subfolder="scheduler"),
+                                    load_query_images(sorted((out / "queries").glob("*.png"))), elbo, progress=False)
+        np.testing.assert_allclose(saved["scores"], expected.scores.double().numpy(), rtol=0, atol=1e-9)
+    assert {m: (out / "scores" / f"{m}.json").read_text() for m in kept} == kept
+    assert "LOGO's scores use 3 noise draws per timestep" in (out / "report.md").read_text()
+    assert "noise draws" not in format_markdown(first)
+    from guda_lab.evaluation.results_table import run_table
+
+    assert run_table(report).splitlines()[0].endswith("LOGO scored with 3 draws per timestep")
+    line = assert_one_line_error(*run("evaluate", "--data", workspace["data"], "--out", tmp_path / "o", "--recipe",
+                                      workspace["recipe"], "--reference-draws", "0", "--quiet"))
+    assert "--reference-draws must be >= 1" in line
+
+
+def test_reference_draws_must_be_a_positive_integer(tmp_path):
+    data = write_group_folder(tmp_path / "data", ["left", "right"])
+    from diffusers_guda.data import GroupedDataset
+
+    for bad in (0, 2.0, True):
+        with pytest.raises(ConfigError, match="reference_draws must be a positive integer"):
+            Evaluation(tmp_path / "out", GroupedDataset.from_image_folder(data), write_evaluation_recipe(tmp_path / "r.json"),
+                       reference_draws=bad)
+    assert not (tmp_path / "out").exists()
