@@ -91,7 +91,9 @@ def main_digit_agreement(run: Path, report: dict, columns: list[int], methods: d
         out[name] = {"LOGO top is the main contributor": (int(expected.sum()), float(agree[expected].mean())),
                      "LOGO top is another group": (int((~expected).sum()), float(agree[~expected].mean())),
                      "main contributor's score / LOGO's, found": float(np.median(ratio[expected & agree])),
-                     "main contributor's score / LOGO's, missed": float(np.median(ratio[expected & ~agree]))}
+                     "main contributor's score / LOGO's, missed": float(np.median(ratio[expected & ~agree])),
+                     "LOGO's score, found": float(np.median(reference[split:][rows, top][expected & agree])),
+                     "LOGO's score, missed": float(np.median(reference[split:][rows, top][expected & ~agree]))}
     return out
 
 
@@ -148,11 +150,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.main_digit:
         split = main_digit_agreement(run, report, columns, methods, reference, args.held_out_from)
         print("\n| method | LOGO top is the main contributor: agreement (n) | LOGO top is another group: agreement (n) "
-              "| main contributor's score / LOGO's (median): found | missed |")
-        print("|---|---|---|---|---|")
+              "| main contributor's score / LOGO's (median): found | missed | LOGO's score (median): found | missed |")
+        print("|---|---|---|---|---|---|---|")
         for name, cases in split.items():
-            (n_main, main_rate), (n_other, other_rate), found, missed = cases.values()
-            print(f"| {name} | {main_rate:.3f} ({n_main}) | {other_rate:.3f} ({n_other}) | {found:.3g} | {missed:.3g} |")
+            (n_main, main_rate), (n_other, other_rate), *medians = cases.values()
+            print(f"| {name} | {main_rate:.3f} ({n_main}) | {other_rate:.3f} ({n_other}) | " + " | ".join(f"{m:.3g}" for m in medians) + " |")
             results[name]["main_digit_agreement"] = cases
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=1) + "\n")

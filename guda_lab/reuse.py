@@ -11,7 +11,7 @@ import torch
 
 from diffusers_guda.bundle import MANIFEST_NAME, AdapterBundle
 from diffusers_guda.data import GroupedDataset
-from diffusers_guda.errors import BundleError
+from diffusers_guda.errors import BundleError, ConfigError
 from diffusers_guda.objectives import get_objective
 from diffusers_guda.recipes import Recipe
 
@@ -42,8 +42,12 @@ def reusable_bundle(path: Path, fingerprint: str, recipe: Recipe, device: torch.
         return None
     wanted = recipe.unlearning.for_device(device)
     objective = get_objective(wanted.objective, wanted.objective_options)
-    same = bundle.objective == {"name": wanted.objective, "config": objective.config.to_dict()} and bundle.lora == wanted.lora.to_dict()
     # a bundle made before a setting existed was made with that setting's default
+    try:
+        made = get_objective(bundle.objective["name"], bundle.objective["config"]).config.to_dict()
+    except (ConfigError, KeyError, TypeError):  # an objective or setting this version does not know
+        return None
+    same = bundle.objective["name"] == wanted.objective and made == objective.config.to_dict() and bundle.lora == wanted.lora.to_dict()
     defaults = type(wanted)().to_dict()
     same = same and all(bundle.training.get(k, defaults[k]) == v for k, v in wanted.to_dict().items()
                         if k not in ("objective", "objective_options", "lora"))

@@ -74,3 +74,4 @@ def test_main_digit_split_separates_the_expected_answer_from_others(tmp_path):
     assert split["LOGO top is another group"] == (1, 1.0)
     assert split["main contributor's score / LOGO's, found"] == 0.5
     assert split["main contributor's score / LOGO's, missed"] == 0.25
+    assert split["LOGO's score, found"] == 4.0 and split["LOGO's score, missed"] == 8.0

@@ -37,6 +37,18 @@ def test_a_bundle_is_reused_only_with_the_same_unlearning_settings(tiny_unet, ti
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
     assert reusable_bundle(path, fingerprint, recipe, "cpu") is not None
     assert reusable_bundle(path, fingerprint, replace(recipe, unlearning=replace(config, size_exponent=1.0)), "cpu") is None
+    # the same for an objective setting: retrack's posterior_bandwidth came later, default 0
+    assert manifest["objective"]["name"] == "retrack"
+    objective = manifest["objective"]["config"]
+    del objective["posterior_bandwidth"]
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert reusable_bundle(path, fingerprint, recipe, "cpu") is not None
+    # a setting this version does not know: not reusable, and no error
+    objective["no_such_setting"] = 1
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert reusable_bundle(path, fingerprint, recipe, "cpu") is None
+    del objective["no_such_setting"]
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
     # autocast "auto" is bfloat16 on CUDA: a bundle made on CPU is not what a CUDA run would make
     assert reusable_bundle(path, fingerprint, recipe, "cuda") is None
     # another base model (fingerprint) or no bundle at all: nothing to reuse
