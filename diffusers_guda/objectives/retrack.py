@@ -26,11 +26,6 @@ class ReTrackConfig(ObjectiveConfig):
     # unlearned in 80 steps (forget loss +0.2%), while 10.0 gives +19..50% at +2..4% retain loss.
     kl_cap: float = field(default=10.0, metadata={"help": "Each δ_j is scaled to norm <= sqrt(2 * kl_cap)."})
     target: str = field(default="neighbour", metadata={"help": "'neighbour', 'teacher_neighbour' or 'teacher_posterior'."})
-    # 0 is the optimal denoiser of the images themselves, which a model that generalises is not: its change
-    # when a group leaves reaches new images of the group's kind, not only the group's own.
-    posterior_bandwidth: float = field(default=0.0, metadata={
-        "help": "'teacher_posterior' only: treat each training image as a Gaussian of this standard deviation "
-                "per pixel (model-input units) when computing the posterior shift; 0: the images themselves."})
 
     preserve_modes = PRESERVE_MODES + (POSTERIOR,)
 
@@ -47,11 +42,6 @@ class ReTrackConfig(ObjectiveConfig):
             )
         if self.kl_cap <= 0:
             raise ConfigError(f"kl_cap must be > 0, got {self.kl_cap!r}.")
-        if self.posterior_bandwidth < 0:
-            raise ConfigError(f"posterior_bandwidth must be >= 0, got {self.posterior_bandwidth!r}.")
-        if self.posterior_bandwidth and not self.uses_posterior:
-            raise ConfigError(f"posterior_bandwidth smooths the '{POSTERIOR}' target or preserve term; "
-                              f"set target='{POSTERIOR}' or preserve='{POSTERIOR}', or leave it at 0.")
 
     @property
     def uses_posterior(self) -> bool:
@@ -136,7 +126,7 @@ def pool_redirect(forget_x0: torch.Tensor, pool: torch.Tensor, weights: torch.Te
 
 
 def posterior_shift(x0: torch.Tensor, x_t: torch.Tensor, pool: torch.Tensor, retained: torch.Tensor, sqrt_abar: torch.Tensor,
-                    sqrt_one_minus_abar: torch.Tensor, kl_cap: float, bandwidth: float = 0.0) -> torch.Tensor:
+                    sqrt_one_minus_abar: torch.Tensor, kl_cap: float) -> torch.Tensor:
     """How the optimal noise prediction at ``x_t`` changes when the group leaves the training set.
 
     The optimal denoiser of a set predicts ``(x_t - sqrt(abar) E[a | x_t]) / sqrt(1 - abar)``, so
@@ -146,27 +136,15 @@ def posterior_shift(x0: torch.Tensor, x_t: torch.Tensor, pool: torch.Tensor, ret
     mass (a retain image far from it, or any image at small t) the two cancel. Unlike ``ε + shift``
     it holds no draw of ε, so a target built on it has no noise for the adapter to average out.
 
-    With ``bandwidth`` h > 0 each training image a_j stands for a Gaussian N(a_j, h² I). Then x_t given
-    a_j has variance ``1 - abar + abar h²`` (wider weights) and the posterior mean of component j is
-    ``(1 - λ) a_j + λ x_t / sqrt(abar)``, λ = ``abar h² / (1 - abar + abar h²)``; the x_t part is the same
-    for both sets and cancels, so the shift is the widened one scaled by ``1 - λ``.
-
     Args:
         pool: ``[R, *D]`` every training image. retained: ``[R]`` bool, which of them are retain images.
-        bandwidth: h, in the units of the images (0: the images themselves).
 
     Returns:
         ``[B, *D]``.
     """
-    spread = sqrt_one_minus_abar
-    if bandwidth:
-        spread = (sqrt_one_minus_abar ** 2 + (bandwidth * sqrt_abar) ** 2).sqrt()
-    logits = _pool_logits(x_t, pool, sqrt_abar, spread)
+    logits = _pool_logits(x_t, pool, sqrt_abar, sqrt_one_minus_abar)
     weights = torch.softmax(logits.masked_fill(~retained, -math.inf), dim=1) - torch.softmax(logits, dim=1)
-    shift = pool_redirect(x0, pool, weights, sqrt_abar, sqrt_one_minus_abar, kl_cap)
-    if bandwidth:
-        shift = shift * ((sqrt_one_minus_abar / spread) ** 2).view((-1,) + (1,) * (shift.dim() - 1))
-    return shift
+    return pool_redirect(x0, pool, weights, sqrt_abar, sqrt_one_minus_abar, kl_cap)
 
 
 @register_objective
@@ -271,7 +249,7 @@ class ReTrack(UnlearningObjective):
         a, s = schedule.coefficients(t, 1, device)
         x_t = batch.noisy(part)
         self._full_pool, self._retained = self._full_pool.to(device), self._retained.to(device)  # moved once, kept there
-        shift = posterior_shift(x0, x_t, self._full_pool, self._retained, a, s, self.config.kl_cap, self.config.posterior_bandwidth)
+        shift = posterior_shift(x0, x_t, self._full_pool, self._retained, a, s, self.config.kl_cap)
         teacher_eps = schedule.to_epsilon(batch.teacher_output(part), x_t, t).float()
         eps_hat = schedule.to_epsilon(batch.predict(x_t, t, cond), x_t, t).float()
         return torch.nn.functional.mse_loss(eps_hat, teacher_eps + shift)

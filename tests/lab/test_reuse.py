@@ -37,12 +37,14 @@ def test_a_bundle_is_reused_only_with_the_same_unlearning_settings(tiny_unet, ti
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
     assert reusable_bundle(path, fingerprint, recipe, "cpu") is not None
     assert reusable_bundle(path, fingerprint, replace(recipe, unlearning=replace(config, size_exponent=1.0)), "cpu") is None
-    # the same for an objective setting: retrack's posterior_bandwidth came later, default 0
-    assert manifest["objective"]["name"] == "retrack"
+    # the same for an objective setting: one the record lacks was at its default (the recipe's kl_cap 10 is retrack's)
+    assert manifest["objective"]["name"] == "retrack" and manifest["objective"]["config"]["kl_cap"] == 10.0
     objective = manifest["objective"]["config"]
-    del objective["posterior_bandwidth"]
+    del objective["kl_cap"]
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
     assert reusable_bundle(path, fingerprint, recipe, "cpu") is not None
+    changed = replace(config, objective_options={**config.objective_options, "kl_cap": 20.0})
+    assert reusable_bundle(path, fingerprint, replace(recipe, unlearning=changed), "cpu") is None
     # a setting this version does not know: not reusable, and no error
     objective["no_such_setting"] = 1
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))

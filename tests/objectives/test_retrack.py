@@ -348,38 +348,6 @@ def test_posterior_shift_is_the_change_of_the_optimal_denoiser(tiny_dataset, tin
     assert shift.flatten(1).norm(dim=1).min() > 1e-2  # the group's own images move
 
 
-@pytest.mark.parametrize("bandwidth", [0.0, 0.3])
-def test_posterior_shift_with_a_bandwidth_is_the_change_of_the_smoothed_optimal_denoiser(bandwidth):
-    """One pixel: with each training value a Gaussian of standard deviation h, E[a | x_t] over the full and the retain
-    set by numerical integration; the shift is r (E_full - E_retain), r = sqrt(abar) / sqrt(1 - abar)."""
-    pool = torch.tensor([[-1.0], [-0.6], [0.1], [0.5], [0.9]], dtype=torch.float64)
-    retained = torch.tensor([True, True, False, True, False])
-    a, s = torch.tensor([0.8, 0.6], dtype=torch.float64), torch.tensor([0.6, 0.8], dtype=torch.float64)
-    x0 = pool[[2, 4]]
-    x_t = a.view(-1, 1) * x0 + s.view(-1, 1) * torch.tensor([[0.4], [-1.1]], dtype=torch.float64)
-    grid = torch.linspace(-8, 8, 160001, dtype=torch.float64)
-
-    def posterior_mean(values):
-        if bandwidth:
-            prior = torch.exp(-(grid.view(-1, 1) - values.view(1, -1)) ** 2 / (2 * bandwidth**2)).sum(1)
-        else:  # point masses: the posterior is a softmax over the values
-            prior = None
-        means = []
-        for xt, ai, si in zip(x_t.flatten(), a, s):
-            if prior is None:
-                w = torch.softmax(-(xt - ai * values) ** 2 / (2 * si**2), dim=0)
-                means.append((w * values).sum())
-            else:
-                density = prior * torch.exp(-(xt - ai * grid) ** 2 / (2 * si**2))
-                means.append((density * grid).sum() / density.sum())
-        return torch.stack(means).view(-1, 1)
-
-    expected = (a / s).view(-1, 1) * (posterior_mean(pool.flatten()) - posterior_mean(pool.flatten()[retained]))
-    shift = posterior_shift(x0, x_t, pool, retained, a, s, kl_cap=1e9, bandwidth=bandwidth)
-    torch.testing.assert_close(shift, expected, rtol=1e-6, atol=1e-8)
-    assert shift.abs().min() > 1e-2
-
-
 def test_posterior_shift_vanishes_where_the_group_has_no_mass(tiny_dataset, tiny_scheduler):
     """Retain images keep the teacher's output: far from the group at moderate t, and all of them at small t."""
     group = 0
