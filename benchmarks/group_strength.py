@@ -74,7 +74,8 @@ def oracle_rescaling(scores: np.ndarray, reference: np.ndarray, split: int) -> d
 def main_digit_agreement(run: Path, report: dict, columns: list[int], methods: dict[str, np.ndarray],
                          reference: np.ndarray, split: int) -> dict[str, dict]:
     """On the held-out queries: top-1 agreement with LOGO where LOGO's top group is the query digit's main contributor,
-    and where it is another group."""
+    and where it is another group; and, on the first kind, the medians of the main contributor's score relative to
+    LOGO's and of LOGO's score, where the method finds that contributor and where it does not."""
     from guda_lab.evaluation.benchmarks import crowd_main_digit, query_digits
     from guda_lab.queries import load_query_images
 
@@ -83,17 +84,18 @@ def main_digit_agreement(run: Path, report: dict, columns: list[int], methods: d
     top = reference[split:].argmax(1)
     expected = main[top] == digit
     rows = np.arange(len(top))
+    leader = reference[split:][rows, top]  # LOGO's score of its top group
     out = {}
     for name, scores in methods.items():
         agree = scores[split:].argmax(1) == top
-        # the main contributor's score relative to LOGO's, where the method finds it and where it does not
-        ratio = scores[split:][rows, top] / reference[split:][rows, top]
+        found, missed = expected & agree, expected & ~agree
+        ratio = scores[split:][rows, top] / leader
         out[name] = {"LOGO top is the main contributor": (int(expected.sum()), float(agree[expected].mean())),
                      "LOGO top is another group": (int((~expected).sum()), float(agree[~expected].mean())),
-                     "main contributor's score / LOGO's, found": float(np.median(ratio[expected & agree])),
-                     "main contributor's score / LOGO's, missed": float(np.median(ratio[expected & ~agree])),
-                     "LOGO's score, found": float(np.median(reference[split:][rows, top][expected & agree])),
-                     "LOGO's score, missed": float(np.median(reference[split:][rows, top][expected & ~agree]))}
+                     "main contributor's score / LOGO's, found": float(np.median(ratio[found])),
+                     "main contributor's score / LOGO's, missed": float(np.median(ratio[missed])),
+                     "LOGO's score, found": float(np.median(leader[found])),
+                     "LOGO's score, missed": float(np.median(leader[missed]))}
     return out
 
 
