@@ -63,7 +63,7 @@ def main_digit_rates(run: Path, report: dict) -> dict[str, float]:
     such a group."""
     from guda_lab.evaluation.benchmarks import crowd_main_digit, query_digits
     from guda_lab.evaluation.report import REFERENCE
-    from guda_lab.evaluation.results_table import logo_columns
+    from guda_lab.evaluation.results_table import logo_columns, method_scores
     from guda_lab.queries import load_query_images
 
     columns = logo_columns(report)
@@ -72,9 +72,7 @@ def main_digit_rates(run: Path, report: dict) -> dict[str, float]:
     covered = np.array([(main == d).any() for d in digit])
     rates = {}
     for method in [REFERENCE, *report["methods"]]:  # a scores file of a method the report does not hold may be stale
-        scores = np.asarray(json.loads((run / "scores" / f"{method}.json").read_text())["scores"])
-        if scores.shape[1] != len(columns):  # every group scored: keep LOGO's
-            scores = scores[:, columns]
+        scores = method_scores(report, run, method)
         rates[method] = float((main[scores.argmax(1)] == digit)[covered].mean())
     return rates
 

@@ -49,14 +49,12 @@ def least_squares_slopes(scores: np.ndarray, reference: np.ndarray) -> np.ndarra
 
 def paired(ours: np.ndarray, theirs: np.ndarray, reference: np.ndarray) -> dict[str, tuple[float, float, float]]:
     """Per metric: (mean of ``ours``, mean difference ours − theirs, its standard error), paired per query."""
-    from guda_lab.evaluation.metrics import per_query_metrics
+    from guda_lab.evaluation.metrics import summarize
+    from guda_lab.evaluation.report import REFERENCE, paired_differences
 
-    a, b = per_query_metrics(ours, reference, METRICS), per_query_metrics(theirs, reference, METRICS)
-    out = {}
-    for m in METRICS:
-        diff = a[m] - b[m]
-        out[m] = (float(a[m].mean()), float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff))))
-    return out
+    means = summarize(ours, reference, METRICS)
+    diffs = paired_differences({REFERENCE: reference, "ours": ours, "theirs": theirs}, ["theirs"], "ours", METRICS)["versus"]["theirs"]
+    return {m: (means[m]["mean"], diffs[m]["mean_diff"], diffs[m]["stderr"]) for m in METRICS}
 
 
 def oracle_rescaling(scores: np.ndarray, reference: np.ndarray, split: int) -> dict[str, dict]:
@@ -111,15 +109,14 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     from guda_lab.evaluation.report import CEILING, REFERENCE
-    from guda_lab.evaluation.results_table import load_report, logo_columns
+    from guda_lab.evaluation.results_table import load_report, logo_columns, method_scores
 
     run = Path(args.run)
     report = load_report(run)
     columns = logo_columns(report)
 
     def read(method: str) -> np.ndarray:
-        scores = np.asarray(json.loads((run / "scores" / f"{method}.json").read_text())["scores"])
-        return scores if scores.shape[1] == len(columns) else scores[:, columns]  # LOGO's files hold its columns only
+        return method_scores(report, run, method)
 
     reference = read(REFERENCE)
     if not 0 < args.held_out_from < len(reference) - 1:

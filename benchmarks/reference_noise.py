@@ -42,57 +42,51 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args(argv)
 
-    from guda_lab.evaluation.metrics import per_query_metrics
-    from guda_lab.evaluation.report import REFERENCE
-    from guda_lab.evaluation.results_table import load_report, logo_columns, parse_query_range
+    from guda_lab.evaluation.metrics import summarize
+    from guda_lab.evaluation.report import PAIRED_METHOD, REFERENCE, logo_draws, paired_differences
+    from guda_lab.evaluation.results_table import load_report, method_scores, parse_query_range
 
     runs = [Path(args.one_draw), Path(args.n_draws)]
     reports = [load_report(r) for r in runs]
-    draws = [r.get("reference_elbo", r["recipe"]["elbo"]).get("num_draws", 1) for r in reports]
+    draws = [logo_draws(r) for r in reports]
     if draws[0] != 1 or draws[1] < 2:
         raise SystemExit(f"need LOGO scored with 1 draw, then with N >= 2; these runs used {draws[0]} and {draws[1]}")
     if reports[0]["groups"] != reports[1]["groups"] or reports[0]["num_queries"] != reports[1]["num_queries"]:
         raise SystemExit("the two runs must share their groups and queries (copies of one evaluation)")
     n = draws[1]
     start, stop = parse_query_range(args.queries) if args.queries else (0, None)
-    part = slice(start, stop)
-    columns = logo_columns(reports[0])
 
-    def read(run: Path, method: str) -> np.ndarray:
-        scores = np.asarray(json.loads((run / "scores" / f"{method}.json").read_text())["scores"])
-        return (scores if scores.shape[1] == len(columns) else scores[:, columns])[part]
+    def read(i: int, method: str) -> np.ndarray:
+        return method_scores(reports[i], runs[i], method)[start:stop]
 
-    one, many = read(runs[0], REFERENCE), read(runs[1], REFERENCE)
-    references = {"1 draw": one, f"{n} draws": many, f"draws 1-{n - 1}": independent_estimate(one, many, n)}
-    independent = references[f"draws 1-{n - 1}"]
-    methods = {m: read(runs[0], m) for m in reports[0]["methods"] if m in reports[1]["methods"]}
+    one, many = read(0, REFERENCE), read(1, REFERENCE)
+    independent = independent_estimate(one, many, n)
+    references = {"1 draw": one, f"{n} draws": many, f"draws 1-{n - 1}": independent}
+    methods = {m: read(0, m) for m in reports[0]["methods"] if m in reports[1]["methods"]}
     for m, scores in methods.items():
-        if not np.array_equal(scores, read(runs[1], m)):
+        if not np.array_equal(scores, read(1, m)):
             raise SystemExit(f"{m}'s scores differ between the two runs: they must be copies of one evaluation")
 
+    def means(scores: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+        return {k: v["mean"] for k, v in summarize(scores, reference, METRICS).items()}
+
     result = {"draws": n, "queries": len(one), "top_group_agreement": float(np.mean(one.argmax(1) == many.argmax(1))),
-              "self_agreement": {k: float(v.mean()) for k, v in per_query_metrics(one, independent, METRICS).items()},
-              "methods": {}}
+              "self_agreement": means(one, independent), "methods": {}}
     print(f"{len(one)} queries: LOGO's top group is the same with 1 and {n} draws on {result['top_group_agreement']:.3f} of them")
     print("one-draw LOGO against draws 1-%d alone (its self-agreement): " % (n - 1)
           + ", ".join(f"{m} {v:.3f}" for m, v in result["self_agreement"].items()))
     print("\n| method | " + " | ".join(f"against {ref}: {m}" for ref in references for m in METRICS) + " |")
     print("|---" * (1 + len(references) * len(METRICS)) + "|")
-    per_method = {}
     for m, scores in methods.items():
-        per_method[m] = per_query_metrics(scores, independent, METRICS)
-        means = {ref: {k: float(v.mean()) for k, v in per_query_metrics(scores, r, METRICS).items()} for ref, r in references.items()}
-        result["methods"][m] = means
-        print(f"| {m} | " + " | ".join(f"{means[ref][k]:.3f}" for ref in references for k in METRICS) + " |")
-    if "guda" in per_method:
+        result["methods"][m] = {ref: means(scores, r) for ref, r in references.items()}
+        print(f"| {m} | " + " | ".join(f"{result['methods'][m][ref][k]:.3f}" for ref in references for k in METRICS) + " |")
+    others = [m for m in methods if m != PAIRED_METHOD]
+    if PAIRED_METHOD in methods and others:
         print(f"\nGUDA − method against draws 1-{n - 1}, paired per query:")
-        for m, metrics in per_method.items():
-            if m == "guda":
-                continue
-            diffs = {k: per_method["guda"][k] - metrics[k] for k in METRICS}
-            result["methods"][m]["guda_minus_against_independent"] = {
-                k: (float(d.mean()), float(d.std(ddof=1) / np.sqrt(len(d)))) for k, d in diffs.items()}
-            print(f"  {m}: " + ", ".join(f"{k} {d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(len(d)):.3f}" for k, d in diffs.items()))
+        versus = paired_differences({REFERENCE: independent, **methods}, others, names=METRICS)["versus"]
+        for m, diffs in versus.items():
+            result["methods"][m]["guda_minus_against_independent"] = {k: (d["mean_diff"], d["stderr"]) for k, d in diffs.items()}
+            print(f"  {m}: " + ", ".join(f"{k} {d['mean_diff']:+.3f} ± {d['stderr']:.3f}" for k, d in diffs.items()))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return result

@@ -125,11 +125,15 @@ def group_level(comparisons, scores: dict[str, np.ndarray], methods: Sequence[st
 # -- formatting ----------------------------------------------------------------------------------
 
 
+def logo_draws(report: dict) -> int:
+    """Noise draws per timestep of the LOGO scores (a report from before ``reference_elbo`` used the recipe's)."""
+    return (report.get("reference_elbo") or report["recipe"]["elbo"]).get("num_draws", 1)
+
+
 def reference_draws(report: dict) -> int | None:
-    """Noise draws per timestep of the LOGO scores where they differ from the recipe's (``guda evaluate
-    --reference-draws``), else ``None``."""
-    draws = (report.get("reference_elbo") or {}).get("num_draws")
-    return draws if draws is not None and draws != report["recipe"]["elbo"].get("num_draws", 1) else None
+    """:func:`logo_draws` where they differ from the recipe's (``guda evaluate --reference-draws``), else ``None``."""
+    draws = logo_draws(report)
+    return draws if draws != report["recipe"]["elbo"].get("num_draws", 1) else None
 
 
 def format_markdown(report: dict) -> str:

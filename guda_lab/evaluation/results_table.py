@@ -47,6 +47,21 @@ def logo_columns(report: dict) -> list[int]:
     return [names.index(g) for g in report.get("logo_groups") or names]
 
 
+def method_scores(report: dict, run_dir: str | Path, method: str) -> np.ndarray:
+    """``[N, len(logo_columns(report))]`` float64: a method's scores in a finished run, on the groups LOGO was
+    trained for (LOGO's own files hold only those columns).
+
+    Raises:
+        ConfigError: if the method's scores file is missing or unreadable.
+    """
+    path = Path(run_dir) / "scores" / f"{method}.json"
+    try:
+        values = np.asarray(json.loads(path.read_text())["scores"], dtype=np.float64)
+    except (OSError, json.JSONDecodeError, KeyError) as exc:
+        raise ConfigError(f"Cannot read {method}'s scores in {path} ({exc}); rerun `guda evaluate` there to rewrite them.") from None
+    return values if method in (REFERENCE, CEILING) else values[:, logo_columns(report)]
+
+
 def parse_query_range(text: str) -> tuple[int, int | None]:
     """``"START:STOP"`` or ``"START:"`` (to the last query) as ``(start, stop)``, e.g. ``"100:"`` for held-out queries 100 on.
 
@@ -77,17 +92,7 @@ def restrict_to_queries(report: dict, run_dir: str | Path, start: int, stop: int
     stop = n if stop is None else stop
     if not 0 <= start < stop <= n:
         raise ConfigError(f"{run_dir} has {n} queries; the range {start}:{stop} is outside 0:{n}.")
-    columns = logo_columns(report)
-    scores = {}
-    for method in [REFERENCE, *report["methods"]]:
-        path = Path(run_dir) / "scores" / f"{method}.json"
-        try:
-            values = np.asarray(json.loads(path.read_text())["scores"], dtype=np.float64)
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
-            raise ConfigError(f"Cannot read {method}'s scores in {path} ({exc}); rerun `guda evaluate` there to rewrite them.") from None
-        if method not in (REFERENCE, CEILING):  # LOGO's files hold the subset's columns only
-            values = values[:, columns]
-        scores[method] = values[start:stop]
+    scores = {method: method_scores(report, run_dir, method)[start:stop] for method in [REFERENCE, *report["methods"]]}
     compared = list(report["methods"])
     sections = metric_sections(scores, compared, labels=None, ceiling=CEILING in compared)
     others = [m for m in compared if m != PAIRED_METHOD]
