@@ -7,16 +7,19 @@ the queries once with the full grid (strategy ``merged``) and then replays the w
 groups still in contention and catch-ups; the engine's forward fills are not counted) and checking
 its top group against the full grid's:
 
-* ``library``: the walk as shipped: a group is dropped when its gap to the leader exceeds ``z``
-  standard errors of the paired block estimates;
+* ``library``: the walk as shipped: the least-noisy share ``--heads`` of the grid walked exactly
+  first (0: none, the walk before the exact head), then stratified blocks; a group is dropped when
+  its gap to the leader exceeds ``z`` standard errors of the paired block estimates;
 * ``pooled``: the same gap, its standard error from the rows' within-range variances (more degrees
   of freedom than the block estimates give);
 * ``finite-population``: the library's standard error times ``sqrt(1 - rows walked / grid rows)``,
   since the target is the grid's mean, not an expectation over timesteps.
 
+``pooled`` and ``finite-population`` run without a head.
+
 Usage:
     python benchmarks/adaptive_walk_rules.py --base guda-demo/base --bundle guda-demo/bundle \
-        --queries guda-demo/queries --blocks 4 8 --z 2 2.5 3 4 --threads 1
+        --queries guda-demo/queries --blocks 4 8 --z 2 2.5 3 4 --heads 0 0.05 0.1 --threads 1
 """
 
 from __future__ import annotations
@@ -82,14 +85,14 @@ def walk_rules():
     return {"library": QueryWalk, "pooled": Pooled, "finite-population": FinitePopulation}
 
 
-def replay(walk_class, terms: torch.Tensor, est, hashes: list[int], block: int, z: float) -> tuple[int, torch.Tensor]:
+def replay(walk_class, terms: torch.Tensor, est, hashes: list[int], block: int, z: float, head: int = 0) -> tuple[int, torch.Tensor]:
     """Rows the walk needs over all queries (content ``hashes``), and each query's top group."""
     from diffusers_guda.hashing import derive_seed
 
     n, models, rows = terms.shape
     used, top = 0, torch.zeros(n, dtype=torch.long)
     for i in range(n):
-        walk = walk_class.stratified(rows, models - 1, block, derive_seed("guda-order", est.config.seed, hashes[i]), z)
+        walk = walk_class.stratified(rows, models - 1, block, derive_seed("guda-order", est.config.seed, hashes[i]), z, head)
         step = 0
         while True:
             b = walk.blocks[step]
@@ -118,6 +121,7 @@ def main() -> None:
     parser.add_argument("--num-queries", type=int, default=100)
     parser.add_argument("--blocks", nargs="+", type=int, default=[4, 8], help="rows per block (adaptive_block)")
     parser.add_argument("--z", nargs="+", type=float, default=[2.0, 2.5, 3.0, 4.0])
+    parser.add_argument("--heads", nargs="+", type=float, default=[0.0, 0.05], help="shares of the grid walked exactly first (library rule)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()
@@ -136,15 +140,17 @@ def main() -> None:
     n, models, rows = terms.shape
     full_top = (terms[:, 1:] - terms[:, :1]).mean(2).argmax(1)
     print(f"{n} queries x {models - 1} groups, {rows} rows per query: the full grid is {n * models * rows:,} rows")
-    print("| rule | block | z | rows | fewer than the full grid | top-1 = full grid |\n|---|---|---|---|---|---|")
+    print("| rule | head | block | z | rows | fewer than the full grid | top-1 = full grid |\n|---|---|---|---|---|---|---|")
     results = []
     for name, walk_class in walk_rules().items():
-        for block in args.blocks:
-            for z in args.z:
-                used, top = replay(walk_class, terms, est, hashes, block, z)
-                agree = int((top == full_top).sum())
-                results.append({"rule": name, "block": block, "z": z, "rows": used, "agree": agree, "queries": n})
-                print(f"| {name} | {block} | {z:g} | {used:,} | {n * models * rows / used:.2f}x | {agree}/{n} |", flush=True)
+        for share in args.heads if name == "library" else [0.0]:
+            head = math.ceil(share * rows)
+            for block in args.blocks:
+                for z in args.z:
+                    used, top = replay(walk_class, terms, est, hashes, block, z, head)
+                    agree = int((top == full_top).sum())
+                    results.append({"rule": name, "head": share, "block": block, "z": z, "rows": used, "agree": agree, "queries": n})
+                    print(f"| {name} | {share:g} | {block} | {z:g} | {used:,} | {n * models * rows / used:.2f}x | {agree}/{n} |", flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"full_grid_rows": n * models * rows, "results": results}, indent=2) + "\n")
 

@@ -8,8 +8,10 @@ Methods (the same queries, the same ELBO draws):
   authors' code scores one checkpoint per group; loading is timed.
 * ``mixed``: the base and all K adapters in one forward per row chunk (peft's mixed adapter batches).
 * ``merged``: each adapter merged into the weights in turn, rows of many images packed per forward.
-* ``merged+adaptive(z=Z)``: ``merged`` with adaptive draws (stratified blocks of the grid; groups
-  trailing the leader by ``Z`` standard errors are dropped; a query stops when one group is left).
+* ``merged+adaptive(z=Z, head=H)``: ``merged`` with adaptive draws (the least-noisy share ``H`` of
+  the grid walked exactly, then stratified blocks of the rest; groups trailing the leader by ``Z``
+  standard errors are dropped; a query stops when one group is left). ``H = 0`` is the walk before
+  the exact head.
 
 ``--ks`` lists the group counts measured: the ``--bundle``'s own K (10 for the demo's; any
 bundle, e.g. an evaluation's ``bundle/`` with its ``base/`` and ``queries/``), and 50, for which the
@@ -35,6 +37,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from diffusers_guda.scoring import ADAPTIVE_HEAD
 
 
 def build_k50_bundle(base: str, work: Path, recipe_name: str, steps: int):
@@ -93,12 +97,12 @@ def measure(methods, repeats):
     return {m: statistics.median(t) for m, t in timings.items()}, results
 
 
-def scoring_methods(pipe, estimator, images, full_models: list[Path], adaptive_z: list[float]) -> dict:
+def scoring_methods(pipe, estimator, images, full_models: list[Path], adaptive_z: list[float], adaptive_heads: list[float]) -> dict:
     """The methods compared, each a call that scores ``images`` against every group of the loaded bundle."""
     from diffusers import UNet2DModel
 
     from diffusers_guda.adapter_state import use_adapters
-    from diffusers_guda.scoring import score_models
+    from diffusers_guda.scoring import AttributionScorer, score_models
 
     loaded, unet = pipe.guda_bundle, pipe.unet
     adapters = [loaded.adapter_name(s) for s in loaded.slugs]
@@ -117,8 +121,11 @@ def scoring_methods(pipe, estimator, images, full_models: list[Path], adaptive_z
         "mixed": lambda: pipe.attribute(images, strategy="mixed", progress=False),
         "merged": lambda: pipe.attribute(images, strategy="merged", progress=False),
     }
+    scorer = AttributionScorer(unet, estimator, adapters, loaded.group_names)
     for z in adaptive_z:
-        methods[f"merged+adaptive(z={z:g})"] = lambda z=z: pipe.attribute(images, strategy="merged", adaptive_z=z, progress=False)
+        for head in adaptive_heads:
+            methods[f"merged+adaptive(z={z:g}, head={head:g})"] = lambda z=z, head=head: scorer.score(
+                images, strategy="merged", adaptive_z=z, adaptive_head=head, progress=False)
     return methods
 
 
@@ -165,7 +172,7 @@ def benchmark_k(k: int, args, images, work: Path) -> dict:
     estimator = ELBOEstimator(pipe.scheduler, ELBOConfig(**loaded.elbo) if loaded.elbo else ELBOConfig())
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         full_models = save_full_models(pipe, Path(tmp))
-        methods = scoring_methods(pipe, estimator, images, full_models, args.adaptive_z)
+        methods = scoring_methods(pipe, estimator, images, full_models, args.adaptive_z, args.adaptive_head)
         skipped = set(args.skip) - {"sequential"}  # the reference of every ratio
         walls, results = measure({m: run for m, run in methods.items() if m not in skipped}, args.repeats)
     n, rows = len(images), estimator.num_rows
@@ -183,6 +190,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--adaptive-z", type=float, nargs="+", default=[3.0], help="one merged+adaptive method per value")
+    parser.add_argument("--adaptive-head", type=float, nargs="+", default=[ADAPTIVE_HEAD],
+                        help="one merged+adaptive method per value and z (0: no exact head)")
     parser.add_argument("--k50-steps", type=int, default=10, help="unlearning steps per group of the K=50 bundle")
     parser.add_argument("--recipe", default="digits-ddpm")
     parser.add_argument("--work", default="benchmark-work", help="cache of the K=50 bundle")
@@ -200,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     images = load_query_images(sorted(Path(args.queries).glob("*.png"))[: args.num_queries])
     report = {"num_queries": len(images), "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0],
-              "repeats": args.repeats, "adaptive_z": args.adaptive_z}
+              "repeats": args.repeats, "adaptive_z": args.adaptive_z, "adaptive_head": args.adaptive_head}
     for k in args.ks:
         report[f"k{k}"] = benchmark_k(k, args, images, work)
     if args.out:

@@ -8,18 +8,19 @@ switched on the one UNet, and every model sees the same (t, noise) draws per ima
 * :mod:`.result`: :class:`AttributionResult`, shards joined, score and standard error.
 * :mod:`.engine`: :class:`AttributionScorer`, the one engine behind ``pipe.attribute``.
 * :mod:`.strategies`: how a model is run (merged, swap, mixed).
-* :mod:`.adaptive`: the walk of a query over its grid (full, or adaptive in stratified blocks).
+* :mod:`.adaptive`: the walk of a query over its grid (full, or adaptive: an exact head, then stratified blocks).
 * :mod:`.rows`: rows of many images packed into fixed-size forwards.
 * :mod:`.sequential`: :func:`score_models`, any models one after another (LOGO).
 """
 
-from .adaptive import QueryWalk, stratified_walk, survivors
+from .adaptive import ADAPTIVE_HEAD, QueryWalk, stratified_walk, survivors
 from .engine import AttributionScorer
 from .result import AttributionResult, concatenate_results, mean_and_stderr
 from .sequential import score_models
 from .strategies import STRATEGIES
 
 __all__ = [
+    "ADAPTIVE_HEAD",
     "STRATEGIES",
     "AttributionResult",
     "AttributionScorer",

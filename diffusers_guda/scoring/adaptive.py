@@ -14,27 +14,37 @@ import torch
 from .result import mean_and_stderr
 
 ADAPTIVE_FORWARD_BLOCKS = 8  # adaptive forwards hold this many blocks of rows (fixed, so bits do not depend on the batch)
+ADAPTIVE_HEAD = 0.05  # share of the grid, least noisy first, walked exactly before the blocks (docs/results.md#the-exact-head)
 
 
-def stratified_walk(num_rows: int, strata: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
-    """An adaptive walk over the grid: blocks holding one row from each of ``strata`` timestep ranges.
+def stratified_walk(num_rows: int, strata: int, seed: int, head: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """An adaptive walk over the grid: the ``head`` least-noisy rows first, then blocks holding one row
+    from each of ``strata`` timestep ranges of the other rows.
 
-    The t-major grid is cut into ``strata`` contiguous ranges; each range is shuffled (``seed``) and
-    block ``j`` takes the ``j``-th row of every range. A complete block's weighted sum
-    ``Σ (range size / num_rows) · d_row`` is an unbiased estimate of the grid mean whose variance
-    excludes the large differences between timesteps, so few blocks separate the groups.
+    The grid is least noisy first (t-major for DDPM, log-SNR-major for flow matching). Its first rows
+    carry the largest ELBO weights, and so most of the spread of a group's row differences; walking
+    them exactly leaves the blocks a low-variance remainder to estimate.
+
+    The remaining rows are cut into ``strata`` contiguous ranges; each range is shuffled (``seed``)
+    and block ``j`` takes the ``j``-th row of every range. A complete block's weighted sum
+    ``Σ (range size / num_rows) · d_row`` is an unbiased estimate of those rows' share of the grid
+    mean, and its variance excludes the large differences between timesteps, so few blocks separate
+    the groups.
 
     Args:
         num_rows: Rows of the grid.
         strata: Timestep ranges (rows per complete block).
         seed: Seed of the shuffles.
+        head: Least-noisy rows walked first, as one round (0: none).
 
     Returns:
-        The blocks (row ids) and, per block, the rows' weights (``None`` for the last, incomplete blocks).
+        The rounds (row ids) and, per round, the rows' weights: ``1 / num_rows`` each for the head,
+        the ranges' shares for a complete block, ``None`` for the last, incomplete blocks.
     """
     generator = torch.Generator().manual_seed(seed)
-    ranges = [part[torch.randperm(len(part), generator=generator)] for part in torch.arange(num_rows).tensor_split(strata)]
-    blocks, weights = [], []
+    rest = torch.arange(head, num_rows)
+    ranges = [part[torch.randperm(len(part), generator=generator)] for part in rest.tensor_split(strata)]
+    blocks, weights = ([torch.arange(head)], [torch.full((head,), 1 / num_rows)]) if head else ([], [])
     for j in range(max(len(part) for part in ranges)):
         members = [part for part in ranges if j < len(part)]
         blocks.append(torch.stack([part[j] for part in members]))
@@ -69,13 +79,17 @@ class QueryWalk:
         weights: Per round, the stratum weights of its rows (``None``: no block estimate is taken).
         num_groups: K.
         z: Standard errors of the paired gap that drop a group (``None``: the full grid).
+        exact_rounds: The first rounds, walked by every model, whose weighted sum is an exact part of
+            the grid mean (the head of :func:`stratified_walk`); every block estimate adds it.
     """
 
-    def __init__(self, blocks: list[torch.Tensor], weights: list[torch.Tensor | None], num_groups: int, z: float | None):
-        self.blocks, self.weights, self.z = blocks, weights, z
+    def __init__(self, blocks: list[torch.Tensor], weights: list[torch.Tensor | None], num_groups: int, z: float | None,
+                 exact_rounds: int = 0):
+        self.blocks, self.weights, self.z, self.exact_rounds = blocks, weights, z, exact_rounds
         self.num_groups = k = num_groups
         self.base: list[torch.Tensor] = []  # the full model's terms, per round
         self.diffs: list[list[torch.Tensor]] = [[] for _ in range(k)]  # paired differences, per group and round
+        self.exact = [torch.zeros(()) for _ in range(k + 1)]  # the exact rounds' part of the grid mean; index k: the base
         self.estimates: list[list[torch.Tensor]] = [[] for _ in range(k + 1)]  # block estimates; index k: the base
         self.alive = list(range(k))
 
@@ -85,9 +99,9 @@ class QueryWalk:
         return cls([torch.arange(num_rows)], [None], num_groups, None)
 
     @classmethod
-    def stratified(cls, num_rows: int, num_groups: int, strata: int, seed: int, z: float) -> "QueryWalk":
+    def stratified(cls, num_rows: int, num_groups: int, strata: int, seed: int, z: float, head: int = 0) -> "QueryWalk":
         """The adaptive walk of :func:`stratified_walk`, dropping groups ``z`` standard errors behind."""
-        return cls(*stratified_walk(num_rows, strata, seed), num_groups, z)
+        return cls(*stratified_walk(num_rows, strata, seed, head), num_groups, z, exact_rounds=1 if head else 0)
 
     def later(self, step: int) -> list[torch.Tensor]:
         """The rounds after ``step`` (their rows may fill the room left in a forward)."""
@@ -107,9 +121,11 @@ class QueryWalk:
         weights, k = self.weights[step], self.num_groups
         if weights is None:  # not a complete block: one row from every stratum
             return []
-        self.estimates[k].append((weights * base).sum())
+        self._take(k, step, base)
         for j in self.alive:
-            self.estimates[j].append((weights * self.diffs[j][-1]).sum())
+            self._take(j, step, self.diffs[j][-1])
+        if step < self.exact_rounds:
+            return []
         if len(self.estimates[k]) < 2:
             return []
         self._compare()
@@ -125,7 +141,7 @@ class QueryWalk:
         for m, t in zip(rounds, terms.split([len(self.blocks[m]) for m in rounds])):
             self.diffs[group].append(t - self.base[m])
             if self.weights[m] is not None:
-                self.estimates[group].append((self.weights[m] * self.diffs[group][-1]).sum())
+                self._take(group, m, self.diffs[group][-1])
 
     def readmit(self, groups: list[int]) -> None:
         """Put caught-up ``groups`` back in contention and compare again."""
@@ -135,6 +151,14 @@ class QueryWalk:
     def goes_on(self, step: int) -> bool:
         """Whether the query walks another round after ``step``."""
         return step + 1 < len(self.blocks) and len(self.alive) > 1
+
+    def _take(self, index: int, step: int, values: torch.Tensor) -> None:
+        """Add round ``step``'s weighted ``values`` to model ``index``'s exact part or block estimates."""
+        part = (self.weights[step] * values).sum()
+        if step < self.exact_rounds:
+            self.exact[index] = self.exact[index] + part
+        else:
+            self.estimates[index].append(self.exact[index] + part)
 
     def _compare(self) -> None:
         self.alive = survivors(self.alive, [torch.stack(self.estimates[j]) for j in self.alive], self.z)

@@ -17,7 +17,7 @@ from ..distributed import ProcessInfo, current_process
 from ..elbo import ELBOEstimator
 from ..errors import BatchTooLargeError, ConfigError
 from ..hashing import derive_seed
-from .adaptive import ADAPTIVE_FORWARD_BLOCKS, QueryWalk
+from .adaptive import ADAPTIVE_FORWARD_BLOCKS, ADAPTIVE_HEAD, QueryWalk
 from .result import AttributionResult, concatenate_results, mean_and_stderr, scoring_metadata
 from .rows import RowTerms
 from .strategies import MixedStrategy, ModelStrategy, make_strategy, resolve_strategy
@@ -55,6 +55,7 @@ class AttributionScorer:
         strategy: str = "auto",
         adaptive_z: float | None = None,
         adaptive_block: int = 8,
+        adaptive_head: float = ADAPTIVE_HEAD,
         process: ProcessInfo | None = None,
     ) -> AttributionResult:
         """Score ``images`` against every group; the UNet keeps its adapter state and mode.
@@ -72,12 +73,14 @@ class AttributionScorer:
                 ``"auto"`` (default: ``"merged"`` for plain LoRA adapters on a float32 UNet without
                 autocast, else ``"swap"``). Strategies agree to float32 rounding; within one, a score
                 does not depend on the batch.
-            adaptive_z: If set, each query walks its grid in stratified blocks and drops groups
-                trailing the leader by more than ``adaptive_z`` standard errors of the paired block
-                estimates; one the leader falls below comes back (docs/method.md#the-adaptive-walk).
+            adaptive_z: If set, each query walks its grid's least-noisy rows, then stratified blocks,
+                and drops groups trailing the leader by more than ``adaptive_z`` standard errors of the
+                paired block estimates; one the leader falls below comes back (docs/method.md#the-adaptive-walk).
                 Rows used per query and group: ``metadata["rows_used"]``. ``None`` (default): the full grid.
             adaptive_block: Rows per block (timestep ranges) of the adaptive walk. Adaptive forwards
                 hold ``min(rows_per_forward, 8 * adaptive_block)`` rows.
+            adaptive_head: Share of the grid, least noisy first, that every model walks before the
+                blocks (the rows with the largest ELBO weights, taken exactly); 0 walks blocks only.
             process: This process of a launch (default :func:`~diffusers_guda.distributed.current_process`):
                 each process scores a contiguous share of ``images`` and returns the complete result,
                 bit-identical to a one-process run's (``metadata["world_size"]`` processes).
@@ -89,11 +92,11 @@ class AttributionScorer:
         """
         process = current_process() if process is None else process
         strategy = resolve_strategy(strategy, self.unet, self.adapter_names, self.estimator)
-        _check_settings(strategy, adaptive_z, adaptive_block, batch_size)
-        adaptive = {"adaptive_z": adaptive_z, "adaptive_block": adaptive_block} if adaptive_z is not None else {}
+        _check_settings(strategy, adaptive_z, adaptive_block, adaptive_head, batch_size)
+        adaptive = {"adaptive_z": adaptive_z, "adaptive_block": adaptive_block, "adaptive_head": adaptive_head} if adaptive_z is not None else {}
         metadata = {**(metadata or {}), "strategy": strategy, "world_size": process.world_size, **adaptive}
         if process.is_distributed:
-            settings = (self.estimator.config.to_dict(), self.groups, strategy, adaptive_z, adaptive_block)
+            settings = (self.estimator.config.to_dict(), self.groups, strategy, adaptive_z, adaptive_block, adaptive_head)
             process.check_same((self.estimator.image_hashes(images), *settings), "query images or scoring settings")
         start, stop = process.shard_bounds(images.shape[0])
         unet_kwargs = None if unet_kwargs is None else list(unet_kwargs)[start:stop]
@@ -101,8 +104,9 @@ class AttributionScorer:
         self.unet.eval()
         try:
             models = make_strategy(strategy, self.unet)
+            head = math.ceil(adaptive_head * self.estimator.num_rows)
             result = self._score_shard(images[start:stop], batch_size, unet_kwargs, progress and process.is_main, metadata, models,
-                                       adaptive_z, adaptive_block)
+                                       adaptive_z, adaptive_block, head)
         except torch.cuda.OutOfMemoryError as exc:
             rows = self.estimator.config.rows_per_forward
             raise BatchTooLargeError(
@@ -114,7 +118,7 @@ class AttributionScorer:
             self.unet.train(was_training)
         return concatenate_results(process.gather(result)) if process.is_distributed else result
 
-    def _score_shard(self, images, batch_size, unet_kwargs, progress, metadata, models: ModelStrategy, z, block) -> AttributionResult:
+    def _score_shard(self, images, batch_size, unet_kwargs, progress, metadata, models: ModelStrategy, z, block, head) -> AttributionResult:
         if images.shape[0] == 0:  # more processes than images
             k = len(self.groups)
             metadata = {**metadata, "row_forwards": 0, **({"rows_used": []} if z is not None else {})}
@@ -122,10 +126,10 @@ class AttributionScorer:
                                      scoring_metadata(self.estimator, metadata))
         if isinstance(models, MixedStrategy):
             return self._score_mixed(images, unet_kwargs, progress, metadata, models)
-        return self._score_packed(images, batch_size, unet_kwargs, progress, metadata, models, z, block)
+        return self._score_packed(images, batch_size, unet_kwargs, progress, metadata, models, z, block, head)
 
     @torch.no_grad()
-    def _score_packed(self, images, batch_size, unet_kwargs, progress, metadata, models: ModelStrategy, z, block) -> AttributionResult:
+    def _score_packed(self, images, batch_size, unet_kwargs, progress, metadata, models: ModelStrategy, z, block, head) -> AttributionResult:
         """Model by model over ``batch_size`` images at a time: the full grid, or an adaptive walk."""
         est = self.estimator
         n, k = images.shape[0], len(self.groups)
@@ -139,7 +143,7 @@ class AttributionScorer:
         with tqdm(total=n, desc=desc, disable=not progress, dynamic_ncols=True, unit="img") as bar:
             for first in range(0, n, batch_size):
                 ids = list(range(first, min(n, first + batch_size)))
-                walks = {i: self._walk(hashes[i], z, block) for i in ids}
+                walks = {i: self._walk(hashes[i], z, block, head) for i in ids}
                 rows_of = RowTerms(est, images, ids, hashes, _batch_kwargs(unet_kwargs, ids), forward_rows)
                 self._walk_batch(walks, rows_of, models, adaptive=z is not None, bar=bar)
                 evaluated += rows_of.evaluated
@@ -153,11 +157,11 @@ class AttributionScorer:
             metadata["rows_used"] = rows_used.tolist()
         return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, scoring_metadata(est, metadata))
 
-    def _walk(self, image_hash: int, z: float | None, block: int) -> QueryWalk:
+    def _walk(self, image_hash: int, z: float | None, block: int, head: int) -> QueryWalk:
         est, k = self.estimator, len(self.groups)
         if z is None:
             return QueryWalk.full_grid(est.num_rows, k)
-        return QueryWalk.stratified(est.num_rows, k, block, derive_seed("guda-order", est.config.seed, image_hash), z)
+        return QueryWalk.stratified(est.num_rows, k, block, derive_seed("guda-order", est.config.seed, image_hash), z, head)
 
     def _walk_batch(self, walks: dict[int, QueryWalk], rows_of: RowTerms, models: ModelStrategy, adaptive: bool, bar) -> None:
         """Walk a batch of queries round by round, each round running every model still needed once."""
@@ -219,9 +223,11 @@ class AttributionScorer:
         return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, scoring_metadata(est, metadata))
 
 
-def _check_settings(strategy: str, adaptive_z: float | None, adaptive_block: int, batch_size: int) -> None:
+def _check_settings(strategy: str, adaptive_z: float | None, adaptive_block: int, adaptive_head: float, batch_size: int) -> None:
     if adaptive_z is not None and (not math.isfinite(adaptive_z) or adaptive_z <= 0 or adaptive_block < 2):
         raise ConfigError(f"adaptive_z must be a finite number > 0 and adaptive_block >= 2; got {adaptive_z} and {adaptive_block}.")
+    if not 0 <= adaptive_head < 1:
+        raise ConfigError(f"adaptive_head is a share of the grid, 0 <= adaptive_head < 1 (e.g. {ADAPTIVE_HEAD}); got {adaptive_head}.")
     if adaptive_z is not None and strategy == "mixed":
         raise ConfigError("adaptive_z needs strategy 'auto', 'merged' or 'swap' (mixed batches run every adapter on every row).")
     if batch_size < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from conftest import load_benchmark_script, write_evaluation_recipe, write_group_folder
 from diffusers_guda import GUDADDPMPipeline
 from diffusers_guda.cli import main as guda
+from diffusers_guda.scoring import ADAPTIVE_HEAD
 from guda_lab.queries import load_query_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
@@ -33,8 +35,9 @@ def test_the_replay_reproduces_the_engines_scores_and_adaptive_answers(tmp_path)
     assert terms.shape == (len(images), full.scores.shape[1] + 1, est.num_rows)
     torch.testing.assert_close((terms[:, 1:] - terms[:, :1]).mean(2) * est.scale, full.scores.float(), rtol=1e-5, atol=1e-4)
     hashes, grid_rows = est.image_hashes(images), terms.numel()
+    head = math.ceil(ADAPTIVE_HEAD * est.num_rows)
     for z in (0.5, 2.0):
-        used, top = module.replay(module.walk_rules()["library"], terms, est, hashes, block=8, z=z)
+        used, top = module.replay(module.walk_rules()["library"], terms, est, hashes, block=8, z=z, head=head)
         adaptive = pipe.attribute(images, adaptive_z=z, progress=False)
         assert torch.equal(top, adaptive.scores.argmax(1)), z
         assert 0 < used < grid_rows  # the walk stopped early, and its replay with it

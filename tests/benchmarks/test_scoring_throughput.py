@@ -16,14 +16,17 @@ def test_every_strategy_is_measured_and_the_exact_ones_agree(tiny_evaluation, tm
     module = load_benchmark_script("scoring_throughput")
     saved = tmp_path / "throughput.json"
     module.main(["--base", str(out / "base"), "--bundle", str(out / "bundle"), "--queries", str(out / "queries"),
-                 "--num-queries", "3", "--repeats", "1", "--ks", "3", "--work", str(tmp_path / "work"), "--out", str(saved)])
+                 "--num-queries", "3", "--repeats", "1", "--ks", "3", "--adaptive-head", "0", "0.05", "--work", str(tmp_path / "work"),
+                 "--out", str(saved)])
     report = json.loads(saved.read_text())
     entry = report["k3"]
-    assert set(entry) == {"sequential", "reload", "mixed", "merged", "merged+adaptive(z=3)"} and report["num_queries"] == 3
+    adaptive = ["merged+adaptive(z=3, head=0)", "merged+adaptive(z=3, head=0.05)"]
+    assert set(entry) == {"sequential", "reload", "mixed", "merged", *adaptive} and report["num_queries"] == 3
     for name in ("reload", "mixed", "merged"):
         assert entry[name]["top1_agreement"] == 1.0 and entry[name]["max_abs_score_diff_vs_sequential"] < 1e-3, name
         assert entry[name]["forwards"] == entry["sequential"]["forwards"] > 0, name
-    assert entry["merged+adaptive(z=3)"]["forwards"] <= entry["sequential"]["forwards"]
+    for name in adaptive:
+        assert entry[name]["forwards"] <= entry["sequential"]["forwards"], name
     assert "| merged |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="the bundle has 3 groups"):
         module.main(["--base", str(out / "base"), "--bundle", str(out / "bundle"), "--queries", str(out / "queries"), "--ks", "7",

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from diffusers_guda.errors import ConfigError
 from diffusers_guda.hashing import derive_seed
-from diffusers_guda.scoring import QueryWalk, stratified_walk, survivors
+from diffusers_guda.scoring import ADAPTIVE_HEAD, QueryWalk, stratified_walk, survivors
 
 from scoring_helpers import run_adapter_names_as_models, scorer_with_adapters
 
@@ -29,6 +31,18 @@ def test_stratified_walk_covers_the_grid_once_with_one_row_per_range():
     again, _ = stratified_walk(99, 8, seed=3)
     other, _ = stratified_walk(99, 8, seed=4)
     assert all(torch.equal(a, b) for a, b in zip(blocks, again)) and not all(torch.equal(a, b) for a, b in zip(blocks, other))
+
+
+def test_stratified_walk_takes_the_head_first_and_stratifies_the_rest():
+    blocks, weights = stratified_walk(99, 8, seed=3, head=5)
+    assert blocks[0].tolist() == [0, 1, 2, 3, 4] and torch.equal(weights[0], torch.full((5,), 1 / 99))
+    assert sorted(torch.cat(blocks).tolist()) == list(range(99))
+    ranges = torch.arange(5, 99).tensor_split(8)
+    complete = [(b, w) for b, w in zip(blocks[1:], weights[1:]) if w is not None]
+    assert len(complete) == 11 and all(w is None for w in weights[12:])  # ranges of 12 and 11 rows
+    for block, weight in complete:
+        assert [int(torch.isin(block, r).sum()) for r in ranges] == [1] * 8
+        assert weight.sum() + weights[0].sum() == pytest.approx(1.0)  # the head's share and the rest's
 
 
 def test_survivors_drop_groups_beyond_z_paired_standard_errors():
@@ -68,6 +82,27 @@ def test_query_walk_stops_when_one_group_is_left_and_scores_on_its_blocks():
     assert scores[0][0] - scores[1][0] == pytest.approx(2.0)
 
 
+def test_query_walk_adds_the_exact_head_to_every_block_estimate():
+    # the groups differ by 10 on the two head rows and by 1 elsewhere: the head is taken exactly, so the
+    # dropped group's score is the grid mean although no block saw the head rows
+    walk = QueryWalk.stratified(num_rows=10, num_groups=2, strata=2, seed=0, z=3.0, head=2)
+    assert walk.blocks[0].tolist() == [0, 1]
+    step = 0
+    while True:
+        rows = walk.blocks[step]
+        base = rows.float()
+        terms = {j: base + torch.where(rows < 2, 10.0, 1.0) * (1 - j) for j in walk.alive}
+        assert walk.record(step, base, terms) == []
+        if not walk.goes_on(step):
+            break
+        step += 1
+    assert step == 2 and walk.alive == [0]  # the head round, then two blocks
+    _, scores, rows_used = walk.result(num_rows=10, scale=1.0)
+    assert rows_used == [6, 6]
+    assert scores[0][0] == pytest.approx((2 * 10.0 + 8 * 1.0) / 10) and scores[1][0] == pytest.approx(0.0)
+    assert scores[0][1] == pytest.approx(0.0, abs=1e-6)  # the head adds no spread, the blocks none either
+
+
 # -- the adaptive walk of the scorer ------------------------------------------------------------
 
 
@@ -91,9 +126,10 @@ def test_adaptive_draws_drop_trailing_groups(tiny_unet, tiny_scheduler, monkeypa
     monkeypatch.setattr(scorer.estimator, "packed_terms", designed_terms)
     images = torch.stack([torch.full((1, 8, 8), 0.5), torch.full((1, 8, 8), -0.5)])
     result = scorer.score(images, progress=False, adaptive_z=3.0, adaptive_block=4)
-    # constant gaps resolve once two blocks give a standard error; a tie never does, so g0 and g1 walk
-    # the whole grid
-    assert result.metadata["rows_used"] == [[8, 8, 8], [rows, rows, 8]]
+    # every model walks the head; constant gaps resolve once two blocks give a standard error; a tie never
+    # does, so g0 and g1 walk the whole grid
+    head = math.ceil(ADAPTIVE_HEAD * rows)
+    assert result.metadata["rows_used"] == [[head + 8] * 3, [rows, rows, head + 8]] and result.metadata["adaptive_head"] == ADAPTIVE_HEAD
     assert result.scores[0].argmax() == 0
     scale = scorer.estimator.scale
     assert torch.allclose(result.scores[0, 0] - result.scores[0, 1], torch.tensor(scale))
@@ -123,7 +159,7 @@ def test_adaptive_walk_brings_back_a_dropped_group_that_the_leader_falls_below(t
 
     run_adapter_names_as_models(monkeypatch)
     monkeypatch.setattr(est, "packed_terms", designed_terms)
-    result = scorer.score(image, progress=False, adaptive_z=3.0, adaptive_block=4)
+    result = scorer.score(image, progress=False, adaptive_z=3.0, adaptive_block=4, adaptive_head=0.0)  # the blocks above
     assert result.metadata["rows_used"][0][0] > 8  # g0 was dropped after two blocks, then brought back
     # back in contention (its gap to the tied leaders is no longer certain), g0 walks on with them to the end
     assert result.metadata["rows_used"][0] == [est.num_rows] * 3
@@ -160,3 +196,6 @@ def test_adaptive_settings_are_validated(tiny_unet, tiny_scheduler):
     for z, block in ((0.0, 4), (-1.0, 4), (2.0, 1)):
         with pytest.raises(ConfigError, match="adaptive"):
             scorer.score(torch.zeros(1, 1, 8, 8), progress=False, adaptive_z=z, adaptive_block=block)
+    for head in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="adaptive_head is a share of the grid"):
+            scorer.score(torch.zeros(1, 1, 8, 8), progress=False, adaptive_z=3.0, adaptive_head=head)
