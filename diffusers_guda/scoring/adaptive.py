@@ -124,9 +124,7 @@ class QueryWalk:
         self._take(k, step, base)
         for j in self.alive:
             self._take(j, step, self.diffs[j][-1])
-        if step < self.exact_rounds:
-            return []
-        if len(self.estimates[k]) < 2:
+        if step < self.exact_rounds or len(self.estimates[k]) < 2:
             return []
         self._compare()
         means = [torch.stack(b).mean() for b in self.estimates[:k]]
