@@ -24,6 +24,8 @@ from .hashing import derive_seed
 SCHEDULER_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # a DDPM-family scheduler's config.prediction_type
 # how a model output is read: ``"flow"`` is the velocity ``ε - x0`` a flow-matching model predicts
 PREDICTION_TYPES = (*SCHEDULER_PREDICTION_TYPES, "flow")
+TIMESTEP_SAMPLINGS = ("uniform", "log_snr")  # how training rows draw their step (NoiseSchedule.draw_timesteps)
+LOG_SNR_RANGE = 20.0  # log-SNR beyond ±20 counts as ±20 in the log-SNR density: the data or the noise alone
 
 
 def check_prediction_type(prediction_type: str) -> str:
@@ -200,6 +202,34 @@ class NoiseSchedule:
         if self.prediction_type in ("epsilon", "flow"):  # no coefficients needed
             return prediction_target(self.prediction_type, x0, noise, None, None)
         return prediction_target(self.prediction_type, x0, noise, *self.coefficients(t, x0.dim(), x0.device))
+
+    def draw_timesteps(self, n: int, generator: torch.Generator, sampling: str = "uniform") -> torch.Tensor:
+        """``n`` training steps ``[n]`` (int64, CPU) drawn from ``generator``.
+
+        Args:
+            n: How many.
+            generator: The CPU generator to draw from.
+            sampling: ``"uniform"`` over the ``T`` steps, or ``"log_snr"``: uniform in the log
+                signal-to-noise ratio ``2 log(α_t / σ_t)``, each step drawn with the share of the
+                log-SNR range it covers (docs/method.md#unlearning-timesteps). On a linear DDPM
+                schedule that draws t < 100 about three times as often as uniform steps do.
+        """
+        if sampling == "uniform":
+            return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
+        if sampling != "log_snr":
+            raise ConfigError(f"timestep sampling must be one of {TIMESTEP_SAMPLINGS}, got {sampling!r}.")
+        return torch.multinomial(self.log_snr_density(), n, replacement=True, generator=generator)
+
+    def log_snr_density(self) -> torch.Tensor:
+        """``[T]`` float64 probabilities of :meth:`draw_timesteps`' ``"log_snr"``: each step's share of
+        the log-SNR range (clipped to ``±LOG_SNR_RANGE``), from the midpoints to its neighbours' log-SNR."""
+        log_snr = 2 * (self.alphas.double().clamp_min(1e-300).log() - self.sigmas.double().clamp_min(1e-300).log())
+        log_snr = log_snr.clamp(-LOG_SNR_RANGE, LOG_SNR_RANGE)
+        edges = torch.cat([log_snr[:1], (log_snr[1:] + log_snr[:-1]) / 2, log_snr[-1:]])  # midpoints between steps
+        widths = edges[:-1] - edges[1:]
+        if len(widths) < 2 or not (widths >= 0).all() or widths.sum() <= 0:
+            raise ConfigError("timestep sampling 'log_snr' needs a schedule whose log-SNR falls with t; use 'uniform'.")
+        return widths / widths.sum()
 
     def to_epsilon(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Read a model output as a noise prediction ε̂ (see :func:`epsilon_from_output`)."""

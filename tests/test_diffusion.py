@@ -134,3 +134,40 @@ def test_common_noise_is_a_function_of_seed_hash_t_and_draw():
     assert not torch.equal(noise[0], noise[1])  # another draw
     assert not torch.equal(common_noise(shape, 6, 123, [10], [0])[0], noise[0])  # another seed
     assert not torch.equal(common_noise(shape, 5, 124, [10], [0])[0], noise[0])  # another image
+
+
+def test_uniform_timesteps_are_torchs_randint_draws():
+    """The default keeps every earlier run's draws: the same generator calls as before the option existed."""
+    schedule = NoiseSchedule(DDPMScheduler(num_train_timesteps=100))
+    drawn = schedule.draw_timesteps(7, torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, torch.randint(0, 100, (7,), generator=torch.Generator().manual_seed(3)))
+
+
+def test_log_snr_timesteps_cover_the_log_snr_range_evenly():
+    """Each step's probability is its share of the log-SNR range, so low-noise steps are drawn more often than uniform."""
+    schedule = NoiseSchedule(DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"))
+    density = schedule.log_snr_density()
+    log_snr = 2 * (schedule.alphas.double().log() - schedule.sigmas.double().log())
+    assert density.sum().item() == pytest.approx(1.0) and (density > 0).all()
+    # the steps below t = 100 span log-SNR 9.2 -> 2.2 of 9.2 -> -10.1: about 0.36 of the draws, against 0.10 uniform
+    expected = (log_snr[0] - log_snr[99]) / (log_snr[0] - log_snr[-1])
+    assert density[:100].sum().item() == pytest.approx(expected.item(), abs=0.002)
+    drawn = schedule.draw_timesteps(20_000, torch.Generator().manual_seed(0), "log_snr")
+    assert drawn.dtype == torch.long and 0 <= int(drawn.min()) and int(drawn.max()) < 1000
+    assert (drawn < 100).float().mean().item() == pytest.approx(density[:100].sum().item(), abs=0.015)
+    again = schedule.draw_timesteps(20_000, torch.Generator().manual_seed(0), "log_snr")
+    assert torch.equal(drawn, again)
+
+
+def test_log_snr_timesteps_on_a_flow_matching_schedule():
+    """σ = 1 (no signal, log-SNR -inf) is clipped to the log-SNR range, so its step is not drawn almost always."""
+    schedule = NoiseSchedule(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
+    density = schedule.log_snr_density()
+    assert torch.isfinite(density).all() and density.sum().item() == pytest.approx(1.0)
+    assert schedule.sigmas[-1] == 1 and density[-1].item() < 0.1
+
+
+def test_unknown_timestep_sampling_is_refused():
+    schedule = NoiseSchedule(DDPMScheduler(num_train_timesteps=100))
+    with pytest.raises(ConfigError, match="uniform"):
+        schedule.draw_timesteps(3, torch.Generator(), "cosine")

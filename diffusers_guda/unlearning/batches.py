@@ -45,14 +45,15 @@ def draw_batch(
     Returns:
         The batch, on the UNet's device.
     """
-    T, device = schedule.num_train_timesteps, forwards.device
+    device = forwards.device
     fi = forget_idx[torch.randint(0, len(forget_idx), (config.forget_batch_size,), generator=generator)]
     ri = retain_idx[torch.randint(0, len(retain_idx), (config.retain_batch_size,), generator=generator)]
     shape = dataset.image_shape
     if shared is None:
         fd = rd = None
-        ft, fn = torch.randint(0, T, (len(fi),), generator=generator), torch.randn((len(fi), *shape), generator=generator)
-        rt, rn = torch.randint(0, T, (len(ri),), generator=generator), torch.randn((len(ri), *shape), generator=generator)
+        sampling = config.timestep_sampling
+        ft, fn = schedule.draw_timesteps(len(fi), generator, sampling), torch.randn((len(fi), *shape), generator=generator)
+        rt, rn = schedule.draw_timesteps(len(ri), generator, sampling), torch.randn((len(ri), *shape), generator=generator)
     else:
         fd, rd = shared.pick(fi, generator), shared.pick(ri, generator)
         (ft, fn), (rt, rn) = shared.rows(fi, fd), shared.rows(ri, rd)

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from ..diffusion import TIMESTEP_SAMPLINGS
 from ..errors import ConfigError
 from ..lora import LoRASettings
 from ..objectives import get_objective
@@ -56,6 +57,9 @@ class UnlearningConfig:
             (docs/method.md#shared-draws): the teacher then costs at most ``shared_draws`` forwards
             per image for the whole bundle instead of its rows' share of every step. 0 (default):
             fresh draws at every step.
+        timestep_sampling: How the training rows draw their step: ``"uniform"`` (default) or
+            ``"log_snr"``, uniform in the log signal-to-noise ratio, which draws more of the
+            low-noise steps that carry most of a score's weight (docs/method.md#unlearning-timesteps).
     """
 
     objective: str = field(default="retrack", metadata={"help": "Registered objective name."})
@@ -74,6 +78,7 @@ class UnlearningConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass (memory)."})
     joint_groups: int = field(default=1, metadata={"help": "Groups trained together, one adapter per row of each forward."})
     shared_draws: int = field(default=0, metadata={"help": "Fixed draws per image shared by every group, teacher outputs computed once (0: fresh draws)."})
+    timestep_sampling: str = field(default="uniform", metadata={"help": "Steps of the training rows: 'uniform' or 'log_snr' (uniform in log-SNR)."})
 
     def __post_init__(self):
         check_types(self, ints=_INTS, reals=_REALS)
@@ -95,6 +100,8 @@ class UnlearningConfig:
                               "(joint_groups=1) to save memory, or turn gradient checkpointing off to train them together.")
         if self.shared_draws < 0:
             raise ConfigError(f"shared_draws must be >= 0 (0: fresh draws at every step), got {self.shared_draws}.")
+        if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ConfigError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {self.timestep_sampling!r}.")
         if self.eval_images < 1 or self.eval_draws < 1:
             raise ConfigError(f"eval_images and eval_draws must be >= 1, got {self.eval_images} and {self.eval_draws}.")
         if not 0 <= self.size_exponent < math.inf:

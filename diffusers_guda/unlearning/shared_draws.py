@@ -37,11 +37,12 @@ class SharedDraws:
         schedule: The noise schedule (timesteps and noising).
         forwards: The UNet's forwards (the teacher, the conditioning, autocast).
         rows_per_forward: Rows per teacher forward.
+        timestep_sampling: How a row's step is drawn (:meth:`NoiseSchedule.draw_timesteps`).
     """
 
     def __init__(self, dataset: GroupedDataset, draws: int, seed: int, schedule: NoiseSchedule, forwards: UNetForwards,
-                 rows_per_forward: int):
-        self.dataset, self.draws, self.seed = dataset, draws, seed
+                 rows_per_forward: int, timestep_sampling: str = "uniform"):
+        self.dataset, self.draws, self.seed, self.timestep_sampling = dataset, draws, seed, timestep_sampling
         self.schedule, self.forwards, self.rows_per_forward = schedule, forwards, rows_per_forward
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.computed_for: Counter[int] = Counter()  # teacher rows computed while serving each group
@@ -52,13 +53,13 @@ class SharedDraws:
 
     def rows(self, index: torch.Tensor, draw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps ``[B]`` and noise ``[B, *image_shape]`` of the rows ``(index[b], draw[b])``, on the CPU."""
-        shape, steps = tuple(self.dataset.image_shape), self.schedule.num_train_timesteps
+        shape = tuple(self.dataset.image_shape)
         t = torch.empty(len(index), dtype=torch.long)
         noise = torch.empty((len(index), *shape))
         generator = torch.Generator()
         for b, (i, d) in enumerate(zip(index.tolist(), draw.tolist())):
             generator.manual_seed(derive_seed("guda-shared-draw", self.seed, i, d))
-            t[b] = torch.randint(0, steps, (1,), generator=generator)
+            t[b] = self.schedule.draw_timesteps(1, generator, self.timestep_sampling)[0]
             noise[b] = torch.randn(shape, generator=generator)
         return t, noise
 

@@ -10,6 +10,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 
 from diffusers_guda import GroupUnlearner, UnlearningConfig
 from diffusers_guda.errors import ConfigError
+from diffusers_guda.hashing import derive_seed
 from diffusers_guda.objectives import NoiseSchedule
 from diffusers_guda.pipelines import GUDAStableDiffusionPipeline
 from diffusers_guda.unlearning.forwards import UNetForwards
@@ -124,3 +125,25 @@ def test_text_conditioned_teacher_rows_are_shared(tiny_sd_dir):
 def test_shared_draws_must_not_be_negative():
     with pytest.raises(ConfigError, match="shared_draws must be >= 0"):
         UnlearningConfig(shared_draws=-1)
+
+
+def test_log_snr_timesteps_in_shared_and_fresh_draws(tiny_scheduler, tiny_dataset, tiny_unet):
+    """Both kinds of rows draw their steps as the setting says, and the adapters change with it."""
+    schedule = NoiseSchedule(tiny_scheduler)
+    log_snr = SharedDraws(tiny_dataset, 3, 7, schedule, UNetForwards(tiny_unet, False, schedule=schedule), 5, "log_snr")
+    index, draw = torch.arange(len(tiny_dataset)).repeat(3), torch.arange(3).repeat_interleave(len(tiny_dataset))
+    t = log_snr.rows(index, draw)[0]
+    generator = torch.Generator().manual_seed(derive_seed("guda-shared-draw", 7, 2, 1))
+    assert t[len(tiny_dataset) + 2] == schedule.draw_timesteps(1, generator, "log_snr")[0]
+    uniform = shared(tiny_dataset, tiny_scheduler, tiny_unet).rows(index, draw)[0]
+    assert not torch.equal(t, uniform)
+    for draws in (0, 2):
+        runs = [GroupUnlearner(fresh_unet(), tiny_scheduler, small_config(shared_draws=draws, timestep_sampling=s)).unlearn(
+            tiny_dataset, progress=False) for s in ("uniform", "log_snr")]
+        slug = runs[0].slugs[0]
+        assert any(not torch.equal(runs[0].adapters[slug][k], runs[1].adapters[slug][k]) for k in runs[0].adapters[slug])
+
+
+def test_unknown_timestep_sampling_is_refused_by_the_config():
+    with pytest.raises(ConfigError, match="timestep_sampling must be one of"):
+        UnlearningConfig(timestep_sampling="cosine")
