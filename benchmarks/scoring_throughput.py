@@ -8,10 +8,10 @@ Methods (the same queries, the same ELBO draws):
   authors' code scores one checkpoint per group; loading is timed.
 * ``mixed``: the base and all K adapters in one forward per row chunk (peft's mixed adapter batches).
 * ``merged``: each adapter merged into the weights in turn, rows of many images packed per forward.
-* ``merged+adaptive(z=Z, head=H)``: ``merged`` with adaptive draws (the least-noisy share ``H`` of
-  the grid walked exactly, then stratified blocks of the rest; groups trailing the leader by ``Z``
-  standard errors are dropped; a query stops when one group is left). ``H = 0`` is the walk before
-  the exact head.
+* ``merged+adaptive(z=Z, head=H, block=B)``: ``merged`` with adaptive draws (the least-noisy share
+  ``H`` of the grid walked exactly, then stratified blocks of ``B`` rows of the rest; groups trailing
+  the leader by ``Z`` standard errors are dropped; a query stops when one group is left). ``H = 0``
+  is the walk before the exact head.
 
 ``--ks`` lists the group counts measured: the ``--bundle``'s own K (10 for the demo's; any
 bundle, e.g. an evaluation's ``bundle/`` with its ``base/`` and ``queries/``), and 50, for which the
@@ -28,6 +28,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -97,7 +98,8 @@ def measure(methods, repeats):
     return {m: statistics.median(t) for m, t in timings.items()}, results
 
 
-def scoring_methods(pipe, estimator, images, full_models: list[Path], adaptive_z: list[float], adaptive_heads: list[float]) -> dict:
+def scoring_methods(pipe, estimator, images, full_models: list[Path], adaptive_z: list[float], adaptive_heads: list[float],
+                    adaptive_blocks: list[int]) -> dict:
     """The methods compared, each a call that scores ``images`` against every group of the loaded bundle."""
     from diffusers import UNet2DModel
 
@@ -122,10 +124,9 @@ def scoring_methods(pipe, estimator, images, full_models: list[Path], adaptive_z
         "merged": lambda: pipe.attribute(images, strategy="merged", progress=False),
     }
     scorer = AttributionScorer(unet, estimator, adapters, loaded.group_names)
-    for z in adaptive_z:
-        for head in adaptive_heads:
-            methods[f"merged+adaptive(z={z:g}, head={head:g})"] = lambda z=z, head=head: scorer.score(
-                images, strategy="merged", adaptive_z=z, adaptive_head=head, progress=False)
+    for z, head, block in itertools.product(adaptive_z, adaptive_heads, adaptive_blocks):
+        methods[f"merged+adaptive(z={z:g}, head={head:g}, block={block})"] = lambda z=z, head=head, block=block: scorer.score(
+            images, strategy="merged", adaptive_z=z, adaptive_head=head, adaptive_block=block, progress=False)
     return methods
 
 
@@ -172,7 +173,7 @@ def benchmark_k(k: int, args, images, work: Path) -> dict:
     estimator = ELBOEstimator(pipe.scheduler, ELBOConfig(**loaded.elbo) if loaded.elbo else ELBOConfig())
     with tempfile.TemporaryDirectory(dir=work) as tmp:
         full_models = save_full_models(pipe, Path(tmp))
-        methods = scoring_methods(pipe, estimator, images, full_models, args.adaptive_z, args.adaptive_head)
+        methods = scoring_methods(pipe, estimator, images, full_models, args.adaptive_z, args.adaptive_head, args.adaptive_block)
         skipped = set(args.skip) - {"sequential"}  # the reference of every ratio
         walls, results = measure({m: run for m, run in methods.items() if m not in skipped}, args.repeats)
     n, rows = len(images), estimator.num_rows
@@ -192,6 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adaptive-z", type=float, nargs="+", default=[3.0], help="one merged+adaptive method per value")
     parser.add_argument("--adaptive-head", type=float, nargs="+", default=[ADAPTIVE_HEAD],
                         help="one merged+adaptive method per value and z (0: no exact head)")
+    parser.add_argument("--adaptive-block", type=int, nargs="+", default=[8], help="one merged+adaptive method per value, z and head")
     parser.add_argument("--k50-steps", type=int, default=10, help="unlearning steps per group of the K=50 bundle")
     parser.add_argument("--recipe", default="digits-ddpm")
     parser.add_argument("--work", default="benchmark-work", help="cache of the K=50 bundle")
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     images = load_query_images(sorted(Path(args.queries).glob("*.png"))[: args.num_queries])
     report = {"num_queries": len(images), "threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg()[0],
-              "repeats": args.repeats, "adaptive_z": args.adaptive_z, "adaptive_head": args.adaptive_head}
+              "repeats": args.repeats, "adaptive_z": args.adaptive_z, "adaptive_head": args.adaptive_head,
+              "adaptive_block": args.adaptive_block}
     for k in args.ks:
         report[f"k{k}"] = benchmark_k(k, args, images, work)
     if args.out:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..diffusion import TIMESTEP_SAMPLINGS
 from ..errors import ConfigError, GUDAError
 from ..locks import output_lock
 from .arguments import (
@@ -29,7 +30,7 @@ from .arguments import (
 _SETTINGS = {"steps": "steps", "size_exponent": "size_exponent", "lr": "learning_rate", "seed": "seed", "autocast": "autocast_dtype",
              "batch_size": "batch_size", "gradient_checkpointing": "gradient_checkpointing", "rank": "lora_rank", "alpha": "lora_alpha",
              "objective": "objective", "joint_groups": "joint_groups",
-             "shared_draws": "shared_draws"}
+             "shared_draws": "shared_draws", "timestep_sampling": "timestep_sampling"}
 
 
 def register(subparsers) -> None:
@@ -61,6 +62,9 @@ def register(subparsers) -> None:
     p.add_argument("--shared-draws", type=int, metavar="D",
                    help="D fixed (t, noise) draws per training image shared by every group, so that the teacher's outputs on them "
                         "are computed once for all groups (default 0: fresh draws at every step)")
+    p.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLINGS,
+                   help="how the training rows draw their step: uniform over the steps, or uniform in log-SNR (more low-noise rows, "
+                        "where a score's weight is)")
     p.add_argument("--rank", type=int, help="LoRA rank")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
     p.add_argument("--seed", type=int, help="base seed (each group's seed derives from it)")

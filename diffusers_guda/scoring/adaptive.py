@@ -13,7 +13,7 @@ import torch
 
 from .result import mean_and_stderr
 
-ADAPTIVE_FORWARD_BLOCKS = 8  # adaptive forwards hold this many blocks of rows (fixed, so bits do not depend on the batch)
+ADAPTIVE_FORWARD_ROWS = 64  # rows per adaptive forward at most (fixed, so bits do not depend on the batch or the block size)
 ADAPTIVE_HEAD = 0.05  # share of the grid, least noisy first, walked exactly before the blocks (docs/results.md#the-exact-head)
 
 

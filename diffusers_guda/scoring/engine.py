@@ -17,7 +17,7 @@ from ..distributed import ProcessInfo, current_process
 from ..elbo import ELBOEstimator
 from ..errors import BatchTooLargeError, ConfigError
 from ..hashing import derive_seed
-from .adaptive import ADAPTIVE_FORWARD_BLOCKS, ADAPTIVE_HEAD, QueryWalk
+from .adaptive import ADAPTIVE_FORWARD_ROWS, ADAPTIVE_HEAD, QueryWalk
 from .result import AttributionResult, concatenate_results, mean_and_stderr, scoring_metadata
 from .rows import RowTerms
 from .strategies import MixedStrategy, ModelStrategy, make_strategy, resolve_strategy
@@ -78,7 +78,7 @@ class AttributionScorer:
                 paired block estimates; one the leader falls below comes back (docs/method.md#the-adaptive-walk).
                 Rows used per query and group: ``metadata["rows_used"]``. ``None`` (default): the full grid.
             adaptive_block: Rows per block (timestep ranges) of the adaptive walk. Adaptive forwards
-                hold ``min(rows_per_forward, 8 * adaptive_block)`` rows.
+                hold ``min(rows_per_forward, 64)`` rows.
             adaptive_head: Share of the grid, least noisy first, that every model walks before the
                 blocks (the rows with the largest ELBO weights, taken exactly); 0 walks blocks only.
             process: This process of a launch (default :func:`~diffusers_guda.distributed.current_process`):
@@ -138,7 +138,7 @@ class AttributionScorer:
         rows_used = torch.zeros(n, k, dtype=torch.long)
         evaluated = 0  # rows through the UNet (padding repeats excluded)
         # rounds of an adaptive walk hand each model few rows; room left in a forward is filled with later blocks
-        forward_rows = est.config.rows_per_forward if z is None else min(est.config.rows_per_forward, ADAPTIVE_FORWARD_BLOCKS * block)
+        forward_rows = est.config.rows_per_forward if z is None else min(est.config.rows_per_forward, ADAPTIVE_FORWARD_ROWS)
         desc = f"attribute ({models.name}{', adaptive' if z is not None else ''})"
         with tqdm(total=n, desc=desc, disable=not progress, dynamic_ncols=True, unit="img") as bar:
             for first in range(0, n, batch_size):
