@@ -47,8 +47,8 @@ def register(subparsers) -> None:
                    help="auto (merged when the adapters are plain LoRA), merged (each adapter merged into the weights in turn), "
                         "swap (each LoRA branch switched on in turn) or mixed (all adapters in one forward, one per row)")
     p.add_argument("--adaptive-z", type=float,
-                   help="drop groups that trail the leader by this many standard errors and stop each image when one "
-                        "is left (default: the full grid)")
+                   help="drop groups that trail the leader by this many standard errors (e.g. 4) and stop each image when "
+                        "one is left (default: the full grid)")
     p.set_defaults(func=run)
 
 
@@ -63,7 +63,7 @@ def run(args) -> None:
     if args.out and args.plot and Path(args.out).resolve() == Path(args.plot).resolve():
         raise ConfigError(f"--out and --plot both name {args.out}; give the result JSON and the chart different paths.")
     if args.adaptive_z is not None and not 0 < args.adaptive_z < math.inf:
-        raise ConfigError(f"--adaptive-z must be a finite number of standard errors > 0 (e.g. 3), got {args.adaptive_z}.")
+        raise ConfigError(f"--adaptive-z must be a finite number of standard errors > 0 (e.g. 4), got {args.adaptive_z}.")
     check_base_revision(args.base, args.base_revision)
     files = query_files(args.images)
     check_apart({"--out": args.out, "--plot": args.plot},

@@ -13,13 +13,14 @@ switched on the one UNet, and every model sees the same (t, noise) draws per ima
 * :mod:`.sequential`: :func:`score_models`, any models one after another (LOGO).
 """
 
-from .adaptive import ADAPTIVE_HEAD, QueryWalk, stratified_walk, survivors
+from .adaptive import ADAPTIVE_BLOCK, ADAPTIVE_HEAD, QueryWalk, stratified_walk, survivors
 from .engine import AttributionScorer
 from .result import AttributionResult, concatenate_results, mean_and_stderr
 from .sequential import score_models
 from .strategies import STRATEGIES
 
 __all__ = [
+    "ADAPTIVE_BLOCK",
     "ADAPTIVE_HEAD",
     "STRATEGIES",
     "AttributionResult",

@@ -17,7 +17,7 @@ from ..distributed import ProcessInfo, current_process
 from ..elbo import ELBOEstimator
 from ..errors import BatchTooLargeError, ConfigError
 from ..hashing import derive_seed
-from .adaptive import ADAPTIVE_FORWARD_ROWS, ADAPTIVE_HEAD, QueryWalk
+from .adaptive import ADAPTIVE_BLOCK, ADAPTIVE_FORWARD_ROWS, ADAPTIVE_HEAD, QueryWalk
 from .result import AttributionResult, concatenate_results, mean_and_stderr, scoring_metadata
 from .rows import RowTerms
 from .strategies import MixedStrategy, ModelStrategy, make_strategy, resolve_strategy
@@ -54,7 +54,7 @@ class AttributionScorer:
         metadata: dict | None = None,
         strategy: str = "auto",
         adaptive_z: float | None = None,
-        adaptive_block: int = 8,
+        adaptive_block: int = ADAPTIVE_BLOCK,
         adaptive_head: float = ADAPTIVE_HEAD,
         process: ProcessInfo | None = None,
     ) -> AttributionResult:

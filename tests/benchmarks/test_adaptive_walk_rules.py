@@ -11,7 +11,7 @@ import torch
 from conftest import load_benchmark_script, write_evaluation_recipe, write_group_folder
 from diffusers_guda import GUDADDPMPipeline
 from diffusers_guda.cli import main as guda
-from diffusers_guda.scoring import ADAPTIVE_HEAD
+from diffusers_guda.scoring import ADAPTIVE_BLOCK, ADAPTIVE_HEAD
 from guda_lab.queries import load_query_images
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
@@ -37,7 +37,7 @@ def test_the_replay_reproduces_the_engines_scores_and_adaptive_answers(tmp_path)
     hashes, grid_rows = est.image_hashes(images), terms.numel()
     head = math.ceil(ADAPTIVE_HEAD * est.num_rows)
     for z in (0.5, 2.0):
-        used, top = module.replay(module.walk_rules()["library"], terms, est, hashes, block=8, z=z, head=head)
+        used, top = module.replay(module.walk_rules()["library"], terms, est, hashes, block=ADAPTIVE_BLOCK, z=z, head=head)
         adaptive = pipe.attribute(images, adaptive_z=z, progress=False)
         assert torch.equal(top, adaptive.scores.argmax(1)), z
         assert 0 < used < grid_rows  # the walk stopped early, and its replay with it
