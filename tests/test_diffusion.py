@@ -146,7 +146,7 @@ def test_uniform_timesteps_are_torchs_randint_draws():
 def test_log_snr_timesteps_cover_the_log_snr_range_evenly():
     """Each step's probability is its share of the log-SNR range, so low-noise steps are drawn more often than uniform."""
     schedule = NoiseSchedule(DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"))
-    density = schedule.log_snr_density()
+    density = schedule.log_snr_density
     log_snr = 2 * (schedule.alphas.double().log() - schedule.sigmas.double().log())
     assert density.sum().item() == pytest.approx(1.0) and (density > 0).all()
     # the steps below t = 100 span log-SNR 9.2 -> 2.2 of 9.2 -> -10.1: about 0.36 of the draws, against 0.10 uniform
@@ -162,7 +162,7 @@ def test_log_snr_timesteps_cover_the_log_snr_range_evenly():
 def test_log_snr_timesteps_on_a_flow_matching_schedule():
     """σ = 1 (no signal, log-SNR -inf) is clipped to the log-SNR range, so its step is not drawn almost always."""
     schedule = NoiseSchedule(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0))
-    density = schedule.log_snr_density()
+    density = schedule.log_snr_density
     assert torch.isfinite(density).all() and density.sum().item() == pytest.approx(1.0)
     assert schedule.sigmas[-1] == 1 and density[-1].item() < 0.1
 
