@@ -121,7 +121,8 @@ def main() -> None:
     parser.add_argument("--num-queries", type=int, default=100)
     parser.add_argument("--blocks", nargs="+", type=int, default=[4, 8], help="rows per block (adaptive_block)")
     parser.add_argument("--z", nargs="+", type=float, default=[2.0, 2.5, 3.0, 4.0])
-    parser.add_argument("--heads", nargs="+", type=float, default=[0.0, 0.05, 0.08], help="shares of the grid walked exactly first (library rule)")
+    parser.add_argument("--heads", nargs="+", type=float, default=[0.0, 0.05, 0.08],
+                        help="shares of the grid walked exactly first (library rule)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", help="also write the rows as JSON here")
     args = parser.parse_args()

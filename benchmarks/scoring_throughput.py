@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--adaptive-z", type=float, nargs="+", default=[3.0], help="one merged+adaptive method per value")
     parser.add_argument("--adaptive-head", type=float, nargs="+", default=[ADAPTIVE_HEAD],
                         help="one merged+adaptive method per value and z (0: no exact head)")
-    parser.add_argument("--adaptive-block", type=int, nargs="+", default=[ADAPTIVE_BLOCK], help="one merged+adaptive method per value, z and head")
+    parser.add_argument("--adaptive-block", type=int, nargs="+", default=[ADAPTIVE_BLOCK],
+                        help="one merged+adaptive method per value, z and head")
     parser.add_argument("--k50-steps", type=int, default=10, help="unlearning steps per group of the K=50 bundle")
     parser.add_argument("--recipe", default="digits-ddpm")
     parser.add_argument("--work", default="benchmark-work", help="cache of the K=50 bundle")

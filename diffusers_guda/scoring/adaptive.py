@@ -14,7 +14,7 @@ import torch
 from .result import mean_and_stderr
 
 ADAPTIVE_FORWARD_ROWS = 64  # rows per adaptive forward at most (fixed, so bits do not depend on the batch or the block size)
-ADAPTIVE_HEAD = 0.08  # share of the grid, least noisy first, walked exactly before the blocks (docs/results.md#the-exact-head)
+ADAPTIVE_HEAD = 0.08  # share of the grid, least noisy first, walked exactly before the blocks (docs/results.md#smaller-blocks)
 ADAPTIVE_BLOCK = 4  # rows per block of the adaptive walk (docs/results.md#smaller-blocks)
 
 

@@ -78,7 +78,8 @@ class UnlearningConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass (memory)."})
     joint_groups: int = field(default=1, metadata={"help": "Groups trained together, one adapter per row of each forward."})
     shared_draws: int = field(default=0, metadata={"help": "Fixed draws per image shared by every group, teacher outputs computed once (0: fresh draws)."})
-    timestep_sampling: str = field(default="uniform", metadata={"help": "Steps of the training rows: 'uniform' or 'log_snr' (uniform in log-SNR)."})
+    timestep_sampling: str = field(default="uniform",
+                                   metadata={"help": "Steps of the training rows: 'uniform' or 'log_snr' (uniform in log-SNR)."})
 
     def __post_init__(self):
         check_types(self, ints=_INTS, reals=_REALS)

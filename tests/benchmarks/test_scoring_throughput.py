@@ -16,8 +16,8 @@ def test_every_strategy_is_measured_and_the_exact_ones_agree(tiny_evaluation, tm
     module = load_benchmark_script("scoring_throughput")
     saved = tmp_path / "throughput.json"
     module.main(["--base", str(out / "base"), "--bundle", str(out / "bundle"), "--queries", str(out / "queries"),
-                 "--num-queries", "3", "--repeats", "1", "--ks", "3", "--adaptive-head", "0", "0.05", "--adaptive-block", "8", "4", "--work", str(tmp_path / "work"),
-                 "--out", str(saved)])
+                 "--num-queries", "3", "--repeats", "1", "--ks", "3", "--adaptive-head", "0", "0.05", "--adaptive-block", "8", "4",
+                 "--work", str(tmp_path / "work"), "--out", str(saved)])
     report = json.loads(saved.read_text())
     entry = report["k3"]
     adaptive = [f"merged+adaptive(z=3, head={h}, block={b})" for h in ("0", "0.05") for b in (8, 4)]
