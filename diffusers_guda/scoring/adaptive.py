@@ -8,6 +8,7 @@ block estimates and the groups still in contention. The scorer runs the models.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -70,6 +71,25 @@ def survivors(alive: list[int], estimates: list[torch.Tensor], z: float) -> list
     gaps = d[leader] - d
     bound = z * gaps.std(dim=1) / math.sqrt(d.shape[1])
     return [g for a, g in enumerate(alive) if a == leader or not gaps[a].mean() > bound[a]]
+
+
+@dataclass(frozen=True)
+class AdaptiveSettings:
+    """How every query of a scoring run walks its grid adaptively.
+
+    Args:
+        z: Standard errors of the paired gap that drop a group.
+        block: Rows per stratified block.
+        head: Least-noisy rows walked exactly before the blocks.
+    """
+
+    z: float
+    block: int
+    head: int
+
+    def walk(self, num_rows: int, num_groups: int, seed: int) -> "QueryWalk":
+        """The walk of one query, its block order drawn from ``seed``."""
+        return QueryWalk.stratified(num_rows, num_groups, self.block, seed, self.z, self.head)
 
 
 class QueryWalk:

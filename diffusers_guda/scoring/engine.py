@@ -17,7 +17,7 @@ from ..distributed import ProcessInfo, current_process
 from ..elbo import ELBOEstimator
 from ..errors import BatchTooLargeError, ConfigError
 from ..hashing import derive_seed
-from .adaptive import ADAPTIVE_BLOCK, ADAPTIVE_FORWARD_ROWS, ADAPTIVE_HEAD, QueryWalk
+from .adaptive import ADAPTIVE_BLOCK, ADAPTIVE_FORWARD_ROWS, ADAPTIVE_HEAD, AdaptiveSettings, QueryWalk
 from .result import AttributionResult, concatenate_results, mean_and_stderr, scoring_metadata
 from .rows import RowTerms
 from .strategies import MixedStrategy, ModelStrategy, make_strategy, resolve_strategy
@@ -93,8 +93,8 @@ class AttributionScorer:
         process = current_process() if process is None else process
         strategy = resolve_strategy(strategy, self.unet, self.adapter_names, self.estimator)
         _check_settings(strategy, adaptive_z, adaptive_block, adaptive_head, batch_size)
-        adaptive = {"adaptive_z": adaptive_z, "adaptive_block": adaptive_block, "adaptive_head": adaptive_head} if adaptive_z is not None else {}
-        metadata = {**(metadata or {}), "strategy": strategy, "world_size": process.world_size, **adaptive}
+        recorded = {"adaptive_z": adaptive_z, "adaptive_block": adaptive_block, "adaptive_head": adaptive_head} if adaptive_z is not None else {}
+        metadata = {**(metadata or {}), "strategy": strategy, "world_size": process.world_size, **recorded}
         if process.is_distributed:
             settings = (self.estimator.config.to_dict(), self.groups, strategy, adaptive_z, adaptive_block, adaptive_head)
             process.check_same((self.estimator.image_hashes(images), *settings), "query images or scoring settings")
@@ -105,8 +105,8 @@ class AttributionScorer:
         try:
             models = make_strategy(strategy, self.unet)
             head = math.ceil(adaptive_head * self.estimator.num_rows)
-            result = self._score_shard(images[start:stop], batch_size, unet_kwargs, progress and process.is_main, metadata, models,
-                                       adaptive_z, adaptive_block, head)
+            adaptive = None if adaptive_z is None else AdaptiveSettings(adaptive_z, adaptive_block, head)
+            result = self._score_shard(images[start:stop], batch_size, unet_kwargs, progress and process.is_main, metadata, models, adaptive)
         except torch.cuda.OutOfMemoryError as exc:
             rows = self.estimator.config.rows_per_forward
             raise BatchTooLargeError(
@@ -118,18 +118,20 @@ class AttributionScorer:
             self.unet.train(was_training)
         return concatenate_results(process.gather(result)) if process.is_distributed else result
 
-    def _score_shard(self, images, batch_size, unet_kwargs, progress, metadata, models: ModelStrategy, z, block, head) -> AttributionResult:
+    def _score_shard(self, images, batch_size, unet_kwargs, progress, metadata, models: ModelStrategy,
+                     adaptive: AdaptiveSettings | None) -> AttributionResult:
         if images.shape[0] == 0:  # more processes than images
             k = len(self.groups)
-            metadata = {**metadata, "row_forwards": 0, **({"rows_used": []} if z is not None else {})}
+            metadata = {**metadata, "row_forwards": 0, **({"rows_used": []} if adaptive is not None else {})}
             return AttributionResult(torch.zeros(0, k), torch.zeros(0, k), list(self.groups), torch.zeros(0), [],
                                      scoring_metadata(self.estimator, metadata))
         if isinstance(models, MixedStrategy):
             return self._score_mixed(images, unet_kwargs, progress, metadata, models)
-        return self._score_packed(images, batch_size, unet_kwargs, progress, metadata, models, z, block, head)
+        return self._score_packed(images, batch_size, unet_kwargs, progress, metadata, models, adaptive)
 
     @torch.no_grad()
-    def _score_packed(self, images, batch_size, unet_kwargs, progress, metadata, models: ModelStrategy, z, block, head) -> AttributionResult:
+    def _score_packed(self, images, batch_size, unet_kwargs, progress, metadata, models: ModelStrategy,
+                      adaptive: AdaptiveSettings | None) -> AttributionResult:
         """Model by model over ``batch_size`` images at a time: the full grid, or an adaptive walk."""
         est = self.estimator
         n, k = images.shape[0], len(self.groups)
@@ -138,14 +140,14 @@ class AttributionScorer:
         rows_used = torch.zeros(n, k, dtype=torch.long)
         evaluated = 0  # rows through the UNet (padding repeats excluded)
         # rounds of an adaptive walk hand each model few rows; room left in a forward is filled with later blocks
-        forward_rows = est.config.rows_per_forward if z is None else min(est.config.rows_per_forward, ADAPTIVE_FORWARD_ROWS)
-        desc = f"attribute ({models.name}{', adaptive' if z is not None else ''})"
+        forward_rows = est.config.rows_per_forward if adaptive is None else min(est.config.rows_per_forward, ADAPTIVE_FORWARD_ROWS)
+        desc = f"attribute ({models.name}{', adaptive' if adaptive is not None else ''})"
         with tqdm(total=n, desc=desc, disable=not progress, dynamic_ncols=True, unit="img") as bar:
             for first in range(0, n, batch_size):
                 ids = list(range(first, min(n, first + batch_size)))
-                walks = {i: self._walk(hashes[i], z, block, head) for i in ids}
+                walks = {i: self._walk(hashes[i], adaptive) for i in ids}
                 rows_of = RowTerms(est, images, ids, hashes, _batch_kwargs(unet_kwargs, ids), forward_rows)
-                self._walk_batch(walks, rows_of, models, adaptive=z is not None, bar=bar)
+                self._walk_batch(walks, rows_of, models, adaptive=adaptive is not None, bar=bar)
                 evaluated += rows_of.evaluated
                 for i in ids:
                     neg_elbo[i], group_scores, used = walks[i].result(est.num_rows, est.scale)
@@ -153,15 +155,15 @@ class AttributionScorer:
                     for j, (score, error) in enumerate(group_scores):
                         scores[i, j], stderr[i, j] = score, error
         metadata["row_forwards"] = evaluated
-        if z is not None:
+        if adaptive is not None:
             metadata["rows_used"] = rows_used.tolist()
         return AttributionResult(scores, stderr, list(self.groups), neg_elbo, hashes, scoring_metadata(est, metadata))
 
-    def _walk(self, image_hash: int, z: float | None, block: int, head: int) -> QueryWalk:
+    def _walk(self, image_hash: int, adaptive: AdaptiveSettings | None) -> QueryWalk:
         est, k = self.estimator, len(self.groups)
-        if z is None:
+        if adaptive is None:
             return QueryWalk.full_grid(est.num_rows, k)
-        return QueryWalk.stratified(est.num_rows, k, block, derive_seed("guda-order", est.config.seed, image_hash), z, head)
+        return adaptive.walk(est.num_rows, k, derive_seed("guda-order", est.config.seed, image_hash))
 
     def _walk_batch(self, walks: dict[int, QueryWalk], rows_of: RowTerms, models: ModelStrategy, adaptive: bool, bar) -> None:
         """Walk a batch of queries round by round, each round running every model still needed once."""
