@@ -18,12 +18,11 @@ that subset, with LOGO's cost scaled to every group, as the evaluation does.
 
 A setting is ``KEY=VALUE`` pairs joined by commas over ``steps``, ``lr``, ``exponent`` (steps grow as
 ``(group size / mean size) ** exponent``, ``UnlearningConfig.size_exponent``), ``shared_draws``
-(docs/method.md#shared-draws), ``timesteps`` (``uniform`` or ``log_snr``,
-``UnlearningConfig.timestep_sampling``) and ``min_t`` (``UnlearningConfig.min_timestep``); what a
-setting leaves out is the recipe's, so ``--setting ""`` is the recipe itself, which retrains the
-evaluation's very adapters. ``--option`` overrides an objective option in every setting. ``--plot``
-draws each metric against the LOGO / GUDA passes ratio: the fidelity-against-cost curve, with the
-ceiling beside it.
+(docs/method.md#shared-draws) and ``timesteps`` (``uniform`` or ``log_snr``,
+``UnlearningConfig.timestep_sampling``); what a setting leaves out is the recipe's, so ``--setting ""`` is the
+recipe itself, which retrains the evaluation's very adapters. ``--option`` overrides an objective
+option in every setting. ``--plot`` draws each metric against the LOGO / GUDA passes ratio: the
+fidelity-against-cost curve, with the ceiling beside it.
 
 Usage:
     python benchmarks/unlearning_budgets.py --eval-dir guda-eval/digits-classes --benchmark digits-classes \
@@ -43,8 +42,7 @@ import torch
 
 METRICS = ("top1", "ndcg@3", "spearman")
 SETTING_KEYS = {"steps": ("steps", int), "lr": ("learning_rate", float), "exponent": ("size_exponent", float),
-                "shared_draws": ("shared_draws", int), "timesteps": ("timestep_sampling", str),
-                "min_t": ("min_timestep", int)}
+                "shared_draws": ("shared_draws", int), "timesteps": ("timestep_sampling", str)}
 
 
 def parse_setting(text: str) -> dict:
@@ -67,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--data", help="its image folder (one subfolder per group)")
     parser.add_argument("--recipe", default="digits-ddpm", help="its recipe")
     parser.add_argument("--setting", nargs="+", default=[{}], type=parse_setting,
-                        help="KEY=VALUE,... over steps, lr, exponent, shared_draws, timesteps, min_t (default: the recipe's own)")
+                        help="KEY=VALUE,... over steps, lr, exponent, shared_draws, timesteps (default: the recipe's own)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="objective option override, repeatable")
     parser.add_argument("--held-out-from", type=int, metavar="N",
                         help="also report queries [0, N) and [N, end) apart, each paired with the evaluation's own GUDA scores")

@@ -204,27 +204,22 @@ class NoiseSchedule:
             return prediction_target(self.prediction_type, x0, noise, None, None)
         return prediction_target(self.prediction_type, x0, noise, *self.coefficients(t, x0.dim(), x0.device))
 
-    def draw_timesteps(self, n: int, generator: torch.Generator, sampling: str = "uniform", min_timestep: int = 0) -> torch.Tensor:
+    def draw_timesteps(self, n: int, generator: torch.Generator, sampling: str = "uniform") -> torch.Tensor:
         """``n`` training steps ``[n]`` (int64, CPU) drawn from ``generator``.
 
         Args:
             n: How many.
             generator: The CPU generator to draw from.
-            sampling: ``"uniform"`` over the steps, or ``"log_snr"``: uniform in the log
+            sampling: ``"uniform"`` over the ``T`` steps, or ``"log_snr"``: uniform in the log
                 signal-to-noise ratio ``2 log(α_t / σ_t)``, each step drawn with the share of the
                 log-SNR range it covers (docs/method.md#unlearning-timesteps). On the digits' linear
                 DDPM schedule that draws t < 100 3.6 times as often as uniform steps do.
-            min_timestep: The lowest step drawn; the steps below it are left out and the others keep
-                their relative odds. 0 (default) draws from all ``T``.
         """
-        if not 0 <= min_timestep < self.num_train_timesteps:
-            raise ConfigError(f"min_timestep must be in [0, {self.num_train_timesteps}) for this schedule of "
-                              f"{self.num_train_timesteps} steps, got {min_timestep}.")
         if sampling == "uniform":
-            return torch.randint(min_timestep, self.num_train_timesteps, (n,), generator=generator)
+            return torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
         if sampling != "log_snr":
             raise ConfigError(f"timestep sampling must be one of {TIMESTEP_SAMPLINGS}, got {sampling!r}.")
-        return min_timestep + torch.multinomial(self.log_snr_density[min_timestep:], n, replacement=True, generator=generator)
+        return torch.multinomial(self.log_snr_density, n, replacement=True, generator=generator)
 
     @functools.cached_property
     def log_snr_density(self) -> torch.Tensor:

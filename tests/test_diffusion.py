@@ -167,25 +167,6 @@ def test_log_snr_timesteps_on_a_flow_matching_schedule():
     assert schedule.sigmas[-1] == 1 and density[-1].item() < 0.1
 
 
-@pytest.mark.parametrize("sampling", ["uniform", "log_snr"])
-def test_min_timestep_leaves_out_the_steps_below_it(sampling):
-    """No draw falls below it; the steps above keep their relative odds; 0 draws exactly as before."""
-    schedule = NoiseSchedule(DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"))
-    full = schedule.draw_timesteps(4_000, torch.Generator().manual_seed(1), sampling)
-    assert torch.equal(full, schedule.draw_timesteps(4_000, torch.Generator().manual_seed(1), sampling, 0))
-    drawn = schedule.draw_timesteps(20_000, torch.Generator().manual_seed(1), sampling, 10)
-    assert int(drawn.min()) == 10 and int(drawn.max()) < 1000
-    density = torch.full((1000,), 1e-3, dtype=torch.float64) if sampling == "uniform" else schedule.log_snr_density
-    expected = density[10:100].sum() / density[10:].sum()  # log_snr: about 0.28, against 0.36 of all draws below 100
-    assert (drawn < 100).double().mean().item() == pytest.approx(expected.item(), abs=0.015)
-
-
-def test_min_timestep_outside_the_schedule_is_refused():
-    schedule = NoiseSchedule(DDPMScheduler(num_train_timesteps=100))
-    with pytest.raises(ConfigError, match=r"min_timestep must be in \[0, 100\)"):
-        schedule.draw_timesteps(3, torch.Generator(), "log_snr", 100)
-
-
 def test_unknown_timestep_sampling_is_refused():
     schedule = NoiseSchedule(DDPMScheduler(num_train_timesteps=100))
     with pytest.raises(ConfigError, match="uniform"):

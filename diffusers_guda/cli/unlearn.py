@@ -30,8 +30,7 @@ from .arguments import (
 _SETTINGS = {"steps": "steps", "size_exponent": "size_exponent", "lr": "learning_rate", "seed": "seed", "autocast": "autocast_dtype",
              "batch_size": "batch_size", "gradient_checkpointing": "gradient_checkpointing", "rank": "lora_rank", "alpha": "lora_alpha",
              "objective": "objective", "joint_groups": "joint_groups",
-             "shared_draws": "shared_draws", "timestep_sampling": "timestep_sampling",
-             "min_timestep": "min_timestep"}
+             "shared_draws": "shared_draws", "timestep_sampling": "timestep_sampling"}
 
 
 def register(subparsers) -> None:
@@ -66,9 +65,6 @@ def register(subparsers) -> None:
     p.add_argument("--timestep-sampling", choices=TIMESTEP_SAMPLINGS,
                    help="how the training rows draw their step: uniform over the steps, or uniform in log-SNR (more low-noise rows, "
                         "where a score's weight is)")
-    p.add_argument("--min-timestep", type=int, metavar="T",
-                   help="lowest step of the training rows (default 0; e.g. the ELBO grid's first step, below which the score "
-                        "never looks)")
     p.add_argument("--rank", type=int, help="LoRA rank")
     p.add_argument("--alpha", type=float, help="LoRA alpha (default: the rank)")
     p.add_argument("--seed", type=int, help="base seed (each group's seed derives from it)")

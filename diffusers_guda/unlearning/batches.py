@@ -51,9 +51,9 @@ def draw_batch(
     shape = dataset.image_shape
     if shared is None:
         fd = rd = None
-        sampling = (config.timestep_sampling, config.min_timestep)
-        ft, fn = schedule.draw_timesteps(len(fi), generator, *sampling), torch.randn((len(fi), *shape), generator=generator)
-        rt, rn = schedule.draw_timesteps(len(ri), generator, *sampling), torch.randn((len(ri), *shape), generator=generator)
+        sampling = config.timestep_sampling
+        ft, fn = schedule.draw_timesteps(len(fi), generator, sampling), torch.randn((len(fi), *shape), generator=generator)
+        rt, rn = schedule.draw_timesteps(len(ri), generator, sampling), torch.randn((len(ri), *shape), generator=generator)
     else:
         fd, rd = shared.pick(fi, generator), shared.pick(ri, generator)
         (ft, fn), (rt, rn) = shared.rows(fi, fd), shared.rows(ri, rd)

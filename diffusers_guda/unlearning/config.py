@@ -15,8 +15,7 @@ from ..objectives import get_objective
 from ..validation import check_types
 
 AUTOCAST_DTYPES = ("auto", None, "bfloat16", "float16")
-_INTS = ("steps", "forget_batch_size", "retain_batch_size", "seed", "eval_images", "eval_draws", "joint_groups", "shared_draws",
-         "min_timestep")
+_INTS = ("steps", "forget_batch_size", "retain_batch_size", "seed", "eval_images", "eval_draws", "joint_groups", "shared_draws")
 _REALS = ("size_exponent", "learning_rate", "max_grad_norm")
 
 
@@ -61,9 +60,6 @@ class UnlearningConfig:
         timestep_sampling: How the training rows draw their step: ``"uniform"`` (default) or
             ``"log_snr"``, uniform in the log signal-to-noise ratio, which draws more of the
             low-noise steps that carry most of a score's weight (docs/method.md#unlearning-timesteps).
-        min_timestep: The lowest step a training row draws; 0 (default) draws from every step. The
-            score never looks below the ELBO grid's first step (``ELBOConfig.t_min``), so rows there
-            cost without informing it (docs/method.md#unlearning-timesteps).
     """
 
     objective: str = field(default="retrack", metadata={"help": "Registered objective name."})
@@ -84,7 +80,6 @@ class UnlearningConfig:
     shared_draws: int = field(default=0, metadata={"help": "Fixed draws per image shared by every group, teacher outputs computed once (0: fresh draws)."})
     timestep_sampling: str = field(default="uniform",
                                    metadata={"help": "Steps of the training rows: 'uniform' or 'log_snr' (uniform in log-SNR)."})
-    min_timestep: int = field(default=0, metadata={"help": "Lowest step of the training rows (e.g. the ELBO's t_min)."})
 
     def __post_init__(self):
         check_types(self, ints=_INTS, reals=_REALS)
@@ -108,8 +103,6 @@ class UnlearningConfig:
             raise ConfigError(f"shared_draws must be >= 0 (0: fresh draws at every step), got {self.shared_draws}.")
         if self.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ConfigError(f"timestep_sampling must be one of {TIMESTEP_SAMPLINGS}, got {self.timestep_sampling!r}.")
-        if self.min_timestep < 0:
-            raise ConfigError(f"min_timestep must be >= 0 (0: every step), got {self.min_timestep}.")
         if self.eval_images < 1 or self.eval_draws < 1:
             raise ConfigError(f"eval_images and eval_draws must be >= 1, got {self.eval_images} and {self.eval_draws}.")
         if not 0 <= self.size_exponent < math.inf:

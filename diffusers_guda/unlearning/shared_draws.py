@@ -38,13 +38,11 @@ class SharedDraws:
         forwards: The UNet's forwards (the teacher, the conditioning, autocast).
         rows_per_forward: Rows per teacher forward.
         timestep_sampling: How a row's step is drawn (:meth:`NoiseSchedule.draw_timesteps`).
-        min_timestep: The lowest step drawn.
     """
 
     def __init__(self, dataset: GroupedDataset, draws: int, seed: int, schedule: NoiseSchedule, forwards: UNetForwards,
-                 rows_per_forward: int, timestep_sampling: str = "uniform", min_timestep: int = 0):
-        self.dataset, self.draws, self.seed = dataset, draws, seed
-        self.timestep_sampling, self.min_timestep = timestep_sampling, min_timestep
+                 rows_per_forward: int, timestep_sampling: str = "uniform"):
+        self.dataset, self.draws, self.seed, self.timestep_sampling = dataset, draws, seed, timestep_sampling
         self.schedule, self.forwards, self.rows_per_forward = schedule, forwards, rows_per_forward
         self._outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.computed_for: Counter[int] = Counter()  # teacher rows computed while serving each group
@@ -61,7 +59,7 @@ class SharedDraws:
         generator = torch.Generator()
         for b, (i, d) in enumerate(zip(index.tolist(), draw.tolist())):
             generator.manual_seed(derive_seed("guda-shared-draw", self.seed, i, d))
-            t[b] = self.schedule.draw_timesteps(1, generator, self.timestep_sampling, self.min_timestep)[0]
+            t[b] = self.schedule.draw_timesteps(1, generator, self.timestep_sampling)[0]
             noise[b] = torch.randn(shape, generator=generator)
         return t, noise
 

@@ -190,8 +190,7 @@ class GroupUnlearner:
             return None
         if self._shared is None or self._shared.dataset is not dataset:
             self._shared = SharedDraws(dataset, cfg.shared_draws, derive_seed("guda-shared-draws", cfg.seed), self.schedule,
-                                       self.forwards, cfg.forget_batch_size + cfg.retain_batch_size, cfg.timestep_sampling,
-                                       cfg.min_timestep)
+                                       self.forwards, cfg.forget_batch_size + cfg.retain_batch_size, cfg.timestep_sampling)
         return self._shared
 
     def _finish(self, run: GroupRun, curve: list[dict[str, float]], wall: float, trained_with: list[str] | None = None) -> GroupResult:

@@ -62,9 +62,8 @@ def test_a_bad_setting_names_the_keys():
     module = load_benchmark_script("unlearning_budgets")
     with pytest.raises(SystemExit, match="KEY one of steps, lr, exponent, shared_draws"):
         module.parse_setting("steps=40,rate=1e-3")
-    assert module.parse_setting("steps=40,lr=2e-3,exponent=1,shared_draws=4,timesteps=log_snr,min_t=10") == {
-        "steps": 40, "learning_rate": 2e-3, "size_exponent": 1.0, "shared_draws": 4, "timestep_sampling": "log_snr",
-        "min_timestep": 10}
+    assert module.parse_setting("steps=40,lr=2e-3,exponent=1,shared_draws=4,timesteps=log_snr") == {
+        "steps": 40, "learning_rate": 2e-3, "size_exponent": 1.0, "shared_draws": 4, "timestep_sampling": "log_snr"}
 
 
 def test_budgets_on_an_evaluation_with_logo_on_a_subset_of_groups(tmp_path, capsys):

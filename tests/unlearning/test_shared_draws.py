@@ -144,26 +144,6 @@ def test_log_snr_timesteps_in_shared_and_fresh_draws(tiny_scheduler, tiny_datase
         assert any(not torch.equal(runs[0].adapters[slug][k], runs[1].adapters[slug][k]) for k in runs[0].adapters[slug])
 
 
-def test_min_timestep_in_shared_and_fresh_draws(tiny_scheduler, tiny_dataset, tiny_unet):
-    """Both kinds of rows stay at or above it, and the bundle records it."""
-    schedule = NoiseSchedule(tiny_scheduler)
-    high = SharedDraws(tiny_dataset, 3, 7, schedule, UNetForwards(tiny_unet, False, schedule=schedule), 5, "log_snr",
-                       schedule.num_train_timesteps - 2)
-    index, draw = torch.arange(len(tiny_dataset)).repeat(3), torch.arange(3).repeat_interleave(len(tiny_dataset))
-    assert int(high.rows(index, draw)[0].min()) >= schedule.num_train_timesteps - 2
-    for draws in (0, 2):  # the fresh rows' floor is NoiseSchedule.draw_timesteps'; here: the setting reaches them
-        runs = [GroupUnlearner(fresh_unet(), tiny_scheduler, small_config(shared_draws=draws, min_timestep=m)).unlearn(
-            tiny_dataset, groups=[0], progress=False) for m in (0, schedule.num_train_timesteps - 1)]
-        slug = runs[0].slugs[0]
-        assert any(not torch.equal(runs[0].adapters[slug][k], runs[1].adapters[slug][k]) for k in runs[0].adapters[slug])
-        assert runs[1].training["min_timestep"] == schedule.num_train_timesteps - 1
-
-
-def test_min_timestep_must_not_be_negative():
-    with pytest.raises(ConfigError, match="min_timestep must be >= 0"):
-        UnlearningConfig(min_timestep=-1)
-
-
 def test_unknown_timestep_sampling_is_refused_by_the_config():
     with pytest.raises(ConfigError, match="timestep_sampling must be one of"):
         UnlearningConfig(timestep_sampling="cosine")
