@@ -164,6 +164,7 @@ def test_each_benchmark_declares_its_recipe_comparisons_and_labels():
         "digits-contributors-hobbyist": ("digits-ddpm", benchmarks.hobbyist_comparisons, False),
         "digits-crowd-10": ("digits-ddpm", None, False),
         "digits-crowd-30": ("digits-ddpm", None, False),
+        "digits-crowd-50": ("digits-ddpm", None, False),
         "digits-crowd-120": ("digits-ddpm", None, False),
         "digits-styles": ("digits-styles", None, False),
         "digits-styles-flow": ("digits-styles-flow", None, False),
