@@ -22,7 +22,8 @@ A setting is ``KEY=VALUE`` pairs joined by commas over ``steps``, ``lr``, ``expo
 ``UnlearningConfig.timestep_sampling``); what a setting leaves out is the recipe's, so ``--setting ""`` is the
 recipe itself, which retrains the evaluation's very adapters. ``--option`` overrides an objective
 option in every setting. ``--plot`` draws each metric against the LOGO / GUDA passes ratio: the
-fidelity-against-cost curve, with the ceiling beside it.
+fidelity-against-cost curve, one line per setting apart from its steps, with the ceiling beside it
+(with ``--held-out-from``, on the held-out queries).
 
 Usage:
     python benchmarks/unlearning_budgets.py --eval-dir guda-eval/digits-classes --benchmark digits-classes \
@@ -128,7 +129,8 @@ def main(argv: list[str] | None = None) -> None:
         loop_wall = sum(float(g.stats["wall_s"]) for g in bundle.groups)
         row = {
             "steps": config.steps, "learning_rate": config.learning_rate, "exponent": config.size_exponent,
-            "shared_draws": config.shared_draws, "objective_options": dict(config.objective_options),
+            "shared_draws": config.shared_draws, "timestep_sampling": config.timestep_sampling,
+            "objective_options": dict(config.objective_options),
             **{m: v["mean"] for m, v in summarize(compared, reference, names=METRICS).items()},
             "sample_passes": passes, "loop_wall_s": round(loop_wall, 2), "total_wall_s": round(cost["wall_s"], 2),
             "ratio_passes": logo_passes / passes, "ratio_wall": logo_wall / loop_wall,
@@ -166,18 +168,19 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         Path(args.out).write_text(json.dumps({"ceiling": ceiling_means, "logo": logo, "groups": dataset.group_names,
                                               "rows": rows}, indent=1))
-    if args.plot:
-        plot(rows, ceiling_means, Path(args.plot))
+    if args.plot:  # the held-out queries when there are some: the settings may have been chosen on the others
+        plot(rows, ceiling_means, Path(args.plot), part=next(reversed(rows[0]["parts"])) if args.held_out_from is not None else None)
 
 
 def read_scores(path: Path) -> np.ndarray | None:
     return np.asarray(json.loads(path.read_text())["scores"]) if path.is_file() else None
 
 
-def describe(row: dict) -> str:
-    """A setting as it reads in the tables: steps, learning rate, exponent, shared draws."""
+def describe(row: dict, steps: bool = True) -> str:
+    """A setting as it reads in the tables: steps, learning rate, exponent, shared draws, timestep sampling."""
     shared = f", D={row['shared_draws']}" if row["shared_draws"] else ""
-    return f"{row['steps']} steps, lr {row['learning_rate']:g}, exponent {row['exponent']:g}{shared}"
+    text = f"lr {row['learning_rate']:g}, exponent {row['exponent']:g}{shared}, {row['timestep_sampling']} timesteps"
+    return f"{row['steps']} steps, {text}" if steps else text
 
 
 def held_out_parts(scores: np.ndarray, evaluated: np.ndarray, ceiling: np.ndarray | None, reference: np.ndarray, split: int) -> dict:
@@ -208,24 +211,41 @@ def group_level(benchmark, dataset, queries, scores: np.ndarray, reference: np.n
             for c in benchmark.group_comparisons(dataset, queries)}
 
 
-def plot(rows: list[dict], ceiling: dict[str, float] | None, path: Path) -> None:
-    """Each metric against LOGO/GUDA sample passes, one point per setting, the seed-B ceiling dashed."""
+def plot(rows: list[dict], ceiling: dict[str, float] | None, path: Path, part: str | None = None) -> None:
+    """Each metric against LOGO/GUDA sample passes, one line per setting that differs in more than its steps,
+    the seed-B ceiling dashed; ``part`` names the queries of ``row["parts"]`` to plot (default: all of them)."""
     from diffusers_guda.plotting import pyplot, save_figure
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rows = sorted(rows, key=lambda r: r["ratio_passes"])
-    for name, colour in zip(METRICS, ("C0", "C1", "C2")):
-        ax.plot([r["ratio_passes"] for r in rows], [r[name] for r in rows], "o-", color=colour, label=name)
-        if ceiling:
-            ax.axhline(ceiling[name], color=colour, linestyle="--", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("LOGO / GUDA sample passes (higher = cheaper unlearning)")
-    ax.set_ylabel("agreement with LOGO seed A")
-    ax.set_title("fidelity against unlearning cost" + (" (dashed: LOGO seed B)" if ceiling else ""))
-    ax.legend()
-    save_figure(fig, path)
+    def value(row: dict, name: str) -> float:
+        return row["parts"][part][name]["mean"] if part else row[name]
 
+    def ceiling_value(name: str) -> float | None:
+        if part:  # the ceiling on the same queries: any row's value minus its difference from the ceiling
+            metric = rows[0]["parts"][part][name]
+            return metric["mean"] - metric["ceiling_diff"] if "ceiling_diff" in metric else None
+        return ceiling[name] if ceiling else None
+
+    series: dict[str, list[dict]] = {}
+    for row in sorted(rows, key=lambda r: r["ratio_passes"]):
+        series.setdefault(describe(row, steps=False), []).append(row)
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 4), sharex=True, layout="constrained")
+    for ax, name in zip(axes, METRICS):
+        for label, members in series.items():
+            ax.plot([r["ratio_passes"] for r in members], [value(r, name) for r in members], "o-", label=label)
+            for r in members:
+                ax.annotate(str(r["steps"]), (r["ratio_passes"], value(r, name)), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        level = ceiling_value(name)
+        if level is not None:
+            ax.axhline(level, color="grey", linestyle="--", linewidth=1, label="LOGO seed B (ceiling)")
+        ax.set_xscale("log")
+        ax.set_xlabel("LOGO / GUDA sample passes")
+        ax.set_title(name)
+    axes[0].set_ylabel("agreement with LOGO seed A" + (f" ({part})" if part else ""))
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize=8)
+    fig.suptitle("fidelity against unlearning cost (points: steps at the mean group size)")
+    save_figure(fig, path)
 
 if __name__ == "__main__":
     main()

@@ -44,15 +44,18 @@ def test_budgets_reproduce_the_evaluation_and_count_passes_as_it_does(tmp_path, 
     np.testing.assert_allclose(own["retain_loss_change_pct"], [100 * s["retain_loss_change"] for s in bundle_stats], rtol=1e-5)
     assert f"{own['ratio_passes']:.0f}x" in printed and "queries from 2: top1" in printed
 
+    recipe_sampling = json.loads(recipe_path.read_text())["unlearning"].get("timestep_sampling", "uniform")
+    assert own["timestep_sampling"] == doubled["timestep_sampling"] == recipe_sampling  # recorded: rows differing only in it stay apart
+    assert f"{recipe_sampling} timesteps" in printed
     assert doubled["sample_passes"] == 2 * own["sample_passes"]  # fresh draws: the same batches, twice the steps
     assert set(doubled["steps_per_group"].values()) == {2 * steps}
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path), "--setting", "exponent=0,shared_draws=2",
+    module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path), "--setting", "exponent=0,shared_draws=2,timesteps=log_snr",
                  "--option", "num_neighbors=all", "--option", "target=teacher_posterior", "--option", "preserve=teacher_posterior",
                  "--out", str(tmp_path / "shared.json")])
     (shared,) = json.loads((tmp_path / "shared.json").read_text())["rows"]
-    assert shared["objective_options"]["target"] == "teacher_posterior"
+    assert shared["objective_options"]["target"] == "teacher_posterior" and shared["timestep_sampling"] == "log_snr"
     # shared draws: the teacher runs at most twice per image (3 groups of 8) on top of the student's rows
     student = sum(shared["steps_per_group"].values()) * 8  # 4 forget + 4 retain rows per step (the evaluation recipe)
     assert shared["shared_draws"] == 2 and student < shared["sample_passes"] - student <= student + 2 * 24
