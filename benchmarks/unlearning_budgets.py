@@ -247,5 +247,6 @@ def plot(rows: list[dict], ceiling: dict[str, float] | None, path: Path, part: s
     fig.suptitle("fidelity against unlearning cost (points: steps at the mean group size)")
     save_figure(fig, path)
 
+
 if __name__ == "__main__":
     main()

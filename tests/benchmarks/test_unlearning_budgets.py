@@ -51,7 +51,8 @@ def test_budgets_reproduce_the_evaluation_and_count_passes_as_it_does(tmp_path, 
     assert set(doubled["steps_per_group"].values()) == {2 * steps}
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path), "--setting", "exponent=0,shared_draws=2,timesteps=log_snr",
+    module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path),
+                 "--setting", "exponent=0,shared_draws=2,timesteps=log_snr",
                  "--option", "num_neighbors=all", "--option", "target=teacher_posterior", "--option", "preserve=teacher_posterior",
                  "--out", str(tmp_path / "shared.json")])
     (shared,) = json.loads((tmp_path / "shared.json").read_text())["rows"]
