@@ -13,11 +13,13 @@ from conftest import load_benchmark_script
 
 def test_tiny_variants_write_their_sheets_and_records(tmp_path):
     module = load_benchmark_script("base_capacity")
-    module.main(["--benchmark", "digits-classes", "--tiny", "--variants", "recipe", "wide-ema", "--samples", "10", "--out", str(tmp_path)])
+    module.main(["--benchmark", "digits-classes", "--tiny", "--variants", "recipe", "wide-ema", "epsilon", "--samples", "10",
+                 "--out", str(tmp_path)])
     record = json.loads((tmp_path / "capacity.json").read_text())
-    assert list(record["variants"]) == ["recipe", "wide-ema"] and record["images"] == 1797
+    assert list(record["variants"]) == ["recipe", "wide-ema", "epsilon"] and record["images"] == 1797
     recipe, wide = record["variants"]["recipe"], record["variants"]["wide-ema"]
     assert wide["attention"] and not recipe["attention"] and wide["ema_decay"] == 0.9995
+    assert record["variants"]["epsilon"]["prediction_type"] == "epsilon" == recipe["prediction_type"]  # the digits recipe's
     assert wide["parameters"] > recipe["parameters"] and recipe["steps"] == 3
     # 3 training steps make noise, far from every digit; real digits lie much nearer each other
     assert recipe["sample_nearest_training_rms"] > 2 * record["training_nearest_other_rms"] > 0
