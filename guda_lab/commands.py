@@ -33,13 +33,30 @@ from .recipes import training_config
 
 #: The benchmark whose dataset ``--data digits`` loads.
 DIGITS_BENCHMARK = "digits-classes"
+RECIPE_HELP = f"recipe name in adapters/ or a JSON path (default: the benchmark's, e.g. digits-styles; else {DEFAULT_RECIPE})"
+
+
+def named_benchmark(args):
+    """The benchmark ``--benchmark`` names (the embedded ``--data digits`` are ``digits-classes``'s dataset), or None."""
+    from .evaluation.benchmarks import get_benchmark
+
+    name = args.benchmark or (DIGITS_BENCHMARK if args.data == "digits" else None)
+    return get_benchmark(name) if name else None
+
+
+def recipe_name(args) -> str:
+    """``--recipe``, else the benchmark's recipe, else the default: what ``train``, ``logo`` and ``evaluate`` all train with."""
+    if args.recipe:
+        return args.recipe
+    benchmark = named_benchmark(args)
+    return benchmark.recipe if benchmark else DEFAULT_RECIPE
 
 
 def register(subparsers) -> None:
     p = add_common(subparsers.add_parser("train", help="train the base diffusion model on a grouped dataset"))
     add_data(p)
     p.add_argument("--out", required=True, help="output pipeline directory")
-    add_recipe(p)
+    add_recipe(p, help=RECIPE_HELP, default=None)
     p.add_argument("--steps", type=int, help="optimiser steps (default: the recipe's)")
     p.add_argument("--batch-size", type=int, help="images per step")
     p.add_argument("--lr", type=float, help="peak learning rate")
@@ -50,7 +67,7 @@ def register(subparsers) -> None:
     p = add_common(subparsers.add_parser("logo", help="retrain the base recipe once without each group (ground truth; resumable)"))
     add_data(p, help="the base model's training set ('digits' or an image folder)")
     p.add_argument("--out", required=True, help="root directory; models go to <out>/seed_<seed>/<group>/")
-    add_recipe(p, help="recipe name in adapters/ or a JSON path (the base model's recipe)")
+    add_recipe(p, help=RECIPE_HELP + "; LOGO must use the base model's", default=None)
     p.add_argument("--seed", type=int, help="training seed (default: the recipe's; another seed gives the LOGO noise floor)")
     p.add_argument("--groups", nargs="+", help="leave out only these groups (names)")
     p.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
@@ -66,7 +83,7 @@ def register(subparsers) -> None:
     p = add_common(subparsers.add_parser("evaluate", help="GUDA and baselines against LOGO ground truth, with the LOGO ceiling and costs"))
     add_data(p, required=True)
     p.add_argument("--out", required=True, help="output directory (finished stages in it are reused)")
-    add_recipe(p, help="recipe name in adapters/ or a JSON path (default: the benchmark's, e.g. digits-styles; else digits-ddpm)", default=None)
+    add_recipe(p, help=RECIPE_HELP, default=None)
     p.add_argument("--queries", type=int, help="number of generated query images (default from the recipe)")
     p.add_argument("--query-seed", type=int,
                    help="seed of query 0, query i from seed + i (default from the recipe; another seed gives held-out queries)")
@@ -107,7 +124,7 @@ def train(args) -> None:
     check_apart({"--out": args.out}, {"--data": args.data, "--recipe": args.recipe})
     if args.lr is not None and not math.isfinite(args.lr):  # the training config takes any value > 0
         raise ConfigError(f"--lr must be a finite number > 0, got {args.lr}.")
-    config = training_config(Recipe.load(args.recipe), "train")
+    config = training_config(Recipe.load(recipe_name(args)), "train")
     overrides = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("learning_rate", args.lr), ("seed", args.seed)) if v is not None}
     config = replace(config, **overrides)
     device = torch_device(args.device) if args.device else launched_process().device
@@ -123,7 +140,7 @@ def logo(args) -> None:
     check_output_dir(args.out)
     check_apart({"--out": args.out}, {"--data": args.data, "--recipe": args.recipe})
     check_distinct(args.groups, "--groups")
-    config = training_config(Recipe.load(args.recipe), "logo")
+    config = training_config(Recipe.load(recipe_name(args)), "logo")
     config = replace(config, **({"steps": args.steps} if args.steps is not None else {}))
     process = launched_process()
     with output_lock(args.out, command="guda logo", process=process):  # one run at a time on --out; process 0 holds it for all
@@ -162,7 +179,6 @@ def _baseline_config(config_class, pairs, flag):
 
 
 def evaluate(args) -> None:
-    from .evaluation.benchmarks import get_benchmark
     from .evaluation.gradient import GradientConfig
     from .evaluation.instance_unlearning import InstanceUnlearningConfig
     from .evaluation.kernel import DASConfig, DTRAKConfig
@@ -178,14 +194,11 @@ def evaluate(args) -> None:
     das = _baseline_config(DASConfig, args.das_option, "--das-option")
     with output_lock(args.out, command="guda evaluate"):  # one run at a time on --out
         dataset = load_dataset(args)
-        # the embedded digits (--data digits) are the digits-classes benchmark's dataset
-        name = args.benchmark or (DIGITS_BENCHMARK if args.data == "digits" else None)
-        benchmark = get_benchmark(name) if name else None
-        recipe = args.recipe or (benchmark.recipe if benchmark else DEFAULT_RECIPE)
-        run_evaluation(args.out, dataset, recipe, num_queries=args.queries, query_seed=args.query_seed, methods=args.methods or METHODS,
-                       seed_b=args.seed_b, ceiling=not args.no_ceiling, gradient_config=gradient,
-                       instance_config=instance, progress=not args.quiet, benchmark=benchmark, dtrak_config=dtrak, das_config=das,
-                       command="guda " + shlex.join(args.argv), logo_groups=args.logo_groups, reference_draws=args.reference_draws)
+        run_evaluation(args.out, dataset, recipe_name(args), num_queries=args.queries, query_seed=args.query_seed,
+                       methods=args.methods or METHODS, seed_b=args.seed_b, ceiling=not args.no_ceiling, gradient_config=gradient,
+                       instance_config=instance, progress=not args.quiet, benchmark=named_benchmark(args), dtrak_config=dtrak,
+                       das_config=das, command="guda " + shlex.join(args.argv), logo_groups=args.logo_groups,
+                       reference_draws=args.reference_draws)
     print(f"\nartifacts in {args.out}: report.json report.md metrics.png score_heatmaps.png scores/ base/ logo/ bundle/ queries/")
 
 

@@ -243,6 +243,25 @@ def test_data_source_is_a_folder_or_a_benchmark(command, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "logo"])
+def test_train_and_logo_default_to_the_benchmarks_recipe(command, tmp_path):
+    from dataclasses import replace
+
+    from diffusers_guda.recipes import Recipe
+    from guda_lab.evaluation.benchmarks import get_benchmark
+    from guda_lab.recipes import training_config
+
+    benchmark = get_benchmark("digits-contributors-flow")  # recipe digits-flow, not the default digits-ddpm
+    first = benchmark.load().group_names[0]
+    extra = ["--groups", first] if command == "logo" else []
+    code, _, err = run(command, "--benchmark", benchmark.name, "--out", tmp_path / "out", *extra, "--steps", 1, "--quiet")
+    assert code == 0, err
+    model = tmp_path / "out" / "seed_0" / first if command == "logo" else tmp_path / "out"
+    recorded = json.loads((model / "guda_train.json").read_text())["config"]
+    assert recorded == replace(training_config(Recipe.load("digits-flow"), command), steps=1).to_dict()
+    assert recorded["scheduler"] == "flow"
+
+
 def test_unlearn_groups_together(workspace, tmp_path):
     out = tmp_path / "joint"
     code, _, err = run("unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", out, "--recipe", workspace["recipe"],
