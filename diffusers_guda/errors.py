@@ -46,4 +46,10 @@ class BatchTooLargeError(GUDAError, MemoryError):
 
 
 class OutputLockedError(OutputError):
-    """Another run is writing the same output (its lock file names it); nothing was done."""
+    """Another run is writing the same output (its lock file names it); nothing was done.
+
+    ``remote`` is ``True`` when the lock was left by a run on another machine that no longer holds it:
+    waiting does not end it, someone must delete the lock file.
+    """
+
+    remote: bool = False

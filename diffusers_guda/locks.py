@@ -78,7 +78,8 @@ class OutputLock:
     Args:
         output: The output path (file or directory) the run writes.
         command: What the run is, recorded for the error another run gets (e.g. ``"guda unlearn"``).
-        timeout: Seconds to wait for another run to finish before giving up (0: refuse at once).
+        timeout: Seconds to wait for another run to finish before giving up (0: refuse at once; ``math.inf``:
+            wait as long as it runs). A lock left by a run on another machine is refused at once.
 
     Raises:
         OutputLockedError: from :meth:`acquire`, when another run holds the lock.
@@ -118,8 +119,9 @@ class OutputLock:
         while True:
             try:
                 return self._try_acquire()
-            except OutputLockedError:
-                if time.monotonic() >= deadline:
+            except OutputLockedError as exc:
+                # a leftover lock of another machine stays until someone deletes it: waiting would never end
+                if time.monotonic() >= deadline or exc.remote:
                     self._remove_created_folders()
                     raise
                 time.sleep(min(0.5, max(deadline - time.monotonic(), 0.01)))
@@ -226,10 +228,12 @@ class OutputLock:
             if remote
             else f"if that run is no longer running, delete {self.path}"
         )
-        return OutputLockedError(
+        error = OutputLockedError(
             f"{self.output} is being written by another run ({who}; lock {self.path}). Wait for it to finish or choose "
             f"another output path; {end}."
         )
+        error.remote = remote
+        return error
 
 
 @contextlib.contextmanager

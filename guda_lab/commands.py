@@ -66,7 +66,8 @@ def register(subparsers) -> None:
 
     p = add_common(subparsers.add_parser("logo", help="retrain the base recipe once without each group (ground truth; resumable)"))
     add_data(p, help="the base model's training set ('digits' or an image folder)")
-    p.add_argument("--out", required=True, help="root directory; models go to <out>/seed_<seed>/<group>/")
+    p.add_argument("--out", required=True, help="root directory; models go to <out>/seed_<seed>/<group>/ (each locked while it trains, so runs in "
+                   "several shells, or beside `guda evaluate` on its logo/, share one root)")
     add_recipe(p, help=RECIPE_HELP + "; LOGO must use the base model's", default=None)
     p.add_argument("--seed", type=int, help="training seed (default: the recipe's; another seed gives the LOGO noise floor)")
     p.add_argument("--groups", nargs="+", help="leave out only these groups (names)")
@@ -143,12 +144,11 @@ def logo(args) -> None:
     config = training_config(Recipe.load(recipe_name(args)), "logo")
     config = replace(config, **({"steps": args.steps} if args.steps is not None else {}))
     process = launched_process()
-    with output_lock(args.out, command="guda logo", process=process):  # one run at a time on --out; process 0 holds it for all
-        dataset = load_dataset(args)
-        paths = train_logo_models(
-            dataset, config, args.out, groups=args.groups, seed=args.seed, progress=not args.quiet, process=process,
-            device=torch_device(args.device) if args.device else None,
-        )
+    # no lock on --out: each model has its own, so runs in several shells share one root
+    paths = train_logo_models(
+        load_dataset(args), config, args.out, groups=args.groups, seed=args.seed, progress=not args.quiet, process=process,
+        device=torch_device(args.device) if args.device else None,
+    )
     if process.is_main:
         print(f"{len(paths)} leave-one-group-out models under {Path(args.out) / f'seed_{args.seed if args.seed is not None else config.seed}'}")
 

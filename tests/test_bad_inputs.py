@@ -546,9 +546,9 @@ CASES = [
     Case("train-out-locked-by-a-live-run", "train",
          lambda ws, t: [*train_args(ws, t), "--out", held_lock(previous_dir(t / "base"), "guda train")],
          ("base is being written by another run", "`guda train`", "base.lock")),
-    Case("logo-out-locked-by-a-live-run", "logo",
-         lambda ws, t: [*out_args(ws, t), "--steps", 1, "--out", held_lock(previous_dir(t / "logo"), "guda logo")],
-         ("logo is being written by another run", "logo.lock")),
+    Case("logo-model-locked-on-another-machine", "logo",  # a live run's model is waited for instead (tests/lab/evaluation/test_logo.py)
+         lambda ws, t: [*out_args(ws, t), "--steps", 1, "--groups", "left", "--out", logo_model_locked_elsewhere(t / "logo", "left")],
+         ("pid 4242 on another-machine", "on another machine", "delete", "left.lock")),
     Case("evaluate-out-locked-by-a-live-run", "evaluate",
          lambda ws, t: [*out_args(ws, t), "--out", held_lock(previous_dir(t / "eval"), "guda evaluate")],
          ("eval is being written by another run", "eval.lock")),
@@ -1000,6 +1000,13 @@ def foreign_lock(output: Path) -> Path:
     record = {"pid": 4242, "host": "another-machine", "command": "guda unlearn", "started": "2026-01-01T00:00:00+00:00"}
     lock_path(output).write_text(json.dumps(record))
     return output
+
+
+def logo_model_locked_elsewhere(root: Path, group: str) -> Path:
+    """A LOGO root whose (seed 0) model of ``group`` has the lock of a run on another machine."""
+    (previous_dir(root) / "seed_0").mkdir()
+    foreign_lock(root / "seed_0" / group)
+    return root
 
 
 def pickle_only_base(ws, tmp: Path) -> Path:

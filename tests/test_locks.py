@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -127,6 +128,10 @@ def test_a_lock_of_another_machine_is_never_taken_over(tmp_path):
         OutputLock(tmp_path / "out").acquire()
     assert "pid 12345 on elsewhere" in str(caught.value) and "another machine" in str(caught.value)
     assert json.loads((tmp_path / "out.lock").read_text())["host"] == "elsewhere"
+    start = time.monotonic()
+    with pytest.raises(OutputLockedError, match="another machine"):  # waiting would never end it
+        OutputLock(tmp_path / "out", timeout=math.inf).acquire()
+    assert time.monotonic() - start < 5
 
 
 @dataclass(frozen=True)

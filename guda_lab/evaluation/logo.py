@@ -3,12 +3,14 @@
 ``LOGOA_k(x) = ELBO(x; full) - ELBO(x; trained without group k)``, computed with the same ELBO
 draws as GUDA's scores. Each LOGO model is a pipeline directory of the base recipe (a stock
 ``DDPMPipeline``, or a text-to-image pipeline for a text-conditioned recipe),
-``<out>/seed_<seed>/<slug>/``, written atomically; a rerun keeps and skips finished groups.
+``<out>/seed_<seed>/<slug>/``, written atomically under its own lock; a rerun keeps and skips
+finished groups, and runs in several shells share the models between them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -19,7 +21,8 @@ from diffusers_guda.bundle import unique_slugs
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.distributed import ProcessInfo, current_process
 from diffusers_guda.elbo import ELBOConfig, ELBOEstimator
-from diffusers_guda.errors import ConfigError
+from diffusers_guda.errors import ConfigError, OutputLockedError
+from diffusers_guda.locks import OutputLock
 from diffusers_guda.scoring import AttributionResult, score_models
 
 from ..training import TRAIN_LOG_NAME, TrainConfig, train_base_model
@@ -45,6 +48,25 @@ def _finished(path: Path, config: TrainConfig, group: str) -> bool:
     return True
 
 
+def _train_unless_taken(dataset: GroupedDataset, gid: int, config: TrainConfig, path: Path, wait: float, progress: bool, device) -> bool:
+    """Train the LOGO model of group ``gid`` under its lock, unless it is finished by then.
+
+    Returns ``False`` when another run still held the lock after ``wait`` seconds (it is training that model).
+    """
+    name = dataset.group_names[gid]
+    try:
+        lock = OutputLock(path, command=f"LOGO without {name}", timeout=wait).acquire()
+    except OutputLockedError as exc:
+        if exc.remote:
+            raise
+        return False
+    with lock:
+        if not _finished(path, config, name):  # e.g. finished meanwhile by `guda logo --groups` in another shell
+            train_base_model(dataset.without_group(gid), config, output_dir=path, progress=progress, description=f"LOGO without {name}",
+                             extra_log={EXCLUDED_KEY: name}, device=device)
+    return True
+
+
 def train_logo_models(
     dataset: GroupedDataset,
     config: TrainConfig,
@@ -59,7 +81,10 @@ def train_logo_models(
     """Train one model per group on all the other groups, with the base model's recipe.
 
     Under ``torchrun`` or ``accelerate launch``, each process trains a contiguous share of the
-    models still to train; a model does not depend on the process that trained it.
+    models still to train; a model does not depend on the process that trained it. Each model is
+    trained under its own lock (``<slug>.lock`` beside it), so separate runs can share one
+    ``output_dir``: a model another run is training is left to it, waited for at the end, and
+    trained here only if that run stopped before finishing it.
 
     Args:
         dataset: The full training set.
@@ -87,14 +112,13 @@ def train_logo_models(
     for gid in group_ids:
         if gid in finished and process.is_main:
             log(f"LOGO without {dataset.group_names[gid]!r}: reusing {paths[dataset.group_names[gid]]}")
-    for gid in process.shard([gid for gid in group_ids if gid not in finished]):
-        name = dataset.group_names[gid]
-        if _finished(paths[name], config, name):  # written meanwhile by another run (e.g. `guda logo --groups` in another shell)
-            continue
-        train_base_model(
-            dataset.without_group(gid), config, output_dir=paths[name], progress=progress and process.is_main,
-            description=f"LOGO without {name}", extra_log={EXCLUDED_KEY: name}, device=process.device if device is None else device,
-        )
+    device, show = process.device if device is None else device, progress and process.is_main
+    taken = [gid for gid in process.shard([gid for gid in group_ids if gid not in finished])
+             if not _train_unless_taken(dataset, gid, config, paths[dataset.group_names[gid]], 0, show, device)]
+    for gid in taken:  # another run is training these: wait for it, and train what it leaves unfinished
+        if process.is_main:
+            log(f"LOGO without {dataset.group_names[gid]!r}: another run is training it; waiting for it")
+        _train_unless_taken(dataset, gid, config, paths[dataset.group_names[gid]], math.inf, show, device)
     process.barrier()
     return paths
 

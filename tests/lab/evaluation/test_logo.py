@@ -11,6 +11,7 @@ from diffusers import DDPMPipeline
 from diffusers_guda import ELBOConfig
 from diffusers_guda.cli import main
 from diffusers_guda.errors import ConfigError
+from diffusers_guda.locks import OutputLock
 from guda_lab import TrainConfig
 from guda_lab.evaluation import logo
 from guda_lab.training import TRAIN_LOG_NAME
@@ -59,6 +60,31 @@ def test_a_group_finished_meanwhile_by_another_run_is_not_trained_again(tiny_dat
     logo.train_logo_models(tiny_dataset, TINY, tmp_path, groups=["left", "right"], progress=False, log=lambda *_: None)
     assert calls == ["LOGO without left"]
     assert (tmp_path / "seed_0" / "right" / TRAIN_LOG_NAME).is_file()
+
+
+@pytest.mark.parametrize("other_run_finishes", [True, False])
+def test_a_model_another_run_is_training_is_waited_for(tiny_dataset, tmp_path, monkeypatch, other_run_finishes):
+    other_run = OutputLock(tmp_path / "seed_0" / "left", command="guda logo").acquire()  # e.g. `guda logo` in another shell
+    calls, messages = [], []
+    real = logo.train_base_model
+
+    def train_while_the_other_run_ends(*args, **kwargs):
+        calls.append(kwargs["description"])
+        if other_run.held:  # the other run finishes `left` (or stops short of it) while this run trains its first model
+            if other_run_finishes:
+                left = tiny_dataset.group_index("left")
+                real(tiny_dataset.without_group(left), TINY, output_dir=tmp_path / "seed_0" / "left", progress=False,
+                     extra_log={logo.EXCLUDED_KEY: "left"})
+            other_run.release()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(logo, "train_base_model", train_while_the_other_run_ends)
+    paths = logo.train_logo_models(tiny_dataset, TINY, tmp_path, progress=False, log=messages.append)
+    trained_here = ["LOGO without middle", "LOGO without right"] + ([] if other_run_finishes else ["LOGO without left"])
+    assert calls == trained_here
+    assert messages == ["LOGO without 'left': another run is training it; waiting for it"]
+    assert all((path / TRAIN_LOG_NAME).is_file() for path in paths.values())
+    assert sorted(p.name for p in (tmp_path / "seed_0").iterdir()) == ["left", "middle", "right"]  # no lock left behind
 
 
 def test_a_directory_from_other_settings_is_refused(tiny_dataset, tmp_path):
