@@ -6,7 +6,9 @@ UNet's samples were blobs, with v-prediction (the recipe now) they are emoji-lik
 the same steps. This trains the benchmark's recipe and variants of it, one after the other, and
 writes for each, the moment it is done, to ``--out``:
 
-* ``<variant>.png``: a contact sheet of ``--samples`` images (1,000 DDPM steps, seeds 0, 1, ...);
+* ``<variant>.png``: a contact sheet of ``--samples`` images (1,000 DDPM steps, seeds 0, 1, ...; for a
+  text-conditioned benchmark, image ``i`` from the ``i``-th of the dataset's sorted distinct prompts,
+  cycled, as ``guda evaluate`` draws its queries);
 * a line in ``capacity.json``: parameters, prediction type, steps, batch, wall time, final training
   loss, and the mean pixel distance from each sample to its nearest training image beside the same
   distance for as many training images to their nearest *other* training image (a model that makes
@@ -16,6 +18,7 @@ Variants (each the recipe's ``train`` section with these changes):
 
 * ``recipe``: unchanged;
 * ``epsilon``: epsilon-prediction (the emoji recipes' first setting);
+* ``v-prediction``: v-prediction;
 * ``wide``: ``block_out_channels`` (64, 128, 256), two layers per block, attention at the lowest level;
 * ``wide-ema``: ``wide`` sampled from an EMA of the weights (decay 0.9995).
 
@@ -26,6 +29,7 @@ settings can go into a recipe as they are.
 
 Usage:
     python benchmarks/base_capacity.py --benchmark emoji-styles-uncond --variants recipe epsilon --threads 1 --out capacity/
+    python benchmarks/base_capacity.py --benchmark emoji-styles --variants v-prediction --threads 1 --out capacity-text/
     python benchmarks/base_capacity.py --benchmark emoji-styles-uncond --device cuda --steps 8000 --batch-size 256 --out capacity/
     python benchmarks/base_capacity.py --benchmark digits-classes --tiny --threads 2 --out /tmp/capacity
 """
@@ -43,6 +47,7 @@ import torch
 VARIANTS = {
     "recipe": {},
     "epsilon": {"prediction_type": "epsilon"},
+    "v-prediction": {"prediction_type": "v_prediction"},
     "wide": {"block_out_channels": (64, 128, 256), "layers_per_block": 2, "attention": True},
     "wide-ema": {"block_out_channels": (64, 128, 256), "layers_per_block": 2, "attention": True, "ema_decay": 0.9995},
 }
@@ -74,16 +79,17 @@ def contact_sheet(images: torch.Tensor, path: Path, scale: int = 4) -> None:
     grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(path)
 
 
-def sample(pipe, count: int, steps: int) -> torch.Tensor:
-    """``count`` samples of ``pipe`` in [-1, 1], image ``i`` from seed ``i``."""
+def sample(pipe, count: int, steps: int, prompts: list[str] | None = None) -> torch.Tensor:
+    """``count`` samples of ``pipe`` in [-1, 1], image ``i`` from seed ``i`` (and ``prompts[i]`` for a text-to-image pipeline)."""
     generators = [torch.Generator(device="cpu").manual_seed(i) for i in range(count)]
-    out = pipe(batch_size=count, generator=generators, num_inference_steps=steps, output_type="np").images
+    inputs = {"prompt": prompts} if prompts is not None else {"batch_size": count}
+    out = pipe(**inputs, generator=generators, num_inference_steps=steps, output_type="np").images
     return torch.from_numpy(out).permute(0, 3, 1, 2).float() * 2 - 1
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--benchmark", default="emoji-styles-uncond", help="an unconditional benchmark with a train recipe")
+    parser.add_argument("--benchmark", default="emoji-styles-uncond", help="a benchmark whose recipe has a train section")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--steps", type=int, help="training steps (default: the recipe's)")
     parser.add_argument("--batch-size", type=int, help="images per step (default: the recipe's)")
@@ -99,19 +105,19 @@ def main(argv: list[str] | None = None) -> None:
 
     from diffusers_guda.recipes import Recipe
     from guda_lab.evaluation.benchmarks import get_benchmark
+    from guda_lab.queries import query_prompts
     from guda_lab.recipes import training_config
     from guda_lab.training import TRAIN_LOG_NAME, train_base_model
 
     benchmark = get_benchmark(args.benchmark)
     recipe = Recipe.load(benchmark.recipe)
-    if (recipe.train or {}).get("conditioning") == "text":
-        raise SystemExit(f"{args.benchmark} is text-conditioned; give an unconditional benchmark (e.g. {args.benchmark}-uncond)")
     dataset = benchmark.load()
+    prompts = query_prompts(dataset, args.samples) if (recipe.train or {}).get("conditioning") == "text" else None
     base_config = training_config(recipe, "base_capacity.py")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     record_path = out / "capacity.json"
-    record = {"benchmark": args.benchmark, "images": len(dataset.images), "device": args.device, "variants": {}}
+    record = {"benchmark": args.benchmark, "images": len(dataset.images), "device": args.device, "prompts": prompts, "variants": {}}
     chosen = torch.randperm(len(dataset.images), generator=torch.Generator().manual_seed(0))[: args.samples]
     record["training_nearest_other_rms"] = float(nearest_distances(dataset.images[chosen], dataset.images, itself=chosen).mean())
     sampling_steps = 10 if args.tiny else args.sampling_steps
@@ -126,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             pipe = train_base_model(dataset, config, output_dir=Path(tmp) / name, progress=False, description=name, device=args.device)
             log = json.loads((Path(tmp) / name / TRAIN_LOG_NAME).read_text())
         pipe.set_progress_bar_config(disable=True)
-        samples = sample(pipe, args.samples, sampling_steps)
+        samples = sample(pipe, args.samples, sampling_steps, prompts)
         contact_sheet(samples, out / f"{name}.png")
         record["variants"][name] = {
             "block_out_channels": list(config.block_out_channels), "layers_per_block": config.layers_per_block,
@@ -137,7 +143,6 @@ def main(argv: list[str] | None = None) -> None:
         }
         record_path.write_text(json.dumps(record, indent=1))
         print(f"{name}: {record['variants'][name]}", flush=True)
-
 
 
 if __name__ == "__main__":

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from PIL import Image
 
 from conftest import load_benchmark_script
+from guda_lab.evaluation.benchmarks import get_benchmark
+from guda_lab.queries import query_prompts
 
 
 def test_tiny_variants_write_their_sheets_and_records(tmp_path):
@@ -37,7 +38,11 @@ def test_nearest_distances_are_rms_pixel_distances():
     assert module.nearest_distances(images[1:], images, itself=torch.tensor([1, 2])).tolist() == [1.0, 1.0]
 
 
-def test_a_text_conditioned_benchmark_is_refused():
+def test_a_text_conditioned_benchmark_samples_the_query_prompts(tmp_path):
     module = load_benchmark_script("base_capacity")
-    with pytest.raises(SystemExit, match="text-conditioned; give an unconditional benchmark"):
-        module.main(["--benchmark", "digits-styles", "--tiny", "--out", "unused"])
+    module.main(["--benchmark", "digits-styles", "--tiny", "--variants", "v-prediction", "--samples", "3", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "capacity.json").read_text())
+    assert record["prompts"] == query_prompts(get_benchmark("digits-styles").load(), 3) and len(set(record["prompts"])) == 3
+    variant = record["variants"]["v-prediction"]
+    assert variant["prediction_type"] == "v_prediction" and variant["parameters"] > 0
+    assert Image.open(tmp_path / "v-prediction.png").size == (3 * 8 * 4, 8 * 4)
