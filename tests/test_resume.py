@@ -366,7 +366,7 @@ class LogoCheck:
         assert set(os.listdir(self.root)) <= {"seed_0"}
         finished = set()
         for entry in os.listdir(self.models) if self.models.exists() else []:
-            if is_temporary(entry, SLUGS):
+            if is_temporary(entry, SLUGS) or entry in {f"{s}.lock" for s in SLUGS}:  # a killed run's model lock: the next run takes it over
                 continue
             assert entry in SLUGS, f"unexpected {entry} among the LOGO models"
             self.assert_model_matches(self.models / entry, entry)
@@ -422,3 +422,4 @@ def test_logo_killed_at_several_points_resumes_to_identical_models(inputs, tmp_p
     for slug, name in zip(SLUGS, GROUPS):  # the last run reused exactly the models it found, and trained the others
         assert (f"LOGO without {name!r}: reusing" in completed.stdout) == (slug in had), completed.stdout
     assert check.assert_consistent() == set(SLUGS)
+    assert not {e for e in listing(check.models) if e.endswith(".lock")}  # the finished run took over the killed runs' locks and removed them
