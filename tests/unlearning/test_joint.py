@@ -22,19 +22,23 @@ pytest_plugins = ["unlearning_helpers"]
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
 def assert_close_adapters(a, b, learning_rate: float = 1e-2):
-    """Equal up to float rounding: 99 % of the entries within 1e-5, and none off by a tenth of an Adam step.
+    """Equal up to float rounding: 99 % of the entries within 1 % of an Adam step, and none off by half a step.
 
-    The LoRA branch runs on a group's rows of a larger forward (peft's mixed-batch path), which rounds
-    differently from the whole-batch branch (measured ≤ 2e-6 on the tiny UNet). Adam amplifies that
-    only where a gradient entry is near its ε (1e-8), by up to 2 % of one step there (measured 2e-4 at
-    lr 1e-2); a gradient mixed between groups would move most entries by whole steps.
+    Each group's model calls get the same inputs bit for bit, but run on its rows of a larger forward,
+    whose kernels round differently from the group's own (measured ≤ 2e-6 per forward, on the tiny UNet
+    and on the tiny Stable Diffusion, with or without the adapters). Adam amplifies that where a
+    gradient entry is near its ε (1e-8): the entry's update ``lr g / (|g| + ε)`` then follows the
+    gradient's rounding, by up to a whole step. Measured at lr 1e-2: ≤ 1e-4 on the tiny UNet; on the
+    tiny Stable Diffusion (gradient entries of 1e-9 there) up to 2.5e-3, with ≤ 0.25 % of the entries
+    off by more than 1e-4 (but 4 % by more than 1e-5). A gradient mixed between groups would move most
+    entries by whole steps.
     """
     assert a.slugs == b.slugs
     for slug in a.slugs:
         assert a.adapters[slug].keys() == b.adapters[slug].keys()
         diff = torch.cat([(a.adapters[slug][k] - b.adapters[slug][k]).abs().flatten() for k in a.adapters[slug]])
-        assert (diff > 1e-5).float().mean() < 0.01, (slug, (diff > 1e-5).sum())
-        assert diff.max() < 0.1 * learning_rate, (slug, diff.max())
+        assert (diff > 0.01 * learning_rate).float().mean() < 0.01, (slug, (diff > 0.01 * learning_rate).sum())
+        assert diff.max() < 0.5 * learning_rate, (slug, diff.max())
 
 
 OBJECTIVES = [
