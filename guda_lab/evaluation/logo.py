@@ -113,8 +113,10 @@ def train_logo_models(
         if gid in finished and process.is_main:
             log(f"LOGO without {dataset.group_names[gid]!r}: reusing {paths[dataset.group_names[gid]]}")
     device, show = process.device if device is None else device, progress and process.is_main
-    taken = [gid for gid in process.shard([gid for gid in group_ids if gid not in finished])
-             if not _train_unless_taken(dataset, gid, config, paths[dataset.group_names[gid]], 0, show, device)]
+    taken = []  # models another run is training
+    for gid in process.shard([gid for gid in group_ids if gid not in finished]):
+        if not _train_unless_taken(dataset, gid, config, paths[dataset.group_names[gid]], 0, show, device):
+            taken.append(gid)
     for gid in taken:  # another run is training these: wait for it, and train what it leaves unfinished
         if process.is_main:
             log(f"LOGO without {dataset.group_names[gid]!r}: another run is training it; waiting for it")
