@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
@@ -41,6 +42,27 @@ def _reported(path: Path) -> Iterator[None]:
         ) from exc
 
 
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def remove_unfinished_writes(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files and folders that killed writes of ``path`` left beside it; return them.
+
+    Only for the holder of ``path``'s lock (:class:`~diffusers_guda.locks.OutputLock`): every write of a
+    locked output happens under its lock, so what is there belongs to a run that is no longer running.
+    """
+    path = Path(path)
+    removed = sorted(path.parent.glob(glob.escape(_temporary_prefix(path)) + "*"))
+    for leftover in removed:
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` only if the block finishes.
@@ -55,7 +77,7 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another path.")
     with _reported(path):
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), dir=path.parent))
         try:
             yield tmp
             tmp.chmod(0o777 & ~_umask())
@@ -87,7 +109,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     with _reported(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+        fd, name = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=path.suffix, dir=path.parent)
         os.close(fd)
         tmp = Path(name)
         try:

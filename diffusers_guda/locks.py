@@ -3,7 +3,8 @@
 A run holds ``<output>.lock`` beside its output (a bundle directory, a result file, a lab folder) for as
 long as it works on it. The file is JSON naming the run (``pid``, ``host``, ``command``, ``started``)
 and is locked with the operating system's advisory lock (``flock``), which ends with the process, so a
-killed run never blocks the next one: its leftover file is taken over with a note. Where the file
+killed run never blocks the next one: its leftover file is taken over with a note, and the temporary
+files its unfinished write left beside the output are removed. Where the file
 system has no such locks, a leftover lock of a process of this machine that is no longer running is
 taken over too. A lock of a run on another machine is never taken over: the error says to delete the
 file once that run is over. See docs/formats.md#concurrent-runs.
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from .errors import OutputError, OutputLockedError
+from .io_utils import remove_unfinished_writes
 
 try:
     import fcntl
@@ -150,6 +152,9 @@ class OutputLock:
                 if record:
                     logger.warning("Taking over the lock %s of a run that is no longer running (%s).", self.path, _describe(record))
                 self._write(fd)
+                if record:
+                    for leftover in remove_unfinished_writes(self.output):
+                        logger.warning("Removed %s, an unfinished write of that run.", leftover)
             except BaseException:
                 with contextlib.suppress(OSError):
                     os.close(fd)

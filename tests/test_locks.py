@@ -89,6 +89,46 @@ def test_the_lock_of_a_killed_run_is_taken_over_with_a_note(tmp_path, holder, ca
     assert f"pid {holder.pid}" in caplog.text and "no longer running" in caplog.text
 
 
+WRITER = """
+import sys, time
+from diffusers_guda.io_utils import atomic_directory, atomic_file
+from diffusers_guda.locks import OutputLock
+out, kind = sys.argv[1:]
+lock = OutputLock(out, command="guda unlearn").acquire()
+with (atomic_directory(out) if kind == "directory" else atomic_file(out)) as tmp:
+    (tmp / "adapter.safetensors" if kind == "directory" else tmp).write_bytes(b"half")
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_taking_over_a_killed_run_removes_its_unfinished_write_and_nothing_else(tmp_path, caplog, kind):
+    out = tmp_path / ("bundle" if kind == "directory" else "bundle.json")
+    finished = out / "adapter.safetensors" if kind == "directory" else out  # the previous, finished output
+    finished.parent.mkdir(exist_ok=True)
+    finished.write_bytes(b"finished")
+    kept = [tmp_path / f".{out.name}-partial", tmp_path / ".other.tmp-x", tmp_path / f"{out.name}.tmp-x"]
+    for path in kept:
+        path.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(out), kind], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert writer.stdout.readline().strip() == "writing"
+        unfinished = list(tmp_path.glob(f".{out.name}.tmp-*"))
+        assert len(unfinished) == 1
+        with pytest.raises(OutputLockedError):  # a live run's temporary output is its own
+            OutputLock(out).acquire()
+        assert unfinished[0].exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    with caplog.at_level(logging.WARNING, logger="diffusers_guda.locks"), OutputLock(out):
+        assert not unfinished[0].exists()
+    assert all(p.exists() for p in kept) and finished.read_bytes() == b"finished"
+    assert str(unfinished[0]) in caplog.text and "unfinished write" in caplog.text
+
+
 def test_a_second_lock_in_one_process_is_refused_too(tmp_path):
     with OutputLock(tmp_path / "result.json", command="guda attribute"):
         with pytest.raises(OutputLockedError, match=f"pid {os.getpid()} on"):
