@@ -52,7 +52,8 @@ class MethodScorer:
         dataset: The grouped training set.
         recipe: The evaluation's recipe (its ELBO settings score GUDA, and LOGO unless ``reference_elbo`` is given).
         train: The base model's training config (part of LOGO's settings).
-        logo: ``{REFERENCE: (seed, {group: model dir}), CEILING: ...}``, the LOGO models of each seed.
+        logo: ``{REFERENCE: (seed, {group: model dir}), CEILING: ...}``, the LOGO models of each seed
+            (the attribute ``logo`` may be set later: only the LOGO methods read it).
         queries: ``[N, C, H, W]`` query images.
         prompts: The queries' prompts (text-conditioned models), else ``None``.
         gradient_config: Settings of the gradient baseline.

@@ -97,7 +97,26 @@ def test_artifacts(workspace):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert len(list((out / "queries").glob("*.png"))) == 4
     assert {p.stem for p in (out / "scores").glob("*.json")} == {"logo_seed_a", "logo_seed_b", *METHODS}
-    assert "[1/9]" in workspace["stdout"] and "training the base model" in workspace["stdout"]
+    assert "[1/10]" in workspace["stdout"] and "training the base model" in workspace["stdout"]
+
+
+def test_the_methods_are_scored_before_logo_is_trained(workspace, tmp_path, monkeypatch):
+    """Their scores are on disk before the long LOGO stages start (and `guda logo` runs elsewhere can train LOGO meanwhile)."""
+    import guda_lab.evaluation.runner as runner
+
+    lines = workspace["stdout"].splitlines()
+    first_logo = next(i for i, line in enumerate(lines) if "LOGO models" in line)
+    assert [line.split(" ")[3].rstrip(":") for line in lines[:first_logo] if " scores " in line] == list(METHODS)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "train_logo_models", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(tmp_path / "out", load_benchmark("digits-classes"), _micro_recipe(tmp_path), num_queries=2,
+                       methods=["similarity", "guda"], progress=False, log=lambda *_: None)
+    assert {p.stem for p in (tmp_path / "out" / "scores").glob("*.json")} == {"similarity", "guda"}
+    assert not (tmp_path / "out" / "logo").exists()
 
 
 def test_group_level_section(workspace):
@@ -230,7 +249,7 @@ def test_digits_label_top1(tmp_path):
         assert 0.0 <= report["methods"][method]["label_top1"]["mean"] <= 1.0
     assert sum(report["labels"]["counts"]) == 2
     assert report["cost"]["logo_seed_a"]["models"] == 10
-    assert any("[9/9]" in line for line in lines)
+    assert any("[10/10]" in line for line in lines)
 
 
 def test_contributors_without_ceiling(tmp_path):
