@@ -28,6 +28,8 @@ from diffusers_guda.io_utils import atomic_directory
 from diffusers_guda.models import denoise
 from diffusers_guda.validation import check_types
 
+from .training_checkpoint import TrainingCheckpoint, partial_dir, training_identity
+
 TRAIN_LOG_NAME = "guda_train.json"
 #: The noise processes a recipe's ``scheduler`` field names.
 SCHEDULERS = ("ddpm", "flow")
@@ -164,6 +166,7 @@ def train_base_model(
     description: str = "train",
     extra_log: dict | None = None,
     device: str | torch.device = "cpu",
+    checkpoint_every: int | None = 100,
 ) -> DiffusionPipeline:
     """Train the recipe's model on every image of ``dataset``.
 
@@ -183,6 +186,10 @@ def train_base_model(
         extra_log: Extra fields for ``guda_train.json`` (e.g. the group left out).
         device: Where to train (``"cuda"`` on a GPU). Batches, noise and timesteps are drawn on the
             CPU generator, so every device sees the same draws; results still differ by floating point.
+        checkpoint_every: With ``output_dir``, save the loop's state every this many steps in
+            ``.<output_dir>-partial/`` beside it (:mod:`guda_lab.training_checkpoint`); a rerun of the
+            same recipe on the same data continues from there to a bit-identical model, and the
+            checkpoint is deleted once the model is saved. ``None``: no checkpoints.
 
     Returns:
         The trained pipeline (UNet in eval mode).
@@ -191,15 +198,18 @@ def train_base_model(
     generator = torch.Generator().manual_seed(config.seed)
     torch.manual_seed(config.seed)
     pipeline = config.build_pipeline(dataset.image_shape)
-    start = time.perf_counter()
-    losses = _fit(pipeline, dataset, config, generator, device, progress, description)
+    checkpoint = None
+    if output_dir is not None and checkpoint_every is not None:
+        identity = training_identity(config.to_dict(), dataset, extra_log)
+        checkpoint = TrainingCheckpoint(partial_dir(output_dir), identity, every=checkpoint_every)
+    losses, wall = _fit(pipeline, dataset, config, generator, device, progress, description, checkpoint)
     if output_dir is not None:
         log = {
             "config": config.to_dict(),
             "seed": config.seed,
             "num_images": len(dataset),
             "groups": dataset.group_names,
-            "wall_s": time.perf_counter() - start,
+            "wall_s": wall,
             "loss_every_50_steps": [sum(losses[i : i + 50]) / len(losses[i : i + 50]) for i in range(0, len(losses), 50)],
             "final_loss": sum(losses[-100:]) / len(losses[-100:]),
             **(extra_log or {}),
@@ -207,11 +217,15 @@ def train_base_model(
         with atomic_directory(output_dir) as tmp:
             pipeline.save_pretrained(tmp)
             (tmp / TRAIN_LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
+        if checkpoint is not None:
+            checkpoint.remove()
     return pipeline
 
 
-def _fit(pipeline, dataset: GroupedDataset, config: TrainConfig, generator, device, progress: bool, description: str) -> list[float]:
-    """Train ``pipeline.unet`` in place on ε-MSE (or its prediction type's target); return the loss of every step.
+def _fit(pipeline, dataset: GroupedDataset, config: TrainConfig, generator, device, progress: bool, description: str,
+         checkpoint: TrainingCheckpoint | None = None) -> tuple[list[float], float]:
+    """Train ``pipeline.unet`` in place on ε-MSE (or its prediction type's target); return the loss of
+    every step and the loop's wall time (with the time before a checkpoint it continued from).
 
     Each image's step ``t`` is uniform over the scheduler's ``T`` training steps: a DDPM timestep, or
     for flow matching one of the ``T`` training σ (uniform in σ without a shift, rectified flow's
@@ -228,9 +242,10 @@ def _fit(pipeline, dataset: GroupedDataset, config: TrainConfig, generator, devi
     images = dataset.images
     params = list(unet.parameters())
     ema = [p.detach().clone() for p in params] if config.ema_decay > 0 else None
-    losses = []
+    first, losses, wall_before = (0, [], 0.0) if checkpoint is None else checkpoint.restore(params, ema, optimizer, schedule, generator)
+    start = time.perf_counter()
     unet.train()
-    bar = tqdm(range(config.steps), desc=description, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(first, config.steps), desc=description, disable=not progress, dynamic_ncols=True, initial=first, total=config.steps)
     for step in bar:
         idx = torch.randint(0, len(images), (config.batch_size,), generator=generator)
         x0 = images[idx]
@@ -252,9 +267,11 @@ def _fit(pipeline, dataset: GroupedDataset, config: TrainConfig, generator, devi
         losses.append(loss.item())
         if step % 50 == 0 or step == config.steps - 1:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+        if checkpoint is not None and (step + 1) % checkpoint.every == 0 and step + 1 < config.steps:
+            checkpoint.save(step + 1, params, ema, optimizer, schedule, generator, losses, wall_before + time.perf_counter() - start)
     if ema is not None:
         with torch.no_grad():
             for p, e in zip(params, ema):
                 p.copy_(e)
     unet.eval()
-    return losses
+    return losses, wall_before + time.perf_counter() - start

@@ -4,6 +4,7 @@ DDPM and flow-matching training loops."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -232,3 +233,59 @@ def test_flow_pipeline_reloads_in_stock_diffusers_and_samples(tiny_dataset, tmp_
 def test_scheduler_settings_are_checked(kwargs, match):
     with pytest.raises(ConfigError, match=match):
         tiny_config(**kwargs)
+
+
+class Killed(Exception):
+    """Stands in for a kill in the middle of a training run."""
+
+
+def kill_after_steps(monkeypatch, steps: int) -> None:
+    """Make AdamW's step raise after ``steps`` optimiser steps (counted over the whole monkeypatch)."""
+    real_step, done = torch.optim.AdamW.step, []
+
+    def step(self, *args, **kwargs):
+        if len(done) == steps:
+            raise Killed
+        done.append(1)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+
+
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
+def test_a_killed_training_continues_from_its_checkpoint_to_the_same_model(tiny_dataset, tmp_path, monkeypatch, ema_decay):
+    config = tiny_config(steps=12, ema_decay=ema_decay)
+    whole = train_base_model(tiny_dataset, config, output_dir=tmp_path / "whole", progress=False, checkpoint_every=4)
+    out, partial = tmp_path / "resumed", tmp_path / ".resumed-partial"
+    with monkeypatch.context() as patch:
+        kill_after_steps(patch, 10)
+        with pytest.raises(Killed):
+            train_base_model(tiny_dataset, config, output_dir=out, progress=False, checkpoint_every=4)
+    assert json.loads((partial / "state.json").read_text())["step"] == 8 and not out.exists()
+
+    steps = record_losses(monkeypatch)
+    resumed = train_base_model(tiny_dataset, config, output_dir=out, progress=False, checkpoint_every=4)
+    assert len(steps) == 4  # steps 8 to 11, not 12 again
+    expected, got = whole.unet.state_dict(), resumed.unet.state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    logs = [json.loads((d / TRAIN_LOG_NAME).read_text()) for d in (tmp_path / "whole", out)]
+    assert logs[0]["final_loss"] == logs[1]["final_loss"] and logs[0]["loss_every_50_steps"] == logs[1]["loss_every_50_steps"]
+    assert not partial.exists() and not (tmp_path / ".whole-partial").exists()
+
+
+def test_a_checkpoint_of_other_settings_or_data_is_not_continued(tiny_dataset, tmp_path, monkeypatch):
+    config = tiny_config(steps=8)
+    with monkeypatch.context() as patch:
+        kill_after_steps(patch, 6)
+        with pytest.raises(Killed):
+            train_base_model(tiny_dataset, config, output_dir=tmp_path / "base", progress=False, checkpoint_every=4)
+    fewer = GroupedDataset(tiny_dataset.images[:-1], tiny_dataset.group_ids[:-1], tiny_dataset.group_names)
+    for other_config, data in ((tiny_config(steps=8, learning_rate=1e-3), tiny_dataset), (config, fewer)):
+        fresh = train_base_model(data, other_config, progress=False)
+        shutil.copytree(tmp_path / ".base-partial", tmp_path / ".other-partial", dirs_exist_ok=True)
+        with monkeypatch.context() as patch:
+            steps = record_losses(patch)
+            other = train_base_model(data, other_config, output_dir=tmp_path / "other", progress=False, checkpoint_every=4)
+        assert len(steps) == 8  # from step 0
+        expected, got = fresh.unet.state_dict(), other.unet.state_dict()
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
