@@ -58,6 +58,7 @@ class TrainingCheckpoint:
     def __init__(self, path: str | Path, identity: dict, every: int = 100):
         if every < 1:
             raise ValueError(f"checkpoint every must be >= 1, got {every}")
+        # as it reads back from state.json (tuples become lists), so that the two compare equal
         self.path, self.identity, self.every = Path(path), json.loads(json.dumps(identity)), every
 
     def restore(self, params: list[torch.Tensor], ema: list[torch.Tensor] | None, optimizer, schedule, generator) -> tuple[int, list[float], float]:
