@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         results[name] = {"own_group_ratios": ratios.tolist(), "spread": spread,
                          "oracle": oracle_rescaling(scores, reference, args.held_out_from)}
         print(f"| {name} | " + ", ".join(f"{r:.3g}" for r in ratios) + f" | {spread:.2f} |")
-    print(f"\n| method | rescaled by | held out: top-1 | NDCG@3 | Spearman | − unscaled, paired: top-1 | NDCG@3 | Spearman |")
+    print("\n| method | rescaled by | held out: top-1 | NDCG@3 | Spearman | − unscaled, paired: top-1 | NDCG@3 | Spearman |")
     print("|---|---|---|---|---|---|---|---|")
     for name, result in results.items():
         for fit, oracle in result["oracle"].items():

@@ -276,7 +276,7 @@ def write_metadata_folder(root, rows=None, descriptors=None):
     rng = np.random.default_rng(0)
     if rows is None:
         rows = []
-        for g, group in enumerate(["watercolour", "ink", "pastel"]):
+        for group in ["watercolour", "ink", "pastel"]:
             for i in range(3):
                 name = f"images/{group}-{i}.png"
                 rows.append({"file_name": name, "text": f"a house, {group}", "group": group})

@@ -9,7 +9,6 @@ import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 
 from diffusers_guda.diffusion import (
-    PREDICTION_TYPES,
     SCHEDULER_PREDICTION_TYPES,
     NoiseSchedule,
     check_prediction_type,
