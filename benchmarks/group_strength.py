@@ -27,19 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from guda_lab.evaluation import own_group_ratios
+
 METRICS = ("top1", "ndcg@3", "spearman")
-
-
-def own_group_ratios(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """``[K]``: per group, the mean of ``scores`` over the queries ``reference`` ranks first for that group,
-    divided by the mean of ``reference`` there (NaN for a group that leads no query)."""
-    top = reference.argmax(1)
-    ratios = np.full(reference.shape[1], np.nan)
-    for k in range(reference.shape[1]):
-        led = top == k
-        if led.any():
-            ratios[k] = scores[led, k].mean() / reference[led, k].mean()
-    return ratios
 
 
 def least_squares_slopes(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:

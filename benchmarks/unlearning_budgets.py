@@ -8,7 +8,8 @@ group), scores the same queries with the same ELBO draws and prints:
 * the unlearning's sample passes (forwards, teacher included, plus backwards, as ``guda evaluate``
   counts them) and wall time, and the LOGO / GUDA ratios of both (LOGO: the seed-A training loops
   recorded in the same directory);
-* the forget- and retain-set loss changes of the adapters;
+* the forget- and retain-set loss changes of the adapters, and how much of LOGO's effect each
+  adapter reaches on the queries LOGO ranks its group first (its own-group ratio; 1 is LOGO's);
 * with ``--held-out-from N``, queries ``[0, N)`` and ``[N, end)`` apart (development and held-out),
   each metric paired per query against the evaluation's own GUDA scores and the ceiling;
 * for a ``--benchmark`` with constructed group comparisons, how well they are ordered.
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers_guda.cli.arguments import parse_options
     from diffusers_guda.recipes import Recipe
     from guda_lab.evaluation.benchmarks import get_benchmark
-    from guda_lab.evaluation.metrics import summarize
+    from guda_lab.evaluation import own_group_ratios, summarize
     from guda_lab.evaluation.results_table import load_report, logo_columns
     from guda_lab.evaluation.runner import training_cost, unlearning_cost
     from guda_lab.queries import load_query_images
@@ -137,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
             "forget_loss_change_pct": [100 * g.stats["forget_loss_change"] for g in bundle.groups],
             "retain_loss_change_pct": [100 * g.stats["retain_loss_change"] for g in bundle.groups],
             "steps_per_group": dict(zip(dataset.group_names, (g.stats["steps"] for g in bundle.groups))),
+            "own_group_ratios": {dataset.group_names[c]: (float(r) if np.isfinite(r) else None)
+                                 for c, r in zip(columns, own_group_ratios(compared, reference))},
             "scores": scores.tolist(),
         }
         if args.held_out_from is not None:
@@ -151,12 +154,13 @@ def main(argv: list[str] | None = None) -> None:
     ceiling_means = {m: v["mean"] for m, v in summarize(ceiling, reference, names=METRICS).items()} if ceiling is not None else None
     if ceiling_means:
         print("ceiling (LOGO seed B vs A): " + ", ".join(f"{m} {ceiling_means[m]:.3f}" for m in METRICS))
-    print("| setting | top1 | ndcg@3 | spearman | passes | loop wall (s) | LOGO/GUDA passes | LOGO/GUDA wall | forget min | retain max |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| setting | top1 | ndcg@3 | spearman | passes | loop wall (s) | LOGO/GUDA passes | LOGO/GUDA wall | forget min | retain max "
+          "| own-group ratio, min-max |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {describe(r)} | {r['top1']:.3f} | {r['ndcg@3']:.3f} | {r['spearman']:.3f} | {r['sample_passes']:,} | "
               f"{r['loop_wall_s']:.1f} | {r['ratio_passes']:.0f}x | {r['ratio_wall']:.0f}x | "
-              f"{min(r['forget_loss_change_pct']):+.1f}% | {max(r['retain_loss_change_pct']):+.1f}% |")
+              f"{min(r['forget_loss_change_pct']):+.1f}% | {max(r['retain_loss_change_pct']):+.1f}% | {own_range(r)} |")
     for r in rows:
         for name, part in r.get("parts", {}).items():
             print(f"{describe(r)}, {name}: " + ", ".join(
@@ -181,6 +185,12 @@ def describe(row: dict, steps: bool = True) -> str:
     shared = f", D={row['shared_draws']}" if row["shared_draws"] else ""
     text = f"lr {row['learning_rate']:g}, exponent {row['exponent']:g}{shared}, {row['timestep_sampling']} timesteps"
     return f"{row['steps']} steps, {text}" if steps else text
+
+
+def own_range(row: dict) -> str:
+    """The smallest and largest own-group ratio of a row (groups LOGO ranks first on no query left out)."""
+    ratios = [r for r in row["own_group_ratios"].values() if r is not None]
+    return f"{min(ratios):.2f}-{max(ratios):.2f}" if ratios else "-"
 
 
 def held_out_parts(scores: np.ndarray, evaluated: np.ndarray, ceiling: np.ndarray | None, reference: np.ndarray, split: int) -> dict:

@@ -297,3 +297,27 @@ def group_level_agreement(pred: Sequence[Mapping], ref: Sequence[Mapping]) -> fl
     if not resolved:
         return None
     return sum((p["mean_diff"] > 0) == (r["winner"] == "a") for p, r in resolved) / len(resolved)
+
+
+def own_group_ratios(scores, reference) -> np.ndarray:
+    """How much of the reference's effect a method's own-group scores reach, per group.
+
+    For group k, over the queries the reference ranks k first: the mean of the method's score of k
+    divided by the reference's mean score of k. Scores of a method in the reference's units (GUDA
+    and LOGO, both in nats) give its strength; 1 is the reference's.
+
+    Args:
+        scores: ``[N, K]`` the method's scores.
+        reference: ``[N, K]`` the reference's scores of the same queries and groups.
+
+    Returns:
+        ``[K]`` ratios, NaN for a group the reference ranks first on no query.
+    """
+    pred, ref = _matrices(scores, reference)
+    top = ref.argmax(1)
+    ratios = np.full(ref.shape[1], np.nan)
+    for k in range(ref.shape[1]):
+        led = top == k
+        if led.any():
+            ratios[k] = pred[led, k].mean() / ref[led, k].mean()
+    return ratios

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import load_benchmark_script, write_evaluation_recipe, write_group_folder
 from diffusers_guda.cli import main as guda
+from guda_lab.evaluation import own_group_ratios
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
@@ -43,6 +44,9 @@ def test_budgets_reproduce_the_evaluation_and_count_passes_as_it_does(tmp_path, 
     bundle_stats = [g["stats"] for g in json.loads((out / "bundle" / "guda_bundle.json").read_text())["groups"]]
     np.testing.assert_allclose(own["retain_loss_change_pct"], [100 * s["retain_loss_change"] for s in bundle_stats], rtol=1e-5)
     assert f"{own['ratio_passes']:.0f}x" in printed and "queries from 2: top1" in printed
+    reference = np.asarray(json.loads((out / "scores" / "logo_seed_a.json").read_text())["scores"])
+    ratios = [None if np.isnan(r) else pytest.approx(r, abs=1e-6) for r in own_group_ratios(expected, reference)]
+    assert list(own["own_group_ratios"]) == report["groups"] and list(own["own_group_ratios"].values()) == ratios
 
     recipe_sampling = json.loads(recipe_path.read_text())["unlearning"].get("timestep_sampling", "uniform")
     assert own["timestep_sampling"] == doubled["timestep_sampling"] == recipe_sampling  # recorded: rows differing only in it stay apart

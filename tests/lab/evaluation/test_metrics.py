@@ -17,6 +17,7 @@ from guda_lab.evaluation import (
     label_top1,
     mrr,
     ndcg_at_k,
+    own_group_ratios,
     pairwise_agreement,
     per_query_metrics,
     ranking,
@@ -178,6 +179,14 @@ def test_group_level_agreement_counts_resolved_reference_comparisons():
     assert group_level_agreement(pred[2:3], ref[2:3]) is None
     with pytest.raises(ConfigError, match="same comparisons"):
         group_level_agreement(pred, ref[:2])
+
+
+def test_own_group_ratios_by_hand():
+    reference = np.array([[10.0, 1.0, 0.0], [20.0, 2.0, 1.0], [1.0, 8.0, 0.0]])  # group 0 leads 2 queries, group 1 one, group 2 none
+    scores = np.array([[5.0, 9.0, 9.0], [5.0, 9.0, 9.0], [9.0, 2.0, 9.0]])  # only the led queries' own scores count
+    ratios = own_group_ratios(scores, reference)
+    np.testing.assert_allclose(ratios[:2], [(5 + 5) / (10 + 20), 2 / 8])
+    assert np.isnan(ratios[2])
 
 
 def test_pairwise_agreement_by_hand():
