@@ -46,7 +46,7 @@ def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-d
     dataset = load_digits()
 
     t0 = time.perf_counter()
-    if reusable_base(out / "base", train):
+    if reusable_base(out / "base", train, dataset):
         log(f"[1/5] base model: reusing {out / 'base'}")
     else:
         log(f"[1/5] training the base model ({train.steps} steps) -> {out / 'base'}")

@@ -1,8 +1,10 @@
 """Finished stages of the demo and the evaluation, found in their output directory and reused: the
-base model (same training config) and the adapter bundle (same base, same unlearning settings)."""
+base model (same training config, same images), the adapter bundle (same base, same unlearning
+settings), and the record of the data an evaluation directory was made from."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -12,19 +14,56 @@ import torch
 from diffusers_guda.bundle import MANIFEST_NAME, AdapterBundle
 from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import BundleError, ConfigError
+from diffusers_guda.io_utils import write_json_atomic
 from diffusers_guda.objectives import get_objective
 from diffusers_guda.recipes import Recipe
 
-from .training import TRAIN_LOG_NAME, TrainConfig
+from .training import TRAIN_LOG_NAME, TrainConfig, trained_on
+from .training_checkpoint import data_identity
 
 #: Where the finished groups of an unfinished bundle wait, next to ``bundle/``.
 PARTIAL_BUNDLE = ".bundle-partial"
+#: The record of the data an evaluation directory was made from.
+DATA_RECORD = "data.json"
 
 
-def reusable_base(path: Path, train: TrainConfig) -> bool:
-    """Whether ``path`` holds a base model trained with ``train``."""
+def data_record(dataset: GroupedDataset) -> dict:
+    """What an evaluation's stages depend on in ``dataset``: its images and prompts (digests), its groups' names and members."""
+    members = hashlib.sha256(dataset.group_ids.to(torch.int64).numpy().tobytes()).hexdigest()
+    return {**data_identity(dataset), "groups": list(dataset.group_names), "members": members}
+
+
+def check_data_record(out_dir: Path, dataset: GroupedDataset) -> None:
+    """Refuse an output directory made from other data; record the data of a new one.
+
+    Every finished stage in ``out_dir`` (base, adapters, LOGO models, queries, scores) is reused on a
+    rerun, so a rerun on changed images, prompts or groups would mix results of two datasets. A
+    directory made before the record existed is trusted and gets one.
+
+    Raises:
+        ConfigError: if ``out_dir`` was made from other images, prompts or groups (nothing is written).
+    """
+    path, record = out_dir / DATA_RECORD, data_record(dataset)
+    if not path.is_file():
+        write_json_atomic(path, record)
+        return
+    recorded = json.loads(path.read_text())
+    if recorded == record:
+        return
+    if any(recorded.get(key) != record[key] for key in ("images", "prompts")):
+        raise ConfigError(f"{out_dir} was made from other images or prompts than these (or from these in another order); "
+                          "choose another --out, or delete that directory to start over.")
+    raise ConfigError(f"{out_dir} was made with other groups of these images; choose another --out (copy its base/ and "
+                      "queries/ into it to reuse the base model and the queries), or delete that directory to start over.")
+
+
+def reusable_base(path: Path, train: TrainConfig, dataset: GroupedDataset) -> bool:
+    """Whether ``path`` holds a base model trained with ``train`` on ``dataset``'s images and prompts."""
     log = path / TRAIN_LOG_NAME
-    return log.is_file() and json.loads(log.read_text()).get("config") == train.to_dict()
+    if not log.is_file():
+        return False
+    recorded = json.loads(log.read_text())
+    return recorded.get("config") == train.to_dict() and trained_on(recorded, dataset)
 
 
 def reusable_bundle(path: Path, fingerprint: str, recipe: Recipe, device: torch.device | str) -> AdapterBundle | None:

@@ -28,7 +28,7 @@ from diffusers_guda.io_utils import atomic_directory
 from diffusers_guda.models import denoise
 from diffusers_guda.validation import check_types
 
-from .training_checkpoint import TrainingCheckpoint, partial_dir, training_identity
+from .training_checkpoint import TrainingCheckpoint, data_identity, partial_dir, training_identity
 
 TRAIN_LOG_NAME = "guda_train.json"
 #: The noise processes a recipe's ``scheduler`` field names.
@@ -158,6 +158,14 @@ def cosine_with_warmup(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def trained_on(log: dict, dataset: GroupedDataset) -> bool:
+    """Whether a model whose ``guda_train.json`` is ``log`` was trained on ``dataset``'s images and prompts.
+
+    A log written before the data were recorded in it cannot be checked and counts as a match.
+    """
+    return "data" not in log or log["data"] == data_identity(dataset)
+
+
 def train_base_model(
     dataset: GroupedDataset,
     config: TrainConfig | None = None,
@@ -180,7 +188,7 @@ def train_base_model(
         dataset: Training images (groups are ignored: the model sees all of them).
         config: Recipe; defaults to :class:`TrainConfig`.
         output_dir: If given, the pipeline is saved there atomically with ``save_pretrained``
-            together with ``guda_train.json`` (recipe, seed, loss log, wall time).
+            together with ``guda_train.json`` (recipe, seed, the data's digests, loss log, wall time).
         progress: Show a progress bar.
         description: Progress-bar label.
         extra_log: Extra fields for ``guda_train.json`` (e.g. the group left out).
@@ -208,6 +216,7 @@ def train_base_model(
             "config": config.to_dict(),
             "seed": config.seed,
             "num_images": len(dataset),
+            "data": data_identity(dataset),
             "groups": dataset.group_names,
             "wall_s": wall,
             "loss_every_50_steps": [sum(losses[i : i + 50]) / len(losses[i : i + 50]) for i in range(0, len(losses), 50)],

@@ -39,10 +39,15 @@ def partial_dir(output_dir: str | Path) -> Path:
     return output_dir.parent / f".{output_dir.name}-partial"
 
 
+def data_identity(dataset: GroupedDataset) -> dict:
+    """What a model is trained on: the SHA-256 of its images' content and of their prompts (``None`` without)."""
+    prompts = None if dataset.prompts is None else hashlib.sha256(json.dumps(list(dataset.prompts)).encode()).hexdigest()
+    return {"images": image_content_digest(dataset.images), "prompts": prompts}
+
+
 def training_identity(config: dict, dataset: GroupedDataset, extra: dict | None = None) -> dict:
     """What a checkpoint must match to be continued: the recipe, the images (their content), their prompts."""
-    prompts = None if dataset.prompts is None else hashlib.sha256(json.dumps(list(dataset.prompts)).encode()).hexdigest()
-    return {"config": config, "images": image_content_digest(dataset.images), "prompts": prompts, **(extra or {})}
+    return {"config": config, **data_identity(dataset), **(extra or {})}
 
 
 class TrainingCheckpoint:

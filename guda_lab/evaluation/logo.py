@@ -25,7 +25,7 @@ from diffusers_guda.errors import ConfigError, OutputLockedError
 from diffusers_guda.locks import OutputLock
 from diffusers_guda.scoring import AttributionResult, score_models
 
-from ..training import TRAIN_LOG_NAME, TrainConfig, train_base_model
+from ..training import TRAIN_LOG_NAME, TrainConfig, train_base_model, trained_on
 
 EXCLUDED_KEY = "excluded_group"
 
@@ -35,14 +35,19 @@ def logo_model_dir(output_dir: str | Path, seed: int, slug: str) -> Path:
     return Path(output_dir) / f"seed_{seed}" / slug
 
 
-def _finished(path: Path, config: TrainConfig, group: str) -> bool:
+def _finished(path: Path, config: TrainConfig, dataset: GroupedDataset, gid: int) -> bool:
     log = path / TRAIN_LOG_NAME
     if not log.is_file():
         return False
-    recorded = json.loads(log.read_text())
+    recorded, group = json.loads(log.read_text()), dataset.group_names[gid]
     if recorded.get("config") != config.to_dict() or recorded.get(EXCLUDED_KEY) != group:
         raise ConfigError(
             f"{path} holds a LOGO model trained with other settings or for another group. "
+            "Delete it or choose another output directory."
+        )
+    if not trained_on(recorded, dataset.without_group(gid)):
+        raise ConfigError(
+            f"{path} holds a LOGO model trained on other images or prompts than this dataset's without {group!r}. "
             "Delete it or choose another output directory."
         )
     return True
@@ -61,7 +66,7 @@ def _train_unless_taken(dataset: GroupedDataset, gid: int, config: TrainConfig, 
             raise
         return False
     with lock:
-        if not _finished(path, config, name):  # e.g. finished meanwhile by `guda logo --groups` in another shell
+        if not _finished(path, config, dataset, gid):  # e.g. finished meanwhile by `guda logo --groups` in another shell
             train_base_model(dataset.without_group(gid), config, output_dir=path, progress=progress, description=f"LOGO without {name}",
                              extra_log={EXCLUDED_KEY: name}, device=device)
     return True
@@ -108,7 +113,7 @@ def train_logo_models(
     paths = {dataset.group_names[gid]: logo_model_dir(output_dir, config.seed, slugs[gid]) for gid in group_ids}
     process.check_same((config.to_dict(), dataset.group_names, dataset.group_sizes(), group_ids), "data or LOGO settings")
     # every process checks the existing models (so all raise alike); the main process's view is the one used
-    finished = process.broadcast([gid for gid in group_ids if _finished(paths[dataset.group_names[gid]], config, dataset.group_names[gid])])
+    finished = process.broadcast([gid for gid in group_ids if _finished(paths[dataset.group_names[gid]], config, dataset, gid)])
     for gid in group_ids:
         if gid in finished and process.is_main:
             log(f"LOGO without {dataset.group_names[gid]!r}: reusing {paths[dataset.group_names[gid]]}")

@@ -39,7 +39,7 @@ from diffusers_guda.recipes import Recipe
 
 from ..queries import digit_classifier, generate_queries, load_query_images, query_prompts
 from ..recipes import training_config
-from ..reuse import reusable_base, reusable_bundle, unlearn_bundle
+from ..reuse import check_data_record, reusable_base, reusable_bundle, unlearn_bundle
 from ..text_model import TextTrainConfig
 from ..training import TRAIN_LOG_NAME, train_base_model
 from .benchmarks import Benchmark, get_benchmark
@@ -191,6 +191,7 @@ class Evaluation:
         train the LOGO models meanwhile, which these stages then reuse or wait for.
         """
         self.out.mkdir(parents=True, exist_ok=True)
+        check_data_record(self.out, self.dataset)
         (self.out / "scores").mkdir(exist_ok=True)
         self.train_base()
         pipe, fingerprint = self.make_bundle()
@@ -216,7 +217,7 @@ class Evaluation:
     def train_base(self) -> None:
         """Stage 1: the base model in ``base/``."""
         base, train = self.out / "base", self.train
-        if reusable_base(base, train):
+        if reusable_base(base, train, self.dataset):
             self.log(f"[1/{STAGES}] base model: reusing {base}")
             reused = True
         else:

@@ -1,5 +1,6 @@
-"""Finished stages the demo and the evaluation reuse: the base (same training config) and the bundle
-(same base, same unlearning settings); a bundle made here records the recipe's ELBO settings."""
+"""Finished stages the demo and the evaluation reuse: the base (same training config and images) and the
+bundle (same base, same unlearning settings); a bundle made here records the recipe's ELBO settings;
+an evaluation directory refuses other data."""
 
 from __future__ import annotations
 
@@ -10,11 +11,14 @@ import pytest
 
 from diffusers_guda import GroupUnlearner, GUDADDPMPipeline
 from diffusers_guda.bundle import MANIFEST_NAME
+from diffusers_guda.data import GroupedDataset
+from diffusers_guda.errors import ConfigError
 from diffusers_guda.hashing import unet_fingerprint
 from diffusers_guda.recipes import Recipe
 from guda_lab import training_config
-from guda_lab.reuse import PARTIAL_BUNDLE, reusable_base, reusable_bundle, unlearn_bundle
+from guda_lab.reuse import DATA_RECORD, PARTIAL_BUNDLE, check_data_record, reusable_base, reusable_bundle, unlearn_bundle
 from guda_lab.training import TRAIN_LOG_NAME
+from guda_lab.training_checkpoint import data_identity
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
@@ -58,14 +62,34 @@ def test_a_bundle_is_reused_only_with_the_same_unlearning_settings(tiny_unet, ti
     assert reusable_bundle(tmp_path / "missing", fingerprint, recipe, "cpu") is None
 
 
-def test_a_base_is_reused_only_with_the_same_training_config(tiny_recipe, tmp_path):
+def test_a_base_is_reused_only_with_the_same_training_config_and_images(tiny_recipe, tiny_dataset, tmp_path):
     train = training_config(Recipe.load(str(tiny_recipe)), "demo")
     base = tmp_path / "base"
-    assert not reusable_base(base, train)
+    assert not reusable_base(base, train, tiny_dataset)
     base.mkdir()
+    log = {"config": train.to_dict(), "data": data_identity(tiny_dataset)}
+    (base / TRAIN_LOG_NAME).write_text(json.dumps(log))
+    assert reusable_base(base, train, tiny_dataset)
+    assert not reusable_base(base, replace(train, steps=train.steps + 1), tiny_dataset)
+    assert not reusable_base(base, train, tiny_dataset.with_images(tiny_dataset.images.flip(-1)))
+    # a log from before the data were recorded cannot be checked: trusted
     (base / TRAIN_LOG_NAME).write_text(json.dumps({"config": train.to_dict()}))
-    assert reusable_base(base, train)
-    assert not reusable_base(base, replace(train, steps=train.steps + 1))
+    assert reusable_base(base, train, tiny_dataset.with_images(tiny_dataset.images.flip(-1)))
+
+
+def test_the_data_record_refuses_other_images_or_groups_and_trusts_an_old_directory(tiny_dataset, tmp_path):
+    check_data_record(tmp_path, tiny_dataset)
+    recorded = (tmp_path / DATA_RECORD).read_bytes()
+    check_data_record(tmp_path, tiny_dataset)  # the same data: accepted
+    with pytest.raises(ConfigError, match="other images or prompts"):
+        check_data_record(tmp_path, tiny_dataset.with_images(tiny_dataset.images.flip(-1)))
+    regrouped = GroupedDataset.from_arrays(tiny_dataset.images, tiny_dataset.group_ids.roll(1), tiny_dataset.group_names)
+    with pytest.raises(ConfigError, match="other groups of these images; choose another --out"):
+        check_data_record(tmp_path, regrouped)
+    assert (tmp_path / DATA_RECORD).read_bytes() == recorded
+    (tmp_path / DATA_RECORD).unlink()  # a directory made before the record: trusted, and recorded now
+    check_data_record(tmp_path, regrouped)
+    assert json.loads((tmp_path / DATA_RECORD).read_text())["members"] != json.loads(recorded)["members"]
 
 
 def test_unlearn_bundle_records_the_recipe_and_leaves_no_partial_bundle(stock_pipeline_dir, tiny_dataset, tiny_recipe, tmp_path):

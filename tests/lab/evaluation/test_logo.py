@@ -96,6 +96,22 @@ def test_a_directory_from_other_settings_is_refused(tiny_dataset, tmp_path):
     assert (tmp_path / "seed_0" / "left" / TRAIN_LOG_NAME).read_bytes() == before
 
 
+def test_a_model_trained_on_other_images_is_refused(tiny_dataset, tmp_path):
+    logo.train_logo_models(tiny_dataset, TINY, tmp_path, groups=[0], progress=False, log=lambda *_: None)
+    path = tmp_path / "seed_0" / "left"
+    before = (path / TRAIN_LOG_NAME).read_bytes()
+    changed = tiny_dataset.with_images(tiny_dataset.images.flip(-1))  # the same groups, other pixels
+    with pytest.raises(ConfigError, match="other images or prompts than this dataset's without 'left'"):
+        logo.train_logo_models(changed, TINY, tmp_path, groups=[0], progress=False)
+    assert (path / TRAIN_LOG_NAME).read_bytes() == before
+    # a change inside the left-out group leaves the model's own training set as it was: it is reused
+    images = tiny_dataset.images.clone()
+    images[tiny_dataset.forget_indices(0)] *= -1
+    messages = []
+    logo.train_logo_models(tiny_dataset.with_images(images), TINY, tmp_path, groups=[0], progress=False, log=messages.append)
+    assert messages == [f"LOGO without 'left': reusing {path}"]
+
+
 def test_logo_attribution_uses_shared_draws(tiny_dataset, tmp_path):
     paths = logo.train_logo_models(tiny_dataset, TINY, tmp_path, progress=False, log=lambda *_: None)
     pipes = {name: DDPMPipeline.from_pretrained(path) for name, path in paths.items()}

@@ -165,6 +165,15 @@ def test_rerun_reuses_everything(workspace):
     assert report["cost_ratio_logo_over_guda"] == workspace["report"]["cost_ratio_logo_over_guda"]
 
 
+def test_a_rerun_on_other_images_is_refused_and_changes_nothing(workspace, tmp_path):
+    out = workspace["out"]
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    other_images = write_group_folder(tmp_path / "other", ["left", "middle", "right"], seed=1)
+    line = assert_one_line_error(*run("evaluate", "--data", other_images, "--out", out, "--recipe", workspace["recipe"], "--quiet"))
+    assert "other images or prompts" in line and "choose another --out" in line
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+
+
 def test_methods_subset_reuses_scores(workspace, tmp_path):
     code, stdout, stderr = run("evaluate", "--data", workspace["data"], "--out", workspace["out"], "--recipe",
                                workspace["recipe"], "--methods", "similarity", "guda", "--quiet")
