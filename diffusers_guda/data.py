@@ -9,6 +9,8 @@ The folders are read by :class:`~diffusers_guda.lazy_data.LazyGroupedDataset`, w
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -19,6 +21,7 @@ import torch
 
 from .data_files import check_descriptors
 from .errors import DataError
+from .hashing import image_content_digest
 
 
 class GroupViews:
@@ -183,6 +186,22 @@ class GroupedDataset(GroupViews):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
+
+    def content_digests(self) -> dict[str, str | None]:
+        """SHA-256 digests of what the dataset holds, to check that two runs saw the same data.
+
+        Returns:
+            ``images`` (their values and shape), ``prompts``, ``members`` (the group id of every image),
+            ``group_descriptors`` and ``size_conditions``; ``None`` for what the dataset lacks.
+        """
+        def of_json(value) -> str | None:
+            return None if value is None else hashlib.sha256(json.dumps(value).encode()).hexdigest()
+
+        def of_tensor(value: torch.Tensor | None) -> str | None:
+            return None if value is None else image_content_digest(value)
+
+        return {"images": of_tensor(self.images), "prompts": of_json(self.prompts), "members": of_tensor(self.group_ids),
+                "group_descriptors": of_json(self.group_descriptors), "size_conditions": of_tensor(self.size_conditions)}
 
     def with_images(self, images: torch.Tensor) -> "GroupedDataset":
         """The same groups and prompts over other images of the same count (e.g. their VAE latents)."""

@@ -4,7 +4,6 @@ settings), and the record of the data an evaluation directory was made from."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +18,6 @@ from diffusers_guda.objectives import get_objective
 from diffusers_guda.recipes import Recipe
 
 from .training import TRAIN_LOG_NAME, TrainConfig, trained_on
-from .training_checkpoint import data_identity
 
 #: Where the finished groups of an unfinished bundle wait, next to ``bundle/``.
 PARTIAL_BUNDLE = ".bundle-partial"
@@ -28,9 +26,8 @@ DATA_RECORD = "data.json"
 
 
 def data_record(dataset: GroupedDataset) -> dict:
-    """What an evaluation's stages depend on in ``dataset``: its images and prompts (digests), its groups' names and members."""
-    members = hashlib.sha256(dataset.group_ids.to(torch.int64).numpy().tobytes()).hexdigest()
-    return {**data_identity(dataset), "groups": list(dataset.group_names), "members": members}
+    """What an evaluation's stages depend on in ``dataset``: its digests (:meth:`GroupedDataset.content_digests`) and group names."""
+    return {**dataset.content_digests(), "groups": list(dataset.group_names)}
 
 
 def check_data_record(out_dir: Path, dataset: GroupedDataset) -> None:

@@ -13,7 +13,6 @@ Only safetensors and JSON are written and read; nothing is unpickled.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -23,7 +22,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from diffusers_guda.data import GroupedDataset
-from diffusers_guda.hashing import image_content_digest
 from diffusers_guda.io_utils import atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -41,8 +39,8 @@ def partial_dir(output_dir: str | Path) -> Path:
 
 def data_identity(dataset: GroupedDataset) -> dict:
     """What a model is trained on: the SHA-256 of its images' content and of their prompts (``None`` without)."""
-    prompts = None if dataset.prompts is None else hashlib.sha256(json.dumps(list(dataset.prompts)).encode()).hexdigest()
-    return {"images": image_content_digest(dataset.images), "prompts": prompts}
+    digests = dataset.content_digests()
+    return {"images": digests["images"], "prompts": digests["prompts"]}
 
 
 def training_identity(config: dict, dataset: GroupedDataset, extra: dict | None = None) -> dict:

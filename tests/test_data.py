@@ -230,6 +230,25 @@ def test_image_folder_missing_root(tmp_path):
 # -- views ---------------------------------------------------------------------------------------
 
 
+def test_content_digests_change_with_each_part_of_the_data(tiny_dataset):
+    base = tiny_dataset.content_digests()
+    assert base == GroupedDataset(tiny_dataset.images.clone(), tiny_dataset.group_ids.clone(), tiny_dataset.group_names).content_digests()
+    assert base["prompts"] is base["group_descriptors"] is base["size_conditions"] is None
+    changed = {
+        "images": tiny_dataset.with_images(tiny_dataset.images.flip(-1)),
+        "members": GroupedDataset(tiny_dataset.images, tiny_dataset.group_ids.roll(1), tiny_dataset.group_names),
+        "prompts": GroupedDataset(tiny_dataset.images, tiny_dataset.group_ids, tiny_dataset.group_names, ["p"] * len(tiny_dataset)),
+        "group_descriptors": GroupedDataset(tiny_dataset.images, tiny_dataset.group_ids, tiny_dataset.group_names,
+                                            group_descriptors={"left": ["bars"]}),
+        "size_conditions": GroupedDataset(tiny_dataset.images, tiny_dataset.group_ids, tiny_dataset.group_names,
+                                          size_conditions=torch.full((len(tiny_dataset), 6), 8)),
+    }
+    for part, data in changed.items():
+        digests = data.content_digests()
+        assert [k for k in base if digests[k] != base[k]] == [part], part
+        assert len(digests[part]) == 64
+
+
 def test_without_group_removes_and_remaps(tiny_dataset):
     prompts = [f"p{i}" for i in range(len(tiny_dataset))]
     data = GroupedDataset(tiny_dataset.images, tiny_dataset.group_ids, tiny_dataset.group_names, prompts)

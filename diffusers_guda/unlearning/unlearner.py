@@ -393,4 +393,5 @@ class GroupUnlearner:
             "config": self.config.to_dict(),
             "groups": dataset.group_names,
             "group_sizes": dataset.group_sizes(),
+            "data": dataset.content_digests(),
         }

@@ -11,6 +11,7 @@ import torch
 
 import diffusers_guda.unlearning.unlearner as unlearner_module
 from diffusers_guda import GroupUnlearner, LoRASettings
+from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import BundleError, ConfigError, UnlearningDivergedError
 from diffusers_guda.lora import ADAPTER_WEIGHT_NAME, load_adapter_file
 from diffusers_guda.objectives import ReTrack, get_objective
@@ -94,6 +95,27 @@ def test_checkpoint_of_another_base_model_is_refused(tiny_unet, tiny_scheduler, 
         tiny_unet.conv_in.bias.add_(0.01)
     with pytest.raises(ConfigError, match="other settings"):
         GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=1)).unlearn(tiny_dataset, checkpoint_dir=checkpoint, progress=False)
+
+
+@pytest.mark.parametrize("change", ["images", "members", "prompts"])
+def test_checkpoint_of_other_data_of_the_same_sizes_is_refused(change, tiny_unet, tiny_scheduler, tiny_dataset, tmp_path):
+    checkpoint = tmp_path / "ckpt"
+    GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=1)).unlearn(
+        tiny_dataset, groups=[0], checkpoint_dir=checkpoint, progress=False
+    )
+    images, group_ids, prompts = tiny_dataset.images, tiny_dataset.group_ids, None
+    if change == "images":
+        images = images.flip(-1)
+    elif change == "members":  # two images of different groups trade places: the same group sizes
+        a, b = tiny_dataset.forget_indices(0)[0], tiny_dataset.forget_indices(1)[0]
+        group_ids = group_ids.clone()
+        group_ids[a], group_ids[b] = group_ids[b].clone(), group_ids[a].clone()
+    else:
+        prompts = ["a photo"] * len(tiny_dataset)
+    other = GroupedDataset(images, group_ids, tiny_dataset.group_names, prompts)
+    assert other.group_sizes() == tiny_dataset.group_sizes()
+    with pytest.raises(ConfigError, match="other settings, data or base model"):
+        GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=1)).unlearn(other, checkpoint_dir=checkpoint, progress=False)
 
 
 class _NaNOnMiddle(ReTrack):
