@@ -50,8 +50,8 @@ def check_data_record(out_dir: Path, dataset: GroupedDataset) -> None:
     if any(recorded.get(key) != record[key] for key in ("images", "prompts")):
         raise ConfigError(f"{out_dir} was made from other images or prompts than these (or from these in another order); "
                           "choose another --out, or delete that directory to start over.")
-    raise ConfigError(f"{out_dir} was made with other groups of these images; choose another --out (copy its base/ and "
-                      "queries/ into it to reuse the base model and the queries), or delete that directory to start over.")
+    raise ConfigError(f"{out_dir} was made with other groups of these images; choose another --out (copy its base/, queries/ and "
+                      "queries.json into it to reuse the base model and the queries), or delete that directory to start over.")
 
 
 def reusable_base(path: Path, train: TrainConfig, dataset: GroupedDataset) -> bool:

@@ -84,7 +84,7 @@ def test_the_data_record_refuses_other_images_or_groups_and_trusts_an_old_direct
     with pytest.raises(ConfigError, match="other images or prompts"):
         check_data_record(tmp_path, tiny_dataset.with_images(tiny_dataset.images.flip(-1)))
     regrouped = GroupedDataset.from_arrays(tiny_dataset.images, tiny_dataset.group_ids.roll(1), tiny_dataset.group_names)
-    with pytest.raises(ConfigError, match="other groups of these images; choose another --out"):
+    with pytest.raises(ConfigError, match="other groups of these images; choose another --out .copy its base/, queries/ and queries.json"):
         check_data_record(tmp_path, regrouped)
     assert (tmp_path / DATA_RECORD).read_bytes() == recorded
     (tmp_path / DATA_RECORD).unlink()  # a directory made before the record: trusted, and recorded now
