@@ -11,7 +11,8 @@ group), scores the same queries with the same ELBO draws and prints:
 * the forget- and retain-set loss changes of the adapters, and how much of LOGO's effect each
   adapter reaches on the queries LOGO ranks its group first (its own-group ratio; 1 is LOGO's);
 * with ``--held-out-from N``, queries ``[0, N)`` and ``[N, end)`` apart (development and held-out),
-  each metric paired per query against the evaluation's own GUDA scores and the ceiling;
+  each metric paired per query against the evaluation's own GUDA scores and the ceiling (``N = 0``:
+  every query held out, for a setting chosen on another evaluation's queries);
 * for a ``--benchmark`` with constructed group comparisons, how well they are ordered.
 
 An evaluation with LOGO on a subset of groups (``guda evaluate --logo-groups N``) is compared on
@@ -200,6 +201,8 @@ def held_out_parts(scores: np.ndarray, evaluated: np.ndarray, ceiling: np.ndarra
 
     parts = {}
     for name, part in ((f"queries before {split}", slice(0, split)), (f"queries from {split}", slice(split, None))):
+        if part.stop == 0:  # --held-out-from 0: every query is held out
+            continue
         ours = per_query_metrics(scores[part], reference[part], METRICS)
         others = {"diff": evaluated, "ceiling_diff": ceiling}
         theirs = {key: per_query_metrics(s[part], reference[part], METRICS) for key, s in others.items() if s is not None}

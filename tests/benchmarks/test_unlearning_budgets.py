@@ -81,10 +81,11 @@ def test_budgets_on_an_evaluation_with_logo_on_a_subset_of_groups(tmp_path, caps
                  "--logo-groups", "2", "--no-ceiling", "--quiet"]) == 0
     report = json.loads((out / "report.json").read_text())
     module = load_benchmark_script("unlearning_budgets")
-    module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path), "--held-out-from", "2",
+    module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path), "--held-out-from", "0",
                  "--out", str(tmp_path / "sweep.json")])
     assert "(its 2 models scaled to every group)" in capsys.readouterr().out
     (own,) = json.loads((tmp_path / "sweep.json").read_text())["rows"]
+    assert list(own["parts"]) == ["queries from 0"]  # every query held out, paired with the evaluation's GUDA
     # every group is unlearned and scored again; the metrics and the ratio are the evaluation's, on LOGO's columns
     expected = np.asarray(json.loads((out / "scores" / "guda.json").read_text())["scores"])
     np.testing.assert_allclose(np.asarray(own["scores"]), expected, rtol=0, atol=1e-6)
