@@ -46,6 +46,8 @@ def test_trained_pipeline_loads_in_stock_diffusers(tiny_dataset, tmp_path):
     assert log["config"] == config.to_dict()
     assert log["config"]["block_out_channels"] == [16, 32]
     assert log["num_images"] == len(tiny_dataset)
+    digests = tiny_dataset.content_digests()
+    assert log["data"] == {"images": digests["images"], "prompts": None} and len(digests["images"]) == 64
     assert log["groups"] == tiny_dataset.group_names
     assert len(log["loss_every_50_steps"]) == 1
     assert all(isinstance(v, float) and v > 0 for v in log["loss_every_50_steps"])
