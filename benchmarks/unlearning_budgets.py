@@ -18,6 +18,11 @@ group), scores the same queries with the same ELBO draws and prints:
 An evaluation with LOGO on a subset of groups (``guda evaluate --logo-groups N``) is compared on
 that subset, with LOGO's cost scaled to every group, as the evaluation does.
 
+``--save-bundles DIR`` keeps each setting's bundle. Adapters depend on the base, the data and the
+settings, not on the queries, so a setting chosen on one evaluation's queries is checked on another's
+(held out, same base) by copying its bundle into that directory as ``bundle/`` and running ``guda
+evaluate`` there with a recipe that has the setting: the evaluation reuses the bundle and scores it.
+
 A setting is ``KEY=VALUE`` pairs joined by commas over ``steps``, ``lr``, ``exponent`` (steps grow as
 ``(group size / mean size) ** exponent``, ``UnlearningConfig.size_exponent``), ``shared_draws``
 (docs/method.md#shared-draws) and ``timesteps`` (``uniform`` or ``log_snr``,
@@ -30,7 +35,7 @@ fidelity-against-cost curve, one line per setting apart from its steps, with the
 Usage:
     python benchmarks/unlearning_budgets.py --eval-dir guda-eval/digits-classes --benchmark digits-classes \
         --setting steps=40,lr=2e-3,exponent=0 steps=20,lr=4e-3,exponent=0 steps=36,exponent=1,shared_draws=4 \
-        [--held-out-from 100] [--option KEY=JSON] [--threads 2] [--out sweep.json] [--plot sweep.png]
+        [--held-out-from 100] [--option KEY=JSON] [--threads 2] [--out sweep.json] [--plot sweep.png] [--save-bundles bundles/]
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="also report queries [0, N) and [N, end) apart, each paired with the evaluation's own GUDA scores")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out", help="also write the rows (scores and steps per group included) as JSON here")
+    parser.add_argument("--save-bundles", metavar="DIR",
+                        help="also save each setting's adapter bundle as DIR/setting_<i> (i from 0, in --setting order), "
+                             "to check a chosen setting on other queries without unlearning again")
     parser.add_argument("--plot", help="draw fidelity against the LOGO/GUDA passes ratio here (PNG)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -117,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     options = parse_options(args.option)  # parsed as `guda unlearn --option` is; merged into the recipe's options
 
     rows = []
-    for settings in args.setting:
+    for index, settings in enumerate(args.setting):
         settings = {**settings, "objective_options": options}
         config = recipe.unlearning_with(**settings)
         pipe = GUDADDPMPipeline.from_pretrained(out / "base")
@@ -125,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         bundle = pipe.unlearn_groups(dataset, recipe=recipe, progress=False, **settings)
         cost = unlearning_cost(bundle, recipe, dataset.num_groups, time.perf_counter() - start, reused=False)
+        if args.save_bundles:
+            bundle.save_pretrained(Path(args.save_bundles) / f"setting_{index}")
         scores = pipe.attribute(queries, progress=False).scores.double().numpy()  # the bundle records recipe.elbo
         compared = scores[:, columns]
         passes = cost["forwards"] + cost["backwards"]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from conftest import load_benchmark_script, write_evaluation_recipe, write_group_folder
 from diffusers_guda.cli import main as guda
+from diffusers_guda.recipes import Recipe
 from guda_lab.evaluation import own_group_ratios
+from guda_lab.reuse import reusable_bundle
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
@@ -23,7 +26,8 @@ def test_budgets_reproduce_the_evaluation_and_count_passes_as_it_does(tmp_path, 
     module = load_benchmark_script("unlearning_budgets")
     capsys.readouterr()
     module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path), "--held-out-from", "2",
-                 "--setting", "", f"steps={2 * steps}", "--out", str(tmp_path / "sweep.json"), "--plot", str(tmp_path / "sweep.png")])
+                 "--setting", "", f"steps={2 * steps}", "--out", str(tmp_path / "sweep.json"), "--plot", str(tmp_path / "sweep.png"),
+                 "--save-bundles", str(tmp_path / "bundles")])
     printed = capsys.readouterr().out
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     own, doubled = sweep["rows"]
@@ -54,6 +58,14 @@ def test_budgets_reproduce_the_evaluation_and_count_passes_as_it_does(tmp_path, 
     assert doubled["sample_passes"] == 2 * own["sample_passes"]  # fresh draws: the same batches, twice the steps
     assert set(doubled["steps_per_group"].values()) == {2 * steps}
     assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a saved bundle is what an evaluation with that setting's recipe reuses, and scores as the sweep did
+    recipe = Recipe.load(str(recipe_path))
+    fingerprint = json.loads((out / "bundle" / "guda_bundle.json").read_text())["base_model"]["fingerprint"]
+    assert reusable_bundle(tmp_path / "bundles" / "setting_1", fingerprint, recipe, "cpu") is None
+    doubled_recipe = replace(recipe, unlearning=recipe.unlearning_with(steps=2 * steps))
+    saved = reusable_bundle(tmp_path / "bundles" / "setting_1", fingerprint, doubled_recipe, "cpu")
+    assert saved is not None and [g.stats["steps"] for g in saved.groups] == [2 * steps] * 3
+    assert reusable_bundle(tmp_path / "bundles" / "setting_0", fingerprint, recipe, "cpu") is not None
 
     module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path),
                  "--setting", "exponent=0,shared_draws=2,timesteps=log_snr",
