@@ -315,9 +315,10 @@ class GroupUnlearner:
         group_ids = [dataset.group_index(g) for g in (groups if groups is not None else range(dataset.num_groups))]
         slugs = unique_slugs(dataset.group_names)
         checkpoint = UnlearningCheckpoint(checkpoint_dir) if checkpoint_dir is not None else None
-        process.check_same((self._run_record(dataset), group_ids), "data, unlearning settings or base model")
+        run = self._run_record(dataset)  # hashes the whole dataset: once
+        process.check_same((run, group_ids), "data, unlearning settings or base model")
         if checkpoint is not None:
-            checkpoint.check_run(self._run_record(dataset))
+            checkpoint.check_run(run)
         # what the main process finds finished, so that every process shards the same pending list
         finished = process.broadcast([gid for gid in group_ids if checkpoint is not None and checkpoint.is_finished(slugs[gid])])
         results = {gid: checkpoint.load(slugs[gid]) for gid in finished}
