@@ -28,7 +28,7 @@ from diffusers_guda.io_utils import atomic_directory
 from diffusers_guda.models import denoise
 from diffusers_guda.validation import check_types
 
-from .training_checkpoint import TrainingCheckpoint, data_identity, partial_dir, training_identity
+from .training_checkpoint import TrainingCheckpoint, data_identity, partial_dir
 
 TRAIN_LOG_NAME = "guda_train.json"
 #: The noise processes a recipe's ``scheduler`` field names.
@@ -207,8 +207,9 @@ def train_base_model(
     torch.manual_seed(config.seed)
     pipeline = config.build_pipeline(dataset.image_shape)
     checkpoint = None
+    data = data_identity(dataset) if output_dir is not None else None  # hashes every image: once, for checkpoint and log
     if output_dir is not None and checkpoint_every is not None:
-        identity = training_identity(config.to_dict(), dataset, extra_log)
+        identity = {"config": config.to_dict(), **data, **(extra_log or {})}
         checkpoint = TrainingCheckpoint(partial_dir(output_dir), identity, every=checkpoint_every)
     losses, wall = _fit(pipeline, dataset, config, generator, device, progress, description, checkpoint)
     if output_dir is not None:
@@ -216,7 +217,7 @@ def train_base_model(
             "config": config.to_dict(),
             "seed": config.seed,
             "num_images": len(dataset),
-            "data": data_identity(dataset),
+            "data": data,
             "groups": dataset.group_names,
             "wall_s": wall,
             "loss_every_50_steps": [sum(losses[i : i + 50]) / len(losses[i : i + 50]) for i in range(0, len(losses), 50)],

@@ -43,17 +43,12 @@ def data_identity(dataset: GroupedDataset) -> dict:
     return {"images": digests["images"], "prompts": digests["prompts"]}
 
 
-def training_identity(config: dict, dataset: GroupedDataset, extra: dict | None = None) -> dict:
-    """What a checkpoint must match to be continued: the recipe, the images (their content), their prompts."""
-    return {"config": config, **data_identity(dataset), **(extra or {})}
-
-
 class TrainingCheckpoint:
     """The checkpoint of one training run in ``path``.
 
     Args:
         path: The checkpoint folder (see :func:`partial_dir`).
-        identity: What the run trains (:func:`training_identity`); a checkpoint of anything else is
+        identity: What the run trains (the recipe, :func:`data_identity`, the group left out); a checkpoint of anything else is
             not continued but replaced.
         every: Save every this many steps.
     """
