@@ -15,6 +15,7 @@ from .elbo import ELBOConfig, ELBOEstimator
 from .errors import (
     BaseModelMismatchError,
     BundleError,
+    CheckpointMismatchError,
     ConfigError,
     DataError,
     DistributedError,
@@ -59,6 +60,7 @@ __all__ = [
     "AttributionScorer",
     "BaseModelMismatchError",
     "BundleError",
+    "CheckpointMismatchError",
     "ConfigError",
     "DataError",
     "DistributedError",

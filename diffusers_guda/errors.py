@@ -17,6 +17,10 @@ class ConfigError(GUDAError, ValueError):
     """A configuration value or name is invalid (e.g. an unknown objective)."""
 
 
+class CheckpointMismatchError(ConfigError):
+    """An unlearning checkpoint holds groups of another run (other settings, data or base model)."""
+
+
 class BundleError(GUDAError, ValueError):
     """An adapter bundle is malformed, unsafe to load, or incomplete."""
 

@@ -62,7 +62,7 @@ def run_demo(out_dir: str | Path = "guda-demo", recipe: str | Recipe = "digits-d
         pipe.load_guda_bundle(bundle)
     else:
         log(f"[2/5] unlearning {dataset.num_groups} groups ({recipe.unlearning.objective}, {recipe.unlearning.describe_steps()}) -> {out / 'bundle'}")
-        bundle = unlearn_bundle(pipe, dataset, recipe, out, progress=progress)
+        bundle, _ = unlearn_bundle(pipe, dataset, recipe, out, progress=progress, log=log)
     wall["unlearn"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -12,10 +12,11 @@ import torch
 
 from diffusers_guda.bundle import MANIFEST_NAME, AdapterBundle
 from diffusers_guda.data import GroupedDataset
-from diffusers_guda.errors import BundleError, ConfigError
+from diffusers_guda.errors import BundleError, CheckpointMismatchError, ConfigError
 from diffusers_guda.io_utils import write_json_atomic
 from diffusers_guda.objectives import get_objective
 from diffusers_guda.recipes import Recipe
+from diffusers_guda.unlearning import UnlearningCheckpoint
 
 from .training import TRAIN_LOG_NAME, TrainConfig, trained_on
 
@@ -90,19 +91,29 @@ def reusable_bundle(path: Path, fingerprint: str, recipe: Recipe, device: torch.
     return bundle if same else None
 
 
-def unlearn_bundle(pipe, dataset: GroupedDataset, recipe: Recipe, out_dir: Path, *, resume: bool = True,
-                   progress: bool = True) -> AdapterBundle:
+def unlearn_bundle(pipe, dataset: GroupedDataset, recipe: Recipe, out_dir: Path, *, progress: bool = True,
+                   log=print) -> tuple[AdapterBundle, list[str]]:
     """Unlearn every group of ``dataset`` with ``recipe`` from the base at ``out_dir/base`` and save the
-    bundle to ``out_dir/bundle`` (it records ``recipe.elbo``).
+    bundle to ``out_dir/bundle`` (it records ``recipe.elbo``); ``(bundle, names of the groups resumed)``.
 
-    The finished groups wait in ``out_dir/.bundle-partial`` meanwhile; an interrupted run resumes from
-    them, unless ``resume`` is ``False`` (then every group is unlearned in this call, so its wall time
-    covers them all).
+    The finished groups wait in ``out_dir/.bundle-partial`` meanwhile, and an interrupted run resumes
+    from them. Groups left there by a run with other settings, data or base model are deleted first
+    (and ``log`` says so): they are this directory's own leftovers, not a user's.
     """
     partial = out_dir / PARTIAL_BUNDLE
-    if not resume:
-        shutil.rmtree(partial, ignore_errors=True)
-    bundle = pipe.unlearn_groups(dataset, recipe=recipe, checkpoint_dir=partial, base_model_id=str(out_dir / "base"), progress=progress)
+    checkpoint = UnlearningCheckpoint(partial)
+    resumed = checkpoint.finished_groups(dataset.group_names)
+
+    def run():
+        return pipe.unlearn_groups(dataset, recipe=recipe, checkpoint_dir=partial, base_model_id=str(out_dir / "base"), progress=progress)
+
+    try:
+        bundle = run()
+    except CheckpointMismatchError:  # raised before any group is trained
+        log(f"deleting {partial}: its groups were unlearned with other settings, data or base model")
+        shutil.rmtree(partial)
+        resumed = []
+        bundle = run()
     bundle.save_pretrained(out_dir / "bundle")
     shutil.rmtree(partial, ignore_errors=True)
-    return bundle
+    return bundle, resumed

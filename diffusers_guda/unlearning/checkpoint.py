@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError
+from ..bundle import unique_slugs
+from ..errors import CheckpointMismatchError
 from ..io_utils import atomic_directory, write_json_atomic
 from ..lora import ADAPTER_WEIGHT_NAME, load_adapter_file, save_adapter_file
 
@@ -45,19 +46,23 @@ class UnlearningCheckpoint:
                 unlearning settings, the group names and sizes.
 
         Raises:
-            ConfigError: if the checkpoint holds groups unlearned with another record.
+            CheckpointMismatchError: if the checkpoint holds groups unlearned with another record.
         """
         marker = self.directory / RUN_NAME
         if marker.exists():
             previous = json.loads(marker.read_text())
             if previous != json.loads(json.dumps(run)):
-                raise ConfigError(
+                raise CheckpointMismatchError(
                     f"{self.directory} holds groups unlearned with other settings, data or base model. "
                     "Delete it, or rerun with the settings it was started with."
                 )
         else:
             # several processes may get here at once: each writes the same content, atomically
             write_json_atomic(marker, run)
+
+    def finished_groups(self, group_names: list[str]) -> list[str]:
+        """The names among ``group_names`` (a dataset's groups, in order) whose adapters are finished here."""
+        return [name for name, slug in zip(group_names, unique_slugs(group_names)) if self.is_finished(slug)]
 
     def is_finished(self, slug: str) -> bool:
         """Whether the group with this slug is finished (both its files are there)."""

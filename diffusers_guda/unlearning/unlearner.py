@@ -309,7 +309,7 @@ class GroupUnlearner:
 
         Raises:
             DistributedError: if the processes of a launch were given other data, settings or base model.
-            ConfigError: if ``checkpoint_dir`` holds groups unlearned with other settings, data or base model.
+            CheckpointMismatchError: if ``checkpoint_dir`` holds groups unlearned with other settings, data or base model.
         """
         process = current_process() if process is None else process
         group_ids = [dataset.group_index(g) for g in (groups if groups is not None else range(dataset.num_groups))]

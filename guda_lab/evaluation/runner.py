@@ -255,19 +255,21 @@ class Evaluation:
         if bundle is not None:
             self.log(f"[2/{STAGES}] adapters: reusing {out / 'bundle'}")
             pipe.load_guda_bundle(bundle)
-            recorded = stored_cost.get("guda_unlearning", {}).get("wall_s")  # else: the adapters' training loops only
-            wall = recorded if recorded is not None else round(sum(float(g.stats["wall_s"]) for g in bundle.groups), 3)
-            reused = True
+            recorded = stored_cost.get("guda_unlearning", {})
+            # else: the adapters' training loops only
+            wall = recorded.get("wall_s", round(sum(float(g.stats["wall_s"]) for g in bundle.groups), 3))
+            reused, resumed = True, recorded.get("resumed_groups", 0)
         else:
             self.log(f"[2/{STAGES}] unlearning {self.dataset.num_groups} groups ({recipe.unlearning.objective}, "
                      f"{recipe.unlearning.describe_steps()}) -> {out / 'bundle'}")
             t0 = time.perf_counter()
-            # not resumed: a resumed bundle would under-count the wall time
-            bundle = unlearn_bundle(pipe, self.dataset, recipe, out, resume=False, progress=self.progress)
-            wall = round(time.perf_counter() - t0, 3)
-            reused = False
-        self.cost["guda_unlearning"] = unlearning_cost(bundle, recipe, self.dataset.num_groups, wall, reused)
-        stored_cost["guda_unlearning"] = {"wall_s": wall}
+            bundle, resumed = unlearn_bundle(pipe, self.dataset, recipe, out, progress=self.progress, log=self.log)
+            # groups finished by an interrupted run count with their training loops' recorded time
+            earlier = sum(float(g.stats["wall_s"]) for g in bundle.groups if g.name in resumed)
+            wall = round(time.perf_counter() - t0 + earlier, 3)
+            reused, resumed = False, len(resumed)
+        self.cost["guda_unlearning"] = unlearning_cost(bundle, recipe, self.dataset.num_groups, wall, reused, resumed)
+        stored_cost["guda_unlearning"] = {"wall_s": wall, "resumed_groups": resumed}
         write_json_atomic(out / COST_NAME, stored_cost)
         return pipe, fingerprint
 
@@ -421,8 +423,9 @@ def training_cost(paths: Sequence[Path], config) -> dict:
     return {"wall_s": round(wall, 3), "forwards": passes, "backwards": passes, "models": len(paths)}
 
 
-def unlearning_cost(bundle, recipe: Recipe, models: int, wall: float, reused: bool) -> dict:
-    """Sample passes of ``bundle``'s unlearning, teacher forwards included (docs/evaluation.md#cost)."""
+def unlearning_cost(bundle, recipe: Recipe, models: int, wall: float, reused: bool, resumed: int = 0) -> dict:
+    """Sample passes of ``bundle``'s unlearning, teacher forwards included (docs/evaluation.md#cost);
+    ``resumed`` groups were finished by an interrupted run."""
     u = recipe.unlearning
     return {
         "wall_s": wall,
@@ -430,7 +433,9 @@ def unlearning_cost(bundle, recipe: Recipe, models: int, wall: float, reused: bo
         "backwards": int(sum(g.stats["steps"] for g in bundle.groups) * (u.forget_batch_size + u.retain_batch_size)),
         "models": models,
         "reused": reused,
-        "note": "wall includes the before/after loss evaluation of each adapter; its forwards are not counted",
+        "resumed_groups": resumed,
+        "note": "wall includes the before/after loss evaluation of each adapter (of a resumed group: only its training loop); "
+                "its forwards are not counted",
     }
 
 

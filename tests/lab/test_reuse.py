@@ -8,6 +8,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 from diffusers_guda import GroupUnlearner, GUDADDPMPipeline
 from diffusers_guda.bundle import MANIFEST_NAME
@@ -92,21 +93,53 @@ def test_the_data_record_refuses_other_images_or_groups_and_trusts_an_old_direct
     assert json.loads((tmp_path / DATA_RECORD).read_text())["members"] != json.loads(recorded)["members"]
 
 
+def _evaluation_dir(tmp_path, stock_pipeline_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "base").symlink_to(stock_pipeline_dir, target_is_directory=True)
+    return out
+
+
+def _base_pipe(out):
+    pipe = GUDADDPMPipeline.from_pretrained(out / "base")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def test_unlearn_bundle_records_the_recipe_and_leaves_no_partial_bundle(stock_pipeline_dir, tiny_dataset, tiny_recipe, tmp_path):
     recipe = Recipe.load(str(tiny_recipe))
     # ELBO settings unlike any shipped recipe's, so the manifest can only have them from this recipe
     recipe = replace(recipe, unlearning=replace(recipe.unlearning, steps=1), elbo=replace(recipe.elbo, stride=30, t_min=7))
-    out = tmp_path / "run"
-    out.mkdir()
-    (out / "base").symlink_to(stock_pipeline_dir, target_is_directory=True)
-    stale = out / PARTIAL_BUNDLE / "stale"
-    stale.mkdir(parents=True)  # left by an interrupted run; not resumed
-    pipe = GUDADDPMPipeline.from_pretrained(out / "base")
-    pipe.set_progress_bar_config(disable=True)
-    bundle = unlearn_bundle(pipe, tiny_dataset, recipe, out, resume=False, progress=False)
+    out = _evaluation_dir(tmp_path, stock_pipeline_dir)
+    pipe = _base_pipe(out)
+    bundle, resumed = unlearn_bundle(pipe, tiny_dataset, recipe, out, progress=False)
+    assert resumed == []
     assert not (out / PARTIAL_BUNDLE).exists()
     manifest = json.loads((out / "bundle" / MANIFEST_NAME).read_text())
     assert manifest["elbo"] == recipe.elbo.to_dict() == bundle.elbo
     assert manifest["base_model"]["id"] == str(out / "base")
     assert [g["name"] for g in manifest["groups"]] == tiny_dataset.group_names
     assert reusable_bundle(out / "bundle", unet_fingerprint(pipe.unet), recipe, pipe.device) is not None
+
+
+def test_unlearn_bundle_resumes_an_interrupted_run_and_drops_groups_of_another(stock_pipeline_dir, tiny_dataset, tiny_recipe, tmp_path):
+    recipe = Recipe.load(str(tiny_recipe))
+    recipe = replace(recipe, unlearning=replace(recipe.unlearning, steps=1))
+    first = tiny_dataset.group_names[0]
+    out = _evaluation_dir(tmp_path, stock_pipeline_dir)
+    whole, _ = unlearn_bundle(_base_pipe(out), tiny_dataset, recipe, out, progress=False)
+
+    # an interrupted run: the first group finished, nothing else
+    _base_pipe(out).unlearn_groups(tiny_dataset, recipe=recipe, groups=[0], checkpoint_dir=out / PARTIAL_BUNDLE, progress=False)
+    messages = []
+    resumed_bundle, resumed = unlearn_bundle(_base_pipe(out), tiny_dataset, recipe, out, progress=False, log=messages.append)
+    assert resumed == [first] and messages == []
+    assert all(torch.equal(whole.adapters[g][k], resumed_bundle.adapters[g][k]) for g in whole.adapters for k in whole.adapters[g])
+
+    # groups of a run with other settings are not mixed in: deleted, and every group unlearned here
+    _base_pipe(out).unlearn_groups(tiny_dataset, recipe=replace(recipe, unlearning=replace(recipe.unlearning, steps=2)), groups=[0],
+                                   checkpoint_dir=out / PARTIAL_BUNDLE, progress=False)
+    again, resumed = unlearn_bundle(_base_pipe(out), tiny_dataset, recipe, out, progress=False, log=messages.append)
+    assert resumed == [] and len(messages) == 1 and "other settings, data or base model" in messages[0]
+    assert [g.stats["steps"] for g in again.groups] == [1] * tiny_dataset.num_groups
+    assert not (out / PARTIAL_BUNDLE).exists()

@@ -12,7 +12,7 @@ import torch
 import diffusers_guda.unlearning.unlearner as unlearner_module
 from diffusers_guda import GroupUnlearner, LoRASettings
 from diffusers_guda.data import GroupedDataset
-from diffusers_guda.errors import BundleError, ConfigError, UnlearningDivergedError
+from diffusers_guda.errors import BundleError, CheckpointMismatchError, UnlearningDivergedError
 from diffusers_guda.lora import ADAPTER_WEIGHT_NAME, load_adapter_file
 from diffusers_guda.objectives import ReTrack, get_objective
 from diffusers_guda.unlearning import RUN_NAME, STATS_NAME, UnlearningCheckpoint
@@ -37,6 +37,7 @@ def test_resume_skips_finished_groups_and_matches_an_uninterrupted_run(
 
     # a crash while the middle group was being trained: its folder never appeared
     shutil.rmtree(checkpoint / "middle")
+    assert UnlearningCheckpoint(checkpoint).finished_groups(tiny_dataset.group_names) == ["left", "right"]
     calls = []
     original = GroupUnlearner.unlearn_group
 
@@ -51,6 +52,7 @@ def test_resume_skips_finished_groups_and_matches_an_uninterrupted_run(
     assert_same_adapters(full_bundle, resumed)
     assert [g.stats["seed"] for g in resumed.groups] == [g.stats["seed"] for g in full_bundle.groups]
     assert (checkpoint / "middle" / STATS_NAME).is_file()
+    assert UnlearningCheckpoint(checkpoint).finished_groups(tiny_dataset.group_names) == ["left", "middle", "right"]
 
     # a complete checkpoint: nothing is retrained
     calls.clear()
@@ -80,7 +82,7 @@ def test_checkpoint_from_other_settings_is_refused(change, tiny_unet, tiny_sched
     monkeypatch.setattr(GroupUnlearner, "unlearn_group", lambda *a, **k: calls.append(1))
     settings = dict(steps=1)
     settings.update(change)
-    with pytest.raises(ConfigError, match="other settings"):
+    with pytest.raises(CheckpointMismatchError, match="other settings"):
         GroupUnlearner(tiny_unet, tiny_scheduler, small_config(**settings)).unlearn(tiny_dataset, checkpoint_dir=checkpoint, progress=False)
     assert calls == []
     assert {p: p.read_bytes() for p in checkpoint.rglob("*") if p.is_file()} == before
@@ -93,7 +95,7 @@ def test_checkpoint_of_another_base_model_is_refused(tiny_unet, tiny_scheduler, 
     )
     with torch.no_grad():
         tiny_unet.conv_in.bias.add_(0.01)
-    with pytest.raises(ConfigError, match="other settings"):
+    with pytest.raises(CheckpointMismatchError, match="other settings"):
         GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=1)).unlearn(tiny_dataset, checkpoint_dir=checkpoint, progress=False)
 
 
@@ -114,7 +116,7 @@ def test_checkpoint_of_other_data_of_the_same_sizes_is_refused(change, tiny_unet
         prompts = ["a photo"] * len(tiny_dataset)
     other = GroupedDataset(images, group_ids, tiny_dataset.group_names, prompts)
     assert other.group_sizes() == tiny_dataset.group_sizes()
-    with pytest.raises(ConfigError, match="other settings, data or base model"):
+    with pytest.raises(CheckpointMismatchError, match="other settings, data or base model"):
         GroupUnlearner(tiny_unet, tiny_scheduler, small_config(steps=1)).unlearn(other, checkpoint_dir=checkpoint, progress=False)
 
 
@@ -175,5 +177,5 @@ def test_checkpoint_run_record(tmp_path):
     checkpoint.check_run(run)  # recorded
     assert json.loads((tmp_path / "ckpt" / RUN_NAME).read_text())["config"]["lora"]["target_modules"] == ["a", "b"]
     checkpoint.check_run(run)  # the same record (tuples and lists compare as JSON)
-    with pytest.raises(ConfigError, match="other settings, data or base model"):
+    with pytest.raises(CheckpointMismatchError, match="other settings, data or base model"):
         checkpoint.check_run({**run, "groups": ["y"]})

@@ -6,19 +6,24 @@ import contextlib
 import copy
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from conftest import TINY_RECIPE, write_evaluation_recipe, write_group_folder
 
+from diffusers_guda import AdapterBundle, GUDADDPMPipeline
 from diffusers_guda.cli import main
+from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import ConfigError
+from diffusers_guda.recipes import Recipe
 from guda_lab.evaluation.benchmarks import Benchmark, GroupComparison, get_benchmark, load_benchmark
 from guda_lab.evaluation.metrics import METRIC_NAMES
 from guda_lab.evaluation.report import format_markdown, group_level
 from guda_lab.evaluation.runner import METHODS, Evaluation, logo_subset, run_evaluation
 from guda_lab.queries import load_query_images
+from guda_lab.reuse import PARTIAL_BUNDLE
 
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -163,6 +168,25 @@ def test_rerun_reuses_everything(workspace):
     assert report["methods"] == workspace["report"]["methods"]
     assert all(report["cost"][s]["reused"] for s in report["cost"])
     assert report["cost_ratio_logo_over_guda"] == workspace["report"]["cost_ratio_logo_over_guda"]
+
+
+def test_an_interrupted_unlearning_stage_resumes_and_counts_the_groups_it_finished(workspace, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(workspace["out"], out, ignore=shutil.ignore_patterns("bundle", "guda.json", "report.*"))
+    recipe = Recipe.load(str(workspace["recipe"]))
+    pipe = GUDADDPMPipeline.from_pretrained(out / "base")
+    pipe.set_progress_bar_config(disable=True)
+    dataset = GroupedDataset.from_image_folder(workspace["data"])
+    pipe.unlearn_groups(dataset, recipe=recipe, groups=["middle"], checkpoint_dir=out / PARTIAL_BUNDLE, progress=False)
+    code, _, stderr = run("evaluate", "--data", workspace["data"], "--out", out, "--recipe", workspace["recipe"], "--quiet")
+    assert code == 0, stderr
+    assert json.loads((out / "scores" / "guda.json").read_text())["scores"] == json.loads(workspace["scores"]["guda.json"])["scores"]
+    report = json.loads((out / "report.json").read_text())
+    cost, first = report["cost"]["guda_unlearning"], workspace["report"]["cost"]["guda_unlearning"]
+    assert cost["resumed_groups"] == 1 and first["resumed_groups"] == 0
+    assert cost["forwards"] == first["forwards"] and not cost["reused"]
+    middle = AdapterBundle.from_pretrained(out / "bundle").groups[1]
+    assert cost["wall_s"] >= middle.stats["wall_s"] > 0
 
 
 def test_a_rerun_on_other_images_is_refused_and_changes_nothing(workspace, tmp_path):
