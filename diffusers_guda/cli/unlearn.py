@@ -119,10 +119,13 @@ def _check_conditioning_flags(args, pipeline_class) -> None:
 
 
 def _unlearn(args, recipe, settings, pipeline_class, process) -> None:
+    from ..unlearning import UnlearningCheckpoint
+
     dataset = load_training_data(args, mode=image_mode(pipeline_class))
     out = Path(args.out)
     partial = out.parent / f".{out.name}-partial"
     pipe = load_base(args.base, args.dtype, revision=args.base_revision, allow_pickle_weights=args.allow_pickle_weights).to(process.device)
+    resumed = UnlearningCheckpoint(partial).finished_groups(dataset.group_names)
     # each process unlearns its share of the groups into the shared checkpoint; all get the whole bundle
     bundle = pipe.unlearn_groups(dataset, recipe=recipe, groups=args.groups, checkpoint_dir=partial, base_model_id=args.base_id or args.base,
                                  progress=not args.quiet, process=process, latent_cache=args.latent_cache, guidance=args.guidance,
@@ -134,5 +137,7 @@ def _unlearn(args, recipe, settings, pipeline_class, process) -> None:
             s = g.stats
             print(f"{g.name}: forget loss {s['forget_loss_before']:.4f} -> {s['forget_loss_after']:.4f} ({100 * s['forget_loss_change']:+.1f}%), "
                   f"retain loss {s['retain_loss_before']:.4f} -> {s['retain_loss_after']:.4f} ({100 * s['retain_loss_change']:+.1f}%)")
-        shared = f" (groups shared by {process.world_size} processes)" if process.is_distributed else ""
-        print(f"saved the adapter bundle to {out}{shared}")
+        notes = [f"{len(resumed)} of {len(bundle.groups)} groups resumed from {partial}"] if resumed else []
+        if process.is_distributed:
+            notes.append(f"groups shared by {process.world_size} processes")
+        print(f"saved the adapter bundle to {out}" + (f" ({'; '.join(notes)})" if notes else ""))
