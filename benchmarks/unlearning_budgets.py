@@ -26,7 +26,8 @@ evaluate`` there with a recipe that has the setting: the evaluation reuses the b
 A setting is ``KEY=VALUE`` pairs joined by commas over ``steps``, ``lr``, ``exponent`` (steps grow as
 ``(group size / mean size) ** exponent``, ``UnlearningConfig.size_exponent``), ``shared_draws``
 (docs/method.md#shared-draws) and ``timesteps`` (``uniform`` or ``log_snr``,
-``UnlearningConfig.timestep_sampling``); what a setting leaves out is the recipe's, so ``--setting ""`` is the
+``UnlearningConfig.timestep_sampling``), ``rank`` and ``alpha`` (the LoRA's; alpha follows a new rank
+unless given); what a setting leaves out is the recipe's, so ``--setting ""`` is the
 recipe itself, which retrains the evaluation's very adapters. ``--option`` overrides an objective
 option in every setting. ``--plot`` draws each metric against the LOGO / GUDA passes ratio: the
 fidelity-against-cost curve, one line per setting apart from its steps, with the ceiling beside it
@@ -50,7 +51,8 @@ import torch
 
 METRICS = ("top1", "ndcg@3", "spearman")
 SETTING_KEYS = {"steps": ("steps", int), "lr": ("learning_rate", float), "exponent": ("size_exponent", float),
-                "shared_draws": ("shared_draws", int), "timesteps": ("timestep_sampling", str)}
+                "shared_draws": ("shared_draws", int), "timesteps": ("timestep_sampling", str), "rank": ("lora_rank", int),
+                "alpha": ("lora_alpha", float)}
 
 
 def parse_setting(text: str) -> dict:
@@ -73,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     source.add_argument("--data", help="its image folder (one subfolder per group)")
     parser.add_argument("--recipe", default="digits-ddpm", help="its recipe")
     parser.add_argument("--setting", nargs="+", default=[{}], type=parse_setting,
-                        help="KEY=VALUE,... over steps, lr, exponent, shared_draws, timesteps (default: the recipe's own)")
+                        help="KEY=VALUE,... over steps, lr, exponent, shared_draws, timesteps, rank, alpha (default: the recipe's own)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="objective option override, repeatable")
     parser.add_argument("--held-out-from", type=int, metavar="N",
                         help="also report queries [0, N) and [N, end) apart, each paired with the evaluation's own GUDA scores")
@@ -142,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         row = {
             "steps": config.steps, "learning_rate": config.learning_rate, "exponent": config.size_exponent,
             "shared_draws": config.shared_draws, "timestep_sampling": config.timestep_sampling,
+            "lora_rank": config.lora.rank, "lora_alpha": config.lora.alpha,
             "objective_options": dict(config.objective_options),
             **{m: v["mean"] for m, v in summarize(compared, reference, names=METRICS).items()},
             "sample_passes": passes, "loop_wall_s": round(loop_wall, 2), "total_wall_s": round(cost["wall_s"], 2),
@@ -192,9 +195,10 @@ def read_scores(path: Path) -> np.ndarray | None:
 
 
 def describe(row: dict, steps: bool = True) -> str:
-    """A setting as it reads in the tables: steps, learning rate, exponent, shared draws, timestep sampling."""
+    """A setting as it reads in the tables: steps, learning rate, exponent, shared draws, timestep sampling, LoRA rank and alpha."""
     shared = f", D={row['shared_draws']}" if row["shared_draws"] else ""
-    text = f"lr {row['learning_rate']:g}, exponent {row['exponent']:g}{shared}, {row['timestep_sampling']} timesteps"
+    text = (f"lr {row['learning_rate']:g}, exponent {row['exponent']:g}{shared}, {row['timestep_sampling']} timesteps, "
+            f"rank {row['lora_rank']} alpha {row['lora_alpha']:g}")
     return f"{row['steps']} steps, {text}" if steps else text
 
 

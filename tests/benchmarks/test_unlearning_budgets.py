@@ -68,11 +68,12 @@ def test_budgets_reproduce_the_evaluation_and_count_passes_as_it_does(tmp_path, 
     assert reusable_bundle(tmp_path / "bundles" / "setting_0", fingerprint, recipe, "cpu") is not None
 
     module.main(["--eval-dir", str(out), "--data", str(data), "--recipe", str(recipe_path),
-                 "--setting", "exponent=0,shared_draws=2,timesteps=log_snr",
+                 "--setting", "exponent=0,shared_draws=2,timesteps=log_snr,rank=2",
                  "--option", "num_neighbors=all", "--option", "target=teacher_posterior", "--option", "preserve=teacher_posterior",
                  "--out", str(tmp_path / "shared.json")])
     (shared,) = json.loads((tmp_path / "shared.json").read_text())["rows"]
     assert shared["objective_options"]["target"] == "teacher_posterior" and shared["timestep_sampling"] == "log_snr"
+    assert (shared["lora_rank"], shared["lora_alpha"]) == (2, 2.0)  # alpha follows the rank
     # shared draws: the teacher runs at most twice per image (3 groups of 8) on top of the student's rows
     student = sum(shared["steps_per_group"].values()) * 8  # 4 forget + 4 retain rows per step (the evaluation recipe)
     assert shared["shared_draws"] == 2 and student < shared["sample_passes"] - student <= student + 2 * 24
@@ -82,8 +83,9 @@ def test_a_bad_setting_names_the_keys():
     module = load_benchmark_script("unlearning_budgets")
     with pytest.raises(SystemExit, match="KEY one of steps, lr, exponent, shared_draws"):
         module.parse_setting("steps=40,rate=1e-3")
-    assert module.parse_setting("steps=40,lr=2e-3,exponent=1,shared_draws=4,timesteps=log_snr") == {
-        "steps": 40, "learning_rate": 2e-3, "size_exponent": 1.0, "shared_draws": 4, "timestep_sampling": "log_snr"}
+    assert module.parse_setting("steps=40,lr=2e-3,exponent=1,shared_draws=4,timesteps=log_snr,rank=16,alpha=8") == {
+        "steps": 40, "learning_rate": 2e-3, "size_exponent": 1.0, "shared_draws": 4, "timestep_sampling": "log_snr",
+        "lora_rank": 16, "lora_alpha": 8.0}
 
 
 def test_budgets_on_an_evaluation_with_logo_on_a_subset_of_groups(tmp_path, capsys):
