@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--benchmark", help="its benchmark")
     source.add_argument("--data", help="its image folder (one subfolder per group)")
-    parser.add_argument("--recipe", default="digits-ddpm", help="its recipe")
+    parser.add_argument("--recipe", help="its recipe (default: the benchmark's, as for `guda evaluate`; digits-ddpm for --data)")
     parser.add_argument("--setting", nargs="+", default=[{}], type=parse_setting,
                         help="KEY=VALUE,... over steps, lr, exponent, shared_draws, timesteps, rank, alpha (default: the recipe's own)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=JSON", help="objective option override, repeatable")
@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers_guda import GroupedDataset, GUDADDPMPipeline
     from diffusers_guda.cli.arguments import parse_options
     from diffusers_guda.recipes import Recipe
-    from guda_lab.evaluation.benchmarks import get_benchmark
+    from guda_lab.commands import recipe_name
     from guda_lab.evaluation import own_group_ratios, summarize
+    from guda_lab.evaluation.benchmarks import get_benchmark
     from guda_lab.evaluation.results_table import load_report, logo_columns
     from guda_lab.evaluation.runner import training_cost, unlearning_cost
     from guda_lab.queries import load_query_images
@@ -101,8 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     from guda_lab.training import TRAIN_LOG_NAME
 
     out = Path(args.eval_dir)
-    recipe = Recipe.load(args.recipe)
     benchmark = get_benchmark(args.benchmark) if args.benchmark else None
+    recipe = Recipe.load(recipe_name(args))
     dataset = benchmark.load() if benchmark else GroupedDataset.from_image_folder(args.data)
     # an evaluation with LOGO on a subset of groups (`--logo-groups`) compares every method on the subset's columns
     report_path = out / "report.json"
