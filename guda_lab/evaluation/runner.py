@@ -263,11 +263,11 @@ class Evaluation:
             self.log(f"[2/{STAGES}] unlearning {self.dataset.num_groups} groups ({recipe.unlearning.objective}, "
                      f"{recipe.unlearning.describe_steps()}) -> {out / 'bundle'}")
             t0 = time.perf_counter()
-            bundle, resumed = unlearn_bundle(pipe, self.dataset, recipe, out, progress=self.progress, log=self.log)
+            bundle, resumed_names = unlearn_bundle(pipe, self.dataset, recipe, out, progress=self.progress, log=self.log)
             # groups finished by an interrupted run count with their training loops' recorded time
-            earlier = sum(float(g.stats["wall_s"]) for g in bundle.groups if g.name in resumed)
+            earlier = sum(float(g.stats["wall_s"]) for g in bundle.groups if g.name in resumed_names)
             wall = round(time.perf_counter() - t0 + earlier, 3)
-            reused, resumed = False, len(resumed)
+            reused, resumed = False, len(resumed_names)
         self.cost["guda_unlearning"] = unlearning_cost(bundle, recipe, self.dataset.num_groups, wall, reused, resumed)
         stored_cost["guda_unlearning"] = {"wall_s": wall, "resumed_groups": resumed}
         write_json_atomic(out / COST_NAME, stored_cost)
