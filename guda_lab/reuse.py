@@ -101,8 +101,7 @@ def unlearn_bundle(pipe, dataset: GroupedDataset, recipe: Recipe, out_dir: Path,
     (and ``log`` says so): they are this directory's own leftovers, not a user's.
     """
     partial = out_dir / PARTIAL_BUNDLE
-    checkpoint = UnlearningCheckpoint(partial)
-    resumed = checkpoint.finished_groups(dataset.group_names)
+    resumed = UnlearningCheckpoint(partial).finished_groups(dataset.group_names)
 
     def run():
         return pipe.unlearn_groups(dataset, recipe=recipe, checkpoint_dir=partial, base_model_id=str(out_dir / "base"), progress=progress)

@@ -16,6 +16,7 @@ from diffusers_guda.data import GroupedDataset
 from diffusers_guda.errors import ConfigError
 from diffusers_guda.hashing import unet_fingerprint
 from diffusers_guda.recipes import Recipe
+from diffusers_guda.unlearning import STATS_NAME
 from guda_lab import training_config
 from guda_lab.reuse import DATA_RECORD, PARTIAL_BUNDLE, check_data_record, reusable_base, reusable_bundle, unlearn_bundle
 from guda_lab.training import TRAIN_LOG_NAME
@@ -129,11 +130,14 @@ def test_unlearn_bundle_resumes_an_interrupted_run_and_drops_groups_of_another(s
     out = _evaluation_dir(tmp_path, stock_pipeline_dir)
     whole, _ = unlearn_bundle(_base_pipe(out), tiny_dataset, recipe, out, progress=False)
 
-    # an interrupted run: the first group finished, nothing else
+    # an interrupted run: the first group finished, nothing else; a marker in its statistics shows whether it is reused
     _base_pipe(out).unlearn_groups(tiny_dataset, recipe=recipe, groups=[0], checkpoint_dir=out / PARTIAL_BUNDLE, progress=False)
+    stats_path = out / PARTIAL_BUNDLE / whole.slugs[0] / STATS_NAME
+    stats_path.write_text(json.dumps({**json.loads(stats_path.read_text()), "wall_s": 1e6}))
     messages = []
     resumed_bundle, resumed = unlearn_bundle(_base_pipe(out), tiny_dataset, recipe, out, progress=False, log=messages.append)
     assert resumed == [first] and messages == []
+    assert resumed_bundle.groups[0].stats["wall_s"] == 1e6  # loaded from the checkpoint, not trained again
     assert all(torch.equal(whole.adapters[g][k], resumed_bundle.adapters[g][k]) for g in whole.adapters for k in whole.adapters[g])
 
     # groups of a run with other settings are not mixed in: deleted, and every group unlearned here
