@@ -63,12 +63,31 @@ def remove_unfinished_writes(path: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def check_replaceable_directory(path: str | os.PathLike, marker: str) -> None:
+    """Refuse to replace ``path`` as a whole while it is a non-empty folder without ``marker``, the file
+    that every output of its kind holds (e.g. a bundle's manifest): it is someone's other folder.
+
+    Raises:
+        ConfigError: naming the folder and the fix.
+    """
+    path = Path(path)
+    if path.is_dir() and not (path / marker).is_file() and any(path.iterdir()):
+        raise ConfigError(f"{path} is a folder with other files in it (no {marker}), which writing there would delete; "
+                          "choose a new or empty folder.")
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+def atomic_directory(path: str | os.PathLike, overwrite: bool = True, marker: str | None = None) -> Iterator[Path]:
     """Yield a temporary directory that replaces ``path`` only if the block finishes.
 
     The temporary directory sits next to ``path`` (same file system), so the final ``rename`` is
     atomic. An existing ``path`` is moved aside first and deleted only after the new one is in place.
+
+    Args:
+        path: The output directory.
+        overwrite: Replace an existing ``path`` (else ``FileExistsError``).
+        marker: A file that every output of this kind holds (e.g. a bundle's manifest). An existing,
+            non-empty ``path`` without it is refused instead of replaced: it is someone's other folder.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
@@ -76,6 +95,8 @@ def atomic_directory(path: str | os.PathLike, overwrite: bool = True) -> Iterato
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True or choose another path.")
+    if marker is not None:
+        check_replaceable_directory(path, marker)
     with _reported(path):
         tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(path), dir=path.parent))
         try:

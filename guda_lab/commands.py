@@ -26,6 +26,7 @@ from diffusers_guda.cli.arguments import (
     torch_device,
 )
 from diffusers_guda.errors import ConfigError
+from diffusers_guda.io_utils import check_replaceable_directory
 from diffusers_guda.locks import output_lock
 from diffusers_guda.recipes import DEFAULT_RECIPE, Recipe
 
@@ -130,6 +131,7 @@ def train(args) -> None:
     config = replace(config, **overrides)
     device = torch_device(args.device) if args.device else launched_process().device
     with output_lock(args.out, command="guda train"):  # one run at a time on --out
+        check_replaceable_directory(args.out, "model_index.json")
         dataset = load_dataset(args)
         train_base_model(dataset, config, output_dir=args.out, progress=not args.quiet, device=device)
     print(f"saved the base pipeline to {args.out} (load it with diffusers.DDPMPipeline.from_pretrained)")

@@ -224,7 +224,7 @@ def train_base_model(
             "final_loss": sum(losses[-100:]) / len(losses[-100:]),
             **(extra_log or {}),
         }
-        with atomic_directory(output_dir) as tmp:
+        with atomic_directory(output_dir, marker="model_index.json") as tmp:
             pipeline.save_pretrained(tmp)
             (tmp / TRAIN_LOG_NAME).write_text(json.dumps(log, indent=2) + "\n")
         if checkpoint is not None:

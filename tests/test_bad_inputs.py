@@ -104,13 +104,18 @@ def out_args(ws, tmp, *extra, data=None, recipe=None) -> list:
 
 
 def train_args(ws, tmp, *extra, data=None, recipe=None) -> list:
-    return out_args(ws, tmp, "--steps", 2, *extra, data=data, recipe=recipe)
+    """The arguments of train; its --out holds an earlier base model (model_index.json), which a run may replace."""
+    args = out_args(ws, tmp, "--steps", 2, *extra, data=data, recipe=recipe)
+    (tmp / "out" / "model_index.json").write_bytes(PREVIOUS)
+    return args
 
 
 def unlearn_args(ws, tmp, *extra, data=None, base=None) -> list:
-    # --out is the workspace's finished bundle: a failed run must not touch it (the workspace is compared too).
+    # --out is the workspace's finished bundle, which --overwrite lets a run replace: a failed run must not touch it
+    # (the workspace is compared too).
     return [
-        "--base", base or ws["base"], "--data", data or ws["data"], "--out", ws["bundle"], "--recipe", ws["recipe"], "--steps", 1, *extra,
+        "--base", base or ws["base"], "--data", data or ws["data"], "--out", ws["bundle"], "--overwrite", "--recipe", ws["recipe"],
+        "--steps", 1, *extra,
     ]
 
 
@@ -168,7 +173,7 @@ def datasets_folder(tmp: Path) -> Path:
 
 def sd_unlearn_args(ws, tmp, data: Path, *extra) -> list:
     """``guda unlearn`` of the tiny Stable Diffusion base, its latent cache under ``tmp`` (which must stay unwritten)."""
-    return ["--base", ws["sd_base"], "--data", data, "--out", ws["bundle"], "--steps", 1, "--latent-cache", tmp / "cache", *extra]
+    return ["--base", ws["sd_base"], "--data", data, "--out", ws["bundle"], "--overwrite", "--steps", 1, "--latent-cache", tmp / "cache", *extra]
 
 
 def recipe_file(tmp: Path, content) -> Path:
@@ -599,6 +604,15 @@ CASES = [
     Case("unlearn-out-inside-the-data", "unlearn",
          lambda ws, t: [*unlearn_args(ws, t), "--out", ws["data"] / "left" / "bundle"],
          ("lies inside --data", "outside the inputs")),
+    Case("unlearn-out-is-a-finished-bundle", "unlearn",
+         lambda ws, t: [a for a in unlearn_args(ws, t) if a != "--overwrite"],
+         ("already holds an adapter bundle", "--overwrite", "another --out")),
+    Case("unlearn-out-is-another-folder", "unlearn",  # replacing it would delete previous.txt
+         lambda ws, t: [*unlearn_args(ws, t), "--out", previous_dir(t / "my-project")],
+         ("my-project is a folder with other files", "no guda_bundle.json", "new or empty folder")),
+    Case("train-out-is-another-folder", "train",
+         lambda ws, t: [*train_args(ws, t), "--out", previous_dir(t / "my-project")],
+         ("my-project is a folder with other files", "no model_index.json", "new or empty folder")),
     Case("train-out-is-the-data", "train",
          lambda ws, t: [*train_args(ws, t), "--out", ws["data"]],
          ("is --data", "outside the inputs")),
@@ -761,7 +775,7 @@ def test_bad_input(case, workspace, tmp_path):
 def test_diverging_unlearning_keeps_finished_groups(workspace):
     before = snapshot(workspace["bundle"])
     code, out, err = run(
-        "unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", workspace["bundle"],
+        "unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", workspace["bundle"], "--overwrite",
         "--recipe", workspace["recipe"], "--lr", "1e6", "--quiet",
     )
     partial = workspace["root"] / ".bundle-partial"

@@ -390,6 +390,20 @@ def test_bundles_and_results_record_the_commit_of_a_hub_base(workspace, hub_cach
     assert metadata["base_fingerprint"] == base["fingerprint"]
 
 
+def test_a_finished_bundle_is_replaced_only_with_overwrite(workspace, tmp_path):
+    out = tmp_path / "bundle"
+    args = ["unlearn", "--base", workspace["base"], "--data", workspace["data"], "--out", out, "--recipe", workspace["recipe"],
+            "--groups", "left", "--quiet"]
+    assert run(*args, "--steps", 1)[0] == 0
+    before = snapshot(out)
+    code, stdout, err = run(*args, "--steps", 2)
+    assert "already holds an adapter bundle; pass --overwrite" in assert_one_line_error(code, stdout, err, "unlearn")
+    assert snapshot(out) == before
+    code, _, err = run(*args, "--steps", 2, "--overwrite")
+    assert code == 0, err
+    assert AdapterBundle.from_pretrained(out).training["steps"] == 2
+
+
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(workspace, tmp_path):
     """The first run holds <out>.lock (here: a lock this test takes); the second refuses at once and changes nothing."""
     from diffusers_guda.locks import OutputLock

@@ -323,7 +323,7 @@ def test_unlearn_resumes_after_a_kill_while_deleting_the_checkpoint(inputs, unle
     # "Adapter file ... is corrupted" however often it was run
     (check.partial / SLUGS[0] / ADAPTER_WEIGHT_NAME).unlink()
 
-    stdout = in_process(*unlearn_args(inputs, check.out))
+    stdout = in_process(*unlearn_args(inputs, check.out), "--overwrite")  # the bundle was saved before the kill
     assert f"({len(SLUGS) - 1} of {len(SLUGS)} groups resumed from {check.partial})" in stdout
     assert not check.partial.exists()
     check.assert_bundle_matches(check.out)

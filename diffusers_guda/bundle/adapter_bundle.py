@@ -16,6 +16,7 @@ from ..lora import load_adapter_into
 from .card import model_card
 from .files import read_adapters, read_bundle_manifest, write_bundle
 from .hub import locate_bundle, upload_bundle
+from .layout import MANIFEST_NAME
 from .manifest import GroupRecord, build_manifest, check_contents
 
 
@@ -132,13 +133,16 @@ class AdapterBundle:
 
         Args:
             save_directory: Target directory.
-            overwrite: Replace an existing directory at that path.
+            overwrite: Replace an existing bundle at that path.
 
         Returns:
             The path of the saved bundle.
+
+        Raises:
+            ConfigError: if ``save_directory`` is a non-empty folder that is not a bundle (it is kept).
         """
         path = Path(save_directory)
-        with atomic_directory(path, overwrite=overwrite) as tmp:
+        with atomic_directory(path, overwrite=overwrite, marker=MANIFEST_NAME) as tmp:
             write_bundle(self, tmp)
         return path
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from ..bundle import MANIFEST_NAME
 from ..diffusion import TIMESTEP_SAMPLINGS
 from ..errors import ConfigError, GUDAError
+from ..io_utils import check_replaceable_directory
 from ..locks import output_lock
 from .arguments import (
     add_base_options,
@@ -44,6 +46,7 @@ def register(subparsers) -> None:
     add_dataset_options(p)
     p.add_argument("--out", required=True, help="bundle directory to write (a killed run resumes from .<out>-partial; "
                                                  "<out>.lock keeps a second run off it meanwhile)")
+    p.add_argument("--overwrite", action="store_true", help="unlearn again and replace the bundle that --out already holds")
     add_recipe(p, default=None, help="recipe name in adapters/ or a JSON path (default: the recipe of the base's family: sd-styles "
                                      "for Stable Diffusion, sdxl-styles, sd3-styles and flux-styles for SDXL, Stable Diffusion 3 and "
                                      "Flux, digits-styles for a TextToImageDDPMPipeline, else digits-ddpm)")
@@ -100,6 +103,10 @@ def run(args) -> None:
     process = launched_process()
     # one run at a time on --out and its checkpoint; in a launch, process 0 holds the lock for all
     with output_lock(args.out, command="guda unlearn", process=process):
+        check_replaceable_directory(args.out, MANIFEST_NAME)
+        if (Path(args.out) / MANIFEST_NAME).is_file() and not args.overwrite:
+            raise ConfigError(f"--out {args.out} already holds an adapter bundle; pass --overwrite to unlearn again and replace it, "
+                              "or choose another --out.")
         _unlearn(args, recipe, settings, pipeline_class, process)
     process.barrier()  # every process ends once the bundle is on disk
 

@@ -198,3 +198,16 @@ def test_failed_save_leaves_previous_bundle_intact(source, tmp_path, monkeypatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
     with pytest.raises(FileExistsError):
         bundle.save_pretrained(target, overwrite=False)
+
+
+def test_save_replaces_a_bundle_or_an_empty_folder_but_never_another_folder(source, tmp_path):
+    bundle = source[2]
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "empty", bundle.save_pretrained(tmp_path / "bundle")):
+        assert AdapterBundle.from_pretrained(bundle.save_pretrained(target)).group_names == bundle.group_names
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"project is a folder with other files in it \(no guda_bundle.json\)"):
+        bundle.save_pretrained(project)
+    assert sorted(p.name for p in project.iterdir()) == ["notes.txt"] and (project / "notes.txt").read_text() == "mine"
