@@ -20,7 +20,7 @@ from scipy import stats
 
 from diffusers_guda.errors import ConfigError
 
-METRIC_NAMES = ("top1", "top3", "mrr", "ndcg@3", "rbo", "spearman", "kendall")
+METRIC_NAMES = ("top1", "top3", "mrr", "ndcg@3", "rbo", "spearman", "kendall", "spearman_others")
 _NDCG = re.compile(r"^ndcg@([1-9][0-9]*)$")
 
 
@@ -148,6 +148,19 @@ def kendall(s, g) -> float:
     return _corr(stats.kendalltau, s, g)
 
 
+def spearman_others(s, g) -> float:
+    """Spearman rank correlation over the groups other than the reference's top group (0.0 when
+    fewer than two remain or either is constant).
+
+    With few groups and the top group found, ``spearman`` is mostly this order of the rest: how much
+    a retrained model loses on a query's other groups, which a second retraining reproduces only in
+    part (docs/evaluation.md#metrics).
+    """
+    s, g = _pair(s, g)
+    rest = np.delete(np.arange(g.shape[0]), ranking(g)[0])
+    return _corr(stats.spearmanr, s[rest], g[rest]) if rest.shape[0] >= 2 else 0.0
+
+
 def label_top1(s, label: int) -> float:
     """``1`` if ``argmax(s) == label`` (ties to the lower index) else ``0``; ``label`` is a group index."""
     s = _vector(s, "predicted scores s")
@@ -157,7 +170,8 @@ def label_top1(s, label: int) -> float:
 
 
 def _metric(name: str):
-    fns = {"top1": top1, "top3": top3, "mrr": mrr, "rbo": rbo, "spearman": spearman, "kendall": kendall}
+    fns = {"top1": top1, "top3": top3, "mrr": mrr, "rbo": rbo, "spearman": spearman, "kendall": kendall,
+           "spearman_others": spearman_others}
     if name in fns:
         return fns[name]
     m = _NDCG.match(name)

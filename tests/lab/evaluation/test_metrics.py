@@ -23,6 +23,7 @@ from guda_lab.evaluation import (
     ranking,
     rbo,
     spearman,
+    spearman_others,
     summarize,
     top1,
     top3,
@@ -69,6 +70,9 @@ def test_partial_agreement_hand_computed():
     assert spearman(S, G) == pytest.approx(0.4)
     # kendall: pairs (0,1) C, (0,2) D, (0,3) C, (1,2) D, (1,3) C, (2,3) C -> (4 - 2)/6
     assert kendall(S, G) == pytest.approx(1 / 3)
+    # spearman_others: without g's top group 0, s = [0.4, 0.8, 0.0] and g = [0.5, 0.3, 0.1] over groups 1-3;
+    # ranks [2, 3, 1] and [3, 2, 1], d = [-1, 1, 0], rho = 1 - 6*2 / (3*8) = 0.5
+    assert spearman_others(S, G) == pytest.approx(0.5)
 
 
 def test_reversed_ranking_hand_computed():
@@ -108,6 +112,16 @@ def test_constant_vector_correlations_become_zero():
     c = np.ones(4)
     assert spearman(c, G) == 0.0 and kendall(c, G) == 0.0
     assert spearman(G, c) == 0.0 and kendall(G, c) == 0.0
+
+
+def test_spearman_others_ignores_the_top_group_and_needs_two_others():
+    g = np.array([0.1, 0.7, 0.3, 0.9, 0.5])
+    assert spearman_others(g, g) == pytest.approx(1.0)
+    wrong_top = g.copy()
+    wrong_top[3] = -1.0  # the reference's top group placed last: the others' order is unchanged
+    assert spearman_others(wrong_top, g) == pytest.approx(1.0) and spearman(wrong_top, g) < 1.0
+    assert spearman_others(REV, G) == pytest.approx(-1.0)
+    assert spearman_others([1.0, 0.0], [0.0, 1.0]) == 0.0  # K = 2: one other group, no order
 
 
 def test_label_top1():
