@@ -114,6 +114,9 @@ def register(subparsers) -> None:
     p.add_argument("dirs", nargs="+", metavar="DIR", help="finished `guda evaluate` output directories, in table order")
     p.add_argument("--queries", metavar="START:STOP",
                    help="tabulate these queries only, e.g. 100: for the held-out ones from query 100 on (default: all)")
+    p.add_argument("--metrics", nargs="+", metavar="NAME",
+                   help="the tables' metric columns, e.g. spearman spearman_others (default: top1 ndcg@3 spearman); "
+                        "any of top1 top3 mrr ndcg@<k> rbo spearman kendall spearman_others, computed from the runs' scores")
     p.add_argument("--out", help="write the Markdown here (default: print it)")
     p.set_defaults(func=results)
 
@@ -209,7 +212,7 @@ def results(args) -> None:
 
     from .evaluation.results_table import parse_query_range, results_markdown
 
-    markdown = results_markdown(args.dirs, None if args.queries is None else parse_query_range(args.queries))
+    markdown = results_markdown(args.dirs, None if args.queries is None else parse_query_range(args.queries), args.metrics)
     if args.out is None:
         print(markdown, end="")
         return

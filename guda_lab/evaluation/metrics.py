@@ -169,7 +169,12 @@ def label_top1(s, label: int) -> float:
     return float(ranking(s)[0] == label)
 
 
-def _metric(name: str):
+def metric_function(name: str):
+    """The per-query function ``f(pred_scores, ref_scores) -> float`` of a metric name.
+
+    Raises:
+        ConfigError: naming the known metrics if ``name`` is none of them.
+    """
     fns = {"top1": top1, "top3": top3, "mrr": mrr, "rbo": rbo, "spearman": spearman, "kendall": kendall,
            "spearman_others": spearman_others}
     if name in fns:
@@ -205,7 +210,7 @@ def per_query_metrics(pred, ref, names: Sequence[str] = METRIC_NAMES) -> dict[st
         ``{name: [N] float64 array}``.
     """
     p, r = _matrices(pred, ref)
-    fns = {name: _metric(name) for name in names}
+    fns = {name: metric_function(name) for name in names}
     return {name: np.array([fn(p[i], r[i]) for i in range(p.shape[0])]) for name, fn in fns.items()}
 
 

@@ -24,13 +24,14 @@ PAIRED_METHOD = "guda"
 PAIRED_METRICS = ("top1", "ndcg@3", "spearman")
 
 
-def metric_sections(scores: dict[str, np.ndarray], compared: Sequence[str], labels: np.ndarray | None, ceiling: bool) -> dict:
-    """The report's ``metric_names``, ``methods`` (each compared method's metrics against the
+def metric_sections(scores: dict[str, np.ndarray], compared: Sequence[str], labels: np.ndarray | None, ceiling: bool,
+                    names: Sequence[str] = METRIC_NAMES) -> dict:
+    """The report's ``metric_names``, ``methods`` (each compared method's ``names`` metrics against the
     reference), ``fraction_of_ceiling`` (``None`` without a ceiling) and ``reference_label_top1``
     (``None`` without labels)."""
     reference = scores[REFERENCE]
-    results = {m: summarize(scores[m], reference, labels=labels) for m in compared}
-    metric_names = list(METRIC_NAMES) + (["label_top1"] if labels is not None else [])
+    results = {m: summarize(scores[m], reference, names=names, labels=labels) for m in compared}
+    metric_names = list(names) + (["label_top1"] if labels is not None else [])
     fractions = None
     if ceiling:
         top = results[CEILING]

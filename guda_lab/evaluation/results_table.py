@@ -18,12 +18,17 @@ import numpy as np
 
 from diffusers_guda.errors import ConfigError
 
-from .report import CEILING, PAIRED_METHOD, REFERENCE, metric_sections, paired_differences, reference_draws
+from .metrics import METRIC_NAMES, metric_function
+from .report import CEILING, PAIRED_METHOD, PAIRED_METRICS, REFERENCE, metric_sections, paired_differences, reference_draws
 
 #: The metrics of the results tables, in the column order and with the headings of docs/results.md.
 TABLE_METRICS = {"top1": "top-1", "ndcg@3": "NDCG@3", "spearman": "Spearman"}
+#: Column headings of the other metrics a table can show (``guda results --metrics``); ``ndcg@<k>`` reads ``NDCG@<k>``.
+METRIC_HEADINGS = TABLE_METRICS | {"top3": "top-3", "mrr": "MRR", "rbo": "RBO", "kendall": "Kendall",
+                                   "spearman_others": "Spearman (others)"}
 
-__all__ = ["TABLE_METRICS", "load_report", "parse_query_range", "restrict_to_queries", "results_markdown", "run_table"]
+__all__ = ["METRIC_HEADINGS", "TABLE_METRICS", "load_report", "parse_metrics", "parse_query_range", "restrict_to_queries",
+           "results_markdown", "run_table"]
 
 
 def load_report(run_dir: str | Path) -> dict:
@@ -78,12 +83,31 @@ def parse_query_range(text: str) -> tuple[int, int | None]:
     return start, stop
 
 
-def restrict_to_queries(report: dict, run_dir: str | Path, start: int, stop: int | None = None) -> dict:
+def parse_metrics(names: Sequence[str]) -> tuple[str, ...]:
+    """Metric names for a table's columns, checked: each of :data:`METRIC_HEADINGS` or ``ndcg@<k>``.
+
+    Raises:
+        ConfigError: naming an unknown metric and the known ones.
+    """
+    if not names:
+        raise ConfigError(f"Name at least one metric: {', '.join(METRIC_NAMES)} or ndcg@<k>.")
+    for name in names:
+        metric_function(name)
+    return tuple(dict.fromkeys(names))
+
+
+def _heading(name: str) -> str:
+    return METRIC_HEADINGS.get(name) or name.replace("ndcg", "NDCG")
+
+
+def restrict_to_queries(report: dict, run_dir: str | Path, start: int, stop: int | None = None,
+                        metrics: Sequence[str] = PAIRED_METRICS) -> dict:
     """The report with its ``methods`` and ``paired`` sections recomputed on queries ``start`` to ``stop - 1``.
 
     The scores come from the run's ``scores/<method>.json`` files, so a run whose first queries chose
-    a setting can report its held-out ones alone. Costs stay the whole run's. The returned report
-    carries ``query_range: [start, stop]``.
+    a setting can report its held-out ones alone, or on metrics its report did not pair (``metrics``,
+    e.g. ``spearman_others``). Costs stay the whole run's. The returned report carries
+    ``query_range: [start, stop]``.
 
     Raises:
         ConfigError: if the range is outside the run's queries or a method's scores file is missing.
@@ -94,9 +118,9 @@ def restrict_to_queries(report: dict, run_dir: str | Path, start: int, stop: int
         raise ConfigError(f"{run_dir} has {n} queries; the range {start}:{stop} is outside 0:{n}.")
     scores = {method: method_scores(report, run_dir, method)[start:stop] for method in [REFERENCE, *report["methods"]]}
     compared = list(report["methods"])
-    sections = metric_sections(scores, compared, labels=None, ceiling=CEILING in compared)
+    sections = metric_sections(scores, compared, labels=None, ceiling=CEILING in compared, names=metrics)
     others = [m for m in compared if m != PAIRED_METHOD]
-    paired = paired_differences(scores, others) if PAIRED_METHOD in compared and others else None
+    paired = paired_differences(scores, others, names=metrics) if PAIRED_METHOD in compared and others else None
     return report | {"methods": sections["methods"], "paired": paired, "query_range": [start, stop]}
 
 
@@ -127,8 +151,9 @@ def _cost(report: dict, method: str) -> tuple[str, str]:
     return f"{wall:,.0f}", ("~" if approximate else "") + f"{passes:,}"
 
 
-def run_table(report: dict) -> str:
-    """One evaluation's results table (markdown): a heading line, the command, and one row per method."""
+def run_table(report: dict, metrics: Sequence[str] = tuple(TABLE_METRICS)) -> str:
+    """One evaluation's results table (markdown): a heading line, the command, and one row per method
+    with ``metrics`` (each in the report's ``methods`` and ``paired`` sections) as columns."""
     queries, seed = report["num_queries"], report["seeds"]["queries"]
     title = report.get("benchmark") or report["recipe"]["name"]
     subset = report.get("logo_groups")
@@ -145,29 +170,34 @@ def run_table(report: dict) -> str:
     if report.get("command"):
         lines += ["", "```bash", report["command"], "```"]
     paired = (report.get("paired") or {}).get("versus", {})
-    heads = list(TABLE_METRICS.values())
+    heads = [_heading(m) for m in metrics]
     lines += ["", "| method | " + " | ".join(heads) + " | " + " | ".join(f"GUDA − method, {h}" for h in heads)
               + " | wall (s) | sample passes |",
               "|---" * (2 + 2 * len(heads) + 1) + "|"]
     for method, summary in report["methods"].items():
         name = {CEILING: "LOGO seed B (ceiling)", PAIRED_METHOD: "**GUDA**"}.get(method, method)
-        cells = [_mean_se(summary[m]) for m in TABLE_METRICS]
-        diffs = [_paired(paired.get(method, {}).get(m)) for m in TABLE_METRICS]
+        cells = [_mean_se(summary[m]) for m in metrics]
+        diffs = [_paired(paired.get(method, {}).get(m)) for m in metrics]
         lines.append("| " + " | ".join([name, *cells, *diffs, *_cost(report, method)]) + " |")
     return "\n".join(lines)
 
 
-def results_markdown(run_dirs: Sequence[str | Path], queries: tuple[int, int | None] | None = None) -> str:
+def results_markdown(run_dirs: Sequence[str | Path], queries: tuple[int, int | None] | None = None,
+                     metrics: Sequence[str] | None = None) -> str:
     """The tables of several evaluation directories, in the order given, separated by blank lines.
 
     Args:
         run_dirs: finished ``guda evaluate`` output directories.
         queries: ``(start, stop)`` to tabulate those queries only (``stop`` ``None``: to the last),
             e.g. the held-out ones (:func:`restrict_to_queries`); ``None``: every query.
+        metrics: the columns (:func:`parse_metrics`); ``None``: :data:`TABLE_METRICS`, as in the
+            reports. Other metrics are recomputed from the runs' scores files.
     """
     if not run_dirs:
         raise ConfigError("Name at least one finished evaluation directory.")
+    columns = tuple(TABLE_METRICS) if metrics is None else parse_metrics(metrics)
     reports = [load_report(d) for d in run_dirs]
-    if queries is not None:
-        reports = [restrict_to_queries(r, d, *queries) for r, d in zip(reports, run_dirs)]
-    return "\n\n".join(run_table(r) for r in reports) + "\n"
+    if queries is not None or columns != tuple(TABLE_METRICS):
+        start, stop = queries or (0, None)
+        reports = [restrict_to_queries(r, d, start, stop, columns) for r, d in zip(reports, run_dirs)]
+    return "\n\n".join(run_table(r, columns) for r in reports) + "\n"

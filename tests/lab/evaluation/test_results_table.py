@@ -95,6 +95,22 @@ def test_a_query_range_is_tabulated_from_the_runs_scores(tiny_evaluation, capsys
             parse_query_range(bad)
     with pytest.raises(ConfigError, match="has 4 queries; the range 0:9 is outside 0:4"):
         restrict_to_queries(report, out, 0, 9)
+
+    # other metrics as columns, computed from the same scores files
+    names = ["spearman_others", "ndcg@2"]
+    own, theirs = (per_query_metrics(scores[m], scores["logo_seed_a"], names) for m in ("guda", "similarity"))
+    lines = results_markdown([out], (2, None), names).splitlines()
+    assert lines[lines.index("```") + 2] == ("| method | Spearman (others) | NDCG@2 | GUDA − method, Spearman (others) | "
+                                             "GUDA − method, NDCG@2 | wall (s) | sample passes |")
+    guda_row = next(line for line in lines if line.startswith("| **GUDA**")).split(" | ")
+    assert guda_row[1] == f"{own['spearman_others'].mean():.3f} ± {own['spearman_others'].std(ddof=1) / math.sqrt(2):.3f}"
+    similarity_row = next(line for line in lines if line.startswith("| similarity")).split(" | ")
+    difference = own["ndcg@2"] - theirs["ndcg@2"]
+    assert similarity_row[4] == f"{difference.mean():+.3f} ± {difference.std(ddof=1) / math.sqrt(2):.3f}"
+    assert guda(["results", str(out), "--metrics", *names]) == 0
+    assert capsys.readouterr().out == results_markdown([out], None, names)
+    assert guda(["results", str(out), "--metrics", "top1", "recall"]) == 2
+    assert "unknown metric 'recall'" in capsys.readouterr().err
     (out / "scores" / "similarity.json").unlink()
     assert guda(["results", str(out), "--queries", "0:"]) == 2
     assert "Cannot read similarity's scores" in capsys.readouterr().err
