@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -13,6 +14,11 @@ from .base import PRESERVE_MODES, ObjectiveConfig, UnlearningBatch, UnlearningOb
 
 TARGETS = ("neighbour", "teacher_neighbour", "teacher_posterior")
 POSTERIOR = "teacher_posterior"
+# RMS redirect per value, sqrt(2 kl_cap / D), at which the recipes were measured: 0.46 (emoji-styles-uncond, kl_cap 80
+# over 768 values) and 0.79 (the digits, 20 over 64) matched LOGO's effects; 0.23 (20 over 768) left the emoji's
+# adapters at a fifth of them. Below WEAK_REDIRECT the cap, not the training, limits what an adapter can unlearn.
+MEASURED_REDIRECT = 0.46
+WEAK_REDIRECT = 0.3
 
 
 @dataclass
@@ -47,6 +53,25 @@ class ReTrackConfig(ObjectiveConfig):
     def uses_posterior(self) -> bool:
         """Whether a term regresses on ``teacher + posterior_shift`` (it needs every training image)."""
         return POSTERIOR in (self.target, self.preserve)
+
+
+def _warn_if_cap_binds(kl_cap: float, values: int) -> None:
+    """Warn when ``kl_cap`` over images of ``values`` values allows less redirect per value than any recipe was measured with.
+
+    The cap bounds a redirect over the whole image, so a cap tuned on small images binds on larger
+    ones (docs/method.md#retrack); the warning names the cap that gives the measured allowance.
+    """
+    allowance = math.sqrt(2 * kl_cap / values)
+    if allowance < WEAK_REDIRECT:
+        suggested = round(MEASURED_REDIRECT**2 * values / 2)
+        warnings.warn(
+            f"kl_cap={kl_cap:g} over images of {values:,} values allows a redirect of {allowance:.2f} RMS per value; at 0.23 "
+            f"the emoji benchmark's adapters reached a fifth of LOGO's effect, and the recipes were measured at "
+            f"{MEASURED_REDIRECT}-0.79 (docs/method.md#retrack). For {MEASURED_REDIRECT} per value pass kl_cap={suggested} "
+            f"(pipe.unlearn_groups(dataset, kl_cap={suggested}) or guda unlearn --option kl_cap={suggested}) and check the "
+            f"choice against LOGO on a few groups.",
+            UserWarning, stacklevel=2,
+        )
 
 
 def neighbour_weights(x_t: torch.Tensor, neighbours: torch.Tensor, sqrt_abar: torch.Tensor, sqrt_one_minus_abar: torch.Tensor) -> torch.Tensor:
@@ -185,6 +210,7 @@ class ReTrack(UnlearningObjective):
 
         forget = dataset.forget_indices(group)
         retain = dataset.retain_indices(group)
+        _warn_if_cap_binds(self.config.kl_cap, math.prod(dataset.image_shape))
         self._neighbours, self._pool, self._full_pool = None, None, None
         if self.config.num_neighbors == "all":
             self._pool = dataset.images[retain]

@@ -215,6 +215,7 @@ class _Leaf:
         return self.output
 
 
+@pytest.mark.filterwarnings("ignore:kl_cap=0.05 over images")  # a tiny cap on purpose: every offset is capped
 @pytest.mark.parametrize("kl_cap", [0.05, 1e6])
 @pytest.mark.parametrize("num_neighbors", [3, "all"])
 def test_retrack_target_is_noise_plus_weighted_offsets(tiny_dataset, tiny_scheduler, kl_cap, num_neighbors):
@@ -453,6 +454,22 @@ def test_flow_teacher_posterior_target_is_the_teacher_plus_the_change_of_the_opt
 
 
 # -- config --------------------------------------------------------------------------------------
+
+
+def test_a_cap_that_binds_on_larger_images_is_warned_about(tiny_dataset, tiny_scheduler):
+    import warnings
+
+    from diffusers_guda import GroupedDataset
+
+    schedule = NoiseSchedule(tiny_scheduler)
+    generator = torch.Generator().manual_seed(0)
+    emoji_sized = GroupedDataset(torch.rand((6, 3, 16, 16), generator=generator) * 2 - 1, torch.tensor([0, 0, 1, 1, 2, 2]), ["a", "b", "c"])
+    with pytest.warns(UserWarning, match=r"kl_cap=20 over images of 768 values allows a redirect of 0\.23 RMS per value.*pass kl_cap=81"):
+        ReTrack(num_neighbors="all", kl_cap=20.0).setup(emoji_sized, 0, schedule)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ReTrack(num_neighbors="all", kl_cap=80.0).setup(emoji_sized, 0, schedule)  # the emoji recipe's cap: 0.46 per value
+        ReTrack(num_neighbors="all", kl_cap=20.0).setup(tiny_dataset, 0, schedule)  # the digits recipe's: 0.79 on 8x8
 
 
 @pytest.mark.parametrize(
