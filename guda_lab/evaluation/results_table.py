@@ -105,8 +105,8 @@ def restrict_to_queries(report: dict, run_dir: str | Path, start: int, stop: int
     """The report with its ``methods`` and ``paired`` sections recomputed on queries ``start`` to ``stop - 1``.
 
     The scores come from the run's ``scores/<method>.json`` files, so a run whose first queries chose
-    a setting can report its held-out ones alone, or on metrics its report did not pair (``metrics``,
-    e.g. ``spearman_others``). Costs stay the whole run's. The returned report carries
+    a setting can report its held-out ones alone, and GUDA's paired differences can be had on
+    ``metrics`` its report did not pair (e.g. ``spearman_others``). Costs stay the whole run's. The returned report carries
     ``query_range: [start, stop]``.
 
     Raises:
@@ -118,7 +118,8 @@ def restrict_to_queries(report: dict, run_dir: str | Path, start: int, stop: int
         raise ConfigError(f"{run_dir} has {n} queries; the range {start}:{stop} is outside 0:{n}.")
     scores = {method: method_scores(report, run_dir, method)[start:stop] for method in [REFERENCE, *report["methods"]]}
     compared = list(report["methods"])
-    sections = metric_sections(scores, compared, labels=None, ceiling=CEILING in compared, names=metrics)
+    names = list(dict.fromkeys([*METRIC_NAMES, *metrics]))  # every report metric, and any ndcg@<k> asked for
+    sections = metric_sections(scores, compared, labels=None, ceiling=CEILING in compared, names=names)
     others = [m for m in compared if m != PAIRED_METHOD]
     paired = paired_differences(scores, others, names=metrics) if PAIRED_METHOD in compared and others else None
     return report | {"methods": sections["methods"], "paired": paired, "query_range": [start, stop]}
