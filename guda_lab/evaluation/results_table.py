@@ -106,8 +106,8 @@ def restrict_to_queries(report: dict, run_dir: str | Path, start: int, stop: int
 
     The scores come from the run's ``scores/<method>.json`` files, so a run whose first queries chose
     a setting can report its held-out ones alone, and GUDA's paired differences can be had on
-    ``metrics`` its report did not pair (e.g. ``spearman_others``). Costs stay the whole run's. The returned report carries
-    ``query_range: [start, stop]``.
+    ``metrics`` its report did not pair (e.g. ``spearman_others``). Costs stay the whole run's.
+    The returned report carries ``query_range: [start, stop]``.
 
     Raises:
         ConfigError: if the range is outside the run's queries or a method's scores file is missing.
